@@ -1,0 +1,24 @@
+"""timm_l2w: Learning to Weight Samples for Dynamic Early-exiting Networks (L2W) as a timm plugin.
+
+``import timm_l2w`` registers the multi-exit models in timm's registry, so
+``timm.create_model('msdnet_l2w_cifar')`` works.
+"""
+from .models import *  # noqa: F401,F403  (registers the models in timm)
+from .models import MultiExitModel, check_multi_exit_output, select_samples, unwrap_model
+from .flops import exit_flops, register_flop_counter
+from .exits import (
+    assign_exits,
+    calibrate_thresholds,
+    check_distribution,
+    exit_by_threshold,
+    exit_distribution,
+    paper_distributions,
+    paper_qs,
+)
+
+# Each part adds its public names below (one import line per module).
+# weighting / meta (issue 3)
+# evaluate / inference (issue 4)
+# checkpoint (issue 2)
+
+__version__ = "0.1.0"

@@ -1,0 +1,41 @@
+"""The ``timm-l2w`` command: ``timm-l2w {train,eval,convert,demo} ...``.
+
+Each subcommand lives in its own module as ``main(argv) -> int``; this file only dispatches, so
+``timm-l2w --help`` stays fast (nothing heavy is imported until a subcommand runs).
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import List, Optional
+
+SUBCOMMANDS = {
+    "train": ("timm_l2w.train", "train a multi-exit model with L2W or equal weighting (accelerate)"),
+    "eval": ("timm_l2w.evaluate", "anytime and budgeted evaluation of a checkpoint, with plot"),
+    "convert": ("timm_l2w.checkpoint", "convert a released .pth.tar checkpoint to .safetensors"),
+    "demo": ("timm_l2w.demo", "the README's demo on built-in data"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: timm-l2w <command> [options]", "", "commands:"]
+    lines += [f"  {name:<9} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += ["", "run 'timm-l2w <command> --help' for the options of a command"]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"timm-l2w: unknown command '{name}'\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Exit distributions and confidence-based exit assignment.
+
+One implementation, shared by the L2W meta loss (:func:`assign_exits`) and by budgeted evaluation
+(:func:`calibrate_thresholds`, :func:`exit_by_threshold`). Confidences are ``[N, K]`` tensors
+(sample i, exit k), usually the max softmax probability of each exit.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "exit_distribution",
+    "paper_distributions",
+    "paper_qs",
+    "check_distribution",
+    "assign_exits",
+    "calibrate_thresholds",
+    "exit_by_threshold",
+]
+
+
+def exit_distribution(q: float, num_exits: int) -> Tensor:
+    """Target share of samples per exit: ``p_k ∝ q**k`` for k = 1..K, normalised (float64)."""
+    if not q > 0:
+        raise ValueError(f"q must be > 0 (q < 1 front-loads, q > 1 back-loads the exits), got {q}")
+    if num_exits < 1:
+        raise ValueError(f"num_exits must be >= 1, got {num_exits}")
+    p = torch.tensor(float(q), dtype=torch.float64) ** torch.arange(1, num_exits + 1, dtype=torch.float64)
+    return p / p.sum()
+
+
+def paper_qs(count: int = 39) -> List[float]:
+    """The paper's budgets: q = j/20 for j = 1..39."""
+    return [j / 20 for j in range(1, count + 1)]
+
+
+def paper_distributions(num_exits: int) -> Tensor:
+    """The 39 distributions of the paper as a ``[39, K]`` float64 tensor (row j-1 is q = j/20)."""
+    return torch.stack([exit_distribution(q, num_exits) for q in paper_qs()])
+
+
+def check_distribution(p: Tensor | Sequence[float], num_exits: int) -> Tensor:
+    """Return ``p`` as a float64 tensor after checking it is a distribution over ``num_exits`` exits."""
+    p = torch.as_tensor(p, dtype=torch.float64).detach().cpu()
+    if p.ndim != 1 or p.numel() != num_exits:
+        raise ValueError(f"exit distribution must have one entry per exit ({num_exits}), got shape {tuple(p.shape)}")
+    if not torch.isfinite(p).all() or (p < 0).any():
+        raise ValueError(f"exit distribution must be finite and non-negative, got {p.tolist()}")
+    if abs(float(p.sum()) - 1.0) > 1e-6:
+        raise ValueError(f"exit distribution must sum to 1, got sum {float(p.sum()):.6g}: normalise it first")
+    return p
+
+
+def _check_confidences(conf: Tensor, name: str = "confidences") -> None:
+    if not isinstance(conf, Tensor) or conf.ndim != 2:
+        shape = tuple(conf.shape) if isinstance(conf, Tensor) else type(conf).__name__
+        raise ValueError(f"{name} must be a [num_samples, num_exits] tensor, got {shape}")
+    if conf.shape[0] == 0:
+        raise ValueError(f"{name} is empty: need at least one sample")
+    if not torch.isfinite(conf).all():
+        raise ValueError(f"{name} contains NaN or inf: check the model outputs")
+
+
+def _exit_counts(n: int, p: Tensor) -> List[int]:
+    """floor(n * p_k) for every exit (the last entry is unused: the last exit takes the rest)."""
+    return [int(c) for c in torch.floor(n * p).tolist()]
+
+
+def _top_remaining(conf_k: Tensor, remaining: Tensor) -> Tensor:
+    """Indices of the still-remaining samples ordered by descending confidence (stable)."""
+    masked = torch.where(remaining, conf_k, torch.full_like(conf_k, -torch.inf))
+    order = torch.sort(masked, descending=True, stable=True).indices
+    return order[: int(remaining.sum())]
+
+
+def assign_exits(conf: Tensor, p: Tensor | Sequence[float]) -> Tensor:
+    """Assign every sample to an exit (PAPER.md, "confidence-based exit assignment").
+
+    For k = 1..K-1 in order, the ``floor(n * p_k)`` not-yet-assigned samples with the highest
+    confidence at exit k go to exit k; the last exit takes every sample left. Returns ``[N]`` long.
+    """
+    _check_confidences(conf)
+    n, num_exits = conf.shape
+    p = check_distribution(p, num_exits)
+    conf = conf.detach()
+    exit_index = torch.full((n,), num_exits - 1, dtype=torch.long, device=conf.device)
+    remaining = torch.ones(n, dtype=torch.bool, device=conf.device)
+    for k, count in enumerate(_exit_counts(n, p)[:-1]):
+        if count == 0:
+            continue
+        chosen = _top_remaining(conf[:, k], remaining)[:count]
+        exit_index[chosen] = k
+        remaining[chosen] = False
+    return exit_index
+
+
+def calibrate_thresholds(conf: Tensor, p: Tensor | Sequence[float]) -> Tensor:
+    """Thresholds ``T[K]`` on a held-out set (PAPER.md, "budgeted evaluation").
+
+    Walking the not-yet-exited samples by descending confidence at exit k, ``T_k`` is the confidence
+    of the ``floor(n * p_k)``-th one (``+inf`` if that count is 0 or not enough samples remain);
+    then every sample with ``c >= T_k`` counts as exited. ``T_K = -inf``. Returns float64 ``[K]``.
+    """
+    _check_confidences(conf, "held-out confidences")
+    n, num_exits = conf.shape
+    p = check_distribution(p, num_exits)
+    conf = conf.detach()
+    thresholds = torch.full((num_exits,), torch.inf, dtype=torch.float64)
+    thresholds[-1] = -torch.inf
+    remaining = torch.ones(n, dtype=torch.bool, device=conf.device)
+    for k, count in enumerate(_exit_counts(n, p)[:-1]):
+        if count == 0:
+            continue
+        order = _top_remaining(conf[:, k], remaining)
+        if count > order.numel():
+            continue
+        thresholds[k] = float(conf[order[count - 1], k])
+        remaining &= ~(conf[:, k] >= thresholds[k])
+    return thresholds
+
+
+def exit_by_threshold(conf: Tensor, thresholds: Tensor | Sequence[float]) -> Tensor:
+    """Exit of every sample: the first k with ``conf[i, k] >= T_k`` (the last exit takes the rest)."""
+    _check_confidences(conf)
+    num_exits = conf.shape[1]
+    thresholds = torch.as_tensor(thresholds, dtype=torch.float64, device=conf.device)
+    if thresholds.ndim != 1 or thresholds.numel() != num_exits:
+        raise ValueError(
+            f"need one threshold per exit ({num_exits}), got shape {tuple(thresholds.shape)}"
+        )
+    passed = conf.to(torch.float64) >= thresholds
+    passed[:, -1] = True
+    return passed.to(torch.uint8).argmax(dim=1)

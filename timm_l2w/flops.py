@@ -1,0 +1,119 @@
+"""Per-exit FLOPs in the convention of the paper's curves.
+
+Counted on one image: multiply-accumulates of convolution and linear layers (a linear layer's bias
+adds one op per output), one op per ReLU output element, and one op per pooled input-window element
+(AdaptiveAvgPool2d: one per input element). Cumulative to each exit, heads of earlier exits included.
+Other module types contribute through :data:`MODULE_FLOP_COUNTERS`, which backbones may extend
+(e.g. attention matmuls of transformer blocks).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Sequence, Tuple, Type
+
+import torch
+from torch import Tensor, nn
+
+from .models.base import unwrap_model
+
+__all__ = ["exit_flops", "MODULE_FLOP_COUNTERS", "register_flop_counter"]
+
+FlopCounter = Callable[[nn.Module, Tuple[Tensor, ...], Tensor], float]
+
+
+def _pair(v) -> Tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _conv_flops(m: nn.Conv2d, inputs, out: Tensor) -> float:
+    kh, kw = _pair(m.kernel_size)
+    return out.numel() * (m.in_channels // m.groups) * kh * kw
+
+
+def _linear_flops(m: nn.Linear, inputs, out: Tensor) -> float:
+    rows = out.numel() // m.out_features
+    return rows * (m.in_features * m.out_features + (m.out_features if m.bias is not None else 0))
+
+
+def _relu_flops(m: nn.Module, inputs, out: Tensor) -> float:
+    return out.numel()
+
+
+def _pool_flops(m: nn.Module, inputs, out: Tensor) -> float:
+    kh, kw = _pair(m.kernel_size)
+    return out.numel() * kh * kw
+
+
+def _adaptive_pool_flops(m: nn.Module, inputs, out: Tensor) -> float:
+    return inputs[0].numel()
+
+
+MODULE_FLOP_COUNTERS: Dict[Type[nn.Module], FlopCounter] = {
+    nn.Conv2d: _conv_flops,
+    nn.Linear: _linear_flops,
+    nn.ReLU: _relu_flops,
+    nn.MaxPool2d: _pool_flops,
+    nn.AvgPool2d: _pool_flops,
+    nn.AdaptiveAvgPool2d: _adaptive_pool_flops,
+}
+
+
+def register_flop_counter(module_type: Type[nn.Module], counter: FlopCounter) -> None:
+    """Count ``module_type`` with ``counter(module, inputs, output) -> ops`` (batch of one)."""
+    MODULE_FLOP_COUNTERS[module_type] = counter
+
+
+def _counter_for(module: nn.Module):
+    for cls in type(module).__mro__:
+        if cls in MODULE_FLOP_COUNTERS:
+            return MODULE_FLOP_COUNTERS[cls]
+    return None
+
+
+@torch.no_grad()
+def exit_flops(model: nn.Module, input_size: Sequence[int] | None = None) -> List[float]:
+    """Cumulative FLOPs of each exit of a multi-exit model for one image of ``input_size`` (C, H, W).
+
+    Works for any model meeting the multi-exit contract (``num_exits`` and ``forward_stage``).
+    ``input_size`` defaults to the model's ``pretrained_cfg['input_size']``.
+    """
+    model = unwrap_model(model)
+    if not hasattr(model, "forward_stage") or not hasattr(model, "num_exits"):
+        raise TypeError(
+            f"{type(model).__name__} does not follow the multi-exit contract "
+            "(needs num_exits and forward_stage): use a timm_l2w model"
+        )
+    if input_size is None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        if "input_size" not in cfg:
+            raise ValueError("pass input_size=(C, H, W): the model has no pretrained_cfg['input_size']")
+        input_size = cfg["input_size"]
+    if len(input_size) != 3:
+        raise ValueError(f"input_size must be (channels, height, width), got {tuple(input_size)}")
+
+    total = [0.0]
+
+    def hook(module, inputs, output):
+        counter = _counter_for(module)
+        if counter is not None and isinstance(output, Tensor):
+            total[0] += float(counter(module, inputs, output))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if _counter_for(m) is not None]
+
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+        state = torch.zeros(1, *input_size, device=device, dtype=dtype)
+        if hasattr(model, "check_input"):
+            model.check_input(state)
+        flops = []
+        for k in range(model.num_exits):
+            state, _ = model.forward_stage(k, state)
+            flops.append(total[0])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return flops

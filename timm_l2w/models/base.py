@@ -1,0 +1,89 @@
+"""The multi-exit contract every backbone in timm_l2w meets.
+
+A multi-exit model is an ``nn.Module`` whose ``forward(x)`` returns ``list[Tensor]``: K logits
+``[B, num_classes]``, cheapest exit first. It also runs *stage by stage*: stage k consumes the
+state left by stage k-1 (the input image for k = 0), runs block k and returns the new state
+together with the logits of exit k. The state is any nest (tensor, list, tuple, dict) of tensors
+whose first dimension is the batch, so early-exit inference can drop samples from it with
+:func:`select_samples`.
+"""
+from __future__ import annotations
+
+from typing import Any, List, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map
+
+__all__ = ["MultiExitModel", "select_samples", "unwrap_model", "check_multi_exit_output"]
+
+
+class MultiExitModel(nn.Module):
+    """Base class: subclasses set ``num_exits`` and implement :meth:`forward_stage`.
+
+    ``forward`` is defined as the stages called in order, so the staged run and ``forward``
+    agree exactly by construction.
+    """
+
+    num_exits: int
+
+    def forward_stage(self, index: int, state: Any) -> Tuple[Any, Tensor]:
+        """Run block ``index`` on ``state`` and its exit head; return ``(new_state, logits)``."""
+        raise NotImplementedError
+
+    def check_input(self, x: Tensor) -> None:
+        """Raise a clear ``ValueError`` if ``x`` cannot go through this model (override to extend)."""
+        in_chans = getattr(self, "in_chans", None)
+        if not isinstance(x, Tensor) or x.ndim != 4:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"expected an image batch of shape [B, C, H, W], got {shape}")
+        if in_chans is not None and x.shape[1] != in_chans:
+            raise ValueError(
+                f"input has {x.shape[1]} channel(s), model expects {in_chans}: "
+                f"pass in_chans={x.shape[1]} to create_model or convert the images"
+            )
+
+    def forward(self, x: Tensor) -> List[Tensor]:
+        self.check_input(x)
+        state: Any = x
+        outputs = []
+        for k in range(self.num_exits):
+            state, logits = self.forward_stage(k, state)
+            outputs.append(logits)
+        return outputs
+
+    def reset_classifier(self, num_classes: int) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+def select_samples(state: Any, index: Tensor) -> Any:
+    """Keep only the samples ``index`` (bool mask or int indices) of every tensor in ``state``."""
+    return tree_map(lambda t: t[index] if isinstance(t, Tensor) else t, state)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP / DataParallel / torch.compile wrappers (``.module`` / ``._orig_mod``)."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or (
+            type(model).__name__ in {"DistributedDataParallel", "DataParallel", "FullyShardedDataParallel"}
+            and hasattr(model, "module")
+        ):
+            model = model.module
+        else:
+            return model
+
+
+def check_multi_exit_output(outputs: Any, num_exits: int | None = None) -> List[Tensor]:
+    """Validate that a model output follows the contract; return it as a list."""
+    if isinstance(outputs, Tensor) or not isinstance(outputs, (list, tuple)):
+        raise TypeError(
+            f"a multi-exit model must return a list of exit logits, got {type(outputs).__name__}: "
+            "use a timm_l2w model or wrap a timm backbone with timm_l2w.MultiExitWrapper"
+        )
+    if len(outputs) == 0 or not all(isinstance(o, Tensor) and o.ndim == 2 for o in outputs):
+        raise TypeError("every exit output must be a [batch, num_classes] tensor of logits")
+    if num_exits is not None and len(outputs) != num_exits:
+        raise ValueError(f"model returned {len(outputs)} exits, expected {num_exits}")
+    return list(outputs)
