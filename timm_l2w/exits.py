@@ -17,7 +17,9 @@ __all__ = [
     "paper_qs",
     "check_distribution",
     "assign_exits",
+    "check_distributions",
     "calibrate_thresholds",
+    "calibrate_thresholds_batch",
     "exit_by_threshold",
 ]
 
@@ -97,6 +99,45 @@ def assign_exits(conf: Tensor, p: Tensor | Sequence[float]) -> Tensor:
     return exit_index
 
 
+def check_distributions(distributions: Tensor | Sequence[Sequence[float]], num_exits: int) -> Tensor:
+    """Return a ``[B, K]`` float64 stack of exit distributions after checking every row."""
+    rows = torch.as_tensor(distributions, dtype=torch.float64).detach().cpu()
+    if rows.ndim == 1:
+        rows = rows[None]
+    if rows.ndim != 2 or rows.shape[0] == 0:
+        raise ValueError(
+            f"distributions must be a [num_budgets, num_exits] table with at least one row, "
+            f"got shape {tuple(rows.shape)}"
+        )
+    return torch.stack([check_distribution(row, num_exits) for row in rows])
+
+
+def calibrate_thresholds_batch(conf: Tensor, distributions: Tensor | Sequence[Sequence[float]]) -> Tensor:
+    """Thresholds for many distributions at once: ``[B, K]`` float64 (see :func:`calibrate_thresholds`).
+
+    Vectorised over the budgets: per exit, one sort of the held-out confidences serves every budget;
+    the ``floor(n * p_k)``-th not-yet-exited sample is found with a cumulative count in that order.
+    """
+    _check_confidences(conf, "held-out confidences")
+    n, num_exits = conf.shape
+    dist = check_distributions(distributions, num_exits)
+    conf = conf.detach()
+    counts = torch.floor(n * dist).to(torch.long).to(conf.device)  # [B, K]
+    num_budgets = dist.shape[0]
+    thresholds = torch.full((num_budgets, num_exits), torch.inf, dtype=torch.float64, device=conf.device)
+    thresholds[:, -1] = -torch.inf
+    remaining = torch.ones(num_budgets, n, dtype=torch.bool, device=conf.device)
+    for k in range(num_exits - 1):
+        values, order = torch.sort(conf[:, k], descending=True, stable=True)
+        rank = remaining[:, order].cumsum(dim=1)  # rank among remaining samples, in sorted order
+        count = counts[:, k]
+        valid = (count > 0) & (rank[:, -1] >= count)
+        position = (rank >= count[:, None]).to(torch.uint8).argmax(dim=1)
+        thresholds[:, k] = torch.where(valid, values[position].to(torch.float64), thresholds[:, k])
+        remaining &= ~(conf[:, k].to(torch.float64)[None] >= thresholds[:, k, None])
+    return thresholds.cpu()
+
+
 def calibrate_thresholds(conf: Tensor, p: Tensor | Sequence[float]) -> Tensor:
     """Thresholds ``T[K]`` on a held-out set (PAPER.md, "budgeted evaluation").
 
@@ -105,32 +146,23 @@ def calibrate_thresholds(conf: Tensor, p: Tensor | Sequence[float]) -> Tensor:
     then every sample with ``c >= T_k`` counts as exited. ``T_K = -inf``. Returns float64 ``[K]``.
     """
     _check_confidences(conf, "held-out confidences")
-    n, num_exits = conf.shape
-    p = check_distribution(p, num_exits)
-    conf = conf.detach()
-    thresholds = torch.full((num_exits,), torch.inf, dtype=torch.float64)
-    thresholds[-1] = -torch.inf
-    remaining = torch.ones(n, dtype=torch.bool, device=conf.device)
-    for k, count in enumerate(_exit_counts(n, p)[:-1]):
-        if count == 0:
-            continue
-        order = _top_remaining(conf[:, k], remaining)
-        if count > order.numel():
-            continue
-        thresholds[k] = float(conf[order[count - 1], k])
-        remaining &= ~(conf[:, k] >= thresholds[k])
-    return thresholds
+    p = check_distribution(p, conf.shape[1])
+    return calibrate_thresholds_batch(conf, p[None])[0]
 
 
 def exit_by_threshold(conf: Tensor, thresholds: Tensor | Sequence[float]) -> Tensor:
-    """Exit of every sample: the first k with ``conf[i, k] >= T_k`` (the last exit takes the rest)."""
+    """Exit of every sample: the first k with ``conf[i, k] >= T_k`` (the last exit takes the rest).
+
+    ``thresholds`` is ``[K]`` (returns ``[N]`` long) or a ``[B, K]`` stack, one row per budget
+    (returns ``[B, N]``).
+    """
     _check_confidences(conf)
     num_exits = conf.shape[1]
     thresholds = torch.as_tensor(thresholds, dtype=torch.float64, device=conf.device)
-    if thresholds.ndim != 1 or thresholds.numel() != num_exits:
+    if thresholds.ndim not in (1, 2) or thresholds.shape[-1] != num_exits:
         raise ValueError(
             f"need one threshold per exit ({num_exits}), got shape {tuple(thresholds.shape)}"
         )
-    passed = conf.to(torch.float64) >= thresholds
-    passed[:, -1] = True
-    return passed.to(torch.uint8).argmax(dim=1)
+    passed = conf.to(torch.float64) >= thresholds[..., None, :]
+    passed[..., -1] = True
+    return passed.to(torch.uint8).argmax(dim=-1)
