@@ -1,0 +1,283 @@
+"""Built-in data for training and evaluating multi-exit models: train / held-out / test splits.
+
+Every dataset comes with a *held-out* split carved from its training data (the paper calibrates the
+budgeted-evaluation thresholds on it), so one call gives the three sets the protocol needs:
+
+- ``digits``: scikit-learn's 1,797 handwritten 8x8 digits (ships inside the wheel: fully offline),
+  upscaled to the model input and repeated to 3 channels, fixed seeded split.
+- ``fashion-mnist``: Fashion-MNIST from its IDX files (plain or gzipped), by default where Debian's
+  ``dataset-fashion-mnist`` package puts them, 28x28 resized to the model input.
+- ``torch/cifar10``, ``torch/cifar100`` and ImageFolder trees (any other name, with ``data_dir``)
+  through timm's :func:`timm.data.create_dataset` and :func:`timm.data.create_transform`.
+
+The small built-in sets stay in memory as uint8/float tensors; resizing, channel repeat and
+normalisation run once per batch in the collate function (vectorised), so loaders are fast.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+
+__all__ = [
+    "DataSplits",
+    "InMemoryImages",
+    "BUILTIN_DATASETS",
+    "FASHION_MNIST_DIR",
+    "create_datasets",
+    "create_loaders",
+    "read_idx",
+]
+
+BUILTIN_DATASETS = ("digits", "fashion-mnist", "torch/cifar10", "torch/cifar100")
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist package
+SPLIT_SEED = 0  # the train / held-out / test split is fixed, independent of the training seed
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+@dataclass
+class DataSplits:
+    """The three splits of the paper's protocol plus what a model needs to know about them."""
+
+    train: Dataset
+    held_out: Dataset
+    test: Dataset
+    num_classes: int
+    input_size: Tuple[int, int, int]
+    collate_fn: Optional[Callable] = None
+    train_collate_fn: Optional[Callable] = None
+
+
+class InMemoryImages(Dataset):
+    """Images ``[N, C, h, w]`` (uint8 or float in [0, 1]) and labels ``[N]`` held in memory."""
+
+    def __init__(self, images: Tensor, labels: Tensor):
+        if images.ndim != 4 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"images must be [N, C, H, W] and labels [N] with the same N, got "
+                f"{tuple(images.shape)} and {tuple(labels.shape)}"
+            )
+        self.images, self.labels = images, labels.long()
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __getitem__(self, index: int) -> Tuple[Tensor, Tensor]:
+        return self.images[index], self.labels[index]
+
+
+class BatchTransform:
+    """Collate function: stack a batch, scale to [0, 1], resize, repeat channels, normalise."""
+
+    def __init__(self, size: int, in_chans: int, mean: Sequence[float], std: Sequence[float]):
+        self.size, self.in_chans = size, in_chans
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def __call__(self, batch: List[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
+        images = torch.stack([b[0] for b in batch])
+        labels = torch.stack([b[1] for b in batch])
+        return self.transform(images), labels
+
+    def transform(self, images: Tensor) -> Tensor:
+        """Vectorised transform of a raw ``[B, C, h, w]`` batch into normalised model input."""
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        if x.shape[1] == 1 and self.in_chans != 1:
+            x = x.expand(-1, self.in_chans, -1, -1)
+        return (x - self.mean) / self.std
+
+
+def _split_indices(n: int, sizes: Sequence[int]) -> List[Tensor]:
+    """A fixed seeded permutation of ``range(n)`` cut into consecutive pieces of ``sizes``."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    out, start = [], 0
+    for size in sizes:
+        out.append(perm[start:start + size])
+        start += size
+    return out
+
+
+def _check_held_out(held_out: int, n_train: int, name: str) -> None:
+    if not 0 < held_out < n_train:
+        raise ValueError(
+            f"held_out={held_out} must be between 1 and {n_train - 1} (the {name} training split has "
+            f"{n_train} images): pass a smaller --held-out"
+        )
+
+
+def _digits(size: int, in_chans: int, held_out: Optional[int]) -> DataSplits:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.from_numpy(bunch.images.astype(np.float32) / 16.0)[:, None]  # [1797, 1, 8, 8]
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    n = labels.shape[0]
+    n_test = 300
+    held_out = 300 if held_out is None else held_out
+    _check_held_out(held_out, n - n_test, "digits")
+    test_idx, held_idx, train_idx = _split_indices(n, [n_test, held_out, n - n_test - held_out])
+    mean = float(images[train_idx].mean())
+    std = float(images[train_idx].std())
+    collate = BatchTransform(size, in_chans, [mean] * in_chans, [std] * in_chans)
+    sets = [InMemoryImages(images[i], labels[i]) for i in (train_idx, held_idx, test_idx)]
+    return DataSplits(*sets, num_classes=10, input_size=(in_chans, size, size), collate_fn=collate,
+                      train_collate_fn=collate)
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (the MNIST format), plain or gzipped, into a numpy array."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an IDX file (bad magic number): re-download the dataset")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(data) - header != expected:
+        raise ValueError(
+            f"{path} is truncated or corrupt: header says shape {shape} ({expected} bytes), file has "
+            f"{len(data) - header}: re-download the dataset"
+        )
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+
+
+def _find_idx(root: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+        if (root / name).is_file():
+            return root / name
+    raise FileNotFoundError(
+        f"Fashion-MNIST file {stem}[.gz] not found in {root}: install Debian's package "
+        f"(sudo apt-get install dataset-fashion-mnist, files go to {FASHION_MNIST_DIR}) or download the "
+        f"four IDX files from https://github.com/zalandoresearch/fashion-mnist and pass --data-dir DIR"
+    )
+
+
+def _fashion_mnist(data_dir: Optional[str], size: int, in_chans: int, held_out: Optional[int]) -> DataSplits:
+    root = Path(data_dir or FASHION_MNIST_DIR)
+    arrays = {
+        key: read_idx(_find_idx(root, stem))
+        for key, stem in (("train_x", "train-images-idx3-ubyte"), ("train_y", "train-labels-idx1-ubyte"),
+                          ("test_x", "t10k-images-idx3-ubyte"), ("test_y", "t10k-labels-idx1-ubyte"))
+    }
+    train_x = torch.from_numpy(arrays["train_x"].astype(np.uint8))[:, None]
+    train_y = torch.from_numpy(arrays["train_y"].astype(np.int64))
+    test_x = torch.from_numpy(arrays["test_x"].astype(np.uint8))[:, None]
+    test_y = torch.from_numpy(arrays["test_y"].astype(np.int64))
+    if train_x.shape[0] != train_y.shape[0] or test_x.shape[0] != test_y.shape[0]:
+        raise ValueError(f"Fashion-MNIST files in {root} disagree on the number of images: re-download them")
+    n = train_y.shape[0]
+    held_out = min(5000, max(1, n // 10)) if held_out is None else held_out
+    _check_held_out(held_out, n, "fashion-mnist")
+    held_idx, train_idx = _split_indices(n, [held_out, n - held_out])
+    mean, std = 0.2860, 0.3530  # Fashion-MNIST training-set statistics
+    collate = BatchTransform(size, in_chans, [mean] * in_chans, [std] * in_chans)
+    sets = [InMemoryImages(train_x[train_idx], train_y[train_idx]),
+            InMemoryImages(train_x[held_idx], train_y[held_idx]), InMemoryImages(test_x, test_y)]
+    return DataSplits(*sets, num_classes=10, input_size=(in_chans, size, size), collate_fn=collate,
+                      train_collate_fn=collate)
+
+
+def _timm_dataset(name: str, data_dir: Optional[str], size: int, in_chans: int, held_out: Optional[int],
+                  download: bool) -> DataSplits:
+    from timm.data import create_dataset, create_transform, resolve_data_config
+
+    if data_dir is None:
+        raise ValueError(f"dataset '{name}' needs --data-dir DIR (the folder holding its files)")
+    is_cifar = name.startswith("torch/cifar")
+    if not is_cifar and not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"ImageFolder root {data_dir} does not exist: pass the folder with train/ and val/")
+    test_split = "test" if is_cifar else "validation"
+
+    def make(split: str):
+        try:
+            return create_dataset(name, root=data_dir, split=split, download=download, is_training=split == "train")
+        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
+            raise FileNotFoundError(
+                f"{name} not found in {data_dir} ({err}): pass --download to fetch it (needs internet) or "
+                f"put the extracted files there"
+            ) from None
+
+    train_full, held_full, test = make("train"), make("train"), make(test_split)
+    n = len(train_full)
+    held_out = min(5000, max(1, n // 10)) if held_out is None else held_out
+    _check_held_out(held_out, n, name)
+    held_idx, train_idx = _split_indices(n, [held_out, n - held_out])
+    if is_cifar:
+        mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+        train_full.transform = create_transform(size, is_training=True, mean=mean, std=std, scale=(0.6, 1.0),
+                                                hflip=0.5, color_jitter=None)
+        eval_tf = create_transform(size, is_training=False, mean=mean, std=std, crop_pct=1.0)
+    else:
+        cfg = resolve_data_config({"input_size": (in_chans, size, size)})
+        train_full.transform = create_transform(size, is_training=True, mean=cfg["mean"], std=cfg["std"])
+        eval_tf = create_transform(size, is_training=False, mean=cfg["mean"], std=cfg["std"], crop_pct=cfg["crop_pct"])
+    held_full.transform = test.transform = eval_tf
+    if name == "torch/cifar10":
+        num_classes = 10
+    elif name == "torch/cifar100":
+        num_classes = 100
+    else:
+        num_classes = len(train_full.reader.class_to_idx)
+    return DataSplits(Subset(train_full, train_idx.tolist()), Subset(held_full, held_idx.tolist()), test,
+                      num_classes=num_classes, input_size=(3, size, size))
+
+
+def create_datasets(name: str, data_dir: Optional[str] = None, input_size: int = 32, in_chans: int = 3,
+                    held_out: Optional[int] = None, download: bool = False) -> DataSplits:
+    """Train / held-out / test datasets of ``name`` (see the module docstring for the choices).
+
+    ``input_size`` is the square image side the model expects; ``held_out`` the number of training
+    images set aside for threshold calibration (default: 300 for digits, 5,000 otherwise).
+    An unknown ``name`` without ``data_dir`` is an error; with ``data_dir`` it is read as an
+    ImageFolder tree (``DIR/train/<class>/*.jpg``, ``DIR/val/...``) by timm.
+    """
+    if not isinstance(input_size, int) or input_size < 1:
+        raise ValueError(f"input_size must be a positive int (image side in pixels), got {input_size!r}")
+    key = name.lower()
+    if key == "digits":
+        return _digits(input_size, in_chans, held_out)
+    if key in ("fashion-mnist", "fashion_mnist", "fmnist"):
+        return _fashion_mnist(data_dir, input_size, in_chans, held_out)
+    if key in ("torch/cifar10", "torch/cifar100") or (data_dir is not None and "/" not in key):
+        return _timm_dataset(key if key.startswith("torch/") else "", data_dir, input_size, in_chans,
+                             held_out, download)
+    raise ValueError(
+        f"unknown dataset '{name}': choose one of {', '.join(BUILTIN_DATASETS)}, or pass --data-dir DIR "
+        f"with an ImageFolder tree (and any name, e.g. 'folder')"
+    )
+
+
+def create_loaders(splits: DataSplits, batch_size: int, eval_batch_size: Optional[int] = None,
+                   seed: int = 0, num_workers: int = 0, drop_last: bool = True
+                   ) -> Tuple[DataLoader, DataLoader, DataLoader]:
+    """Train (shuffled, seeded, ``drop_last``), held-out and test loaders of ``splits``."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if drop_last and len(splits.train) < batch_size:
+        raise ValueError(
+            f"batch size {batch_size} is larger than the training set ({len(splits.train)} images): "
+            f"pass a smaller --batch-size"
+        )
+    eval_batch_size = eval_batch_size or batch_size
+    train = DataLoader(splits.train, batch_size=batch_size, shuffle=True, drop_last=drop_last,
+                       num_workers=num_workers, collate_fn=splits.train_collate_fn,
+                       generator=torch.Generator().manual_seed(seed))
+    held = DataLoader(splits.held_out, batch_size=eval_batch_size, shuffle=False, num_workers=num_workers,
+                      collate_fn=splits.collate_fn)
+    test = DataLoader(splits.test, batch_size=eval_batch_size, shuffle=False, num_workers=num_workers,
+                      collate_fn=splits.collate_fn)
+    return train, held, test
