@@ -17,7 +17,8 @@ from .exits import (
 )
 
 # Each part adds its public names below (one import line per module).
-# weighting / meta (issue 3)
+from .weighting import WeightPredictor, WeightedMultiExitLoss, exit_confidences, exit_losses, normalize_weights, predictor_inputs, sample_weights, weighted_multi_exit_loss  # weighting / meta (issue 3)
+from .meta import L2W, MetaStepResult, meta_loss, meta_step, virtual_sgd_step  # weighting / meta (issue 3)
 # evaluate / inference (issue 4)
 # checkpoint (issue 2)
 

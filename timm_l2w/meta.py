@@ -1,0 +1,512 @@
+"""The L2W meta step and the hook that adds it to an existing training loop.
+
+PAPER.md, "One training step": a virtual SGD step of the model with the weighted loss on the
+training half (kept differentiable w.r.t. the weight predictor), the meta loss of the virtually
+updated model on the meta half with the confidence-based exit assignment, the second-order
+gradient of that meta loss w.r.t. the predictor, and the meta optimizer's step. Then the real step
+uses the updated predictor's weights.
+
+Two interchangeable backends run the model with the virtual parameters: ``'higher'`` (a cached
+``higher.patch.monkeypatch`` of the model, fed the fast weights) and ``'func'``
+(``torch.func.functional_call``). Neither copies the model per step, and both run on cloned
+buffers, so the real parameters, optimizer state and BatchNorm statistics are never touched.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .exits import assign_exits, check_distribution, exit_distribution
+from .models.base import check_multi_exit_output, unwrap_model
+from .weighting import (
+    CONSTRAINTS,
+    INPUT_TYPES,
+    WeightPredictor,
+    _check_choice,
+    _check_eps,
+    exit_confidences,
+    exit_losses,
+    sample_weights,
+    weighted_multi_exit_loss,
+)
+
+__all__ = [
+    "BACKENDS",
+    "SGDSlot",
+    "sgd_slots",
+    "virtual_sgd_step",
+    "meta_loss",
+    "make_backend",
+    "MetaStepResult",
+    "meta_step",
+    "L2W",
+]
+
+BACKENDS = ("higher", "func")
+Batch = Tuple[Tensor, Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# The virtual SGD step
+# --------------------------------------------------------------------------------------------
+@dataclass
+class SGDSlot:
+    """What ``torch.optim.SGD`` would use to update one parameter (its group's settings + buffer)."""
+
+    lr: float
+    momentum: float
+    dampening: float
+    nesterov: bool
+    weight_decay: float
+    maximize: bool
+    buffer: Optional[Tensor]
+
+
+def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """Strip accelerate's ``AcceleratedOptimizer`` (and similar ``.optimizer`` wrappers)."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    if not isinstance(optimizer, torch.optim.SGD):
+        raise TypeError(
+            f"the L2W virtual step reproduces torch.optim.SGD, got {type(optimizer).__name__}: train the "
+            "model with torch.optim.SGD (the paper's optimizer, e.g. timm's create_optimizer_v2(model, 'momentum'))"
+        )
+    return optimizer
+
+
+def sgd_slots(optimizer: Any, params: Sequence[Tensor]) -> List[Optional[SGDSlot]]:
+    """The SGD settings and momentum buffer of every parameter (``None``: not in the optimizer)."""
+    optimizer = _unwrap_optimizer(optimizer)
+    by_id: Dict[int, SGDSlot] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            by_id[id(p)] = SGDSlot(
+                lr=float(group["lr"]),
+                momentum=float(group.get("momentum", 0.0)),
+                dampening=float(group.get("dampening", 0.0)),
+                nesterov=bool(group.get("nesterov", False)),
+                weight_decay=float(group.get("weight_decay", 0.0)),
+                maximize=bool(group.get("maximize", False)),
+                buffer=state.get("momentum_buffer"),
+            )
+    return [by_id.get(id(p)) if p.requires_grad else None for p in params]
+
+
+def virtual_sgd_step(
+    params: Sequence[Tensor], grads: Sequence[Optional[Tensor]], slots: Sequence[Optional[SGDSlot]]
+) -> List[Tensor]:
+    """``theta'`` exactly as ``torch.optim.SGD.step`` would compute it, out of place and differentiable.
+
+    ``d = g + wd * theta``; with momentum ``b = m * buf + (1 - dampening) * d`` (``b = d`` when no
+    buffer exists yet), ``d = d + m * b`` (nesterov) or ``d = b``; ``theta' = theta - lr * d``.
+    Parameters without a slot or a gradient stay as they are (SGD skips them).
+    """
+    new_params = []
+    for p, g, s in zip(params, grads, slots):
+        if s is None or g is None:
+            new_params.append(p)
+            continue
+        d = -g if s.maximize else g
+        if s.weight_decay:
+            d = d + s.weight_decay * p
+        if s.momentum:
+            b = d if s.buffer is None else s.buffer * s.momentum + (1 - s.dampening) * d
+            d = d + s.momentum * b if s.nesterov else b
+        new_params.append(p - s.lr * d)
+    return new_params
+
+
+# --------------------------------------------------------------------------------------------
+# The meta loss
+# --------------------------------------------------------------------------------------------
+def meta_loss(outputs: Sequence[Tensor], target: Tensor, p: Tensor | Sequence[float]) -> Tensor:
+    """Sum over exits (with at least one sample) of the mean CE of the samples assigned to that exit.
+
+    The assignment is :func:`timm_l2w.exits.assign_exits` on the detached confidences with the
+    training distribution ``p`` (selection without gradient).
+    """
+    outputs = check_multi_exit_output(outputs)
+    losses = exit_losses(outputs, target)
+    assigned = assign_exits(exit_confidences(outputs), p)
+    mask = F.one_hot(assigned, losses.shape[1]).to(losses.dtype)
+    return ((losses * mask).sum(dim=0) / mask.sum(dim=0).clamp(min=1)).sum()
+
+
+# --------------------------------------------------------------------------------------------
+# Backends: run the model with given parameters, on cloned buffers
+# --------------------------------------------------------------------------------------------
+class _Backend:
+    """Runs ``model`` (unwrapped) with a list of parameters in ``model.named_parameters()`` order."""
+
+    name = ""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.names = [n for n, _ in model.named_parameters()]
+
+    def params(self) -> List[Tensor]:
+        """The model's current parameters, in the order :meth:`forward` expects."""
+        return [p for _, p in self.model.named_parameters()]
+
+    def forward(self, params: Sequence[Tensor], x: Tensor) -> Any:
+        raise NotImplementedError
+
+
+class FuncBackend(_Backend):
+    """``torch.func.functional_call`` with the given parameters and clones of the buffers."""
+
+    name = "func"
+
+    def forward(self, params: Sequence[Tensor], x: Tensor) -> Any:
+        state = {n: b.clone() for n, b in self.model.named_buffers()}
+        state.update(zip(self.names, params))
+        was_training = self.model.training
+        self.model.train()  # the meta step runs in train mode (PAPER.md); restored below
+        try:
+            return torch.func.functional_call(self.model, state, (x,))
+        finally:
+            if not was_training:
+                self.model.train(False)
+
+
+class HigherBackend(_Backend):
+    """A ``higher.patch.monkeypatch`` of the model, built once and fed the fast weights each call.
+
+    The patched module keeps its own buffers, re-synchronised (cloned) from the real model on every
+    call, so BatchNorm statistics of the real model are never updated.
+    """
+
+    name = "higher"
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        import higher
+
+        self._higher = higher
+        self._signature = self._shape_signature()
+        self.fmodel = higher.patch.monkeypatch(model, copy_initial_weights=False, track_higher_grads=True)
+        self.fmodel.train()
+        # the patched submodules keep the last fast weights as attributes (and the root appends
+        # them to a list); remember the placeholders to release every call's weights afterwards
+        self._placeholders = [(m, dict(m._parameters)) for m in self.fmodel.modules()]
+        self._release()
+
+    def _release(self) -> None:
+        for module, placeholders in self._placeholders:
+            module._parameters.update(placeholders)
+        self.fmodel._fast_params = None
+
+    def _shape_signature(self) -> Tuple:
+        return tuple((n, tuple(p.shape)) for n, p in self.model.named_parameters())
+
+    def forward(self, params: Sequence[Tensor], x: Tensor) -> Any:
+        if self._shape_signature() != self._signature:
+            raise RuntimeError(
+                "the model's parameters changed after the L2W hook was built (e.g. reset_classifier): "
+                "build a new L2W / backend after changing the model"
+            )
+        self._higher.patch.buffer_sync(self.model, self.fmodel)
+        try:
+            return self.fmodel(x, params=list(params))
+        finally:
+            self._release()  # do not keep this step's graph alive
+
+
+def make_backend(backend: str | _Backend, model: nn.Module) -> _Backend:
+    """A backend object for ``model`` (unwrapped first) from its name, or ``backend`` as it is."""
+    if isinstance(backend, _Backend):
+        return backend
+    _check_choice(backend, BACKENDS, "backend")
+    model = unwrap_model(model)
+    return HigherBackend(model) if backend == "higher" else FuncBackend(model)
+
+
+# --------------------------------------------------------------------------------------------
+# The meta step
+# --------------------------------------------------------------------------------------------
+@dataclass
+class MetaStepResult:
+    """What one meta step produced (all detached)."""
+
+    meta_loss: Tensor  # scalar: meta loss of the virtually updated model on the meta half
+    grads: List[Tensor]  # d meta_loss / d phi, in weight_net.parameters() order
+    weights: Tensor  # [B_train, K]: the weights used in the virtual step
+
+
+def _check_batch(batch: Any, name: str) -> Batch:
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, Tensor) for t in batch)):
+        raise TypeError(f"{name} must be an (inputs, targets) pair of tensors, got {type(batch).__name__}")
+    x, y = batch
+    if x.shape[0] == 0 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"{name}: inputs and targets need the same non-zero batch size, got {x.shape[0]} and {y.shape[0]}")
+    return x, y
+
+
+def meta_step(
+    model: nn.Module,
+    optimizer: Any,
+    weight_net: WeightPredictor,
+    train_batch: Batch,
+    meta_batch: Batch,
+    p: Tensor | Sequence[float],
+    *,
+    eps: float = 0.8,
+    constraint: str = "col",
+    backend: str | _Backend = "higher",
+    label_smoothing: float = 0.0,
+    train_outputs: Optional[Sequence[Tensor]] = None,
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+) -> MetaStepResult:
+    """Steps 1-2 of PAPER.md's training step and the meta gradient of step 3.
+
+    Leaves ``d meta_loss / d phi`` in the predictor's ``.grad`` (replacing what was there) and
+    returns it; stepping the meta optimizer is the caller's job (:class:`L2W` does it).
+    ``train_outputs`` may pass the model's outputs on the training half that are already computed
+    (with their graph, at the current parameters) to save the virtual forward.
+    """
+    eps = _check_eps(eps)
+    _check_choice(constraint, CONSTRAINTS, "constraint")
+    x_train, y_train = _check_batch(train_batch, "train_batch")
+    x_meta, y_meta = _check_batch(meta_batch, "meta_batch")
+    runner = make_backend(backend, model)
+    params = runner.params()
+    slots = sgd_slots(optimizer, params)
+    trainable = [i for i, s in enumerate(slots) if s is not None]
+    if not trainable:
+        raise ValueError("no model parameter is in the optimizer: pass the optimizer that trains this model")
+    num_exits = weight_net.num_exits
+    p = check_distribution(p, num_exits)
+    phi = list(weight_net.parameters())
+
+    # 1. virtual step: theta' = SGD(theta, grad of the weighted loss), differentiable w.r.t. phi
+    if train_outputs is None:
+        with autocast():
+            train_outputs = runner.forward(params, x_train)
+    train_outputs = check_multi_exit_output(train_outputs, num_exits)
+    losses = exit_losses(train_outputs, y_train, label_smoothing)
+    weights = sample_weights(weight_net, losses, train_outputs, eps, constraint)
+    if eps == 0:  # weights do not depend on phi: the meta gradient is zero
+        with torch.no_grad(), autocast():
+            value = meta_loss(runner.forward(params, x_meta), y_meta, p)
+        grads = [torch.zeros_like(t) for t in phi]
+    else:
+        virtual_loss = (weights * losses).mean(dim=0).sum()
+        grads_theta = torch.autograd.grad(
+            virtual_loss, [params[i] for i in trainable], create_graph=True, retain_graph=True, allow_unused=True
+        )
+        full_grads: List[Optional[Tensor]] = [None] * len(params)
+        for i, g in zip(trainable, grads_theta):
+            full_grads[i] = g
+        new_params = virtual_sgd_step(params, full_grads, slots)
+        # 2. meta loss of the virtually updated model on the meta half
+        with autocast():
+            meta_outputs = runner.forward(new_params, x_meta)
+        value = meta_loss(check_multi_exit_output(meta_outputs, num_exits), y_meta, p)
+        # 3. second-order gradient into the predictor
+        grads = [
+            torch.zeros_like(t) if g is None else g
+            for t, g in zip(phi, torch.autograd.grad(value, phi, allow_unused=True))
+        ]
+    for t, g in zip(phi, grads):
+        t.grad = g.detach().clone()
+    return MetaStepResult(meta_loss=value.detach(), grads=[g.detach() for g in grads], weights=weights.detach())
+
+
+# --------------------------------------------------------------------------------------------
+# The hook for an existing training loop
+# --------------------------------------------------------------------------------------------
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce_mean_(tensors: Sequence[Tensor]) -> None:
+    """Average ``tensors`` in place across ranks (no-op without torch.distributed)."""
+    if not tensors or not _distributed():
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset: offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+class L2W:
+    """Learning to weight samples (PAPER.md) as a hook for an existing training loop.
+
+    Usage::
+
+        l2w = L2W(model, optimizer, eps=0.8, constraint='col', total_steps=2 * len(loader) * epochs)
+        for x, y in loader:
+            for xt, yt in l2w.split(x, y):      # two halves, each the other's meta set
+                outputs = model(xt)
+                loss = l2w.loss(outputs, yt)   # meta step (every meta_interval updates), then
+                optimizer.zero_grad()          # the weighted loss from the updated predictor
+                loss.backward()                # or accelerator.backward(loss)
+                optimizer.step()
+
+    ``total_steps`` counts model updates (two per loader batch) and sets the cosine annealing of the
+    meta learning rate; ``None`` keeps it constant. ``target_p_index`` j picks the training
+    distribution ``p_k ∝ (j/20)**k``; ``target_p`` gives it directly instead. Calling :meth:`loss`
+    outside :meth:`split` gives the weighted loss without a meta step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Any,
+        num_exits: Optional[int] = None,
+        eps: float = 0.8,
+        constraint: str = "col",
+        input_type: str = "loss",
+        target_p_index: int = 15,
+        target_p: Optional[Sequence[float] | Tensor] = None,
+        hidden_sizes: Sequence[int] = (500,),
+        meta_interval: int = 1,
+        meta_lr: float = 1e-4,
+        meta_weight_decay: float = 1e-4,
+        total_steps: Optional[int] = None,
+        backend: str = "higher",
+        label_smoothing: float = 0.0,
+        accelerator: Any = None,
+        weight_net: Optional[WeightPredictor] = None,
+        share_forward: bool = True,
+    ):
+        net = unwrap_model(model)
+        model_exits = getattr(net, "num_exits", None)
+        if num_exits is None:
+            if model_exits is None:
+                raise ValueError("the model has no num_exits attribute: pass num_exits=K to L2W")
+            num_exits = int(model_exits)
+        if model_exits is not None and int(model_exits) != num_exits:
+            raise ValueError(f"num_exits={num_exits} but the model has {model_exits} exits: pass num_exits={model_exits}")
+        if weight_net is not None and weight_net.num_exits != num_exits:
+            raise ValueError(
+                f"weight_net predicts {weight_net.num_exits} exits but the model has {num_exits}: "
+                f"build WeightPredictor(num_exits={num_exits})"
+            )
+        if not isinstance(meta_interval, int) or meta_interval < 1:
+            raise ValueError(f"meta_interval must be a positive int (paper: 1 CIFAR, 100 ImageNet), got {meta_interval!r}")
+        if total_steps is not None and total_steps < 1:
+            raise ValueError(f"total_steps must be a positive number of updates or None, got {total_steps}")
+        _check_choice(backend, BACKENDS, "backend")
+        self.model, self.optimizer, self.accelerator = model, optimizer, accelerator
+        _unwrap_optimizer(optimizer)  # fail early on a non-SGD optimizer
+        self.num_exits = num_exits
+        self.eps = _check_eps(eps)
+        self.constraint = _check_choice(constraint, CONSTRAINTS, "constraint")
+        self.input_type = _check_choice(input_type, INPUT_TYPES, "input_type")
+        if target_p is None:
+            if not isinstance(target_p_index, int) or target_p_index < 1:
+                raise ValueError(f"target_p_index must be a positive int j (q = j/20; paper: 15), got {target_p_index!r}")
+            target_p = exit_distribution(target_p_index / 20, num_exits)
+        self.p = check_distribution(target_p, num_exits)
+        self.meta_interval, self.total_steps = meta_interval, total_steps
+        self.label_smoothing = float(label_smoothing)
+        self.share_forward = share_forward
+        self._backend = make_backend(backend, net)
+        ref = next(net.parameters())
+        dtype = ref.dtype if ref.is_floating_point() else None
+        if weight_net is None:
+            weight_net = WeightPredictor(num_exits, input_type, hidden_sizes)
+        self.weight_net = weight_net.to(device=ref.device, dtype=dtype)
+        if _distributed():  # every rank starts from rank 0's predictor
+            for t in self.weight_net.parameters():
+                dist.broadcast(t.data, src=0)
+        self.meta_optimizer = torch.optim.Adam(self.weight_net.parameters(), lr=meta_lr, weight_decay=meta_weight_decay)
+        self.meta_scheduler = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(self.meta_optimizer, T_max=total_steps)
+            if total_steps is not None else None
+        )
+        self.step = 0
+        self.last_meta_loss: Optional[float] = None
+        self.last_meta_grads: Optional[List[Tensor]] = None
+        self.last_weights: Optional[Tensor] = None
+        self._halves: Optional[Tuple[Batch, Batch]] = None
+        self._current = -1
+
+    # -- the schedule ------------------------------------------------------------------------
+    def split(self, x: Tensor, y: Tensor) -> Iterator[Batch]:
+        """Yield the two halves of a loader batch; each is the meta set of the other's update."""
+        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+            raise TypeError(f"split expects tensors (inputs, targets), got {type(x).__name__}, {type(y).__name__}")
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"inputs and targets have different batch sizes ({x.shape[0]} vs {y.shape[0]})")
+        if x.shape[0] < 2:
+            raise ValueError(
+                f"a batch of {x.shape[0]} sample(s) cannot be split into a training half and a meta half: "
+                "use a batch size >= 2 (and drop_last=True in the DataLoader)"
+            )
+        half = x.shape[0] // 2
+        self._halves = ((x[:half], y[:half]), (x[half:], y[half:]))
+        try:
+            for self._current in (0, 1):
+                yield self._halves[self._current]
+        finally:
+            self._halves, self._current = None, -1
+
+    def _autocast(self) -> ContextManager:
+        return self.accelerator.autocast() if self.accelerator is not None else contextlib.nullcontext()
+
+    def meta_update(self, train_batch: Batch, meta_batch: Batch, train_outputs: Optional[Sequence[Tensor]] = None) -> float:
+        """One meta step and meta optimizer step (gradients averaged across ranks); returns the meta loss."""
+        result = meta_step(
+            self.model, self.optimizer, self.weight_net, train_batch, meta_batch, self.p,
+            eps=self.eps, constraint=self.constraint, backend=self._backend,
+            label_smoothing=self.label_smoothing, train_outputs=train_outputs, autocast=self._autocast,
+        )
+        grads = [t.grad for t in self.weight_net.parameters()]
+        _all_reduce_mean_(grads)
+        self.last_meta_grads = [g.detach().clone() for g in grads]
+        self.meta_optimizer.step()
+        self.meta_optimizer.zero_grad(set_to_none=True)
+        self.last_meta_loss = float(result.meta_loss)
+        return self.last_meta_loss
+
+    def loss(self, outputs: Sequence[Tensor], target: Tensor) -> Tensor:
+        """The weighted loss for the real step; inside :meth:`split` the meta step runs first when due."""
+        outputs = check_multi_exit_output(outputs, self.num_exits)
+        in_split = self._halves is not None and self._current in (0, 1)
+        if in_split and self.step % self.meta_interval == 0:
+            train_batch = (self._halves[self._current][0], target)
+            meta_batch = self._halves[1 - self._current]
+            shared = self.share_forward and unwrap_model(self.model) is self.model and torch.is_grad_enabled()
+            self.meta_update(train_batch, meta_batch, outputs if shared else None)
+        loss, weights = weighted_multi_exit_loss(
+            outputs, target, self.weight_net, self.eps, self.constraint, self.label_smoothing
+        )
+        self.last_weights = weights.detach()
+        if in_split:
+            self.step += 1
+            if self.meta_scheduler is not None and self.step <= self.total_steps:
+                self.meta_scheduler.step()
+        return loss
+
+    # -- resume ------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """Predictor, meta optimizer, meta scheduler and step counter (for resume)."""
+        return {
+            "weight_net": self.weight_net.state_dict(),
+            "meta_optimizer": self.meta_optimizer.state_dict(),
+            "meta_scheduler": None if self.meta_scheduler is None else self.meta_scheduler.state_dict(),
+            "step": self.step,
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        missing = {"weight_net", "meta_optimizer", "step"} - set(state)
+        if missing:
+            raise ValueError(f"L2W state is missing {sorted(missing)}: pass a dict from L2W.state_dict()")
+        self.weight_net.load_state_dict(state["weight_net"])
+        self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        if self.meta_scheduler is not None and state.get("meta_scheduler") is not None:
+            self.meta_scheduler.load_state_dict(state["meta_scheduler"])
+        self.step = int(state["step"])

@@ -1,0 +1,222 @@
+"""L2W sample weighting: the weight-prediction MLP, weight normalisation and the weighted loss.
+
+PAPER.md, "Pieces": per-sample per-exit losses ``L [B, K]``; a small MLP ``g_phi`` maps a detached
+row (losses, confidences or both) to ``G in (-1, 1)^K``; weights ``W = 1 + eps * (G - mean(G))``
+with the mean taken along the constraint axis; the loss is ``sum_k mean_i W[i, k] * L[i, k]``.
+Everything here is pure and vectorised; the meta step that trains ``g_phi`` lives in
+:mod:`timm_l2w.meta`.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .models.base import check_multi_exit_output
+
+__all__ = [
+    "INPUT_TYPES",
+    "CONSTRAINTS",
+    "WeightPredictor",
+    "normalize_weights",
+    "exit_losses",
+    "exit_confidences",
+    "predictor_inputs",
+    "sample_weights",
+    "weighted_multi_exit_loss",
+    "WeightedMultiExitLoss",
+]
+
+INPUT_TYPES = ("loss", "conf", "both")
+CONSTRAINTS = {"row": 0, "col": 1, "mat": None}  # axis of the mean; None = all entries
+
+
+def _check_choice(value: str, choices: Iterable[str], name: str) -> str:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}: use one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def _check_eps(eps: float) -> float:
+    eps = float(eps)
+    if not eps >= 0:  # also rejects NaN
+        raise ValueError(f"eps must be >= 0 (0 = equal weighting, paper: 0.8 CIFAR, 0.3 ImageNet), got {eps}")
+    return eps
+
+
+class WeightPredictor(nn.Sequential):
+    """The weight-prediction network ``g_phi``: ``Linear, ReLU, ..., Linear, Tanh``.
+
+    It *is* an ``nn.Sequential``, so its ``state_dict`` has the plain MLP layout (``0.weight``,
+    ``0.bias``, ``2.weight``, ...) and loads from / into any such MLP. Input size is ``K`` for
+    ``input_type`` ``'loss'`` or ``'conf'`` and ``2K`` for ``'both'``; output ``[B, K]`` in (-1, 1).
+    """
+
+    def __init__(self, num_exits: int, input_type: str = "loss", hidden_sizes: Sequence[int] = (500,)):
+        if not isinstance(num_exits, int) or num_exits < 1:
+            raise ValueError(f"num_exits must be a positive int (the model's exits), got {num_exits!r}")
+        _check_choice(input_type, INPUT_TYPES, "input_type")
+        hidden_sizes = tuple(int(h) for h in hidden_sizes)
+        if any(h < 1 for h in hidden_sizes):
+            raise ValueError(f"hidden_sizes must be positive, got {hidden_sizes}")
+        in_features = 2 * num_exits if input_type == "both" else num_exits
+        sizes = (in_features,) + hidden_sizes
+        layers: List[nn.Module] = []
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        layers += [nn.Linear(sizes[-1], num_exits), nn.Tanh()]
+        super().__init__(*layers)
+        self.num_exits, self.input_type, self.in_features = num_exits, input_type, in_features
+        self.hidden_sizes = hidden_sizes
+
+    def forward(self, inputs: Tensor) -> Tensor:  # type: ignore[override]
+        if inputs.ndim != 2 or inputs.shape[1] != self.in_features:
+            raise ValueError(
+                f"weight predictor expects [batch, {self.in_features}] inputs "
+                f"(input_type={self.input_type!r}, {self.num_exits} exits), got {tuple(inputs.shape)}: "
+                "build the inputs with timm_l2w.predictor_inputs"
+            )
+        return super().forward(inputs.to(self[0].weight.dtype))
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Dict[str, Tensor], input_type: str = "loss") -> "WeightPredictor":
+        """Build a predictor whose sizes are read from a plain-MLP ``state_dict`` and load it.
+
+        A common key prefix (``module.``, ``net.``, ...) in front of the layer indices is stripped.
+        """
+        weights = sorted((k for k in state_dict if k.endswith(".weight")), key=lambda k: int(k.split(".")[-2]))
+        if not weights:
+            raise ValueError("state_dict has no '<index>.weight' entries: expected a Linear/ReLU/.../Tanh MLP")
+        prefix = weights[0][: weights[0].rfind(".", 0, len(weights[0]) - len(".weight")) + 1]
+        clean = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        shapes = [tuple(state_dict[k].shape) for k in weights]
+        num_exits = shapes[-1][0]
+        model = cls(num_exits, input_type, [s[0] for s in shapes[:-1]])
+        if shapes[0][1] != model.in_features:
+            raise ValueError(
+                f"state_dict's first layer takes {shapes[0][1]} inputs but input_type={input_type!r} with "
+                f"{num_exits} exits needs {model.in_features}: pass the input_type it was trained with"
+            )
+        model.load_state_dict(clean)
+        return model
+
+
+def normalize_weights(G: Tensor, eps: float, constraint: str = "col") -> Tensor:
+    """``W = 1 + eps * (G - mean(G))``, the mean over the batch (``row``), exits (``col``) or all (``mat``)."""
+    eps = _check_eps(eps)
+    dim = CONSTRAINTS[_check_choice(constraint, CONSTRAINTS, "constraint")]
+    if G.ndim != 2:
+        raise ValueError(f"G must be a [batch, num_exits] tensor, got shape {tuple(G.shape)}")
+    mean = G.mean() if dim is None else G.mean(dim=dim, keepdim=True)
+    return 1 + eps * (G - mean)
+
+
+def exit_losses(outputs: Sequence[Tensor], target: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Per-sample, per-exit cross-entropy ``L [B, K]`` (with optional label smoothing)."""
+    outputs = check_multi_exit_output(outputs)
+    logits = torch.stack(outputs, dim=1)  # [B, K, C]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    batch, num_exits, num_classes = logits.shape
+    if not isinstance(target, Tensor) or target.shape != (batch,) or target.is_floating_point():
+        shape = tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__
+        raise ValueError(f"target must be a [batch] tensor of class indices matching the {batch} logits, got {shape}")
+    losses = F.cross_entropy(
+        logits.reshape(batch * num_exits, num_classes),
+        target.repeat_interleave(num_exits),
+        reduction="none",
+        label_smoothing=label_smoothing,
+    )
+    return losses.view(batch, num_exits)
+
+
+def exit_confidences(outputs: Sequence[Tensor]) -> Tensor:
+    """Max softmax probability of every sample at every exit, ``[B, K]`` (detached)."""
+    outputs = check_multi_exit_output(outputs)
+    logits = torch.stack([o.detach() for o in outputs], dim=1)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return logits.softmax(dim=-1).amax(dim=-1)
+
+
+def predictor_inputs(losses: Tensor, outputs: Optional[Sequence[Tensor]] = None, input_type: str = "loss") -> Tensor:
+    """Detached predictor input: the loss row, the confidence row, or both concatenated."""
+    _check_choice(input_type, INPUT_TYPES, "input_type")
+    if input_type == "loss":
+        return losses.detach()
+    if outputs is None:
+        raise ValueError(f"input_type={input_type!r} needs the exit logits: pass outputs=")
+    conf = exit_confidences(outputs).to(losses.dtype)
+    return conf if input_type == "conf" else torch.cat([losses.detach(), conf], dim=1)
+
+
+def sample_weights(
+    weight_net: Optional[WeightPredictor],
+    losses: Tensor,
+    outputs: Optional[Sequence[Tensor]] = None,
+    eps: float = 0.8,
+    constraint: str = "col",
+) -> Tensor:
+    """Weights ``W [B, K]`` from the predictor; differentiable w.r.t. its parameters.
+
+    With ``weight_net=None`` or ``eps=0`` the weights are all ones (equal weighting).
+    """
+    eps = _check_eps(eps)
+    _check_choice(constraint, CONSTRAINTS, "constraint")
+    if weight_net is None or eps == 0:
+        return torch.ones_like(losses.detach())
+    if weight_net.num_exits != losses.shape[1]:
+        raise ValueError(
+            f"weight predictor has {weight_net.num_exits} exits but the model returned {losses.shape[1]}: "
+            f"build WeightPredictor(num_exits={losses.shape[1]})"
+        )
+    G = weight_net(predictor_inputs(losses, outputs, weight_net.input_type))
+    return normalize_weights(G, eps, constraint).to(losses.dtype)
+
+
+def weighted_multi_exit_loss(
+    outputs: Sequence[Tensor],
+    target: Tensor,
+    weight_net: Optional[WeightPredictor] = None,
+    eps: float = 0.8,
+    constraint: str = "col",
+    label_smoothing: float = 0.0,
+) -> Tuple[Tensor, Tensor]:
+    """``sum_k mean_i W[i, k] * L[i, k]`` with weights from the predictor (no gradient into it).
+
+    Returns ``(loss, W)``. ``weight_net=None`` or ``eps=0`` is exactly the equal-weight baseline
+    ``sum_k mean_i CE``.
+    """
+    losses = exit_losses(outputs, target, label_smoothing)
+    with torch.no_grad():
+        weights = sample_weights(weight_net, losses, outputs, eps, constraint)
+    if weight_net is None or eps == 0:
+        return losses.mean(dim=0).sum(), weights
+    return (weights * losses).mean(dim=0).sum(), weights
+
+
+class WeightedMultiExitLoss(nn.Module):
+    """Module form of :func:`weighted_multi_exit_loss`; keeps the last weights in ``last_weights``."""
+
+    def __init__(
+        self,
+        weight_net: Optional[WeightPredictor] = None,
+        eps: float = 0.8,
+        constraint: str = "col",
+        label_smoothing: float = 0.0,
+    ):
+        super().__init__()
+        self.weight_net = weight_net
+        self.eps = _check_eps(eps)
+        self.constraint = _check_choice(constraint, CONSTRAINTS, "constraint")
+        self.label_smoothing = float(label_smoothing)
+        self.last_weights: Optional[Tensor] = None
+
+    def forward(self, outputs: Sequence[Tensor], target: Tensor) -> Tensor:  # type: ignore[override]
+        loss, self.last_weights = weighted_multi_exit_loss(
+            outputs, target, self.weight_net, self.eps, self.constraint, self.label_smoothing
+        )
+        return loss
