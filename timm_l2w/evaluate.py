@@ -1,0 +1,457 @@
+"""Anytime and budgeted evaluation of a multi-exit model (PAPER.md, "Evaluation").
+
+The exit outputs of a loader are collected once (:func:`collect_exit_outputs`); anytime metrics
+(:func:`anytime_metrics`) and the budgeted accuracy-vs-FLOPs curve (:func:`budgeted_evaluation`)
+are then pure tensor computations on them. Thresholds come from
+:func:`timm_l2w.exits.calibrate_thresholds_batch` on a held-out set and are applied on the test set
+with :func:`timm_l2w.exits.exit_by_threshold`, the same code the L2W meta loss builds on.
+
+``timm-l2w eval`` (:func:`main`) runs it on a checkpoint and writes CSV, JSON and a PNG plot.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .exits import calibrate_thresholds_batch, check_distributions, exit_by_threshold, paper_distributions, paper_qs
+from .models.base import check_multi_exit_output, unwrap_model
+
+__all__ = [
+    "ExitOutputs",
+    "BudgetedResults",
+    "exit_confidence",
+    "collect_exit_outputs",
+    "anytime_metrics",
+    "budgeted_evaluation",
+    "check_flops",
+    "save_results",
+    "evaluate_checkpoint",
+    "main",
+]
+
+
+def exit_confidence(logits: Tensor) -> Tuple[Tensor, Tensor]:
+    """Max softmax probability (float32) and predicted class of one exit's ``[B, C]`` logits."""
+    return F.softmax(logits.detach().float(), dim=1).max(dim=1)
+
+
+@dataclass
+class ExitOutputs:
+    """Everything evaluation needs from one pass over a data set, per sample ``i`` and exit ``k``.
+
+    ``confidences`` [N, K] float (max softmax), ``predictions`` [N, K] long, ``top5`` [N, K] bool
+    (target among the 5 highest logits), ``losses`` [N, K] float (cross-entropy), ``targets`` [N] long.
+    """
+
+    confidences: Tensor
+    predictions: Tensor
+    top5: Tensor
+    losses: Tensor
+    targets: Tensor
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.confidences, Tensor) or self.confidences.ndim != 2:
+            raise ValueError("ExitOutputs.confidences must be a [num_samples, num_exits] tensor")
+        n, k = self.confidences.shape
+        if n == 0:
+            raise ValueError("ExitOutputs is empty: the loader gave no samples, check the data set")
+        for name in ("predictions", "top5", "losses"):
+            if tuple(getattr(self, name).shape) != (n, k):
+                raise ValueError(f"ExitOutputs.{name} has shape {tuple(getattr(self, name).shape)}, expected {(n, k)}")
+        if tuple(self.targets.shape) != (n,):
+            raise ValueError(f"ExitOutputs.targets has shape {tuple(self.targets.shape)}, expected {(n,)}")
+
+    @property
+    def num_samples(self) -> int:
+        return self.confidences.shape[0]
+
+    @property
+    def num_exits(self) -> int:
+        return self.confidences.shape[1]
+
+    @property
+    def correct(self) -> Tensor:
+        """[N, K] bool: top-1 prediction of exit k is right for sample i."""
+        return self.predictions == self.targets[:, None]
+
+    @classmethod
+    def from_logits(cls, logits: Sequence[Tensor], targets: Tensor) -> "ExitOutputs":
+        """Build from a model output (list of K ``[B, C]`` logits) and ``[B]`` integer targets."""
+        logits = check_multi_exit_output(logits)
+        targets = torch.as_tensor(targets).detach().long().to(logits[0].device)
+        if targets.ndim != 1 or targets.shape[0] != logits[0].shape[0]:
+            raise ValueError(
+                f"targets must be [batch] class indices matching the logits' batch {logits[0].shape[0]}, "
+                f"got shape {tuple(targets.shape)} (one-hot or mixup targets are not supported in evaluation)"
+            )
+        conf, pred, top5, loss = [], [], [], []
+        for out in logits:
+            out = out.detach().float()
+            c, p = exit_confidence(out)
+            conf.append(c)
+            pred.append(p)
+            top = out.topk(min(5, out.shape[1]), dim=1).indices
+            top5.append((top == targets[:, None]).any(dim=1))
+            loss.append(F.cross_entropy(out, targets, reduction="none"))
+        return cls(*(torch.stack(v, dim=1).cpu() for v in (conf, pred, top5, loss)), targets.cpu())
+
+    @classmethod
+    def cat(cls, parts: Sequence["ExitOutputs"]) -> "ExitOutputs":
+        """Concatenate along the samples."""
+        if not parts:
+            raise ValueError("no ExitOutputs to concatenate: the loader gave no batches")
+        fields = ("confidences", "predictions", "top5", "losses", "targets")
+        return cls(*(torch.cat([getattr(p, f) for p in parts]) for f in fields))
+
+
+def _batch_xy(batch: Any) -> Tuple[Tensor, Tensor]:
+    if isinstance(batch, Mapping):
+        batch = (batch.get("image", batch.get("pixel_values")), batch.get("label", batch.get("target")))
+    if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+        raise TypeError("the loader must yield (images, targets) pairs")
+    return batch[0], batch[1]
+
+
+def collect_exit_outputs(
+    model: nn.Module, loader: Iterable, device: Optional[torch.device | str] = None, progress: bool = False
+) -> ExitOutputs:
+    """Run ``model`` (eval mode, inference mode) over ``loader`` once and keep every exit's outputs."""
+    if device is None:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    num_exits = getattr(unwrap_model(model), "num_exits", None)
+    parts = []
+    if progress:
+        from tqdm.auto import tqdm
+
+        loader = tqdm(loader, desc="evaluating", unit="batch", leave=False)
+    try:
+        with torch.inference_mode():
+            for batch in loader:
+                x, y = _batch_xy(batch)
+                outputs = check_multi_exit_output(model(x.to(device)), num_exits)
+                parts.append(ExitOutputs.from_logits(outputs, y.to(device)))
+    finally:
+        model.train(was_training)
+    return ExitOutputs.cat(parts)
+
+
+def check_flops(flops: Sequence[float] | Tensor, num_exits: int) -> Tensor:
+    """Return per-exit cumulative FLOPs as float64 ``[K]`` after checking length and order."""
+    f = torch.as_tensor(flops, dtype=torch.float64).detach().cpu()
+    if f.ndim != 1 or f.numel() != num_exits:
+        raise ValueError(
+            f"flops must have one cumulative value per exit ({num_exits}), got shape {tuple(f.shape)}: "
+            "use timm_l2w.exit_flops(model, input_size)"
+        )
+    if not torch.isfinite(f).all() or (f <= 0).any() or (f[1:] <= f[:-1]).any():
+        raise ValueError(
+            f"flops must be positive and strictly increasing (cumulative to each exit), got {f.tolist()}"
+        )
+    return f
+
+
+def anytime_metrics(outputs: ExitOutputs, flops: Sequence[float] | Tensor | None = None) -> List[Dict[str, float]]:
+    """One row per exit: ``exit`` (1-based), ``top1`` and ``top5`` (%), mean ``loss`` and ``flops``."""
+    top1 = outputs.correct.double().mean(0) * 100
+    top5 = outputs.top5.double().mean(0) * 100
+    loss = outputs.losses.double().mean(0)
+    f = check_flops(flops, outputs.num_exits) if flops is not None else None
+    rows = []
+    for k in range(outputs.num_exits):
+        row = {"exit": k + 1, "top1": float(top1[k]), "top5": float(top5[k]), "loss": float(loss[k])}
+        if f is not None:
+            row["flops"] = float(f[k])
+        rows.append(row)
+    return rows
+
+
+@dataclass
+class BudgetedResults:
+    """Budgeted evaluation, one entry per budget b (exit distribution) and exit k.
+
+    Accuracies in %, FLOPs in the unit of the ``flops`` given. ``q`` is NaN for user distributions.
+    """
+
+    q: Tensor  # [B]
+    distributions: Tensor  # [B, K]
+    thresholds: Tensor  # [B, K]
+    test_top1: Tensor  # [B]
+    expected_flops: Tensor  # [B], on the test set
+    test_exit_fractions: Tensor  # [B, K]
+    heldout_top1: Tensor  # [B]
+    heldout_expected_flops: Tensor  # [B]
+    heldout_exit_fractions: Tensor  # [B, K]
+
+    def __len__(self) -> int:
+        return self.q.shape[0]
+
+    def rows(self) -> List[Dict[str, Any]]:
+        """The results as a tidy table: one flat dict per budget (lists spread over ``_k`` columns)."""
+        rows = []
+        for b in range(len(self)):
+            q = float(self.q[b])
+            row: Dict[str, Any] = {
+                "budget": b + 1,
+                "q": None if math.isnan(q) else q,
+                "test_top1": float(self.test_top1[b]),
+                "expected_flops": float(self.expected_flops[b]),
+                "heldout_top1": float(self.heldout_top1[b]),
+                "heldout_expected_flops": float(self.heldout_expected_flops[b]),
+            }
+            for name, table in (
+                ("p", self.distributions),
+                ("threshold", self.thresholds),
+                ("test_fraction", self.test_exit_fractions),
+                ("heldout_fraction", self.heldout_exit_fractions),
+            ):
+                row.update({f"{name}_{k + 1}": float(v) for k, v in enumerate(table[b])})
+            rows.append(row)
+        return rows
+
+
+def _apply(outputs: ExitOutputs, thresholds: Tensor, flops: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Top-1 (%), expected FLOPs and exit fractions of every budget row of ``thresholds``."""
+    exits = exit_by_threshold(outputs.confidences, thresholds)  # [B, N]
+    correct = outputs.correct.gather(1, exits.T).T  # [B, N]
+    fractions = F.one_hot(exits, outputs.num_exits).double().mean(dim=1)  # [B, K]
+    return correct.double().mean(dim=1) * 100, fractions @ flops, fractions
+
+
+def budgeted_evaluation(
+    heldout: ExitOutputs,
+    test: ExitOutputs,
+    flops: Sequence[float] | Tensor,
+    distributions: Tensor | Sequence[Sequence[float]] | None = None,
+) -> BudgetedResults:
+    """The paper's budgeted (dynamic) evaluation for every distribution at once, vectorised.
+
+    Thresholds are calibrated on ``heldout`` for each exit distribution (default: the paper's 39,
+    q = j/20) and applied on ``test``; expected FLOPs are ``sum_k fraction_k * flops_k``.
+    """
+    for name, value in (("heldout", heldout), ("test", test)):
+        if not isinstance(value, ExitOutputs):
+            raise TypeError(f"{name} must be ExitOutputs (from collect_exit_outputs), got {type(value).__name__}")
+    if heldout.num_exits != test.num_exits:
+        raise ValueError(
+            f"held-out outputs have {heldout.num_exits} exits but test outputs have {test.num_exits}: "
+            "collect both with the same model"
+        )
+    num_exits = test.num_exits
+    f = check_flops(flops, num_exits)
+    if distributions is None:
+        dist = paper_distributions(num_exits)
+        q = torch.tensor(paper_qs(dist.shape[0]), dtype=torch.float64)
+    else:
+        dist = check_distributions(distributions, num_exits)
+        q = torch.full((dist.shape[0],), math.nan, dtype=torch.float64)
+    thresholds = calibrate_thresholds_batch(heldout.confidences, dist)
+    test_top1, test_flops, test_frac = _apply(test, thresholds, f)
+    held_top1, held_flops, held_frac = _apply(heldout, thresholds, f)
+    return BudgetedResults(q, dist, thresholds, test_top1, test_flops, test_frac, held_top1, held_flops, held_frac)
+
+
+# ----------------------------------------------------------------------------- files (I/O edge)
+
+
+def _json_safe(value: Any) -> Any:
+    """Floats that JSON cannot hold (inf thresholds, NaN) become the strings 'inf', '-inf', 'nan'."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_bytes_atomic(path: Path | str, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace`` (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_text_atomic(path: Path | str, text: str) -> Path:
+    """UTF-8 text version of :func:`write_bytes_atomic`."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def _csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()) if rows else [], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def save_results(
+    out_dir: Path | str,
+    anytime: Optional[Sequence[Mapping[str, Any]]] = None,
+    budgeted: Optional[BudgetedResults | Sequence[Mapping[str, Any]]] = None,
+    name: str = "eval",
+    extra: Optional[Mapping[str, Any]] = None,
+) -> Dict[str, Path]:
+    """Write ``{name}_anytime.csv``, ``{name}_budgeted.csv`` and ``{name}.json`` (all tables + ``extra``).
+
+    Returns the written paths by kind. Non-finite thresholds appear as ``inf``/``-inf`` in both formats.
+    """
+    out_dir = Path(out_dir)
+    if isinstance(budgeted, BudgetedResults):
+        budgeted = budgeted.rows()
+    payload: Dict[str, Any] = dict(extra or {})
+    paths: Dict[str, Path] = {}
+    for kind, rows in (("anytime", anytime), ("budgeted", budgeted)):
+        if rows is None:
+            continue
+        rows = [dict(r) for r in rows]
+        payload[kind] = rows
+        paths[f"{kind}_csv"] = write_text_atomic(out_dir / f"{name}_{kind}.csv", _csv_text(rows))
+    paths["json"] = write_text_atomic(out_dir / f"{name}.json", json.dumps(_json_safe(payload), indent=2) + "\n")
+    return paths
+
+
+def _load_weights(model: nn.Module, checkpoint: Path | str) -> None:
+    """Load a checkpoint into ``model``: timm_l2w.checkpoint when present, else timm's loader."""
+    checkpoint = str(checkpoint)
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"checkpoint '{checkpoint}' does not exist: pass the path of a .safetensors or .pth file")
+    try:
+        from .checkpoint import load_state_dict as _load_l2w  # issue 2
+    except ImportError:
+        _load_l2w = None
+    if _load_l2w is not None:
+        state = _load_l2w(checkpoint)
+        unwrap_model(model).load_state_dict(state)
+    else:
+        from timm.models import load_checkpoint
+
+        load_checkpoint(unwrap_model(model), checkpoint, strict=True, weights_only=True)
+
+
+def evaluate_checkpoint(
+    model: nn.Module,
+    heldout_loader: Iterable,
+    test_loader: Iterable,
+    checkpoint: Optional[Path | str] = None,
+    flops: Optional[Sequence[float]] = None,
+    input_size: Optional[Sequence[int]] = None,
+    distributions: Tensor | Sequence[Sequence[float]] | None = None,
+    out_dir: Optional[Path | str] = None,
+    name: str = "eval",
+    device: Optional[torch.device | str] = None,
+    progress: bool = False,
+) -> Dict[str, Any]:
+    """Anytime + budgeted evaluation of ``model`` (optionally loading ``checkpoint`` first).
+
+    FLOPs default to :func:`timm_l2w.exit_flops` at the input size of the first test batch.
+    With ``out_dir``, writes the CSV/JSON tables (:func:`save_results`) and ``{name}.png``.
+    Returns ``{"anytime", "budgeted", "heldout", "test", "flops", "files"}``.
+    """
+    if checkpoint is not None:
+        _load_weights(model, checkpoint)
+    if device is not None:
+        model.to(device)
+    heldout = collect_exit_outputs(model, heldout_loader, device=device, progress=progress)
+    test = collect_exit_outputs(model, test_loader, device=device, progress=progress)
+    if flops is None:
+        from .flops import exit_flops
+
+        if input_size is None:
+            input_size = tuple(_batch_xy(next(iter(test_loader)))[0].shape[1:])
+        flops = exit_flops(model, input_size)
+    anytime = anytime_metrics(test, flops)
+    budgeted = budgeted_evaluation(heldout, test, flops, distributions)
+    files: Dict[str, Path] = {}
+    if out_dir is not None:
+        from .plot import plot_budgeted
+
+        extra = {"num_heldout": heldout.num_samples, "num_test": test.num_samples, "flops": list(map(float, flops))}
+        files = save_results(out_dir, anytime, budgeted, name=name, extra=extra)
+        files["plot"] = plot_budgeted({name: budgeted}, Path(out_dir) / f"{name}.png", anytime={name: anytime})
+    return {"anytime": anytime, "budgeted": budgeted, "heldout": heldout, "test": test, "flops": list(flops), "files": files}
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="timm-l2w eval",
+        description="Anytime and budgeted (accuracy vs average FLOPs) evaluation of a multi-exit checkpoint.",
+    )
+    p.add_argument("checkpoint", nargs="?", default=None, help=".safetensors (or .pth) weights; omit for random init")
+    p.add_argument("--model", default="msdnet_l2w_cifar", help="timm model name (default: %(default)s)")
+    p.add_argument("--num-classes", type=int, default=None, help="classes of the model head (default: the data set's)")
+    p.add_argument("--in-chans", type=int, default=None, help="input channels (default: the data set's)")
+    p.add_argument("--dataset", default="digits", help="built-in data set of timm_l2w.data (default: %(default)s)")
+    p.add_argument("--data-dir", default=None, help="root folder of the data set files")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--output", default="eval_results", help="folder for the CSV/JSON tables and the plot")
+    p.add_argument("--name", default=None, help="file name stem and curve label (default: the model name)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def _eval_loaders(args: argparse.Namespace) -> Tuple[Iterable, Iterable, Dict[str, Any]]:
+    """Held-out and test loaders from timm_l2w.data (the training part owns data set building)."""
+    try:
+        from . import data
+    except ImportError as err:  # pragma: no cover - data.py is another part of the package
+        raise SystemExit(f"timm-l2w eval needs timm_l2w.data for --dataset ({err}); "
+                         "call timm_l2w.evaluate.evaluate_checkpoint with your own loaders instead")
+    return data.create_eval_loaders(args.dataset, data_dir=args.data_dir, batch_size=args.batch_size)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``timm-l2w eval``: writes ``<name>_anytime.csv``, ``<name>_budgeted.csv``, ``<name>.json``, ``<name>.png``."""
+    import timm
+
+    args = _parser().parse_args(argv)
+    heldout_loader, test_loader, info = _eval_loaders(args)
+    kwargs = {}
+    num_classes = args.num_classes or info.get("num_classes")
+    in_chans = args.in_chans or info.get("in_chans")
+    if num_classes:
+        kwargs["num_classes"] = num_classes
+    if in_chans:
+        kwargs["in_chans"] = in_chans
+    model = timm.create_model(args.model, **kwargs)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    name = args.name or args.model
+    result = evaluate_checkpoint(
+        model, heldout_loader, test_loader, checkpoint=args.checkpoint, out_dir=args.output, name=name,
+        device=device, progress=not args.no_progress,
+    )
+    for row in result["anytime"]:
+        print(f"exit {row['exit']}: top1 {row['top1']:.2f}%  top5 {row['top5']:.2f}%  "
+              f"loss {row['loss']:.4f}  {row['flops'] / 1e6:.2f} MFLOPs")
+    best = max(result["budgeted"].rows(), key=lambda r: r["test_top1"])
+    print(f"budgeted: best test top1 {best['test_top1']:.2f}% at {best['expected_flops'] / 1e6:.2f} MFLOPs")
+    for kind, path in result["files"].items():
+        print(f"wrote {kind}: {path}")
+    return 0

@@ -1,0 +1,141 @@
+"""Real early-exit inference: run a multi-exit model stage by stage and stop computing for the
+samples that already left.
+
+A sample leaves at the first exit k whose confidence (max softmax) reaches ``thresholds[k]``; the
+last exit takes the rest. This is exactly :func:`timm_l2w.exits.exit_by_threshold` applied to the
+confidences of the full forward, but the later stages of a sample that left are never computed:
+after every stage the state is cut down to the remaining samples with
+:func:`timm_l2w.select_samples`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .evaluate import ExitOutputs, budgeted_evaluation, check_flops, exit_confidence
+from .exits import calibrate_thresholds, check_distribution, exit_distribution
+from .models.base import select_samples, unwrap_model
+
+__all__ = ["EarlyExitPrediction", "EarlyExitPredictor"]
+
+
+@dataclass
+class EarlyExitPrediction:
+    """Per sample, in input order: predicted class, its confidence, and the 0-based exit it left at."""
+
+    predictions: Tensor  # [N] long
+    confidences: Tensor  # [N] float
+    exit_index: Tensor  # [N] long
+
+    def exit_fractions(self, num_exits: int) -> Tensor:
+        """Share of the samples leaving at each exit, ``[K]`` float64."""
+        return torch.bincount(self.exit_index.cpu(), minlength=num_exits).double() / max(len(self.exit_index), 1)
+
+
+class EarlyExitPredictor:
+    """Early-exit inference for any model meeting the multi-exit contract (``forward_stage``).
+
+    The model is put in eval mode. ``thresholds`` holds one confidence threshold per exit
+    (``+inf``: nobody leaves there; the last entry is ignored, the last exit takes every sample left).
+    """
+
+    def __init__(self, model: nn.Module, thresholds: Tensor | Sequence[float]):
+        self.model = unwrap_model(model)
+        if not hasattr(self.model, "forward_stage") or not hasattr(self.model, "num_exits"):
+            raise TypeError(
+                f"{type(self.model).__name__} does not follow the multi-exit contract "
+                "(needs num_exits and forward_stage): use a timm_l2w model"
+            )
+        self.num_exits = int(self.model.num_exits)
+        t = torch.as_tensor(thresholds, dtype=torch.float64).detach().cpu()
+        if t.ndim != 1 or t.numel() != self.num_exits:
+            raise ValueError(
+                f"need one threshold per exit ({self.num_exits}), got shape {tuple(t.shape)}: "
+                "use timm_l2w.calibrate_thresholds or EarlyExitPredictor.from_distribution"
+            )
+        if torch.isnan(t).any():
+            raise ValueError(f"thresholds contain NaN: {t.tolist()}")
+        self.thresholds = t
+        self.model.eval()
+
+    @classmethod
+    def from_distribution(
+        cls, model: nn.Module, calibration: ExitOutputs, distribution: Tensor | Sequence[float] | float
+    ) -> "EarlyExitPredictor":
+        """Thresholds calibrated on ``calibration`` (held-out outputs) for an exit distribution.
+
+        ``distribution`` is a per-exit share ``[K]`` or a float q (``p_k ∝ q**k``, the paper's family).
+        """
+        num_exits = calibration.num_exits
+        if isinstance(distribution, (int, float)):
+            p = exit_distribution(float(distribution), num_exits)
+        else:
+            p = check_distribution(distribution, num_exits)
+        return cls(model, calibrate_thresholds(calibration.confidences, p))
+
+    @classmethod
+    def from_flops_budget(
+        cls,
+        model: nn.Module,
+        calibration: ExitOutputs,
+        flops: Sequence[float] | Tensor,
+        budget: float,
+        distributions: Tensor | Sequence[Sequence[float]] | None = None,
+    ) -> "EarlyExitPredictor":
+        """The most accurate candidate distribution (paper's 39 by default) whose expected FLOPs on
+        ``calibration`` stay within ``budget`` (same unit as ``flops``)."""
+        f = check_flops(flops, calibration.num_exits)
+        res = budgeted_evaluation(calibration, calibration, f, distributions)
+        fits = res.heldout_expected_flops <= float(budget)
+        if not fits.any():
+            raise ValueError(
+                f"no exit distribution fits a budget of {budget:g} FLOPs: the cheapest candidate needs "
+                f"{float(res.heldout_expected_flops.min()):g} (exit 1 alone costs {float(f[0]):g}); raise the budget"
+            )
+        score = torch.where(fits, res.heldout_top1, torch.full_like(res.heldout_top1, -1.0))
+        return cls(model, res.thresholds[int(score.argmax())])
+
+    @torch.inference_mode()
+    def _predict_batch(self, x: Tensor) -> EarlyExitPrediction:
+        n, device = x.shape[0], x.device
+        predictions = torch.empty(n, dtype=torch.long, device=device)
+        confidences = torch.empty(n, dtype=torch.float32, device=device)
+        exit_index = torch.empty(n, dtype=torch.long, device=device)
+        active = torch.arange(n, device=device)  # input positions of the samples still running
+        thresholds = self.thresholds.tolist()
+        state = x
+        for k in range(self.num_exits):
+            state, logits = self.model.forward_stage(k, state)
+            conf, pred = exit_confidence(logits)
+            last = k == self.num_exits - 1
+            leave = torch.ones_like(conf, dtype=torch.bool) if last else conf.double() >= thresholds[k]
+            idx = active[leave]
+            predictions[idx], confidences[idx], exit_index[idx] = pred[leave], conf[leave], k
+            if last:
+                break
+            stay = ~leave
+            num_stay = int(stay.sum())
+            if num_stay == 0:
+                break
+            if num_stay < stay.numel():
+                state, active = select_samples(state, stay), active[stay]
+        return EarlyExitPrediction(predictions, confidences, exit_index)
+
+    def predict(self, x: Tensor, batch_size: Optional[int] = None) -> EarlyExitPrediction:
+        """Early-exit predictions for the image batch ``x`` ``[N, C, H, W]`` (in chunks of ``batch_size``)."""
+        if hasattr(self.model, "check_input"):
+            self.model.check_input(x)
+        if x.shape[0] == 0:
+            raise ValueError("empty batch: pass at least one image")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size is None or batch_size >= x.shape[0]:
+            return self._predict_batch(x)
+        parts = [self._predict_batch(chunk) for chunk in x.split(batch_size)]
+        return EarlyExitPrediction(*(torch.cat([getattr(p, f) for p in parts])
+                                     for f in ("predictions", "confidences", "exit_index")))
+
+    __call__ = predict
