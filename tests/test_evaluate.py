@@ -177,3 +177,33 @@ def test_evaluate_checkpoint_end_to_end(tiny_model, tmp_path):
     assert len(result["budgeted"]) == 39 and len(result["anytime"]) == 3
     assert result["flops"][0] < result["flops"][1] < result["flops"][2]
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"tiny_anytime.csv", "tiny_budgeted.csv", "tiny.json", "tiny.png"}
+
+
+def test_cli_eval_on_digits(tmp_path, monkeypatch, capsys):
+    """`timm-l2w eval` on built-in digits: loads the checkpoint, writes the tables and the plot."""
+    import timm
+    from safetensors.torch import save_file
+
+    from conftest import TinyMultiExit
+    from timm_l2w.cli import main as cli_main
+
+    trained = TinyMultiExit(num_exits=3, num_classes=10, in_chans=3)
+    ckpt = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(ckpt))
+    made = {}
+
+    def create_model(name, **kwargs):
+        made.update(kwargs, name=name)
+        made["model"] = TinyMultiExit(num_exits=3, **kwargs)
+        return made["model"]
+
+    monkeypatch.setattr(timm, "create_model", create_model)
+    out = tmp_path / "res"
+    rc = cli_main(["eval", str(ckpt), "--model", "tiny", "--dataset", "digits", "--img-size", "8",
+                   "--output", str(out), "--device", "cpu", "--no-progress"])
+    assert rc == 0 and made["num_classes"] == 10 and made["in_chans"] == 3
+    assert torch.equal(made["model"].heads[2][2].weight, trained.heads[2][2].weight)
+    assert "budgeted: best test top1" in capsys.readouterr().out
+    data = json.loads((out / "tiny.json").read_text())
+    assert len(data["budgeted"]) == 39 and len(data["anytime"]) == 3
+    assert (out / "tiny.png").exists() and (out / "tiny_budgeted.csv").exists()

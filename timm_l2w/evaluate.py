@@ -406,9 +406,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", nargs="?", default=None, help=".safetensors (or .pth) weights; omit for random init")
     p.add_argument("--model", default="msdnet_l2w_cifar", help="timm model name (default: %(default)s)")
     p.add_argument("--num-classes", type=int, default=None, help="classes of the model head (default: the data set's)")
-    p.add_argument("--in-chans", type=int, default=None, help="input channels (default: the data set's)")
+    p.add_argument("--in-chans", type=int, default=None, help="input channels (default: 3)")
     p.add_argument("--dataset", default="digits", help="built-in data set of timm_l2w.data (default: %(default)s)")
     p.add_argument("--data-dir", default=None, help="root folder of the data set files")
+    p.add_argument("--img-size", type=int, default=32, help="square input side of the model (default: %(default)s)")
+    p.add_argument("--held-out", type=int, default=None, help="held-out images for the thresholds (default: the data set's)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--output", default="eval_results", help="folder for the CSV/JSON tables and the plot")
@@ -418,13 +420,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _eval_loaders(args: argparse.Namespace) -> Tuple[Iterable, Iterable, Dict[str, Any]]:
-    """Held-out and test loaders from timm_l2w.data (the training part owns data set building)."""
-    try:
-        from . import data
-    except ImportError as err:  # pragma: no cover - data.py is another part of the package
-        raise SystemExit(f"timm-l2w eval needs timm_l2w.data for --dataset ({err}); "
-                         "call timm_l2w.evaluate.evaluate_checkpoint with your own loaders instead")
-    return data.create_eval_loaders(args.dataset, data_dir=args.data_dir, batch_size=args.batch_size)
+    """Held-out and test loaders of a built-in data set (:mod:`timm_l2w.data`)."""
+    from .data import create_datasets, create_loaders
+
+    splits = create_datasets(args.dataset, data_dir=args.data_dir, input_size=args.img_size,
+                             in_chans=args.in_chans or 3, held_out=args.held_out)
+    _, held, test = create_loaders(splits, batch_size=args.batch_size, drop_last=False)
+    return held, test, {"num_classes": splits.num_classes, "in_chans": splits.input_size[0],
+                        "input_size": tuple(splits.input_size)}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -445,7 +448,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     name = args.name or args.model
     result = evaluate_checkpoint(
         model, heldout_loader, test_loader, checkpoint=args.checkpoint, out_dir=args.output, name=name,
-        device=device, progress=not args.no_progress,
+        device=device, progress=not args.no_progress, input_size=info["input_size"],
     )
     for row in result["anytime"]:
         print(f"exit {row['exit']}: top1 {row['top1']:.2f}%  top5 {row['top5']:.2f}%  "
