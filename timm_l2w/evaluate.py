@@ -419,23 +419,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _eval_loaders(args: argparse.Namespace) -> Tuple[Iterable, Iterable, Dict[str, Any]]:
-    """Held-out and test loaders of a built-in data set (:mod:`timm_l2w.data`)."""
-    from .data import create_datasets, create_loaders
-
-    splits = create_datasets(args.dataset, data_dir=args.data_dir, input_size=args.img_size,
-                             in_chans=args.in_chans or 3, held_out=args.held_out)
-    _, held, test = create_loaders(splits, batch_size=args.batch_size, drop_last=False)
-    return held, test, {"num_classes": splits.num_classes, "in_chans": splits.input_size[0],
-                        "input_size": tuple(splits.input_size)}
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     """``timm-l2w eval``: writes ``<name>_anytime.csv``, ``<name>_budgeted.csv``, ``<name>.json``, ``<name>.png``."""
     import timm
 
     args = _parser().parse_args(argv)
-    heldout_loader, test_loader, info = _eval_loaders(args)
+    from .data import create_eval_loaders
+
+    heldout_loader, test_loader, info = create_eval_loaders(
+        args.dataset, data_dir=args.data_dir, batch_size=args.batch_size, input_size=args.img_size,
+        in_chans=args.in_chans or 3, held_out=args.held_out,
+    )
     kwargs = {}
     num_classes = args.num_classes or info.get("num_classes")
     in_chans = args.in_chans or info.get("in_chans")
@@ -448,7 +442,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     name = args.name or args.model
     result = evaluate_checkpoint(
         model, heldout_loader, test_loader, checkpoint=args.checkpoint, out_dir=args.output, name=name,
-        device=device, progress=not args.no_progress, input_size=info["input_size"],
+        device=device, progress=not args.no_progress, input_size=tuple(info["input_size"]),
     )
     for row in result["anytime"]:
         print(f"exit {row['exit']}: top1 {row['top1']:.2f}%  top5 {row['top5']:.2f}%  "
