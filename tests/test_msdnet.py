@@ -1,0 +1,185 @@
+"""MSDNet: faithful to the release's five configurations, timm registry, staged run, bad input."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+import timm_l2w
+from timm_l2w.flops import exit_flops
+from timm_l2w.models.base import select_samples
+from timm_l2w.models.msdnet import MSDNet, msdnet_kwargs_from_release_args
+
+MANIFEST = json.loads((Path(__file__).parent / "data" / "msdnet_reference_manifest.json").read_text())
+
+
+def _check_against_manifest(entry: dict, model: MSDNet) -> None:
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    ref = entry["state_dict"]
+    assert [k for k in ref if k not in shapes] == []
+    assert [k for k in shapes if k not in ref] == []
+    assert {k: v for k, v in shapes.items() if v != ref[k]} == {}
+    assert list(shapes) == list(ref)  # same order too
+    assert sum(p.numel() for p in model.parameters()) == entry["num_params"]
+    size = entry["image_size"]
+    flops = exit_flops(model, (3, size, size))
+    for ours, theirs in zip(flops, entry["flops_per_exit"], strict=True):
+        assert abs(ours / theirs - 1) < 0.01
+
+
+@pytest.mark.parametrize("name", sorted(MANIFEST))
+def test_release_configurations_match_manifest(name):
+    entry = MANIFEST[name]
+    model = MSDNet(**msdnet_kwargs_from_release_args(entry["args"]))
+    _check_against_manifest(entry, model)
+
+
+@pytest.mark.parametrize("model_name, entry_name, num_classes", [
+    ("msdnet_l2w_cifar", "cifar100_msdnet_5exit", None),
+    ("msdnet_l2w_cifar", "cifar10_msdnet_5exit", 10),
+])
+def test_registered_cifar_models_match_manifest(model_name, entry_name, num_classes):
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    model = timm.create_model(model_name, **kwargs)
+    _check_against_manifest(MANIFEST[entry_name], model)
+
+
+@pytest.mark.parametrize("model_name, entry_name", [
+    ("msdnet_l2w", "imagenet_msdnet_step4"),
+    ("msdnet_l2w_step6", "imagenet_msdnet_step6"),
+    ("msdnet_l2w_step7", "imagenet_msdnet_step7"),
+])
+def test_registered_imagenet_models_have_release_layout(model_name, entry_name):
+    # FLOPs at 224 are checked once per config above; here keys, shapes and size only (cheap, meta device)
+    with torch.device("meta"):
+        model = timm.create_model(model_name)
+    entry = MANIFEST[entry_name]
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == entry["state_dict"]
+    assert sum(p.numel() for p in model.parameters()) == entry["num_params"]
+    assert model.pretrained_cfg["input_size"] == (3, 224, 224)
+
+
+def test_tiny_cifar_is_small_and_five_exits():
+    model = timm.create_model("msdnet_l2w_cifar_tiny", num_classes=10)
+    assert model.num_exits == 5 and model.num_classes == 10 and model.in_chans == 3
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params < 0.25 * MANIFEST["cifar100_msdnet_5exit"]["num_params"]
+    flops = exit_flops(model)  # default input size from the pretrained cfg (32x32)
+    assert len(flops) == 5 and all(a < b for a, b in zip(flops, flops[1:]))
+    assert flops[-1] < 0.5 * MANIFEST["cifar100_msdnet_5exit"]["flops_per_exit"][-1]
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_stages_in_order_reproduce_forward(training):
+    model = timm.create_model("msdnet_l2w_cifar_tiny", num_classes=7).train(training)
+    x = torch.randn(3, 3, 32, 32)
+    torch.manual_seed(1)
+    outputs = model(x)
+    assert len(outputs) == 5 and all(o.shape == (3, 7) for o in outputs)
+    state, staged = x, []
+    for k in range(model.num_exits):
+        state, logits = model.forward_stage(k, state)
+        staged.append(logits)
+    assert isinstance(state, list) and len(state) == 1  # prune='max' ends on the coarsest scale only
+    for a, b in zip(outputs, staged, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_state_can_drop_samples_between_stages():
+    model = timm.create_model("msdnet_l2w_cifar_tiny", num_classes=4).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        full = model(x)
+        state, _ = model.forward_stage(0, x)
+        keep = torch.tensor([True, False, True, False])
+        state = select_samples(state, keep)
+        for k in range(1, model.num_exits):
+            state, logits = model.forward_stage(k, state)
+    torch.testing.assert_close(logits, full[-1][keep], rtol=1e-4, atol=1e-5)
+
+
+def test_in_chans_num_classes_and_larger_inputs():
+    model = timm.create_model("msdnet_l2w_cifar_tiny", in_chans=1, num_classes=3).eval()
+    assert model.blocks[0][0].layers[0].net[0].in_channels == 1
+    with torch.no_grad():
+        assert all(o.shape == (2, 3) for o in model(torch.randn(2, 1, 48, 40)))
+        assert all(o.shape == (2, 3) for o in model(torch.randn(2, 1, 17, 17)))  # the minimum size
+
+
+def test_reset_and_get_classifier():
+    model = timm.create_model("msdnet_l2w_cifar_tiny")
+    assert model.num_classes == 100
+    heads = model.get_classifier()
+    assert len(heads) == 5 and all(h.out_features == 100 for h in heads)
+    trunk = {k: v.clone() for k, v in model.state_dict().items() if ".linear." not in k}
+    model.reset_classifier(6)
+    assert model.num_classes == 6 and all(h.out_features == 6 for h in model.get_classifier())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in trunk.items())
+    model.reset_classifier(0)  # timm convention: exits return pooled features
+    feats = model.eval()(torch.randn(2, 3, 32, 32))
+    assert feats[-1].shape == (2, model.num_features)
+
+
+def test_pretrained_file_and_num_classes_change_reinitialise_only_heads(tmp_path):
+    source = timm.create_model("msdnet_l2w_cifar_tiny").eval()
+    for p in source.parameters():  # make the file's weights distinguishable from a fresh init
+        p.data.normal_()
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+
+    same = timm.create_model("msdnet_l2w_cifar_tiny", pretrained=True,
+                             pretrained_cfg_overlay=dict(file=str(path))).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(source(x), same(x)):
+            assert torch.equal(a, b)
+
+    other = timm.create_model("msdnet_l2w_cifar_tiny", pretrained=True, num_classes=10,
+                              pretrained_cfg_overlay=dict(file=str(path)))
+    src, new = source.state_dict(), other.state_dict()
+    heads = set(other.pretrained_cfg["classifier"])
+    assert heads == {f"classifier.{k}.linear" for k in range(5)}
+    for key, value in new.items():
+        if key.rsplit(".", 1)[0] in heads:
+            assert value.shape[0] == 10 and not torch.equal(value, src[key][:10])
+        else:
+            assert torch.equal(value, src[key]), key
+
+    via_checkpoint = timm.create_model("msdnet_l2w_cifar_tiny", checkpoint_path=str(path)).eval()
+    with torch.no_grad():
+        assert torch.equal(via_checkpoint(x)[-1], source(x)[-1])
+
+
+def test_bad_input_errors_name_the_fix():
+    model = timm.create_model("msdnet_l2w_cifar_tiny")
+    with pytest.raises(ValueError, match="in_chans=1"):
+        model(torch.randn(1, 1, 32, 32))
+    with pytest.raises(ValueError, match="at least 17"):
+        model(torch.randn(1, 3, 16, 32))
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
+        model(torch.randn(3, 32, 32))
+    with torch.device("meta"):
+        imagenet = timm.create_model("msdnet_l2w")
+    with pytest.raises(ValueError, match="at least 129"):
+        imagenet.check_input(torch.empty(1, 3, 112, 112, device="meta"))
+    with pytest.raises(ValueError, match="step_mode"):
+        timm.create_model("msdnet_l2w_cifar_tiny", step_mode="linear")
+    with pytest.raises(ValueError, match="prune"):
+        timm.create_model("msdnet_l2w_cifar_tiny", prune="min")
+    with pytest.raises(ValueError, match="stem"):
+        timm.create_model("msdnet_l2w_cifar_tiny", stem="vit")
+    with pytest.raises(ValueError, match="one entry per scale"):
+        timm.create_model("msdnet_l2w_cifar_tiny", gr_factor=(1, 2))
+    with pytest.raises(TypeError, match="unexpected arguments"):
+        timm.create_model("msdnet_l2w_cifar_tiny", n_blockz=3)
+
+
+def test_registered_in_timm_on_import():
+    names = set(timm.list_models("msdnet_l2w*"))
+    assert {"msdnet_l2w", "msdnet_l2w_step6", "msdnet_l2w_step7", "msdnet_l2w_cifar",
+            "msdnet_l2w_cifar_tiny"} <= names
+    assert timm_l2w.models.MSDNet is MSDNet
