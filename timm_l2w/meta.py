@@ -271,6 +271,13 @@ def meta_step(
     ``train_outputs`` may pass the model's outputs on the training half that are already computed
     (with their graph, at the current parameters) to save the virtual forward.
     """
+    with torch.enable_grad():  # also works when called under torch.no_grad()
+        return _meta_step(model, optimizer, weight_net, train_batch, meta_batch, p, eps, constraint, backend,
+                          label_smoothing, train_outputs, autocast)
+
+
+def _meta_step(model, optimizer, weight_net, train_batch, meta_batch, p, eps, constraint, backend,
+               label_smoothing, train_outputs, autocast) -> MetaStepResult:
     eps = _check_eps(eps)
     _check_choice(constraint, CONSTRAINTS, "constraint")
     x_train, y_train = _check_batch(train_batch, "train_batch")
