@@ -15,32 +15,30 @@ def _small(**kwargs) -> RANet:
     return RANet(**args)
 
 
-def test_cifar_registered_exits_and_staged_equals_forward():
-    model = timm.create_model("ranet_l2w_cifar", num_classes=10).eval()
-    assert model.num_exits == 6 and model.num_classes == 10
-    x = torch.randn(2, 3, 32, 32)
+def assert_staged_matches_forward(model, x, keep=None):
+    """Stage-by-stage logits equal ``forward``'s; with ``keep``, samples are dropped after stage 0."""
+    model.eval()
     with torch.no_grad():
         outs = model(x)
-        assert len(outs) == 6 and all(o.shape == (2, 10) for o in outs)
+        assert len(outs) == model.num_exits and all(o.shape == (len(x), model.num_classes) for o in outs)
         state = x
         for k in range(model.num_exits):
             state, logits = model.forward_stage(k, state)
-            torch.testing.assert_close(logits, outs[k])
+            torch.testing.assert_close(logits, outs[k] if keep is None or k == 0 else outs[k][keep])
+            if k == 0 and keep is not None:
+                state = select_samples(state, keep)
+
+
+def test_cifar_registered_exits_and_staged_equals_forward():
+    model = timm.create_model("ranet_l2w_cifar", num_classes=10)
+    assert model.num_exits == 6 and model.num_classes == 10
+    assert_staged_matches_forward(model, torch.randn(2, 3, 32, 32))
     # exits lowest-resolution flow first: two per flow
     assert [f for f, _ in model.exit_plan] == [0, 0, 1, 1, 2, 2]
 
 
 def test_staged_with_sample_dropping_matches_forward():
-    model = _small().eval()
-    x = torch.randn(4, 3, 32, 32)
-    with torch.no_grad():
-        outs = model(x)
-        keep = torch.tensor([True, False, True, True])
-        state, _ = model.forward_stage(0, x)
-        state = select_samples(state, keep)
-        for k in range(1, model.num_exits):
-            state, logits = model.forward_stage(k, state)
-            torch.testing.assert_close(logits, outs[k][keep])
+    assert_staged_matches_forward(_small(), torch.randn(4, 3, 32, 32), keep=torch.tensor([True, False, True, True]))
 
 
 def test_imagenet_config_builds_and_flops_increase():
@@ -62,15 +60,9 @@ def test_cifar_flops_increase_and_heads_counted():
 
 
 def test_shared_start_level_scale_list():
-    model = _small(scale_list=(1, 2, 3, 3), gr_factor=(2, 1, 1, 1), bn_factor=(2, 1, 1, 1)).eval()
+    model = _small(scale_list=(1, 2, 3, 3), gr_factor=(2, 1, 1, 1), bn_factor=(2, 1, 1, 1))
     assert model.num_exits == 2 + 2 + 2 + 2
-    x = torch.randn(2, 3, 20, 20)
-    with torch.no_grad():
-        outs = model(x)
-        state = x
-        for k in range(model.num_exits):
-            state, logits = model.forward_stage(k, state)
-            torch.testing.assert_close(logits, outs[k])
+    assert_staged_matches_forward(model, torch.randn(3, 3, 20, 20), keep=torch.tensor([True, False, True]))
 
 
 def test_reset_classifier_and_backward():
