@@ -1,0 +1,246 @@
+"""Checkpoints: safetensors save/load, state-dict checks, release-checkpoint conversion.
+
+``save_safetensors`` writes atomically (temp file in the same folder, then ``os.replace``), so a stopped
+run never leaves a half-written file under the final name. ``load_state_dict`` reads ``.safetensors`` and
+PyTorch ``.pth`` / ``.pth.tar`` files (``torch.load(weights_only=True)`` only), unwraps a nested
+``'state_dict'`` / ``'model'`` entry and strips DDP / ``torch.compile`` prefixes.
+
+Command line: ``timm-l2w convert IN.pth.tar OUT.safetensors --model msdnet_l2w [--num-classes N]``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .models.base import unwrap_model
+
+__all__ = [
+    "save_safetensors", "load_state_dict", "check_state_dict", "StateDictMismatchError",
+    "convert_release_checkpoint", "main",
+]
+
+PathLike = Union[str, os.PathLike]
+NESTED_KEYS = ("state_dict", "model")  # where training scripts put the weights inside a checkpoint dict
+_SHOWN = 25  # keys listed per category in a mismatch message
+
+
+def _tensor_dict(state_dict_or_model: Union[nn.Module, Mapping[str, Any]]) -> Dict[str, Tensor]:
+    if isinstance(state_dict_or_model, nn.Module):
+        state = unwrap_model(state_dict_or_model).state_dict()
+    elif isinstance(state_dict_or_model, Mapping):
+        state = state_dict_or_model
+    else:
+        raise TypeError(
+            f"save_safetensors expects an nn.Module or a dict of tensors, got {type(state_dict_or_model).__name__}")
+    bad = [str(k) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, Tensor)]
+    if bad:
+        raise TypeError(
+            f"safetensors stores only str -> Tensor entries; not tensors: {bad[:_SHOWN]}: save those "
+            "(epoch, optimizer state...) separately, e.g. as JSON or in metadata=")
+    tensors, seen = {}, set()
+    for key, value in state.items():
+        value = value.detach().to("cpu")
+        storage = value.untyped_storage().data_ptr() if value.numel() else None
+        if storage in seen or not value.is_contiguous():  # safetensors refuses shared or strided memory
+            value = value.clone(memory_format=torch.contiguous_format)
+        elif storage is not None:
+            seen.add(storage)
+        tensors[key] = value
+    return tensors
+
+
+def save_safetensors(
+        state_dict_or_model: Union[nn.Module, Mapping[str, Tensor]],
+        path: PathLike,
+        metadata: Optional[Mapping[str, Any]] = None,
+) -> Path:
+    """Write a model's state dict (or a plain dict of tensors) to ``path`` as safetensors, atomically.
+
+    ``metadata`` values that are not strings are stored as JSON. Returns the path written.
+    """
+    from safetensors.torch import save_file
+
+    tensors = _tensor_dict(state_dict_or_model)
+    meta = {"format": "pt"}
+    for key, value in (metadata or {}).items():
+        meta[str(key)] = value if isinstance(value, str) else json.dumps(value)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def _unwrap_checkpoint(obj: Any, path: Path) -> Mapping[str, Any]:
+    while isinstance(obj, Mapping):
+        nested = next((k for k in NESTED_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if nested is None:
+            break
+        obj = obj[nested]
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
+        found = sorted(map(str, obj))[:_SHOWN] if isinstance(obj, Mapping) else type(obj).__name__
+        raise ValueError(
+            f"{path} holds no state dict of tensors (found {found}): pass a file saved from model.state_dict() "
+            f"or a checkpoint dict with one of the keys {NESTED_KEYS}")
+    return obj
+
+
+def load_state_dict(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Tensor]:
+    """Load a state dict from ``.safetensors`` or a PyTorch checkpoint (``weights_only=True``).
+
+    A nested ``'state_dict'`` / ``'model'`` entry is unwrapped and ``module.`` (DDP) / ``_orig_mod.``
+    (torch.compile) prefixes are stripped.
+    """
+    from timm.models import clean_state_dict
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist: check the path")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            obj: Any = load_file(str(path), device=str(map_location))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{path} is not a readable safetensors file ({e}): it may be truncated or corrupt; "
+                             "save or download it again") from e
+    else:
+        try:
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(
+                f"{path} holds Python objects that weights_only loading refuses ({str(e).splitlines()[0]}): "
+                "if you trust the file, re-save only its state_dict (tensors) and load that") from e
+        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint ({e}): it may be truncated or "
+                             "corrupt; save or download it again") from e
+    return dict(clean_state_dict(dict(_unwrap_checkpoint(obj, path))))
+
+
+class StateDictMismatchError(ValueError):
+    """Keys or shapes of a state dict do not match a model; ``missing``, ``unexpected``, ``mismatched``."""
+
+    def __init__(self, message: str, missing: List[str], unexpected: List[str],
+                 mismatched: List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]]):
+        super().__init__(message)
+        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
+
+
+def _listed(title: str, items: Sequence[str]) -> str:
+    more = f"\n  ... and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
+    return f"{title} ({len(items)}):\n  " + "\n  ".join(items[:_SHOWN]) + more
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
+    """Raise :class:`StateDictMismatchError` (a ``ValueError``) naming every missing, unexpected or mis-shaped key."""
+    expected = unwrap_model(model).state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [(k, tuple(v.shape), tuple(expected[k].shape))
+                  for k, v in state_dict.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    if not (missing or unexpected or mismatched):
+        return
+    parts = [f"the state dict does not fit {type(unwrap_model(model)).__name__}"]
+    if missing:
+        parts.append(_listed("missing keys", missing))
+    if unexpected:
+        parts.append(_listed("unexpected keys", unexpected))
+    if mismatched:
+        parts.append(_listed("wrong shapes (checkpoint vs model)", [f"{k}: {a} vs {b}" for k, a, b in mismatched]))
+    hint = "build the model the checkpoint was trained with (model name and settings)"
+    if mismatched and not (missing or unexpected) and all(len(a) <= 2 for _, a, _ in mismatched):
+        hint = f"only the classifier sizes differ: pass num_classes={mismatched[0][1][0]} (--num-classes)"
+    parts.append(f"fix: {hint}")
+    raise StateDictMismatchError("\n".join(parts), missing, unexpected, mismatched)
+
+
+def _infer_num_classes(model_name: str, state_dict: Mapping[str, Tensor], **model_kwargs: Any) -> Optional[int]:
+    """Classes of the checkpoint's first classifier named by the model's pretrained cfg, if any."""
+    import timm
+
+    with torch.device("meta"):
+        probe = timm.create_model(model_name, **model_kwargs)
+    names = probe.pretrained_cfg.get("classifier") or ()
+    for name in (names,) if isinstance(names, str) else names:
+        weight = state_dict.get(f"{name}.weight")
+        if weight is not None and weight.ndim >= 1:
+            return int(weight.shape[0])
+    return None
+
+
+def convert_release_checkpoint(
+        in_path: PathLike,
+        out_path: PathLike,
+        model: Union[str, nn.Module] = "msdnet_l2w",
+        num_classes: Optional[int] = None,
+        **model_kwargs: Any,
+) -> Path:
+    """Convert a released ``.pth.tar`` checkpoint to ``.safetensors`` after checking it fits ``model``.
+
+    ``model`` is a timm model name (built with ``num_classes`` and ``model_kwargs``; ``num_classes`` is read
+    from the checkpoint's classifier when not given) or a model instance. Returns ``out_path``.
+    """
+    import timm
+
+    state_dict = load_state_dict(in_path)
+    if isinstance(model, str):
+        name = model
+        if num_classes is None:
+            num_classes = _infer_num_classes(name, state_dict, **model_kwargs)
+        if num_classes is not None:
+            model_kwargs["num_classes"] = num_classes
+        with torch.device("meta"):  # shapes only: no memory, no init cost
+            model = timm.create_model(name, **model_kwargs)
+    else:
+        if num_classes is not None or model_kwargs:
+            raise TypeError("num_classes / model kwargs only apply when model is a name: pass model='msdnet_l2w'")
+        name = getattr(unwrap_model(model), "pretrained_cfg", {}).get("architecture", type(model).__name__)
+    check_state_dict(model, state_dict)
+    order = list(unwrap_model(model).state_dict())
+    metadata = {"model": name, "num_classes": getattr(unwrap_model(model), "num_classes", None),
+                "source": Path(in_path).name}
+    return save_safetensors({k: state_dict[k] for k in order}, out_path, metadata=metadata)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``timm-l2w convert IN OUT --model NAME [--num-classes N]``."""
+    parser = argparse.ArgumentParser(
+        prog="timm-l2w convert",
+        description="Convert a released .pth/.pth.tar checkpoint to .safetensors, checking keys and shapes.")
+    parser.add_argument("input", help="released checkpoint (.pth.tar, .pth or .safetensors)")
+    parser.add_argument("output", help="file to write (.safetensors)")
+    parser.add_argument("--model", default="msdnet_l2w", help="timm model name (default: msdnet_l2w)")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="classes of the checkpoint (default: read from its classifier)")
+    args = parser.parse_args(argv)
+    if not args.output.endswith(".safetensors"):
+        parser.error(f"output {args.output!r} must end in .safetensors")
+    import timm_l2w  # noqa: F401  (registers the models)
+
+    try:
+        out = convert_release_checkpoint(args.input, args.output, args.model, num_classes=args.num_classes)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"timm-l2w convert: error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out} ({args.model})")
+    return 0
