@@ -34,33 +34,35 @@ def _check_against_manifest(entry: dict, model: MSDNet) -> None:
 @pytest.mark.parametrize("name", sorted(MANIFEST))
 def test_release_configurations_match_manifest(name):
     entry = MANIFEST[name]
-    model = MSDNet(**msdnet_kwargs_from_release_args(entry["args"]))
+    with torch.device("meta"):  # FLOPs are counted from shapes, so no memory or compute is needed
+        model = MSDNet(**msdnet_kwargs_from_release_args(entry["args"]))
     _check_against_manifest(entry, model)
 
 
 @pytest.mark.parametrize("model_name, entry_name, num_classes", [
     ("msdnet_l2w_cifar", "cifar100_msdnet_5exit", None),
     ("msdnet_l2w_cifar", "cifar10_msdnet_5exit", 10),
+    ("msdnet_l2w", "imagenet_msdnet_step4", None),
+    ("msdnet_l2w_step6", "imagenet_msdnet_step6", None),
+    ("msdnet_l2w_step7", "imagenet_msdnet_step7", None),
 ])
-def test_registered_cifar_models_match_manifest(model_name, entry_name, num_classes):
+def test_registered_models_match_manifest(model_name, entry_name, num_classes):
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    model = timm.create_model(model_name, **kwargs)
+    device = "cpu" if "cifar" in model_name else "meta"  # CIFAR: count on real tensors too
+    with torch.device(device):
+        model = timm.create_model(model_name, **kwargs)
+    size = MANIFEST[entry_name]["image_size"]
+    assert model.pretrained_cfg["input_size"] == (3, size, size)
     _check_against_manifest(MANIFEST[entry_name], model)
 
 
-@pytest.mark.parametrize("model_name, entry_name", [
-    ("msdnet_l2w", "imagenet_msdnet_step4"),
-    ("msdnet_l2w_step6", "imagenet_msdnet_step6"),
-    ("msdnet_l2w_step7", "imagenet_msdnet_step7"),
-])
-def test_registered_imagenet_models_have_release_layout(model_name, entry_name):
-    # FLOPs at 224 are checked once per config above; here keys, shapes and size only (cheap, meta device)
-    with torch.device("meta"):
-        model = timm.create_model(model_name)
-    entry = MANIFEST[entry_name]
-    assert {k: list(v.shape) for k, v in model.state_dict().items()} == entry["state_dict"]
-    assert sum(p.numel() for p in model.parameters()) == entry["num_params"]
-    assert model.pretrained_cfg["input_size"] == (3, 224, 224)
+def test_imagenet_stem_runs_down_to_its_minimum_size():
+    model = MSDNet(n_blocks=2, step=1, base=1, n_channels=4, growth_rate=2, stem="imagenet", num_classes=3).eval()
+    assert model.min_input_size == 129  # 7x7/s2 conv + max pool (4), three scale halvings (8), two head convs (4)
+    with torch.no_grad():
+        assert [o.shape for o in model(torch.randn(2, 3, 129, 129))] == [(2, 3), (2, 3)]
+    with pytest.raises(ValueError, match="at least 129"):
+        model(torch.randn(1, 3, 128, 200))
 
 
 def test_tiny_cifar_is_small_and_five_exits():
@@ -149,6 +151,12 @@ def test_pretrained_file_and_num_classes_change_reinitialise_only_heads(tmp_path
         else:
             assert torch.equal(value, src[key]), key
 
+    gray = timm.create_model("msdnet_l2w_cifar_tiny", pretrained=True, in_chans=1,
+                             pretrained_cfg_overlay=dict(file=str(path)))
+    stem = "blocks.0.0.layers.0.net.0.weight"
+    assert gray.pretrained_cfg["first_conv"] + ".weight" == stem  # timm adapts the stem conv to 1 channel
+    torch.testing.assert_close(gray.state_dict()[stem], src[stem].sum(dim=1, keepdim=True))
+
     via_checkpoint = timm.create_model("msdnet_l2w_cifar_tiny", checkpoint_path=str(path)).eval()
     with torch.no_grad():
         assert torch.equal(via_checkpoint(x)[-1], source(x)[-1])
@@ -162,10 +170,6 @@ def test_bad_input_errors_name_the_fix():
         model(torch.randn(1, 3, 16, 32))
     with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
         model(torch.randn(3, 32, 32))
-    with torch.device("meta"):
-        imagenet = timm.create_model("msdnet_l2w")
-    with pytest.raises(ValueError, match="at least 129"):
-        imagenet.check_input(torch.empty(1, 3, 112, 112, device="meta"))
     with pytest.raises(ValueError, match="step_mode"):
         timm.create_model("msdnet_l2w_cifar_tiny", step_mode="linear")
     with pytest.raises(ValueError, match="prune"):
