@@ -117,12 +117,32 @@ def _check_held_out(held_out: int, n_train: int, name: str) -> None:
         )
 
 
-def _digits(size: int, in_chans: int, held_out: Optional[int]) -> DataSplits:
-    from sklearn.datasets import load_digits
+def _load_digits() -> Tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as ``([1797, 8, 8] float in 0..16, [1797] int)``.
+
+    Reads the CSV that ships inside the scikit-learn wheel directly (importing sklearn takes seconds);
+    falls back to ``sklearn.datasets.load_digits`` if the file is not where it used to be.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None:
+        raise ImportError("the digits data set ships with scikit-learn: pip install scikit-learn")
+    for location in spec.submodule_search_locations or []:
+        path = Path(location) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            table = np.loadtxt(path, delimiter=",", dtype=np.float32)
+            return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits  # pragma: no cover - other sklearn layouts
 
     bunch = load_digits()
-    images = torch.from_numpy(bunch.images.astype(np.float32) / 16.0)[:, None]  # [1797, 1, 8, 8]
-    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    return bunch.images.astype(np.float32), bunch.target.astype(np.int64)
+
+
+def _digits(size: int, in_chans: int, held_out: Optional[int]) -> DataSplits:
+    raw_images, raw_labels = _load_digits()
+    images = torch.from_numpy(raw_images / 16.0)[:, None]  # [1797, 1, 8, 8]
+    labels = torch.from_numpy(raw_labels)
     n = labels.shape[0]
     n_test = 300
     held_out = 300 if held_out is None else held_out

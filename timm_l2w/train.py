@@ -1,0 +1,587 @@
+"""``timm-l2w train``: train a multi-exit model with L2W or equal weighting, built on accelerate.
+
+One process or many (``accelerate launch ...``), mixed precision, progress bars, per-epoch CSV/JSON
+logs, atomic checkpoints with exact resume, and anytime + budgeted evaluation at the end.
+
+Every loader batch (global size ``--batch-size``, ``batch_size / world_size`` per rank) is split into
+two halves and gives two updates (PAPER.md, "One training step"); ``--weighting uniform`` keeps the
+same halves and schedule without the meta step, so the two runs differ only in the weighting.
+``step`` counts loader batches, ``update`` counts optimizer steps (two per step).
+
+Checkpoints go to ``OUTPUT/checkpoints/step_XXXXXXXX/``: ``model.safetensors`` and
+``weight_predictor.safetensors`` (the files to share), ``state/`` (accelerate's ``save_state``:
+optimizer, RNG, model), ``l2w_state.pt`` (meta optimizer, schedule), ``train_state.json`` and a
+``COMPLETE`` marker. Each is written into a temporary folder and renamed into place, so a crash
+never leaves a half-written checkpoint under a final name; ``--resume auto`` takes the newest
+complete one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["PRESETS", "build_parser", "parse_args", "train", "main", "find_checkpoint", "TrainingStopped"]
+
+CHECKPOINT_PREFIX = "step_"
+COMPLETE_MARKER = "COMPLETE"
+
+# The paper's hyperparameters (PAPER.md). "cifar" is the default; "imagenet" changes these keys.
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "cifar": dict(eps=0.8, constraint="col", input_type="loss", target_p_index=15, meta_interval=1,
+                  meta_lr=1e-4, meta_weight_decay=1e-4, hidden=500, label_smoothing=0.0),
+    "imagenet": dict(eps=0.3, constraint="mat", input_type="loss", target_p_index=15, meta_interval=100,
+                     meta_lr=1e-4, meta_weight_decay=1e-4, hidden=500, label_smoothing=0.1),
+}
+
+
+class TrainingStopped(RuntimeError):
+    """Raised when training stops early (signal, too many non-finite losses); a checkpoint was saved."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="timm-l2w train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="msdnet_l2w_cifar", help="registered multi-exit timm model")
+    g.add_argument("--pretrained-path", default=None, help="initial weights (.safetensors) to fine-tune from")
+    g.add_argument("--dataset", default="digits", help="digits, fashion-mnist, torch/cifar10, torch/cifar100, "
+                   "or a name with --data-dir for an ImageFolder tree")
+    g.add_argument("--data-dir", default=None, help="folder with the data set files")
+    g.add_argument("--download", action="store_true", help="let torchvision download CIFAR (needs internet)")
+    g.add_argument("--input-size", type=int, default=32, help="square image side fed to the model")
+    g.add_argument("--held-out", type=int, default=None, help="training images kept for threshold calibration")
+    g.add_argument("--workers", type=int, default=0, help="data loader workers per process")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=300)
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many loader batches (overrides --epochs)")
+    g.add_argument("--batch-size", type=int, default=64, help="global batch; each rank gets batch/world_size")
+    g.add_argument("--lr", type=float, default=0.1)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup, in updates")
+    g.add_argument("--warmup-lr", type=float, default=1e-5)
+    g.add_argument("--label-smoothing", type=float, default=None, help="(preset: 0 CIFAR, 0.1 ImageNet)")
+    g.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is there")
+
+    g = p.add_argument_group("L2W (defaults: the paper's CIFAR settings, see --preset)")
+    g.add_argument("--weighting", choices=["l2w", "uniform"], default="l2w")
+    g.add_argument("--preset", choices=sorted(PRESETS), default="cifar",
+                   help="the paper's settings; flags given explicitly override it")
+    g.add_argument("--eps", type=float, default=None)
+    g.add_argument("--constraint", choices=["row", "col", "mat"], default=None)
+    g.add_argument("--input-type", choices=["loss", "conf", "both"], default=None)
+    g.add_argument("--target-p-index", type=int, default=None, help="training exit distribution q = j/20")
+    g.add_argument("--meta-interval", type=int, default=None, help="meta step every N updates")
+    g.add_argument("--meta-lr", type=float, default=None)
+    g.add_argument("--meta-weight-decay", type=float, default=None)
+    g.add_argument("--hidden", type=int, default=None, help="hidden size of the weight predictor")
+    g.add_argument("--backend", choices=["higher", "func"], default="higher", help="virtual-step backend")
+
+    g = p.add_argument_group("output")
+    g.add_argument("--output", default="output/train", help="folder for checkpoints, logs and results")
+    g.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0: epochs only)")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
+    g.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in --output) or a path")
+    g.add_argument("--max-nonfinite", type=int, default=10,
+                   help="stop after this many non-finite losses in a row (each one is skipped)")
+    g.add_argument("--no-eval", action="store_true", help="skip the final anytime + budgeted evaluation")
+    g.add_argument("--eval-batch-size", type=int, default=256)
+    g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    g.add_argument("--log-with", default="auto", help="accelerate tracker: auto (tensorboard if installed), none, ...")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse ``argv``; L2W flags left unset take the values of ``--preset``."""
+    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def _check_args(args: argparse.Namespace, world_size: int) -> int:
+    """Validate the numbers; return the per-rank batch size."""
+    if args.batch_size % world_size:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world_size} processes: "
+                         f"use a multiple of {2 * world_size}")
+    per_rank = args.batch_size // world_size
+    if per_rank < 2 or per_rank % 2:
+        raise ValueError(
+            f"the per-rank batch ({args.batch_size} / {world_size} processes = {per_rank}) must split into two "
+            f"equal halves (training half and meta half): use a --batch-size that is a multiple of {2 * world_size}"
+        )
+    if args.max_steps is None and args.epochs < 1:
+        raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
+    if args.keep_checkpoints < 1:
+        raise ValueError(f"--keep-checkpoints must be >= 1, got {args.keep_checkpoints}")
+    return per_rank
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _is_complete(path: Path) -> bool:
+    return path.is_dir() and (path / COMPLETE_MARKER).is_file()
+
+
+def find_checkpoint(resume: str, output: str | os.PathLike) -> Path:
+    """The checkpoint folder ``--resume`` names: the newest complete one for ``auto``, else the path given."""
+    if resume == "auto":
+        root = Path(output) / "checkpoints"
+        found = sorted(p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if _is_complete(p)) if root.is_dir() else []
+        if not found:
+            raise FileNotFoundError(
+                f"--resume auto found no complete checkpoint in {root}: train without --resume first, "
+                f"or pass --resume PATH to a checkpoint folder (one holding a {COMPLETE_MARKER} file)"
+            )
+        return found[-1]
+    path = Path(resume)
+    if _is_complete(path):
+        return path
+    if path.is_dir():  # a checkpoints/ folder or an output folder: take its newest checkpoint
+        for root in (path, path / "checkpoints"):
+            found = sorted(p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if _is_complete(p))
+            if found:
+                return found[-1]
+    raise FileNotFoundError(
+        f"--resume {resume}: no complete checkpoint there (a checkpoint folder holds a {COMPLETE_MARKER} "
+        f"file; half-written ones are ignored): pass a folder from {Path(output) / 'checkpoints'} or 'auto'"
+    )
+
+
+def _save_tensors(tensors: Dict[str, Tensor], path: Path, metadata: Dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class _Run:
+    """State and pieces of one training run (kept together so the loop reads like the algorithm)."""
+
+    def __init__(self, args: argparse.Namespace):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.args = args
+        log_with = args.log_with
+        if log_with == "auto":
+            from accelerate.utils import is_tensorboard_available
+
+            log_with = "tensorboard" if is_tensorboard_available() else None
+        elif log_with == "none":
+            log_with = None
+        self.log_with = log_with
+        self.accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu, log_with=log_with,
+                                       project_dir=args.output)
+        self.per_rank = _check_args(args, self.accelerator.num_processes)
+        set_seed(args.seed)
+        self.output = Path(args.output)
+        self.ckpt_root = self.output / "checkpoints"
+        self.stop_signal: Optional[int] = None
+
+    # -- construction --------------------------------------------------------------------------
+    def build(self) -> None:
+        import timm
+        from timm.optim import create_optimizer_v2
+        from timm.scheduler import CosineLRScheduler
+
+        from .data import create_datasets, create_loaders
+
+        args, acc = self.args, self.accelerator
+        self.splits = create_datasets(args.dataset, data_dir=args.data_dir, input_size=args.input_size,
+                                      held_out=args.held_out, download=args.download)
+        self.model = create_multi_exit_model(args.model, num_classes=self.splits.num_classes,
+                                             in_chans=self.splits.input_size[0])
+        if args.pretrained_path:
+            load_pretrained(self.model, args.pretrained_path)
+        self.num_exits = int(self.model.num_exits)
+        train_loader, self.held_loader, self.test_loader = create_loaders(
+            self.splits, self.per_rank, args.eval_batch_size, seed=args.seed, num_workers=args.workers)
+        self.sampler = train_loader.sampler
+        optimizer = create_optimizer_v2(self.model, opt="momentum", lr=args.lr, momentum=args.momentum,
+                                        weight_decay=args.weight_decay, filter_bias_and_bn=False)
+        self.model, self.optimizer, self.train_loader = acc.prepare(self.model, optimizer, train_loader)
+        self.steps_per_epoch = len(self.train_loader)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the training set ({len(self.splits.train)} images) gives no full batch of "
+                             f"{args.batch_size}: pass a smaller --batch-size")
+        self.total_steps = args.max_steps or args.epochs * self.steps_per_epoch
+        self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        self.total_updates = 2 * self.total_steps
+        self.scheduler = CosineLRScheduler(self.optimizer.optimizer, t_initial=self.total_updates,
+                                           lr_min=args.min_lr, warmup_t=args.warmup_steps,
+                                           warmup_lr_init=args.warmup_lr, t_in_epochs=False)
+        self.l2w = None
+        if args.weighting == "l2w":
+            from .meta import L2W
+
+            self.l2w = L2W(self.model, self.optimizer, num_exits=self.num_exits, eps=args.eps,
+                           constraint=args.constraint, input_type=args.input_type,
+                           target_p_index=args.target_p_index, hidden_sizes=(args.hidden,),
+                           meta_interval=args.meta_interval, meta_lr=args.meta_lr,
+                           meta_weight_decay=args.meta_weight_decay, total_steps=self.total_updates,
+                           backend=args.backend, label_smoothing=args.label_smoothing, accelerator=acc)
+        self.step = 0
+        self.history: List[Dict[str, Any]] = []
+        self.epoch_stats = self._zero_stats()
+        self.nonfinite_run = 0
+
+    def _zero_stats(self) -> Dict[str, Any]:
+        k = self.num_exits
+        return {"loss_sum": [0.0] * k, "correct": [0] * k, "seen": 0, "meta_sum": 0.0, "meta_count": 0,
+                "skipped": 0, "time": 0.0}
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step_N`` atomically (temporary folder, marker, rename); prune old ones."""
+        acc = self.accelerator
+        name = f"{CHECKPOINT_PREFIX}{self.step:08d}"
+        final, tmp = self.ckpt_root / name, self.ckpt_root / f".tmp-{name}"
+        if acc.is_main_process:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp / "state"))
+        if acc.is_main_process:
+            meta = {"model": self.args.model, "num_classes": str(self.splits.num_classes),
+                    "num_exits": str(self.num_exits), "step": str(self.step), "format": "timm_l2w"}
+            _save_tensors(acc.unwrap_model(self.model).state_dict(), tmp / "model.safetensors", meta)
+            if self.l2w is not None:
+                wmeta = {"num_exits": str(self.num_exits), "input_type": self.args.input_type,
+                         "hidden": str(self.args.hidden)}
+                _save_tensors(self.l2w.weight_net.state_dict(), tmp / "weight_predictor.safetensors", wmeta)
+                torch.save(self.l2w.state_dict(), tmp / "l2w_state.pt")
+            _write_json(tmp / "train_state.json", {"step": self.step, "epoch_stats": self.epoch_stats,
+                                                   "history": self.history, "nonfinite_run": self.nonfinite_run,
+                                                   "args": vars(self.args)})
+            (tmp / COMPLETE_MARKER).write_text(f"{self.step}\n")
+            if final.exists():  # same step saved before (e.g. stop right after a checkpoint)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            kept = sorted(p for p in self.ckpt_root.glob(f"{CHECKPOINT_PREFIX}*") if _is_complete(p))
+            for old in kept[: -self.args.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        acc = self.accelerator
+        state = json.loads((path / "train_state.json").read_text())
+        saved_weighting = state.get("args", {}).get("weighting")
+        if saved_weighting and saved_weighting != self.args.weighting:
+            raise ValueError(f"checkpoint {path} was trained with --weighting {saved_weighting}, "
+                             f"not {self.args.weighting}: resume with the same flags or use another --output")
+        acc.load_state(str(path / "state"))
+        if self.l2w is not None:
+            self.l2w.load_state_dict(torch.load(path / "l2w_state.pt", map_location=acc.device, weights_only=True))
+        self.step = int(state["step"])
+        self.history = list(state["history"])
+        self.epoch_stats = state["epoch_stats"]
+        self.nonfinite_run = int(state.get("nonfinite_run", 0))
+        self.scheduler.step_update(num_updates=2 * self.step)
+
+    # -- one update ----------------------------------------------------------------------------
+    def update(self, x: Tensor, y: Tensor, stats: Dict[str, Tensor]) -> Tensor:
+        """Forward, (meta step,) weighted loss, backward, optimizer step; returns the detached loss."""
+        from .weighting import exit_losses
+
+        acc, model = self.accelerator, self.model
+        with acc.autocast():
+            outputs = model(x)
+        meta_due = self.l2w is not None and self.l2w.step % self.l2w.meta_interval == 0
+        if self.l2w is not None:
+            loss = self.l2w.loss(outputs, y)
+        else:
+            loss = exit_losses(outputs, y, self.args.label_smoothing).mean(dim=0).sum()
+        finite = acc.gather(torch.isfinite(loss.detach()).reshape(1)).all()
+        if finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            acc.backward(loss)
+            self.optimizer.step()
+            self.nonfinite_run = 0
+        else:  # skip this update everywhere; the model and optimizer states are untouched
+            self.optimizer.zero_grad(set_to_none=True)
+            stats["skipped"] += 1
+            self.nonfinite_run += 1
+            if self.nonfinite_run >= self.args.max_nonfinite:
+                raise TrainingStopped(
+                    f"{self.nonfinite_run} non-finite losses in a row at step {self.step}: lower --lr, use "
+                    f"--mixed-precision bf16/no, or check the data; raise --max-nonfinite to tolerate more", 3)
+        with torch.no_grad():
+            per_exit = exit_losses([o.detach() for o in outputs], y)
+            stats["loss_sum"] += per_exit.sum(dim=0).double()
+            stats["correct"] += torch.stack([o.detach().argmax(dim=1).eq(y) for o in outputs], 1).sum(0).double()
+            stats["seen"] += y.shape[0]
+        if meta_due and self.l2w.last_meta_loss is not None:
+            stats["meta_sum"] += self.l2w.last_meta_loss
+            stats["meta_count"] += 1
+        return loss.detach()
+
+    # -- epoch bookkeeping ---------------------------------------------------------------------
+    def _flush_stats(self, stats: Dict[str, Any], device: torch.device) -> None:
+        """Add this process's running sums into ``epoch_stats`` (all ranks summed)."""
+        acc = self.accelerator
+        k = self.num_exits
+        local = torch.cat([stats["loss_sum"].to(device), stats["correct"].to(device),
+                           torch.tensor([float(stats["seen"]), stats["meta_sum"], float(stats["meta_count"]),
+                                         float(stats["skipped"])], dtype=torch.float64, device=device)])
+        total = acc.reduce(local, reduction="sum").cpu()
+        es = self.epoch_stats
+        es["loss_sum"] = [a + float(b) for a, b in zip(es["loss_sum"], total[:k])]
+        es["correct"] = [a + int(b) for a, b in zip(es["correct"], total[k:2 * k])]
+        es["seen"] += int(total[2 * k])
+        es["meta_sum"] += float(total[2 * k + 1])
+        es["meta_count"] += int(total[2 * k + 2])
+        es["skipped"] = es["skipped"] + int(total[2 * k + 3])
+
+    def _new_stats(self, device: torch.device) -> Dict[str, Any]:
+        k = self.num_exits
+        return {"loss_sum": torch.zeros(k, dtype=torch.float64, device=device),
+                "correct": torch.zeros(k, dtype=torch.float64, device=device),
+                "seen": 0, "meta_sum": 0.0, "meta_count": 0, "skipped": 0}
+
+    def end_epoch(self, epoch: int) -> Dict[str, Any]:
+        es = self.epoch_stats
+        seen = max(es["seen"], 1)
+        row: Dict[str, Any] = {"epoch": epoch + 1, "step": self.step, "updates": 2 * self.step,
+                               "lr": self.optimizer.param_groups[0]["lr"],
+                               "loss": sum(es["loss_sum"]) / seen,
+                               "meta_loss": es["meta_sum"] / es["meta_count"] if es["meta_count"] else None,
+                               "skipped_updates": es["skipped"], "time_s": round(es["time"], 3)}
+        for k in range(self.num_exits):
+            row[f"loss_{k + 1}"] = es["loss_sum"][k] / seen
+            row[f"acc_{k + 1}"] = 100.0 * es["correct"][k] / seen
+        self.history.append(row)
+        self.epoch_stats = self._zero_stats()
+        if self.accelerator.is_main_process:
+            self.output.mkdir(parents=True, exist_ok=True)
+            _write_json(self.output / "log.json", self.history)
+            _write_text(self.output / "log.csv", _csv(self.history))
+        self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=self.step)
+        return row
+
+
+def _csv(rows: List[Dict[str, Any]]) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def create_multi_exit_model(name: str, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(name, **kwargs)`` after checking the name is a registered multi-exit model."""
+    import timm
+
+    import timm_l2w  # noqa: F401  (registers the models)
+
+    if not timm.is_model(name):
+        known = ", ".join(timm.list_models("*l2w*")) or "(none registered)"
+        raise ValueError(f"unknown model '{name}': choose a registered multi-exit model ({known})")
+    model = timm.create_model(name, **kwargs)
+    if not isinstance(getattr(model, "num_exits", None), int):
+        raise ValueError(f"model '{name}' is not multi-exit (no num_exits): use a timm_l2w model, e.g. "
+                         f"msdnet_l2w_cifar, or wrap a backbone with timm_l2w.MultiExitWrapper")
+    return model
+
+
+def load_pretrained(model: nn.Module, path: str, strict_heads: bool = False) -> Dict[str, List[str]]:
+    """Load weights from a safetensors file (or a release ``.pth``/``.pth.tar``, read with
+    ``weights_only=True``) into ``model``; classifier weights whose shape differs (another
+    ``num_classes``) are skipped and reported. Returns ``{"skipped": [...], "missing": [...]}``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pretrained weights '{path}' do not exist: pass a .safetensors or .pth file")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    state = {(k[7:] if k.startswith("module.") else k): v for k, v in state.items()}
+    own = model.state_dict()
+    skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if strict_heads and skipped:
+        raise ValueError(f"shapes differ for {skipped[:3]}...: the checkpoint has another num_classes")
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise ValueError(f"no tensor of '{path}' matches the model: is it a checkpoint of this architecture?")
+    missing = [k for k in own if k not in usable]
+    model.load_state_dict(usable, strict=False)
+    return {"skipped": skipped, "missing": missing}
+
+
+def train(args: argparse.Namespace) -> Dict[str, Any]:
+    """Run the training ``args`` describe (from :func:`parse_args`); returns the log and results."""
+    from tqdm.auto import tqdm
+
+    run = _Run(args)
+    acc = run.accelerator
+    run.build()
+    if args.resume:
+        run.load_checkpoint(find_checkpoint(args.resume, args.output))
+    if acc.is_main_process:
+        run.output.mkdir(parents=True, exist_ok=True)
+    if run.log_with:
+        acc.init_trackers("timm_l2w", config={k: v for k, v in vars(args).items()
+                                               if isinstance(v, (int, float, str, bool))})
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _on_signal(signum, frame):  # noqa: ARG001
+        run.stop_signal = signum
+
+    for s in previous:  # a signal only sets a flag: the loop saves a checkpoint and stops cleanly
+        signal.signal(s, _on_signal)
+    show = acc.is_local_main_process and not args.no_progress
+    device = acc.device
+    try:
+        start_epoch = run.step // run.steps_per_epoch
+        for epoch in range(start_epoch, run.num_epochs):
+            run.sampler.set_epoch(epoch)
+            done = run.step - epoch * run.steps_per_epoch
+            steps_here = min(run.steps_per_epoch, run.total_steps - epoch * run.steps_per_epoch)
+            loader = acc.skip_first_batches(run.train_loader, done) if done else run.train_loader
+            bar = tqdm(total=steps_here, initial=done, desc=f"epoch {epoch + 1}/{run.num_epochs}",
+                       disable=not show, leave=False, dynamic_ncols=True)
+            stats = run._new_stats(device)
+            t0 = time.perf_counter()
+            for x, y in loader:
+                if run.step >= run.total_steps:
+                    break
+                halves = run.l2w.split(x, y) if run.l2w is not None else _halves(x, y)
+                for i, (xt, yt) in enumerate(halves):
+                    loss = run.update(xt, yt, stats)
+                    run.scheduler.step_update(num_updates=2 * run.step + i + 1)
+                run.step += 1
+                if show:
+                    post = {"loss": f"{float(loss):.3f}", "lr": f"{run.optimizer.param_groups[0]['lr']:.3g}"}
+                    if run.l2w is not None and run.l2w.last_meta_loss is not None:
+                        post["meta"] = f"{run.l2w.last_meta_loss:.3f}"
+                    bar.set_postfix(post)
+                bar.update(1)
+                stop = _any_rank(acc, run.stop_signal is not None)
+                mid_epoch_ckpt = args.checkpoint_every and run.step % args.checkpoint_every == 0
+                if stop or (mid_epoch_ckpt and run.step % run.steps_per_epoch):
+                    run.epoch_stats["time"] += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    run._flush_stats(stats, device)
+                    stats = run._new_stats(device)
+                    path = run.save_checkpoint()
+                    if stop:
+                        name = signal.Signals(run.stop_signal or signal.SIGTERM).name
+                        raise TrainingStopped(f"stopped by {name} at step {run.step}; checkpoint saved to {path}: "
+                                              f"continue with --resume auto", 128 + int(run.stop_signal or 15))
+            bar.close()
+            run.epoch_stats["time"] += time.perf_counter() - t0
+            run._flush_stats(stats, device)
+            row = run.end_epoch(epoch)
+            run.save_checkpoint()
+            if acc.is_main_process and not args.no_progress:
+                meta = f" meta {row['meta_loss']:.4f}" if row["meta_loss"] is not None else ""
+                print(f"epoch {row['epoch']}: loss {row['loss']:.4f}{meta} last-exit acc "
+                      f"{row[f'acc_{run.num_exits}']:.1f}% lr {row['lr']:.4g} ({row['time_s']:.1f}s)", flush=True)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    result: Dict[str, Any] = {"history": run.history, "step": run.step, "output": str(run.output)}
+    model = acc.unwrap_model(run.model)
+    if acc.is_main_process:
+        meta = {"model": args.model, "num_classes": str(run.splits.num_classes), "num_exits": str(run.num_exits)}
+        _save_tensors(model.state_dict(), run.output / ".model.safetensors.tmp", meta)
+        os.replace(run.output / ".model.safetensors.tmp", run.output / "model.safetensors")
+        if run.l2w is not None:
+            _save_tensors(run.l2w.weight_net.state_dict(), run.output / ".weight_predictor.safetensors.tmp", {})
+            os.replace(run.output / ".weight_predictor.safetensors.tmp", run.output / "weight_predictor.safetensors")
+        if not args.no_eval:
+            from .evaluate import evaluate_checkpoint
+
+            name = f"{args.model}_{args.weighting}"
+            result["eval"] = evaluate_checkpoint(model, run.held_loader, run.test_loader, out_dir=run.output,
+                                                 name=name, device=device,
+                                                 input_size=run.splits.input_size)
+    result["model"] = model
+    result["weight_net"] = run.l2w.weight_net if run.l2w is not None else None
+    acc.wait_for_everyone()
+    acc.end_training()
+    return result
+
+
+def _halves(x: Tensor, y: Tensor):
+    half = x.shape[0] // 2
+    return ((x[:half], y[:half]), (x[half:], y[half:]))
+
+
+def _any_rank(acc: Any, flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any (one collective)."""
+    if acc.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=acc.device)
+    return bool(acc.reduce(t, reduction="sum").item() > 0)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``timm-l2w train``: exit code 0 on success, 2 on bad input, 128+signal when stopped by a signal."""
+    args = parse_args(argv)
+    try:
+        result = train(args)
+    except TrainingStopped as err:
+        print(f"timm-l2w train: {err}", file=sys.stderr)
+        return err.exit_code
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        print(f"timm-l2w train: error: {err}", file=sys.stderr)
+        return 2
+    if "eval" in result:
+        best = max(result["eval"]["budgeted"].rows(), key=lambda r: r["test_top1"])
+        for row in result["eval"]["anytime"]:
+            print(f"exit {row['exit']}: top1 {row['top1']:.2f}%  {row['flops'] / 1e6:.2f} MFLOPs")
+        print(f"budgeted: best test top1 {best['test_top1']:.2f}% at {best['expected_flops'] / 1e6:.2f} MFLOPs")
+        print(f"results in {result['output']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
