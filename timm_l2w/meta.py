@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -43,6 +44,7 @@ __all__ = [
     "virtual_sgd_step",
     "meta_loss",
     "make_backend",
+    "rng_state",
     "MetaStepResult",
     "meta_step",
     "L2W",
@@ -123,6 +125,36 @@ def virtual_sgd_step(
     return new_params
 
 
+def _grad_coefficient(slot: SGDSlot) -> float:
+    """``d theta' / d g`` of :func:`virtual_sgd_step` (a scalar per parameter: the step is affine in g)."""
+    if not slot.momentum:
+        c = 1.0
+    else:
+        a = 1.0 if slot.buffer is None else 1.0 - slot.dampening
+        c = 1.0 + slot.momentum * a if slot.nesterov else a
+    return -slot.lr * c * (-1.0 if slot.maximize else 1.0)
+
+
+def rng_state(device: torch.device | str | None = None) -> Tuple[Tensor, Optional[Tensor]]:
+    """The CPU (and CUDA ``device``) random state, to replay the same dropout masks later."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+@contextlib.contextmanager
+def _replay_rng(state: Optional[Tuple[Tensor, Optional[Tensor]]], device: torch.device) -> Iterator[None]:
+    if state is None:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
+
+
 # --------------------------------------------------------------------------------------------
 # The meta loss
 # --------------------------------------------------------------------------------------------
@@ -164,8 +196,23 @@ class FuncBackend(_Backend):
 
     name = "func"
 
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        # train-mode BatchNorm normalises with batch statistics; passing None for its running
+        # statistics skips their update (nothing to clone, nothing mutated under forward AD)
+        plain_bn = {
+            f"{prefix}.{b}" if prefix else b
+            for prefix, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm)
+            for b in ("running_mean", "running_var", "num_batches_tracked")
+        }
+        self._bn_buffers = [n for n, _ in model.named_buffers() if n in plain_bn]
+
     def forward(self, params: Sequence[Tensor], x: Tensor) -> Any:
-        state = {n: b.clone() for n, b in self.model.named_buffers()}
+        state: Dict[str, Optional[Tensor]] = {
+            n: b.clone() for n, b in self.model.named_buffers() if n not in self._bn_buffers
+        }
+        state.update(dict.fromkeys(self._bn_buffers))
         state.update(zip(self.names, params))
         was_training = self.model.training
         self.model.train()  # the meta step runs in train mode (PAPER.md); restored below
@@ -262,6 +309,7 @@ def meta_step(
     backend: str | _Backend = "higher",
     label_smoothing: float = 0.0,
     train_outputs: Optional[Sequence[Tensor]] = None,
+    train_rng: Optional[Tuple[Tensor, Optional[Tensor]]] = None,
     autocast: Callable[[], ContextManager] = contextlib.nullcontext,
 ) -> MetaStepResult:
     """Steps 1-2 of PAPER.md's training step and the meta gradient of step 3.
@@ -269,15 +317,23 @@ def meta_step(
     Leaves ``d meta_loss / d phi`` in the predictor's ``.grad`` (replacing what was there) and
     returns it; stepping the meta optimizer is the caller's job (:class:`L2W` does it).
     ``train_outputs`` may pass the model's outputs on the training half that are already computed
-    (with their graph, at the current parameters) to save the virtual forward.
+    (with their graph, at the current parameters) to save the virtual forward; ``train_rng``
+    (:func:`rng_state` taken right before that forward) lets the ``'func'`` backend replay its
+    dropout masks.
+
+    Both backends compute the same exact second-order gradient. ``'higher'`` differentiates
+    through the virtual step (``create_graph``, reverse over reverse). ``'func'`` uses that the
+    virtual step is affine in the weights: ``d meta / d W[i, k] = <c * v, grad_theta L[i, k]> / B``
+    with ``v = d meta / d theta'`` and ``c = d theta' / d g`` per parameter, i.e. one forward-mode
+    Jacobian-vector product of the training losses, which is cheaper.
     """
     with torch.enable_grad():  # also works when called under torch.no_grad()
         return _meta_step(model, optimizer, weight_net, train_batch, meta_batch, p, eps, constraint, backend,
-                          label_smoothing, train_outputs, autocast)
+                          label_smoothing, train_outputs, train_rng, autocast)
 
 
 def _meta_step(model, optimizer, weight_net, train_batch, meta_batch, p, eps, constraint, backend,
-               label_smoothing, train_outputs, autocast) -> MetaStepResult:
+               label_smoothing, train_outputs, train_rng, autocast) -> MetaStepResult:
     eps = _check_eps(eps)
     _check_choice(constraint, CONSTRAINTS, "constraint")
     x_train, y_train = _check_batch(train_batch, "train_batch")
@@ -291,9 +347,12 @@ def _meta_step(model, optimizer, weight_net, train_batch, meta_batch, p, eps, co
     num_exits = weight_net.num_exits
     p = check_distribution(p, num_exits)
     phi = list(weight_net.parameters())
+    device = x_train.device
 
-    # 1. virtual step: theta' = SGD(theta, grad of the weighted loss), differentiable w.r.t. phi
-    if train_outputs is None:
+    # 1. virtual step: theta' = SGD(theta, grad of the weighted loss on the training half)
+    shared = train_outputs is not None
+    if not shared:
+        train_rng = rng_state(device)
         with autocast():
             train_outputs = runner.forward(params, x_train)
     train_outputs = check_multi_exit_output(train_outputs, num_exits)
@@ -302,28 +361,58 @@ def _meta_step(model, optimizer, weight_net, train_batch, meta_batch, p, eps, co
     if eps == 0:  # weights do not depend on phi: the meta gradient is zero
         with torch.no_grad(), autocast():
             value = meta_loss(runner.forward(params, x_meta), y_meta, p)
-        grads = [torch.zeros_like(t) for t in phi]
-    else:
+        grads: List[Optional[Tensor]] = [None] * len(phi)
+    elif runner.name == "higher":
         virtual_loss = (weights * losses).mean(dim=0).sum()
         grads_theta = torch.autograd.grad(
             virtual_loss, [params[i] for i in trainable], create_graph=True, retain_graph=True, allow_unused=True
         )
-        full_grads: List[Optional[Tensor]] = [None] * len(params)
-        for i, g in zip(trainable, grads_theta):
-            full_grads[i] = g
-        new_params = virtual_sgd_step(params, full_grads, slots)
+        new_params = virtual_sgd_step(params, _scatter(grads_theta, trainable, len(params)), slots)
         # 2. meta loss of the virtually updated model on the meta half
         with autocast():
             meta_outputs = runner.forward(new_params, x_meta)
         value = meta_loss(check_multi_exit_output(meta_outputs, num_exits), y_meta, p)
-        # 3. second-order gradient into the predictor
-        grads = [
-            torch.zeros_like(t) if g is None else g
-            for t, g in zip(phi, torch.autograd.grad(value, phi, allow_unused=True))
-        ]
-    for t, g in zip(phi, grads):
-        t.grad = g.detach().clone()
-    return MetaStepResult(meta_loss=value.detach(), grads=[g.detach() for g in grads], weights=weights.detach())
+        # 3. second-order gradient into the predictor (through the virtual step)
+        grads = list(torch.autograd.grad(value, phi, allow_unused=True))
+    else:
+        virtual_loss = (weights.detach() * losses).mean(dim=0).sum()
+        grads_theta = torch.autograd.grad(
+            virtual_loss, [params[i] for i in trainable], retain_graph=shared, allow_unused=True
+        )
+        full_grads = _scatter(grads_theta, trainable, len(params))
+        with torch.no_grad():
+            new_params = virtual_sgd_step([t.detach() for t in params], full_grads, slots)
+        moved = [i for i in trainable if full_grads[i] is not None]
+        for i in moved:
+            new_params[i].requires_grad_(True)
+        # 2. meta loss of the virtually updated model on the meta half, and v = d meta / d theta'
+        with autocast():
+            meta_outputs = runner.forward(new_params, x_meta)
+        value = meta_loss(check_multi_exit_output(meta_outputs, num_exits), y_meta, p)
+        v = torch.autograd.grad(value, [new_params[i] for i in moved], allow_unused=True)
+        # 3. d meta / d W = J_L (c * v) / B by forward mode, then into the predictor
+        tangents = {i: _grad_coefficient(slots[i]) * g for i, g in zip(moved, v) if g is not None}
+        with fwAD.dual_level(), torch.no_grad(), _replay_rng(train_rng, device), autocast():
+            duals = [fwAD.make_dual(t.detach(), tangents[i]) if i in tangents else t.detach()
+                     for i, t in enumerate(params)]
+            tangent = fwAD.unpack_dual(exit_losses(runner.forward(duals, x_train), y_train, label_smoothing)).tangent
+        if tangent is None:  # no parameter moved: nothing depends on phi
+            grads = [None] * len(phi)
+        else:
+            grads = list(torch.autograd.grad(
+                weights, phi, grad_outputs=tangent.to(weights.dtype) / weights.shape[0], allow_unused=True
+            ))
+    grads_out = [torch.zeros_like(t) if g is None else g.detach() for t, g in zip(phi, grads)]
+    for t, g in zip(phi, grads_out):
+        t.grad = g.clone()
+    return MetaStepResult(meta_loss=value.detach(), grads=grads_out, weights=weights.detach())
+
+
+def _scatter(values: Sequence[Optional[Tensor]], index: Sequence[int], size: int) -> List[Optional[Tensor]]:
+    full: List[Optional[Tensor]] = [None] * size
+    for i, v in zip(index, values):
+        full[i] = v
+    return full
 
 
 # --------------------------------------------------------------------------------------------
@@ -439,6 +528,7 @@ class L2W:
         self.last_weights: Optional[Tensor] = None
         self._halves: Optional[Tuple[Batch, Batch]] = None
         self._current = -1
+        self._rng: Optional[Tuple[Tensor, Optional[Tensor]]] = None
 
     # -- the schedule ------------------------------------------------------------------------
     def split(self, x: Tensor, y: Tensor) -> Iterator[Batch]:
@@ -456,6 +546,8 @@ class L2W:
         self._halves = ((x[:half], y[:half]), (x[half:], y[half:]))
         try:
             for self._current in (0, 1):
+                # the 'func' backend replays the dropout masks of the user's forward on this half
+                self._rng = rng_state(x.device) if self._backend.name == "func" else None
                 yield self._halves[self._current]
         finally:
             self._halves, self._current = None, -1
@@ -463,12 +555,18 @@ class L2W:
     def _autocast(self) -> ContextManager:
         return self.accelerator.autocast() if self.accelerator is not None else contextlib.nullcontext()
 
-    def meta_update(self, train_batch: Batch, meta_batch: Batch, train_outputs: Optional[Sequence[Tensor]] = None) -> float:
+    def meta_update(
+        self,
+        train_batch: Batch,
+        meta_batch: Batch,
+        train_outputs: Optional[Sequence[Tensor]] = None,
+        train_rng: Optional[Tuple[Tensor, Optional[Tensor]]] = None,
+    ) -> float:
         """One meta step and meta optimizer step (gradients averaged across ranks); returns the meta loss."""
         result = meta_step(
             self.model, self.optimizer, self.weight_net, train_batch, meta_batch, self.p,
-            eps=self.eps, constraint=self.constraint, backend=self._backend,
-            label_smoothing=self.label_smoothing, train_outputs=train_outputs, autocast=self._autocast,
+            eps=self.eps, constraint=self.constraint, backend=self._backend, label_smoothing=self.label_smoothing,
+            train_outputs=train_outputs, train_rng=train_rng, autocast=self._autocast,
         )
         grads = [t.grad for t in self.weight_net.parameters()]
         _all_reduce_mean_(grads)
@@ -486,7 +584,7 @@ class L2W:
             train_batch = (self._halves[self._current][0], target)
             meta_batch = self._halves[1 - self._current]
             shared = self.share_forward and unwrap_model(self.model) is self.model and torch.is_grad_enabled()
-            self.meta_update(train_batch, meta_batch, outputs if shared else None)
+            self.meta_update(train_batch, meta_batch, outputs if shared else None, self._rng if shared else None)
         loss, weights = weighted_multi_exit_loss(
             outputs, target, self.weight_net, self.eps, self.constraint, self.label_smoothing
         )
