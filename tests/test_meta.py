@@ -290,3 +290,27 @@ def test_bad_inputs_give_clear_errors():
     with pytest.raises(TypeError, match="list of exit logits"):
         for xt, yt in l2w_bad.split(torch.randn(4, 4), train[1][:4]):
             l2w_bad.loss(bad(xt), yt)
+
+
+class _DropoutMultiExit(TinyMultiExit):
+    """TinyMultiExit with dropout before every head: the backends must see the same masks."""
+
+    def forward_stage(self, index, state):
+        state = self.blocks[index](state)
+        return state, self.heads[index](nn.functional.dropout(state, 0.3, self.training))
+
+
+def test_backends_agree_with_dropout_by_replaying_the_masks():
+    torch.manual_seed(0)
+    model = _DropoutMultiExit().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-3)
+    net = WeightPredictor(3, hidden_sizes=(6,)).double()
+    x, y = torch.randn(16, 1, 6, 6, dtype=torch.float64), torch.randint(0, 4, (16,))
+    results = []
+    for backend in ("higher", "func"):
+        torch.manual_seed(1)
+        results.append(meta_step(model, opt, net, (x[:8], y[:8]), (x[8:], y[8:]), P3, backend=backend))
+        results[-1].after = torch.rand(1)
+    assert torch.equal(results[0].after, results[1].after), "the meta step must leave the RNG stream as the model did"
+    for a, b in zip(results[0].grads, results[1].grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
