@@ -121,6 +121,8 @@ def test_reset_and_get_classifier():
     model.reset_classifier(6)
     assert model.num_classes == 6 and all(h.out_features == 6 for h in model.get_classifier())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in trunk.items())
+    with pytest.raises(ValueError, match="global_pool=None"):
+        model.reset_classifier(5, global_pool="max")
     model.reset_classifier(0)  # timm convention: exits return pooled features
     feats = model.eval()(torch.randn(2, 3, 32, 32))
     assert feats[-1].shape == (2, model.num_features)

@@ -315,8 +315,14 @@ class MSDNet(MultiExitModel):
         """The final linear layer of every exit head, cheapest exit first."""
         return nn.ModuleList(head.linear for head in self.classifier)
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace every exit's linear layer with a fresh one for ``num_classes`` (0: no linear)."""
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace every exit's linear layer with a fresh one for ``num_classes`` (0: no linear).
+
+        ``global_pool`` exists for timm's signature; the heads' pooling is fixed, so only ``None`` is accepted.
+        """
+        if global_pool is not None:
+            raise ValueError(f"MSDNet's exit heads have a fixed 2x2 average pool: pass global_pool=None, "
+                             f"not {global_pool!r}")
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
         self.num_classes = num_classes
