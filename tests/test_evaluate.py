@@ -20,6 +20,15 @@ from timm_l2w.evaluate import (
 from timm_l2w.exits import exit_distribution, paper_distributions
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine, 2 threads spin against other jobs (10-30x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def reference_budgeted(heldout: ExitOutputs, test: ExitOutputs, p, flops):
     """PAPER.md "Budgeted", one sample at a time with Python lists (the specification, not the code)."""
     ch, ct = heldout.confidences.tolist(), test.confidences.tolist()
@@ -207,3 +216,15 @@ def test_cli_eval_on_digits(tmp_path, monkeypatch, capsys):
     data = json.loads((out / "tiny.json").read_text())
     assert len(data["budgeted"]) == 39 and len(data["anytime"]) == 3
     assert (out / "tiny.png").exists() and (out / "tiny_budgeted.csv").exists()
+
+
+def test_checkpoint_that_does_not_fit(tiny_model, tmp_path):
+    from safetensors.torch import save_file
+
+    ckpt = tmp_path / "other.safetensors"
+    save_file({"blocks.0.0.weight": torch.zeros(2, 2, 3, 3)}, str(ckpt))
+    loader = DataLoader(TensorDataset(torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)), batch_size=4)
+    with pytest.raises(ValueError, match="missing keys"):
+        evaluate_checkpoint(tiny_model, loader, loader, checkpoint=ckpt)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        evaluate_checkpoint(tiny_model, loader, loader, checkpoint=tmp_path / "nope.safetensors")

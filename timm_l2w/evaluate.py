@@ -227,8 +227,11 @@ class BudgetedResults:
 def _apply(outputs: ExitOutputs, thresholds: Tensor, flops: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """Top-1 (%), expected FLOPs and exit fractions of every budget row of ``thresholds``."""
     exits = exit_by_threshold(outputs.confidences, thresholds)  # [B, N]
-    correct = outputs.correct.gather(1, exits.T).T  # [B, N]
-    fractions = F.one_hot(exits, outputs.num_exits).double().mean(dim=1)  # [B, K]
+    correct = outputs.correct.T.contiguous().gather(0, exits)  # [B, N]: correctness at each sample's exit
+    num_budgets, num_exits = exits.shape[0], outputs.num_exits
+    offsets = torch.arange(num_budgets, device=exits.device)[:, None] * num_exits
+    counts = torch.bincount((exits + offsets).flatten(), minlength=num_budgets * num_exits)
+    fractions = counts.view(num_budgets, num_exits).double() / exits.shape[1]  # [B, K]
     return correct.double().mean(dim=1) * 100, fractions @ flops, fractions
 
 
@@ -335,21 +338,12 @@ def save_results(
 
 
 def _load_weights(model: nn.Module, checkpoint: Path | str) -> None:
-    """Load a checkpoint into ``model``: timm_l2w.checkpoint when present, else timm's loader."""
-    checkpoint = str(checkpoint)
-    if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"checkpoint '{checkpoint}' does not exist: pass the path of a .safetensors or .pth file")
-    try:
-        from .checkpoint import load_state_dict as _load_l2w  # issue 2
-    except ImportError:
-        _load_l2w = None
-    if _load_l2w is not None:
-        state = _load_l2w(checkpoint)
-        unwrap_model(model).load_state_dict(state)
-    else:
-        from timm.models import load_checkpoint
+    """Load ``.safetensors`` / ``.pth`` weights into ``model`` (names every mismatched key on error)."""
+    from .checkpoint import check_state_dict, load_state_dict
 
-        load_checkpoint(unwrap_model(model), checkpoint, strict=True, weights_only=True)
+    state = load_state_dict(checkpoint)
+    check_state_dict(model, state)
+    unwrap_model(model).load_state_dict(state)
 
 
 def evaluate_checkpoint(

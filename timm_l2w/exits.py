@@ -122,19 +122,20 @@ def calibrate_thresholds_batch(conf: Tensor, distributions: Tensor | Sequence[Se
     n, num_exits = conf.shape
     dist = check_distributions(distributions, num_exits)
     conf = conf.detach()
-    counts = torch.floor(n * dist).to(torch.long).to(conf.device)  # [B, K]
+    counts = torch.floor(n * dist).to(torch.long).T.contiguous().to(conf.device)  # [K, B]
     num_budgets = dist.shape[0]
     thresholds = torch.full((num_budgets, num_exits), torch.inf, dtype=torch.float64, device=conf.device)
     thresholds[:, -1] = -torch.inf
     remaining = torch.ones(num_budgets, n, dtype=torch.bool, device=conf.device)
     for k in range(num_exits - 1):
         values, order = torch.sort(conf[:, k], descending=True, stable=True)
-        rank = remaining[:, order].cumsum(dim=1)  # rank among remaining samples, in sorted order
-        count = counts[:, k]
+        rank = remaining.index_select(1, order).cumsum(dim=1, dtype=torch.int32)  # rank among the remaining
+        count = counts[k]
         valid = (count > 0) & (rank[:, -1] >= count)
-        position = (rank >= count[:, None]).to(torch.uint8).argmax(dim=1)
-        thresholds[:, k] = torch.where(valid, values[position].to(torch.float64), thresholds[:, k])
-        remaining &= ~(conf[:, k].to(torch.float64)[None] >= thresholds[:, k, None])
+        position = torch.searchsorted(rank, count[:, None].to(torch.int32).contiguous()).squeeze(1).clamp_(max=n - 1)  # first rank >= count
+        t_k = torch.where(valid, values[position], torch.full_like(values[position], torch.inf))
+        thresholds[:, k] = t_k.to(torch.float64)
+        remaining &= ~(conf[:, k][None] >= t_k[:, None])  # t_k holds confidence values: exact in conf's dtype
     return thresholds.cpu()
 
 
@@ -163,6 +164,12 @@ def exit_by_threshold(conf: Tensor, thresholds: Tensor | Sequence[float]) -> Ten
         raise ValueError(
             f"need one threshold per exit ({num_exits}), got shape {tuple(thresholds.shape)}"
         )
-    passed = conf.to(torch.float64) >= thresholds[..., None, :]
-    passed[..., -1] = True
-    return passed.to(torch.uint8).argmax(dim=-1)
+    if torch.isnan(thresholds).any():
+        raise ValueError("thresholds contain NaN: use +inf for an exit nobody should leave at")
+    conf = conf.T.to(torch.float64).contiguous()  # [K, N]
+    running = torch.ones((*thresholds.shape[:-1], conf.shape[1]), dtype=torch.bool, device=conf.device)
+    exits = torch.zeros(running.shape, dtype=torch.long, device=conf.device)
+    for k in range(num_exits - 1):  # a sample's exit = the number of exits it passed without leaving
+        running &= conf[k] < thresholds[..., k, None]
+        exits += running
+    return exits
