@@ -3,6 +3,7 @@ import pytest
 import timm
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import timm_l2w
 from timm_l2w.flops import _counter_for
@@ -109,3 +110,46 @@ def test_bad_inputs():
     vit = timm.create_model("vit_tiny_l2w", img_size=32, num_classes=3)
     with pytest.raises(ValueError, match="img_size=64"):
         vit(torch.randn(1, 3, 64, 64))
+
+
+def _family_models():
+    """One small model of each family: RANet, and the wrapper on resnet, convnext and vit."""
+    from test_ranet import _small
+
+    return [
+        ("ranet", lambda: _small(num_classes=3, num_blocks=1, block_step=1)),
+        # timm's tiny test_* models: the same families as resnet18_l2w, convnext_atto_l2w, vit_tiny_l2w
+        ("resnet", lambda: MultiExitWrapper("test_resnet", num_classes=3)),
+        ("convnext", lambda: MultiExitWrapper("test_convnext", num_classes=3, head="conv")),
+        ("vit", lambda: MultiExitWrapper("test_vit", num_classes=3, img_size=32)),
+    ]
+
+
+@pytest.mark.parametrize("family,make", _family_models(), ids=[f for f, _ in _family_models()])
+def test_l2w_step_budgeted_evaluation_and_early_exit_per_family(family, make):
+    model = make()
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))
+    # an L2W training step (meta step through the virtual SGD step, then the weighted real step)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    l2w = timm_l2w.L2W(model, optimizer, eps=0.8, constraint="col", hidden_sizes=(8,))
+    before = [p.detach().clone() for p in l2w.weight_net.parameters()]
+    # second-order gradients through attention need SDPA's math kernel (fused CPU kernels have none)
+    with sdpa_kernel(SDPBackend.MATH):
+        for xt, yt in l2w.split(x, y):
+            loss = l2w.loss(model(xt), yt)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    assert torch.isfinite(loss) and l2w.last_meta_loss is not None
+    assert any(not torch.equal(a, b) for a, b in zip(before, l2w.weight_net.parameters()))
+    # budgeted evaluation over the paper's distributions
+    flops = timm_l2w.exit_flops(model, (3, 32, 32))
+    outputs = timm_l2w.collect_exit_outputs(model, [(x[:4], y[:4]), (x[4:], y[4:])])
+    results = timm_l2w.budgeted_evaluation(outputs, outputs, flops)
+    assert len(results) == 39 and bool((results.expected_flops <= flops[-1] + 1e-6).all())
+    # real early exits: each sample's prediction is its exit's argmax in the full forward
+    predictor = timm_l2w.EarlyExitPredictor.from_distribution(model, outputs, 0.75)
+    pred = predictor.predict(x)
+    with torch.no_grad():
+        full = torch.stack(model(x))  # [K, N, C]
+    torch.testing.assert_close(pred.predictions, full[pred.exit_index, torch.arange(8)].argmax(-1))

@@ -79,8 +79,10 @@ def test_bad_inputs():
         RANet(scale_list=(2, 3))
     with pytest.raises(ValueError, match="gr_factor must list 3"):
         RANet(gr_factor=(4, 2))
-    with pytest.raises(ValueError, match="too small"):
+    with pytest.raises(ValueError, match="need 5..12"):
         _small()(torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="need 5..12"):
+        _small()(torch.randn(1, 3, 64, 64))
     with pytest.raises(ValueError, match="in_chans=1"):
         _small()(torch.randn(1, 1, 32, 32))
     with pytest.raises(ValueError, match="block_step must be >= 1"):

@@ -279,11 +279,13 @@ class RANet(MultiExitModel):
 
     def check_input(self, x: Tensor) -> None:
         super().check_input(x)
-        need = 2 ** (self.num_levels - 1) * (4 if self.stem_type == "imagenet" else 1) * 5
-        if min(x.shape[-2:]) < need:
+        stride = 2 ** (self.num_levels - 1) * (4 if self.stem_type == "imagenet" else 1)
+        lowest = min(x.shape[-2:]) // stride
+        if not 5 <= lowest <= 12:
             raise ValueError(
-                f"input {tuple(x.shape[-2:])} is too small for this RANet: its classifiers need the lowest "
-                f"resolution to be at least 5x5 (input >= {need}x{need}); resize the images"
+                f"input {tuple(x.shape[-2:])} gives a {lowest}x{lowest} lowest resolution, but the RANet classifiers "
+                f"(two stride-2 convs and a 2x2 pool) need 5..12 (input {5 * stride}..{12 * stride + stride - 1}, "
+                "e.g. 32x32 for CIFAR models, 224x224 for ImageNet ones): resize the images or change scale_list"
             )
 
     def _head(self, k: int, x: Tensor) -> Tensor:
