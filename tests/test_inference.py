@@ -14,14 +14,7 @@ from timm_l2w.inference import EarlyExitPredictor
 
 from conftest import TinyMultiExit
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 threads spin against other jobs (10-30x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from test_evaluate import _one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 
 def full_forward_outputs(model, x, y=None) -> ExitOutputs:
@@ -52,11 +45,6 @@ def test_matches_simulation_tiny():
     assert_matches_simulation(model, torch.randn(40, 3, 12, 12), torch.randn(33, 3, 12, 12), [0.3, 0.75, 1.0, 1.6])
 
 
-def _has_msdnet() -> bool:
-    return "msdnet_l2w_cifar" in timm.list_models("msdnet*")
-
-
-@pytest.mark.skipif(not _has_msdnet(), reason="msdnet_l2w_cifar is not registered yet (issue 2)")
 def test_matches_simulation_msdnet_cifar():
     model = timm.create_model("msdnet_l2w_cifar", num_classes=10)
     assert_matches_simulation(model, torch.randn(24, 3, 32, 32), torch.randn(16, 3, 32, 32), [0.3, 0.75, 1.5])
