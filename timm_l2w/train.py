@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0: epochs only)")
     g.add_argument("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
     g.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in --output) or a path")
+    g.add_argument("--stop-after-steps", type=int, default=None,
+                   help="save a checkpoint and exit after this many steps (train in chunks; resume with --resume auto)")
     g.add_argument("--max-nonfinite", type=int, default=10,
                    help="stop after this many non-finite losses in a row (each one is skipped)")
     g.add_argument("--no-eval", action="store_true", help="skip the final anytime + budgeted evaluation")
@@ -211,6 +213,11 @@ class _Run:
         elif log_with == "none":
             log_with = None
         self.log_with = log_with
+        # a second run in the same process (demo, notebooks, tests) may ask for another precision:
+        # forget the previous run's AcceleratorState (the process group in PartialState is kept)
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu, log_with=log_with,
                                        project_dir=args.output)
         self.per_rank = _check_args(args, self.accelerator.num_processes)
@@ -237,10 +244,7 @@ class _Run:
         self.num_exits = int(self.model.num_exits)
         train_loader, self.held_loader, self.test_loader = create_loaders(
             self.splits, self.per_rank, args.eval_batch_size, seed=args.seed, num_workers=args.workers)
-        self.sampler = train_loader.sampler
-        optimizer = create_optimizer_v2(self.model, opt="momentum", lr=args.lr, momentum=args.momentum,
-                                        weight_decay=args.weight_decay, filter_bias_and_bn=False)
-        self.model, self.optimizer, self.train_loader = acc.prepare(self.model, optimizer, train_loader)
+        self.train_loader = acc.prepare(train_loader)
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch == 0:
             raise ValueError(f"the training set ({len(self.splits.train)} images) gives no full batch of "
@@ -248,19 +252,27 @@ class _Run:
         self.total_steps = args.max_steps or args.epochs * self.steps_per_epoch
         self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.total_updates = 2 * self.total_steps
-        self.scheduler = CosineLRScheduler(self.optimizer.optimizer, t_initial=self.total_updates,
-                                           lr_min=args.min_lr, warmup_t=args.warmup_steps,
-                                           warmup_lr_init=args.warmup_lr, t_in_epochs=False)
+        self.model.to(acc.device)
+        optimizer = create_optimizer_v2(self.model, opt="momentum", lr=args.lr, momentum=args.momentum,
+                                        weight_decay=args.weight_decay, filter_bias_and_bn=False)
         self.l2w = None
         if args.weighting == "l2w":
             from .meta import L2W
 
-            self.l2w = L2W(self.model, self.optimizer, num_exits=self.num_exits, eps=args.eps,
+            # built before accelerate wraps the model's forward for mixed precision, so the virtual
+            # step's patched copy of the model is the plain module; L2W gets the prepared model below
+            self.l2w = L2W(self.model, optimizer, num_exits=self.num_exits, eps=args.eps,
                            constraint=args.constraint, input_type=args.input_type,
                            target_p_index=args.target_p_index, hidden_sizes=(args.hidden,),
                            meta_interval=args.meta_interval, meta_lr=args.meta_lr,
                            meta_weight_decay=args.meta_weight_decay, total_steps=self.total_updates,
                            backend=args.backend, label_smoothing=args.label_smoothing, accelerator=acc)
+        self.model, self.optimizer = acc.prepare(self.model, optimizer)
+        if self.l2w is not None:
+            self.l2w.model, self.l2w.optimizer = self.model, self.optimizer
+        self.scheduler = CosineLRScheduler(optimizer, t_initial=self.total_updates, lr_min=args.min_lr,
+                                           warmup_t=args.warmup_steps, warmup_lr_init=args.warmup_lr,
+                                           t_in_epochs=False)
         self.step = 0
         self.history: List[Dict[str, Any]] = []
         self.epoch_stats = self._zero_stats()
@@ -478,20 +490,21 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         signal.signal(s, _on_signal)
     show = acc.is_local_main_process and not args.no_progress
     device = acc.device
+    stop = pause = False
     try:
         start_epoch = run.step // run.steps_per_epoch
         for epoch in range(start_epoch, run.num_epochs):
-            run.sampler.set_epoch(epoch)
             done = run.step - epoch * run.steps_per_epoch
             steps_here = min(run.steps_per_epoch, run.total_steps - epoch * run.steps_per_epoch)
             loader = acc.skip_first_batches(run.train_loader, done) if done else run.train_loader
+            # the data order depends only on (seed, epoch); accelerate's loaders re-apply their own
+            # epoch counter to the sampler when iterated, so set it on the loader being iterated
+            loader.set_epoch(epoch)
             bar = tqdm(total=steps_here, initial=done, desc=f"epoch {epoch + 1}/{run.num_epochs}",
                        disable=not show, leave=False, dynamic_ncols=True)
             stats = run._new_stats(device)
             t0 = time.perf_counter()
             for x, y in loader:
-                if run.step >= run.total_steps:
-                    break
                 halves = run.l2w.split(x, y) if run.l2w is not None else _halves(x, y)
                 for i, (xt, yt) in enumerate(halves):
                     loss = run.update(xt, yt, stats)
@@ -504,26 +517,27 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
                     bar.set_postfix(post)
                 bar.update(1)
                 stop = _any_rank(acc, run.stop_signal is not None)
-                mid_epoch_ckpt = args.checkpoint_every and run.step % args.checkpoint_every == 0
-                if stop or (mid_epoch_ckpt and run.step % run.steps_per_epoch):
+                pause = bool(args.stop_after_steps) and run.step == args.stop_after_steps < run.total_steps
+                mid_epoch_ckpt = bool(args.checkpoint_every) and run.step % args.checkpoint_every == 0
+                boundary = run.step % run.steps_per_epoch == 0 or run.step >= run.total_steps
+                if (stop or pause or mid_epoch_ckpt) and not boundary:  # at a boundary the epoch ends first
                     run.epoch_stats["time"] += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     run._flush_stats(stats, device)
                     stats = run._new_stats(device)
-                    path = run.save_checkpoint()
-                    if stop:
-                        name = signal.Signals(run.stop_signal or signal.SIGTERM).name
-                        raise TrainingStopped(f"stopped by {name} at step {run.step}; checkpoint saved to {path}: "
-                                              f"continue with --resume auto", 128 + int(run.stop_signal or 15))
+                    _maybe_stop(run, run.save_checkpoint(), stop, pause)
+                if run.step >= run.total_steps:
+                    break
             bar.close()
             run.epoch_stats["time"] += time.perf_counter() - t0
             run._flush_stats(stats, device)
             row = run.end_epoch(epoch)
-            run.save_checkpoint()
+            path = run.save_checkpoint()
             if acc.is_main_process and not args.no_progress:
                 meta = f" meta {row['meta_loss']:.4f}" if row["meta_loss"] is not None else ""
                 print(f"epoch {row['epoch']}: loss {row['loss']:.4f}{meta} last-exit acc "
                       f"{row[f'acc_{run.num_exits}']:.1f}% lr {row['lr']:.4g} ({row['time_s']:.1f}s)", flush=True)
+            _maybe_stop(run, path, stop, pause)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -546,8 +560,20 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     result["model"] = model
     result["weight_net"] = run.l2w.weight_net if run.l2w is not None else None
     acc.wait_for_everyone()
-    acc.end_training()
+    for tracker in acc.trackers:  # not end_training(): that also tears down the process group
+        tracker.finish()
     return result
+
+
+def _maybe_stop(run: _Run, path: Path, stop: bool, pause: bool) -> None:
+    """After a checkpoint: raise :class:`TrainingStopped` for a signal or ``--stop-after-steps``."""
+    if stop:
+        signum = run.stop_signal or signal.SIGTERM
+        raise TrainingStopped(f"stopped by {signal.Signals(signum).name} at step {run.step}; checkpoint saved to "
+                              f"{path}: continue with --resume auto", 128 + int(signum))
+    if pause:
+        raise TrainingStopped(f"paused after step {run.step} (--stop-after-steps); checkpoint saved to {path}: "
+                              f"continue with --resume auto", 0)
 
 
 def _halves(x: Tensor, y: Tensor):
