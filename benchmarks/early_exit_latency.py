@@ -1,0 +1,148 @@
+"""Real early-exit inference: measured speed-up vs the FLOPs the budget promises (MSDNet-CIFAR, CPU).
+
+For several exit distributions (budgets), thresholds are calibrated on the held-out split and a
+batch of 256 test images runs (a) through the full network and (b) through
+:class:`timm_l2w.EarlyExitPredictor`, alternating, one thread, fastest of ``--repeats`` (wall clock; CPU time reported too). Per budget:
+
+    efficiency = (time_full / time_early) / (flops_full / flops_expected)
+
+where ``flops_expected`` is the mean FLOPs of the exits the batch actually took. 1.0 means the
+wall-clock saving is exactly the FLOPs saving; target >= 0.8. Weights come from ``--checkpoint`` or,
+without one, from a short equal-weight training on the built-in digits data (8x8 upscaled to 32x32,
+3 channels, ``--train-seconds``). Writes ``results/early_exit_latency.{json,png}`` (accuracy vs
+latency). Last line: ``min_efficiency=<x>``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import timm
+import torch
+
+import timm_l2w
+from timm_l2w.data import create_datasets, create_loaders
+from timm_l2w.evaluate import anytime_metrics, collect_exit_outputs, write_text_atomic
+from timm_l2w.plot import plot_curves
+from timm_l2w.weighting import exit_losses
+
+
+def short_training(model: torch.nn.Module, loader, seconds: float) -> int:
+    """Equal-weight multi-exit training (sum of the exits' mean CE) for about ``seconds``; returns steps."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    model.train()
+    steps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for x, y in loader:
+            loss = exit_losses(model(x), y).mean(dim=0).sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            if time.perf_counter() - start >= seconds:
+                break
+    model.eval()
+    return steps
+
+
+def timed(fn, x):
+    """(wall seconds, CPU seconds of this process) of ``fn(x)``."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn(x)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default=None, help=".safetensors weights of --model for 10 digit classes")
+    parser.add_argument("--model", default="msdnet_l2w_cifar")
+    parser.add_argument("--train-seconds", type=float, default=60.0)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--qs", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0, 1.5])
+    parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+
+    splits = create_datasets("digits", input_size=32, in_chans=3)
+    train_loader, held_loader, test_loader = create_loaders(splits, batch_size=64, eval_batch_size=256)
+    model = timm.create_model(args.model, num_classes=splits.num_classes)
+    if args.checkpoint:
+        from timm_l2w.checkpoint import load_state_dict
+
+        model.load_state_dict(load_state_dict(args.checkpoint))
+        steps = 0
+    else:
+        steps = short_training(model, train_loader, args.train_seconds)
+    model.eval()
+    flops = torch.tensor(timm_l2w.exit_flops(model, (3, 32, 32)), dtype=torch.float64)
+    heldout = collect_exit_outputs(model, held_loader)
+    test = collect_exit_outputs(model, test_loader)
+    anytime = anytime_metrics(test, flops)
+    x = torch.cat([b[0] for b in test_loader])[: args.batch_size]
+    y = torch.cat([b[1] for b in test_loader])[: args.batch_size]
+    if x.shape[0] < args.batch_size:
+        raise SystemExit(f"the test split has only {x.shape[0]} images: pass --batch-size {x.shape[0]} or less")
+
+    def full(inp):
+        with torch.inference_mode():
+            return model(inp)
+
+    rows = []
+    for q in args.qs:
+        predictor = timm_l2w.EarlyExitPredictor.from_distribution(model, heldout, q)
+        for _ in range(2):  # warm-up: allocator and kernels see the shapes of both paths
+            full(x), predictor.predict(x)
+        times = {"full": [], "early": []}
+        for r in range(args.repeats):  # alternate the order, too
+            pair = [("full", full), ("early", predictor.predict)]
+            for name, fn in pair if r % 2 == 0 else pair[::-1]:
+                times[name].append(timed(fn, x))
+        pred = predictor.predict(x)
+        fractions = pred.exit_fractions(len(flops))
+        flops_expected = float(fractions @ flops)
+        # other jobs on the machine only ever add time: the minimum is the least disturbed run
+        tf, te = (min(t[0] for t in times[n]) for n in ("full", "early"))
+        cf, ce = (min(t[1] for t in times[n]) for n in ("full", "early"))
+        flops_ratio = float(flops[-1]) / flops_expected
+        efficiency = (tf / te) / flops_ratio
+        rows.append({
+            "q": q, "exit_fractions": fractions.tolist(), "flops_expected": flops_expected,
+            "flops_full": float(flops[-1]), "time_full_s": tf, "time_early_s": te,
+            "speedup": tf / te, "flops_ratio": flops_ratio, "efficiency": efficiency,
+            "time_full_s_median": statistics.median(t[0] for t in times["full"]),
+            "time_early_s_median": statistics.median(t[0] for t in times["early"]),
+            "cpu_full_s": cf, "cpu_early_s": ce, "efficiency_cpu_time": (cf / ce) / flops_ratio,
+            "top1": 100.0 * float((pred.predictions == y).double().mean()),
+            "latency_ms_per_image": 1e3 * te / len(x), "full_latency_ms_per_image": 1e3 * tf / len(x),
+            "full_top1": 100.0 * float((full(x)[-1].argmax(1) == y).double().mean()),
+        })
+        print(f"q={q:<5} exits {[round(f, 2) for f in fractions.tolist()]}  "
+              f"{flops_expected / 1e6:6.2f}/{float(flops[-1]) / 1e6:.2f} MFLOPs  "
+              f"full {tf * 1e3:7.1f} ms  early {te * 1e3:7.1f} ms  speedup {tf / te:5.2f}  "
+              f"flops ratio {flops_ratio:5.2f}  efficiency {efficiency:.3f} (cpu time {(cf / ce) / flops_ratio:.3f})  "
+              f"top1 {rows[-1]['top1']:.1f}%")
+
+    out_dir = Path(args.out_dir)
+    report = {"model": args.model, "checkpoint": args.checkpoint, "train_steps": steps, "batch_size": len(x),
+              "threads": 1, "flops": flops.tolist(), "anytime": anytime, "budgets": rows,
+              "min_efficiency": min(r["efficiency"] for r in rows)}
+    write_text_atomic(out_dir / "early_exit_latency.json", json.dumps(report, indent=2) + "\n")
+    plot_curves(
+        {"early exit": ([r["latency_ms_per_image"] for r in rows], [r["top1"] for r in rows])},
+        out_dir / "early_exit_latency.png", "measured latency (ms per image, batch %d, 1 thread)" % len(x),
+        "top-1 accuracy (%)",
+        points={"full network": ([rows[0]["full_latency_ms_per_image"]], [rows[0]["full_top1"]])},
+        title=f"{args.model}: real early exit on CPU",
+    )
+    print(f"model {args.model}, {'checkpoint' if args.checkpoint else f'{steps} training steps on digits'}, "
+          f"anytime top1 {[round(r['top1'], 1) for r in anytime]}")
+    print(f"min_efficiency={report['min_efficiency']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
