@@ -22,8 +22,12 @@ def plot_curves(
     ylabel: str,
     points: Optional[Mapping[str, Series]] = None,
     title: Optional[str] = None,
+    point_suffix: str = "",
 ) -> Path:
-    """Save a PNG with one line per ``curves[name] = (x, y)`` and markers for ``points[name]``."""
+    """Save a PNG with one line per ``curves[name] = (x, y)`` and markers for ``points[name]``.
+
+    Points share the colour of the curve of the same name; their legend label is ``name + point_suffix``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -42,7 +46,7 @@ def plot_curves(
             (line,) = ax.plot([x[i] for i in order], [y[i] for i in order], marker=".", label=name)
             colors[name] = line.get_color()
         for name, (x, y) in (points or {}).items():
-            ax.scatter(x, y, marker="*", s=80, zorder=3, color=colors.get(name), label=f"{name} (exits)")
+            ax.scatter(x, y, marker="*", s=80, zorder=3, color=colors.get(name), label=f"{name}{point_suffix}")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         if title:
@@ -83,4 +87,5 @@ def plot_budgeted(
         if any("flops" not in r for r in rows):
             raise ValueError(f"anytime rows of '{name}' have no 'flops': pass flops to anytime_metrics")
         points[name] = ([r["flops"] / flops_scale for r in rows], [r["top1"] for r in rows])
-    return plot_curves(series, path, f"average {unit} per image", "top-1 accuracy (%)", points, title)
+    return plot_curves(series, path, f"average {unit} per image", "top-1 accuracy (%)", points, title,
+                       point_suffix=" (exits)")
