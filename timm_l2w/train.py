@@ -177,9 +177,9 @@ def find_checkpoint(resume: str, output: str | os.PathLike) -> Path:
 
 
 def _save_tensors(tensors: Dict[str, Tensor], path: Path, metadata: Dict[str, str]) -> None:
-    from safetensors.torch import save_file
+    from .checkpoint import save_safetensors
 
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path, metadata=metadata)
 
 
 def _write_json(path: Path, payload: Any) -> None:
@@ -441,30 +441,24 @@ def create_multi_exit_model(name: str, **kwargs: Any) -> nn.Module:
     return model
 
 
-def load_pretrained(model: nn.Module, path: str, strict_heads: bool = False) -> Dict[str, List[str]]:
+def load_pretrained(model: nn.Module, path: str) -> List[str]:
     """Load weights from a safetensors file (or a release ``.pth``/``.pth.tar``, read with
-    ``weights_only=True``) into ``model``; classifier weights whose shape differs (another
-    ``num_classes``) are skipped and reported. Returns ``{"skipped": [...], "missing": [...]}``."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"pretrained weights '{path}' do not exist: pass a .safetensors or .pth file")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    ``weights_only=True``) into ``model``. Tensors whose shape differs (the classifiers of another
+    ``num_classes``) keep the model's fresh initialisation; their names are returned. Any other
+    difference (missing or unexpected keys) is a ``ValueError``: the file is for another architecture."""
+    from .checkpoint import load_state_dict
 
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-    state = {(k[7:] if k.startswith("module.") else k): v for k, v in state.items()}
+    state = load_state_dict(path)  # safetensors or weights_only torch.load; 'module.' prefixes removed
     own = model.state_dict()
-    skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    if strict_heads and skipped:
-        raise ValueError(f"shapes differ for {skipped[:3]}...: the checkpoint has another num_classes")
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not usable:
-        raise ValueError(f"no tensor of '{path}' matches the model: is it a checkpoint of this architecture?")
-    missing = [k for k in own if k not in usable]
-    model.load_state_dict(usable, strict=False)
-    return {"skipped": skipped, "missing": missing}
+    unexpected = [k for k in state if k not in own]
+    missing = [k for k in own if k not in state]
+    if unexpected or missing:
+        raise ValueError(
+            f"'{path}' does not fit this model ({len(missing)} missing keys, e.g. {missing[:3]}; {len(unexpected)} "
+            f"unexpected, e.g. {unexpected[:3]}): it is a checkpoint of another architecture; pick the matching --model")
+    skipped = [k for k, v in state.items() if own[k].shape != v.shape]
+    model.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=False)
+    return skipped
 
 
 def train(args: argparse.Namespace) -> Dict[str, Any]:
@@ -545,11 +539,10 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     model = acc.unwrap_model(run.model)
     if acc.is_main_process:
         meta = {"model": args.model, "num_classes": str(run.splits.num_classes), "num_exits": str(run.num_exits)}
-        _save_tensors(model.state_dict(), run.output / ".model.safetensors.tmp", meta)
-        os.replace(run.output / ".model.safetensors.tmp", run.output / "model.safetensors")
+        _save_tensors(model.state_dict(), run.output / "model.safetensors", meta)  # atomic
         if run.l2w is not None:
-            _save_tensors(run.l2w.weight_net.state_dict(), run.output / ".weight_predictor.safetensors.tmp", {})
-            os.replace(run.output / ".weight_predictor.safetensors.tmp", run.output / "weight_predictor.safetensors")
+            _save_tensors(run.l2w.weight_net.state_dict(), run.output / "weight_predictor.safetensors",
+                          {"num_exits": str(run.num_exits), "input_type": args.input_type, "hidden": str(args.hidden)})
         if not args.no_eval:
             from .evaluate import evaluate_checkpoint
 
