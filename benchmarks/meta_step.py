@@ -83,6 +83,17 @@ def time_modes(backend: str, device: str, batch: int, rounds: int, modes=MODES) 
     return t
 
 
+def peak_rss_kib() -> int:
+    """This process's peak resident memory in KiB (VmHWM: unlike ru_maxrss it is not inherited over fork/exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def peak_memory(mode: str, backend: str, device: str, batch: int) -> float:
     """Peak memory (MiB) of two steps of ``mode``: CUDA peak allocated, or the peak RSS of a child process."""
     if device.startswith("cuda"):
@@ -94,12 +105,12 @@ def peak_memory(mode: str, backend: str, device: str, batch: int) -> float:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() / 2**20
     code = (
-        "import resource, sys, torch; sys.path.insert(0, {path!r}); import meta_step as b; "
+        "import sys, torch; sys.path.insert(0, {path!r}); import meta_step as b; "
         "torch.set_num_threads(1); s = b.build({mode!r}, {backend!r}, 'cpu', {batch}); "
-        "s(); s(); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "s(); s(); print(b.peak_rss_kib())"
     ).format(path=str(__import__("pathlib").Path(__file__).resolve().parent), mode=mode, backend=backend, batch=batch)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    return int(out.strip().splitlines()[-1]) / 1024  # ru_maxrss is in KiB on Linux
+    return int(out.strip().splitlines()[-1]) / 1024
 
 
 def main() -> int:
