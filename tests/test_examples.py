@@ -1,0 +1,58 @@
+"""The examples run (tiny settings, fresh processes as a user would start them)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file
+
+import timm_l2w
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+ENV = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
+
+
+def _run(script: str, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(EXAMPLES / script), *argv], env=ENV, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_accelerate_loop_adds_few_marked_l2w_lines_and_runs():
+    source = (EXAMPLES / "accelerate_loop.py").read_text()
+    marked = [line for line in source.splitlines() if "# L2W" in line]
+    assert 1 <= len(marked) <= 10
+    proc = _run("accelerate_loop.py", "--steps", "2", "--batch-size", "8")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("test accuracy per exit")]
+    assert line and line[0].count("%") == 5
+
+
+def test_finetune_loads_backbone_and_gets_new_heads(tmp_path):
+    torch.manual_seed(1)
+    pretrained = timm.create_model("msdnet_l2w_cifar_tiny", num_classes=100)
+    with torch.no_grad():
+        for p in pretrained.parameters():
+            p.add_(0.5)  # far from any fresh initialisation
+    ckpt = timm_l2w.save_safetensors(pretrained, tmp_path / "pre.safetensors")
+    out = tmp_path / "ft.safetensors"
+    proc = _run("finetune_pretrained.py", "--checkpoint", str(ckpt), "--model", "msdnet_l2w_cifar_tiny",
+                "--steps", "2", "--batch-size", "8", "--lr", "0.001", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tuned, before = load_file(out), pretrained.state_dict()
+    heads = [k for k, v in tuned.items() if v.shape != before[k].shape]
+    assert heads and all(tuned[k].shape[0] == 10 for k in heads)  # digits: 10 classes
+    body = [k for k in tuned if k not in heads and tuned[k].is_floating_point() and "running" not in k]
+    # the backbone was loaded (then moved only slightly), not re-initialised
+    assert max(float((tuned[k] - before[k]).abs().max()) for k in body) < 0.1
+
+
+def test_finetune_rejects_a_checkpoint_of_another_architecture(tmp_path):
+    other = timm.create_model("resnet18", num_classes=10)
+    ckpt = timm_l2w.save_safetensors(other, tmp_path / "resnet.safetensors")
+    proc = _run("finetune_pretrained.py", "--checkpoint", str(ckpt), "--model", "msdnet_l2w_cifar_tiny",
+                "--steps", "1", "--batch-size", "8")
+    assert proc.returncode != 0 and "another architecture" in proc.stderr
