@@ -127,3 +127,10 @@ def test_demo_trains_both_weightings_and_prints_them_side_by_side(tmp_path, caps
     assert (tmp_path / "l2w_vs_uniform.png").stat().st_size > 1000
     assert (tmp_path / "l2w" / "weight_predictor.safetensors").is_file()
     assert not (tmp_path / "uniform" / "weight_predictor.safetensors").exists()
+
+
+def test_non_finite_losses_are_skipped_then_stop_with_a_clear_error(tmp_path, capsys):
+    code = main(BASE + ["--weighting", "uniform", "--lr", "1e30", "--max-nonfinite", "3", "--max-steps", "30",
+                        "--output", str(tmp_path), "--no-eval"])
+    err = capsys.readouterr().err
+    assert code == 3 and "3 non-finite losses in a row" in err and "--lr" in err
