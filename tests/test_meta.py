@@ -352,3 +352,13 @@ def test_predictor_stays_identical_across_ddp_ranks(tmp_path):
     assert r0["grads"].abs().max() > 0
     torch.testing.assert_close(r0["grads"], r1["grads"], rtol=0, atol=0)
     torch.testing.assert_close(r0["phi"], r1["phi"], rtol=0, atol=0)
+
+
+def test_higher_backend_ignores_an_instance_level_forward_wrapper():
+    """accelerate's mixed precision replaces ``model.forward`` on the instance; the patch must still work."""
+    model, opt, net, train, meta = _setup(torch.float64)
+    original = model.forward
+    model.forward = lambda x: original(x)  # what accelerate.prepare does, minus the autocast
+    results = [meta_step(model, opt, net, train, meta, P3, backend=b) for b in ("higher", "func")]
+    for a, b in zip(results[0].grads, results[1].grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

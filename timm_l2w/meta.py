@@ -240,6 +240,10 @@ class HigherBackend(_Backend):
         self._signature = self._shape_signature()
         self.fmodel = higher.patch.monkeypatch(model, copy_initial_weights=False, track_higher_grads=True)
         self.fmodel.train()
+        # an instance-level forward (accelerate's autocast wrapper) is copied over by the patch and
+        # would call the unpatched forward: drop it (meta_step runs its own autocast)
+        for m in self.fmodel.modules():
+            m.__dict__.pop("forward", None)
         # the patched submodules keep the last fast weights as attributes (and the root appends
         # them to a list); remember the placeholders to release every call's weights afterwards
         self._placeholders = [(m, dict(m._parameters)) for m in self.fmodel.modules()]
