@@ -38,5 +38,10 @@ def tiny_model():
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_one_thread():
+    """Seeded, one intra-op thread: on a shared 2-core machine extra threads spin (10-30x slower)."""
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,15 +20,6 @@ from timm_l2w.evaluate import (
 from timm_l2w.exits import exit_distribution, paper_distributions
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 threads spin against other jobs (10-30x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def reference_budgeted(heldout: ExitOutputs, test: ExitOutputs, p, flops):
     """PAPER.md "Budgeted", one sample at a time with Python lists (the specification, not the code)."""
     ch, ct = heldout.confidences.tolist(), test.confidences.tolist()

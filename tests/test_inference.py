@@ -14,8 +14,6 @@ from timm_l2w.inference import EarlyExitPredictor
 
 from conftest import TinyMultiExit
 
-from test_evaluate import _one_thread  # noqa: F401  (autouse: one intra-op thread)
-
 
 def full_forward_outputs(model, x, y=None) -> ExitOutputs:
     model.eval()

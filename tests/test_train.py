@@ -22,14 +22,6 @@ TINY = register_tiny()
 BASE = ["--model", TINY, "--no-progress", "--batch-size", "32", "--lr", "0.05"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: oversubscribed threads are many times slower
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("weighting", ["l2w", "uniform"])
 def test_short_run_writes_everything_and_loss_goes_down(tmp_path, weighting):
     out = tmp_path / weighting
