@@ -22,7 +22,7 @@ from typing import Callable, Dict
 import timm
 import torch
 
-import timm_l2w
+import timm_l2w  # noqa: F401  (registers msdnet_l2w_cifar in timm)
 from timm_l2w import L2W, weighted_multi_exit_loss
 
 MODES = ("plain", "interval1", "interval100")  # + "interval1_<other backend>" with --compare
