@@ -528,6 +528,8 @@ class L2W:
         )
         self.step = 0
         self.last_meta_loss: Optional[float] = None
+        self.last_meta_skipped = False  # the last meta step had a non-finite meta loss or gradient
+        self.meta_skipped = 0  # meta steps skipped for that reason (not saved in state_dict)
         self.last_meta_grads: Optional[List[Tensor]] = None
         self.last_weights: Optional[Tensor] = None
         self._halves: Optional[Tuple[Batch, Batch]] = None
@@ -573,11 +575,18 @@ class L2W:
             train_outputs=train_outputs, train_rng=train_rng, autocast=self._autocast,
         )
         grads = [t.grad for t in self.weight_net.parameters()]
-        _all_reduce_mean_(grads)
+        # a non-finite meta loss on any rank rides along in the all-reduce, so every rank decides alike
+        bad = (~torch.isfinite(result.meta_loss.detach())).to(grads[0].dtype).reshape(1)
+        _all_reduce_mean_(grads + [bad])
         self.last_meta_grads = [g.detach().clone() for g in grads]
-        self.meta_optimizer.step()
-        self.meta_optimizer.zero_grad(set_to_none=True)
         self.last_meta_loss = float(result.meta_loss)
+        if bool(torch.stack([torch.isfinite(g).all() for g in grads]).all() & (bad[0] == 0)):  # one sync
+            self.last_meta_skipped = False
+            self.meta_optimizer.step()
+        else:  # non-finite meta loss or gradient: skip, predictor and meta optimizer state untouched
+            self.last_meta_skipped = True
+            self.meta_skipped += 1
+        self.meta_optimizer.zero_grad(set_to_none=True)
         return self.last_meta_loss
 
     def loss(self, outputs: Sequence[Tensor], target: Tensor) -> Tensor:
