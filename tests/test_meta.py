@@ -119,7 +119,8 @@ def test_backends_agree_on_tiny_model_and_shared_forward_is_the_same_step():
     model, opt, net, train, meta = _setup(torch.float64)
     results = {b: meta_step(model, opt, net, train, meta, P3, backend=b) for b in ("higher", "func")}
     shared = meta_step(model, opt, net, train, meta, P3, backend="func", train_outputs=model(train[0]))
-    for r in (results["func"], shared):
+    shared_higher = meta_step(model, opt, net, train, meta, P3, backend="higher", train_outputs=model(train[0]))
+    for r in (results["func"], shared_higher, shared):
         torch.testing.assert_close(r.meta_loss, results["higher"].meta_loss)
         for a, b in zip(r.grads, results["higher"].grads):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

@@ -596,7 +596,9 @@ class L2W:
         if in_split and self.step % self.meta_interval == 0:
             train_batch = (self._halves[self._current][0], target)
             meta_batch = self._halves[1 - self._current]
-            shared = self.share_forward and unwrap_model(self.model) is self.model and torch.is_grad_enabled()
+            # the virtual step reuses the user's forward when it ran on the plain module with a graph
+            shared = (self.share_forward and unwrap_model(self.model) is self.model
+                      and all(o.requires_grad for o in outputs))
             self.meta_update(train_batch, meta_batch, outputs if shared else None, self._rng if shared else None)
         loss, weights = weighted_multi_exit_loss(
             outputs, target, self.weight_net, self.eps, self.constraint, self.label_smoothing
