@@ -14,6 +14,7 @@ buffers, so the real parameters, optimizer state and BatchNorm statistics are ne
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -396,7 +397,9 @@ def _meta_step(model, optimizer, weight_net, train_batch, meta_batch, p, eps, co
         v = torch.autograd.grad(value, [new_params[i] for i in moved], allow_unused=True)
         # 3. d meta / d W = J_L (c * v) / B by forward mode, then into the predictor
         tangents = {i: _grad_coefficient(slots[i]) * g for i, g in zip(moved, v) if g is not None}
-        with fwAD.dual_level(), torch.no_grad(), _replay_rng(train_rng, device), autocast():
+        with fwAD.dual_level(), torch.no_grad(), _replay_rng(train_rng, device), autocast(), warnings.catch_warnings():
+            # torch's forward AD scripts its decompositions on first use (a jit deprecation warning)
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
             duals = [fwAD.make_dual(t.detach(), tangents[i]) if i in tangents else t.detach()
                      for i, t in enumerate(params)]
             tangent = fwAD.unpack_dual(exit_losses(runner.forward(duals, x_train), y_train, label_smoothing)).tangent
