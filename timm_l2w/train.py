@@ -139,9 +139,39 @@ def _check_args(args: argparse.Namespace, world_size: int) -> int:
         raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
     if args.max_steps is not None and args.max_steps < 1:
         raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
+    if args.max_nonfinite < 1:
+        raise ValueError(f"--max-nonfinite must be >= 1, got {args.max_nonfinite}")
     if args.keep_checkpoints < 1:
         raise ValueError(f"--keep-checkpoints must be >= 1, got {args.keep_checkpoints}")
     return per_rank
+
+
+FAULT_ENV = "TIMM_L2W_FAULT"
+
+
+def _fault_point(point: str, step: int) -> None:
+    """Test hook for the reliability tests: with ``TIMM_L2W_FAULT=POINT:STEP:SIGNAL`` in the environment
+    (e.g. ``checkpoint:4:KILL``) this process sends itself ``SIGSIGNAL`` when it reaches ``POINT``
+    (``update``: between forward and optimizer step; ``checkpoint``: half-way through writing a checkpoint;
+    ``epoch_end``: epoch logged, its checkpoint not yet written) at step ``STEP``. Off when unset."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    name, at, sig = spec.split(":")
+    if name == point and int(at) == step:
+        os.kill(os.getpid(), getattr(signal, f"SIG{sig}"))
+
+
+def _check_writable(folder: Path) -> None:
+    """Fail before training (not after the first epoch) when ``folder`` cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"--output {folder} is not writable ({err.strerror or err}): pass a folder you can "
+                         f"write to, or fix its permissions") from err
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -180,6 +210,14 @@ def _save_tensors(tensors: Dict[str, Tensor], path: Path, metadata: Dict[str, st
     from .checkpoint import save_safetensors
 
     save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path, metadata=metadata)
+
+
+def _discard(path: Path) -> None:
+    """Delete a checkpoint folder so that a crash half-way never leaves it looking complete: rename it
+    to a hidden name first (``--resume auto`` ignores those), then remove it."""
+    trash = path.with_name(f".old-{path.name}-{os.getpid()}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _write_json(path: Path, payload: Any) -> None:
@@ -281,7 +319,7 @@ class _Run:
     def _zero_stats(self) -> Dict[str, Any]:
         k = self.num_exits
         return {"loss_sum": [0.0] * k, "correct": [0] * k, "seen": 0, "meta_sum": 0.0, "meta_count": 0,
-                "skipped": 0, "time": 0.0}
+                "skipped": 0, "meta_skipped": 0, "time": 0.0}
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -307,27 +345,49 @@ class _Run:
             _write_json(tmp / "train_state.json", {"step": self.step, "epoch_stats": self.epoch_stats,
                                                    "history": self.history, "nonfinite_run": self.nonfinite_run,
                                                    "args": vars(self.args)})
+            _fault_point("checkpoint", self.step)  # tests: killed half-way, the .tmp- folder is ignored
             (tmp / COMPLETE_MARKER).write_text(f"{self.step}\n")
             if final.exists():  # same step saved before (e.g. stop right after a checkpoint)
-                shutil.rmtree(final)
+                _discard(final)
             os.replace(tmp, final)
             kept = sorted(p for p in self.ckpt_root.glob(f"{CHECKPOINT_PREFIX}*") if _is_complete(p))
             for old in kept[: -self.args.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+                _discard(old)
         acc.wait_for_everyone()
         return final
 
     def load_checkpoint(self, path: Path) -> None:
+        """Restore a checkpoint. Nothing here unpickles code: accelerate 1.15's ``load_state`` reads
+        optimizer, scheduler and RNG files with ``torch.load(weights_only=True)`` (plus a numpy-array
+        allowlist) and the model from safetensors; ``l2w_state.pt`` is read with ``weights_only=True``."""
+        import pickle
+        import zipfile
+
+        from accelerate.utils import load as accelerate_load
+
         acc = self.accelerator
-        state = json.loads((path / "train_state.json").read_text())
-        saved_weighting = state.get("args", {}).get("weighting")
-        if saved_weighting and saved_weighting != self.args.weighting:
-            raise ValueError(f"checkpoint {path} was trained with --weighting {saved_weighting}, "
-                             f"not {self.args.weighting}: resume with the same flags or use another --output")
-        acc.load_state(str(path / "state"))
-        if self.l2w is not None:
-            self.l2w.load_state_dict(torch.load(path / "l2w_state.pt", map_location=acc.device, weights_only=True))
-        self.step = int(state["step"])
+        try:
+            state = json.loads((path / "train_state.json").read_text())
+            saved_weighting = state.get("args", {}).get("weighting")
+            if saved_weighting and saved_weighting != self.args.weighting:
+                raise ValueError(f"checkpoint {path} was trained with --weighting {saved_weighting}, "
+                                 f"not {self.args.weighting}: resume with the same flags or use another --output")
+            # accelerate's load_state only logs "Could not load random states" when this file is bad, and
+            # the resumed run would silently differ: read it first (weights_only=True) so it fails loudly
+            accelerate_load(path / "state" / f"random_states_{acc.process_index}.pkl")
+            acc.load_state(str(path / "state"))
+            if self.l2w is not None:
+                self.l2w.load_state_dict(torch.load(path / "l2w_state.pt", map_location=acc.device,
+                                                    weights_only=True))
+            step = int(state["step"])
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, KeyError, TypeError,
+                json.JSONDecodeError, zipfile.BadZipFile) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            raise ValueError(
+                f"checkpoint {path} cannot be resumed ({type(err).__name__}: {first}): it is damaged, unsafe "
+                f"(weights_only loading refused it) or from other --model/--weighting settings; resume an older "
+                f"one with --resume PATH or start a fresh --output") from err
+        self.step = step
         self.history = list(state["history"])
         self.epoch_stats = state["epoch_stats"]
         self.nonfinite_run = int(state.get("nonfinite_run", 0))
@@ -346,26 +406,35 @@ class _Run:
             loss = self.l2w.loss(outputs, y)
         else:
             loss = exit_losses(outputs, y, self.args.label_smoothing).mean(dim=0).sum()
+        # L2W skipped its meta update (non-finite meta loss or meta gradient, same on every rank)
+        meta_skipped = meta_due and self.l2w.last_meta_skipped
+        if meta_skipped:
+            stats["meta_skipped"] += 1
+        _fault_point("update", self.step)
         finite = acc.gather(torch.isfinite(loss.detach()).reshape(1)).all()
         if finite:
             self.optimizer.zero_grad(set_to_none=True)
             acc.backward(loss)
             self.optimizer.step()
-            self.nonfinite_run = 0
         else:  # skip this update everywhere; the model and optimizer states are untouched
             self.optimizer.zero_grad(set_to_none=True)
             stats["skipped"] += 1
+        if finite and not meta_skipped:
+            self.nonfinite_run = 0
+        else:
             self.nonfinite_run += 1
             if self.nonfinite_run >= self.args.max_nonfinite:
+                latest = "the training loss" if not finite else "the meta loss or meta gradient"
                 raise TrainingStopped(
-                    f"{self.nonfinite_run} non-finite losses in a row at step {self.step}: lower --lr, use "
-                    f"--mixed-precision bf16/no, or check the data; raise --max-nonfinite to tolerate more", 3)
+                    f"{self.nonfinite_run} non-finite losses in a row (latest: {latest}) at step {self.step}: "
+                    f"lower --lr (or --meta-lr), use --mixed-precision bf16/no, or check the data; "
+                    f"raise --max-nonfinite to tolerate more", 3)
         with torch.no_grad():
             per_exit = exit_losses([o.detach() for o in outputs], y)
             stats["loss_sum"] += per_exit.sum(dim=0).double()
             stats["correct"] += torch.stack([o.detach().argmax(dim=1).eq(y) for o in outputs], 1).sum(0).double()
             stats["seen"] += y.shape[0]
-        if meta_due and self.l2w.last_meta_loss is not None:
+        if meta_due and not meta_skipped and self.l2w.last_meta_loss is not None:
             stats["meta_sum"] += self.l2w.last_meta_loss
             stats["meta_count"] += 1
         return loss.detach()
@@ -377,7 +446,8 @@ class _Run:
         k = self.num_exits
         local = torch.cat([stats["loss_sum"].to(device), stats["correct"].to(device),
                            torch.tensor([float(stats["seen"]), stats["meta_sum"], float(stats["meta_count"]),
-                                         float(stats["skipped"])], dtype=torch.float64, device=device)])
+                                         float(stats["skipped"]), float(stats["meta_skipped"])],
+                                        dtype=torch.float64, device=device)])
         total = acc.reduce(local, reduction="sum").cpu()
         es = self.epoch_stats
         es["loss_sum"] = [a + float(b) for a, b in zip(es["loss_sum"], total[:k])]
@@ -385,13 +455,15 @@ class _Run:
         es["seen"] += int(total[2 * k])
         es["meta_sum"] += float(total[2 * k + 1])
         es["meta_count"] += int(total[2 * k + 2])
-        es["skipped"] = es["skipped"] + int(total[2 * k + 3])
+        # every rank skips the same updates (decided together): count each once
+        es["skipped"] = es["skipped"] + int(total[2 * k + 3]) // acc.num_processes
+        es["meta_skipped"] = es.get("meta_skipped", 0) + int(total[2 * k + 4]) // acc.num_processes
 
     def _new_stats(self, device: torch.device) -> Dict[str, Any]:
         k = self.num_exits
         return {"loss_sum": torch.zeros(k, dtype=torch.float64, device=device),
                 "correct": torch.zeros(k, dtype=torch.float64, device=device),
-                "seen": 0, "meta_sum": 0.0, "meta_count": 0, "skipped": 0}
+                "seen": 0, "meta_sum": 0.0, "meta_count": 0, "skipped": 0, "meta_skipped": 0}
 
     def end_epoch(self, epoch: int) -> Dict[str, Any]:
         es = self.epoch_stats
@@ -400,7 +472,8 @@ class _Run:
                                "lr": self.optimizer.param_groups[0]["lr"],
                                "loss": sum(es["loss_sum"]) / seen,
                                "meta_loss": es["meta_sum"] / es["meta_count"] if es["meta_count"] else None,
-                               "skipped_updates": es["skipped"], "time_s": round(es["time"], 3)}
+                               "skipped_updates": es["skipped"], "skipped_meta_updates": es.get("meta_skipped", 0),
+                               "time_s": round(es["time"], 3)}
         for k in range(self.num_exits):
             row[f"loss_{k + 1}"] = es["loss_sum"][k] / seen
             row[f"acc_{k + 1}"] = 100.0 * es["correct"][k] / seen
@@ -467,9 +540,14 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
 
     run = _Run(args)
     acc = run.accelerator
+    if acc.is_main_process:
+        _check_writable(run.output)
     run.build()
     if args.resume:
         run.load_checkpoint(find_checkpoint(args.resume, args.output))
+    if acc.is_main_process and run.ckpt_root.is_dir():  # leftovers of a run killed while (de)saving
+        for leftover in list(run.ckpt_root.glob(".tmp-*")) + list(run.ckpt_root.glob(".old-*")):
+            shutil.rmtree(leftover, ignore_errors=True)
     if acc.is_main_process:
         run.output.mkdir(parents=True, exist_ok=True)
     if run.log_with:
@@ -526,6 +604,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             run.epoch_stats["time"] += time.perf_counter() - t0
             run._flush_stats(stats, device)
             row = run.end_epoch(epoch)
+            _fault_point("epoch_end", run.step)
             path = run.save_checkpoint()
             if acc.is_main_process and not args.no_progress:
                 meta = f" meta {row['meta_loss']:.4f}" if row["meta_loss"] is not None else ""
@@ -590,7 +669,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except TrainingStopped as err:
         print(f"timm-l2w train: {err}", file=sys.stderr)
         return err.exit_code
-    except (ValueError, FileNotFoundError, TypeError) as err:
+    except (ValueError, OSError, TypeError) as err:  # OSError: FileNotFoundError, PermissionError...
         print(f"timm-l2w train: error: {err}", file=sys.stderr)
         return 2
     if "eval" in result:
