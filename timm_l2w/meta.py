@@ -23,6 +23,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .exits import assign_exits, check_distribution, exit_distribution
 from .models.base import check_multi_exit_output, unwrap_model
@@ -332,7 +333,9 @@ def meta_step(
     with ``v = d meta / d theta'`` and ``c = d theta' / d g`` per parameter, i.e. one forward-mode
     Jacobian-vector product of the training losses, which is cheaper.
     """
-    with torch.enable_grad():  # also works when called under torch.no_grad()
+    # enable_grad: also works when called under torch.no_grad(). The math attention kernel: the fused
+    # scaled_dot_product_attention kernels have no second-order / forward-mode derivatives.
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
         return _meta_step(model, optimizer, weight_net, train_batch, meta_batch, p, eps, constraint, backend,
                           label_smoothing, train_outputs, train_rng, autocast)
 
@@ -515,6 +518,7 @@ class L2W:
         self.meta_interval, self.total_steps = meta_interval, total_steps
         self.label_smoothing = float(label_smoothing)
         self.share_forward = share_forward
+        self._fused_attention = any(getattr(m, "fused_attn", False) for m in unwrap_model(model).modules())
         self._backend = make_backend(backend, net)
         ref = next(net.parameters())
         dtype = ref.dtype if ref.is_floating_point() else None
@@ -600,8 +604,9 @@ class L2W:
             train_batch = (self._halves[self._current][0], target)
             meta_batch = self._halves[1 - self._current]
             # the virtual step reuses the user's forward when it ran on the plain module with a graph
+            # (not through fused attention kernels: they cannot be differentiated twice)
             shared = (self.share_forward and unwrap_model(self.model) is self.model
-                      and all(o.requires_grad for o in outputs))
+                      and not self._fused_attention and all(o.requires_grad for o in outputs))
             self.meta_update(train_batch, meta_batch, outputs if shared else None, self._rng if shared else None)
         loss, weights = weighted_multi_exit_loss(
             outputs, target, self.weight_net, self.eps, self.constraint, self.label_smoothing
