@@ -399,6 +399,7 @@ class _Run:
         from .weighting import exit_losses
 
         acc, model = self.accelerator, self.model
+        kept = self._snapshot_buffers()  # BN running stats, restored if this update is skipped
         with acc.autocast():
             outputs = model(x)
         meta_due = self.l2w is not None and self.l2w.step % self.l2w.meta_interval == 0
@@ -416,8 +417,9 @@ class _Run:
             self.optimizer.zero_grad(set_to_none=True)
             acc.backward(loss)
             self.optimizer.step()
-        else:  # skip this update everywhere; the model and optimizer states are untouched
+        else:  # skip this update everywhere; the model (BN statistics too) and optimizer states are untouched
             self.optimizer.zero_grad(set_to_none=True)
+            self._restore_buffers(kept)
             stats["skipped"] += 1
         if finite and not meta_skipped:
             self.nonfinite_run = 0
@@ -438,6 +440,23 @@ class _Run:
             stats["meta_sum"] += self.l2w.last_meta_loss
             stats["meta_count"] += 1
         return loss.detach()
+
+    def _snapshot_buffers(self) -> List[Tensor]:
+        """The model's buffers, one flat copy per dtype (a few kernels, not one per BN layer)."""
+        if not hasattr(self, "_buffer_groups"):
+            groups: Dict[torch.dtype, List[Tensor]] = {}
+            for b in self.accelerator.unwrap_model(self.model).buffers():
+                groups.setdefault(b.dtype, []).append(b)
+            self._buffer_groups = list(groups.values())
+        return [torch.cat([b.detach().reshape(-1) for b in group]) for group in self._buffer_groups]
+
+    def _restore_buffers(self, kept: List[Tensor]) -> None:
+        with torch.no_grad():
+            for group, flat in zip(self._buffer_groups, kept):
+                offset = 0
+                for b in group:
+                    b.copy_(flat[offset: offset + b.numel()].view_as(b))
+                    offset += b.numel()
 
     # -- epoch bookkeeping ---------------------------------------------------------------------
     def _flush_stats(self, stats: Dict[str, Any], device: torch.device) -> None:
