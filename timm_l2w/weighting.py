@@ -123,7 +123,15 @@ def exit_losses(outputs: Sequence[Tensor], target: Tensor, label_smoothing: floa
     batch, num_exits, num_classes = logits.shape
     if not isinstance(target, Tensor) or target.shape != (batch,) or target.is_floating_point():
         shape = tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__
-        raise ValueError(f"target must be a [batch] tensor of class indices matching the {batch} logits, got {shape}")
+        dtype = f" of dtype {target.dtype}" if isinstance(target, Tensor) else ""
+        raise ValueError(f"target must be a [batch] tensor of integer class indices matching the {batch} logits, "
+                         f"got {shape}{dtype}: pass labels as a torch.long tensor (e.g. y.long()), not one-hot or float")
+    if batch:  # out-of-range labels: a clear error here instead of an IndexError (or a CUDA device assert)
+        low, high = (int(v) for v in torch.stack([target.min(), target.max()]).tolist())  # one sync
+        if low < 0 or high >= num_classes:
+            raise ValueError(f"labels must be class indices in [0, {num_classes - 1}] for the {num_classes}-class "
+                             f"heads, got values from {low} to {high}: remap the labels or build the model with "
+                             f"num_classes={max(high + 1, num_classes)}")
     losses = F.cross_entropy(
         logits.reshape(batch * num_exits, num_classes),
         target.repeat_interleave(num_exits),
