@@ -160,6 +160,6 @@ def test_cli_convert(tmp_path, capsys):
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     code = cli.main(["convert", str(tmp_path / "r.pth.tar"), str(tmp_path / "bad.safetensors"), "--model", TINY,
                      "--num-classes", "3"])
-    assert code == 1
+    assert code == 2
     assert "num_classes=10" in capsys.readouterr().err
     assert timm_l2w.save_safetensors is save_safetensors

@@ -235,12 +235,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if not args.output.endswith(".safetensors"):
         parser.error(f"output {args.output!r} must end in .safetensors")
+    import timm
+
     import timm_l2w  # noqa: F401  (registers the models)
 
+    if not timm.is_model(args.model):
+        print(f"timm-l2w convert: error: unknown model '{args.model}': pass --model with a registered multi-exit "
+              f"model ({', '.join(timm.list_models('*l2w*'))})", file=sys.stderr)
+        return 2
     try:
         out = convert_release_checkpoint(args.input, args.output, args.model, num_classes=args.num_classes)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         print(f"timm-l2w convert: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(f"wrote {out} ({args.model})")
     return 0

@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -418,7 +419,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     import timm
 
     args = _parser().parse_args(argv)
+    try:
+        return _run(args, timm)
+    except (ValueError, OSError, TypeError, RuntimeError) as err:  # bad input: a message, not a traceback
+        print(f"timm-l2w eval: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, timm: Any) -> int:
     from .data import create_eval_loaders
+
+    import timm_l2w  # noqa: F401  (registers the models)
+
 
     heldout_loader, test_loader, info = create_eval_loaders(
         args.dataset, data_dir=args.data_dir, batch_size=args.batch_size, input_size=args.img_size,
@@ -431,7 +443,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         kwargs["num_classes"] = num_classes
     if in_chans:
         kwargs["in_chans"] = in_chans
-    model = timm.create_model(args.model, **kwargs)
+    try:
+        model = timm.create_model(args.model, **kwargs)
+    except RuntimeError as err:
+        if "Unknown model" not in str(err):
+            raise
+        raise ValueError(f"unknown model '{args.model}': choose a registered multi-exit model "
+                         f"({', '.join(timm.list_models('*l2w*'))})") from err
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     name = args.name or args.model
     result = evaluate_checkpoint(
