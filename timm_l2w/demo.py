@@ -60,7 +60,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
     from . import train as train_mod
-    from .evaluate import write_text_atomic
+    from .files import write_text_atomic
     from .plot import plot_budgeted
 
     args = _parser().parse_args(list(argv) if argv is not None else None)

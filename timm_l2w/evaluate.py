@@ -11,13 +11,9 @@ with :func:`timm_l2w.exits.exit_by_threshold`, the same code the L2W meta loss b
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import math
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -27,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .exits import calibrate_thresholds_batch, check_distributions, exit_by_threshold, paper_distributions, paper_qs
+from .files import csv_text, write_text_atomic
 from .models.base import check_multi_exit_output, unwrap_model
 
 __all__ = [
@@ -283,35 +280,6 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def write_bytes_atomic(path: Path | str, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace`` (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def write_text_atomic(path: Path | str, text: str) -> Path:
-    """UTF-8 text version of :func:`write_bytes_atomic`."""
-    return write_bytes_atomic(path, text.encode("utf-8"))
-
-
-def _csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()) if rows else [], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
 def save_results(
     out_dir: Path | str,
     anytime: Optional[Sequence[Mapping[str, Any]]] = None,
@@ -333,7 +301,7 @@ def save_results(
             continue
         rows = [dict(r) for r in rows]
         payload[kind] = rows
-        paths[f"{kind}_csv"] = write_text_atomic(out_dir / f"{name}_{kind}.csv", _csv_text(rows))
+        paths[f"{kind}_csv"] = write_text_atomic(out_dir / f"{name}_{kind}.csv", csv_text(rows))
     paths["json"] = write_text_atomic(out_dir / f"{name}.json", json.dumps(_json_safe(payload), indent=2) + "\n")
     return paths
 

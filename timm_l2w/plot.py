@@ -58,7 +58,7 @@ def plot_curves(
         fig.savefig(buf, format="png")
     finally:
         plt.close(fig)
-    from .evaluate import write_bytes_atomic
+    from .files import write_bytes_atomic
 
     return write_bytes_atomic(path, buf.getvalue())
 

@@ -31,6 +31,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .files import csv_text, write_json_atomic, write_text_atomic
+
 __all__ = ["PRESETS", "build_parser", "parse_args", "train", "main", "find_checkpoint", "TrainingStopped"]
 
 CHECKPOINT_PREFIX = "step_"
@@ -220,18 +222,6 @@ def _discard(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- the run
 
 
@@ -342,7 +332,7 @@ class _Run:
                          "hidden": str(self.args.hidden)}
                 _save_tensors(self.l2w.weight_net.state_dict(), tmp / "weight_predictor.safetensors", wmeta)
                 torch.save(self.l2w.state_dict(), tmp / "l2w_state.pt")
-            _write_json(tmp / "train_state.json", {"step": self.step, "epoch_stats": self.epoch_stats,
+            write_json_atomic(tmp / "train_state.json", {"step": self.step, "epoch_stats": self.epoch_stats,
                                                    "history": self.history, "nonfinite_run": self.nonfinite_run,
                                                    "args": vars(self.args)})
             _fault_point("checkpoint", self.step)  # tests: killed half-way, the .tmp- folder is ignored
@@ -500,21 +490,10 @@ class _Run:
         self.epoch_stats = self._zero_stats()
         if self.accelerator.is_main_process:
             self.output.mkdir(parents=True, exist_ok=True)
-            _write_json(self.output / "log.json", self.history)
-            _write_text(self.output / "log.csv", _csv(self.history))
+            write_json_atomic(self.output / "log.json", self.history)
+            write_text_atomic(self.output / "log.csv", csv_text(self.history))
         self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=self.step)
         return row
-
-
-def _csv(rows: List[Dict[str, Any]]) -> str:
-    import csv
-    import io
-
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
 
 
 def create_multi_exit_model(name: str, **kwargs: Any) -> nn.Module:
