@@ -72,10 +72,32 @@ def _result_path(out: Path, weighting: str, seed: int) -> Path:
     return out / f"{weighting}_seed{seed}.json"
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    from timm_l2w.evaluate import write_text_atomic
+def _write_bytes(path: Path, data: bytes) -> None:
+    """Write atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
-    write_text_atomic(path, json.dumps(_clean(obj), indent=1) + "\n")
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_bytes(path, (json.dumps(_clean(obj), indent=1) + "\n").encode())
+
+
+def _code_version() -> Dict[str, Any]:
+    """The commit and a hash of any uncommitted change to timm_l2w/ (the tree is shared and moving)."""
+    import hashlib
+
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    diff = git("diff", "HEAD", "--", "timm_l2w")
+    return {"commit": git("rev-parse", "HEAD").strip() or None,
+            "timm_l2w_uncommitted_sha1": hashlib.sha1(diff.encode()).hexdigest()[:12] if diff else None}
 
 
 def _clean(value: Any) -> Any:
@@ -159,12 +181,13 @@ def run_one(args: argparse.Namespace, weighting: str, seed: int) -> Path:
     run_dir = out / "runs" / f"{weighting}_seed{seed}"
     argv = _train_argv(args, weighting, seed, run_dir)
     targs = train_mod.parse_args(argv)
+    code = _code_version()
     t0 = time.perf_counter()
     result = train_mod.train(targs)
     wall = time.perf_counter() - t0
     ev = result["eval"]
     record: Dict[str, Any] = {
-        "weighting": weighting, "seed": seed, "model": args.model, "train_argv": argv,
+        "weighting": weighting, "seed": seed, "model": args.model, "train_argv": argv, "code": code,
         "settings": {k: getattr(targs, k) for k in ("eps", "constraint", "input_type", "target_p_index",
                                                    "meta_interval", "meta_lr", "meta_weight_decay", "hidden",
                                                    "lr", "momentum", "weight_decay", "batch_size", "max_steps",
@@ -288,6 +311,7 @@ def summarize(out: Path, seeds: Sequence[int], points: int = 39) -> Optional[Dic
         "paired_share_ahead_per_seed": per_seed_share,
         "gain_by_budget_index": by_q,
         "mean_gain_by_budget_index": float(np.mean(by_q)) if by_q else None,
+        "gain_at_training_q": _train_q_gain(records, paired),
         "share_ahead_by_budget_index": float(np.mean(np.array(by_q) > 0)) if by_q else None,
         "anytime_top1": anytime,
         "peak_budgeted_top1": peak,
@@ -297,6 +321,19 @@ def summarize(out: Path, seeds: Sequence[int], points: int = 39) -> Optional[Dic
     (out / "summary.md").write_text(_markdown(summary))
     _plot(summary, records, out / "l2w_vs_uniform.png")
     return summary
+
+
+def _train_q_gain(records: Dict[str, Dict[int, Any]], paired: Sequence[int]) -> Optional[Dict[str, Any]]:
+    """Test top-1 of both weightings at the budget of the training distribution (q = j/20), per seed."""
+    if not paired:
+        return None
+    j = records["l2w"][paired[0]]["settings"]["target_p_index"]
+    rows = {w: [next(r for r in records[w][s]["budgeted"] if r["q"] is not None and abs(r["q"] - j / 20) < 1e-9)
+                for s in paired] for w in WEIGHTINGS}
+    gains = [a["test_top1"] - b["test_top1"] for a, b in zip(rows["l2w"], rows["uniform"])]
+    return {"q": j / 20, "l2w": _ms([r["test_top1"] for r in rows["l2w"]]),
+            "uniform": _ms([r["test_top1"] for r in rows["uniform"]]), "gain": _ms(gains),
+            "mflops": {w: _ms([r["expected_flops"] / 1e6 for r in rows[w]]) for w in WEIGHTINGS}}
 
 
 def _markdown(s: Dict[str, Any]) -> str:
@@ -316,6 +353,9 @@ def _markdown(s: Dict[str, Any]) -> str:
               + ", ".join(f"{k}: {v:+.3f}" for k, v in s["paired_gain_per_seed"].items()) + ")",
               f"by budget index (same q): mean gain {s['mean_gain_by_budget_index']:+.3f}, L2W ahead at "
               f"{100 * s['share_ahead_by_budget_index']:.0f}% of the 39",
+              (lambda t: f"at the training distribution q = {t['q']:.2f}: L2W {t['l2w']['mean']:.2f} ± {t['l2w']['std']:.2f} "
+               f"at {t['mflops']['l2w']['mean']:.2f} MFLOPs, equal {t['uniform']['mean']:.2f} ± {t['uniform']['std']:.2f} at "
+               f"{t['mflops']['uniform']['mean']:.2f} MFLOPs, paired gain {t['gain']['mean']:+.2f} ± {t['gain']['std']:.2f}")(s["gain_at_training_q"]),
               f"peak budgeted top-1: L2W {s['peak_budgeted_top1']['l2w']['mean']:.2f} ± {s['peak_budgeted_top1']['l2w']['std']:.2f}, "
               f"equal {s['peak_budgeted_top1']['uniform']['mean']:.2f} ± {s['peak_budgeted_top1']['uniform']['std']:.2f}",
               f"training time per run (s, one thread): L2W {s['train_s']['l2w']['mean']:.0f}, "
@@ -330,8 +370,6 @@ def _plot(s: Dict[str, Any], records: Dict[str, Dict[int, Any]], path: Path) -> 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from timm_l2w.evaluate import write_bytes_atomic
 
     grid = np.array(s["grid_mflops"])
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
@@ -355,7 +393,7 @@ def _plot(s: Dict[str, Any], records: Dict[str, Dict[int, Any]], path: Path) -> 
         fig.savefig(buf, format="png")
     finally:
         plt.close(fig)
-    write_bytes_atomic(path, buf.getvalue())
+    _write_bytes(path, buf.getvalue())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
