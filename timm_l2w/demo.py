@@ -51,7 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=4, help="warmup, in updates")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="output/demo", help="folder for both runs, the table and the plot")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads; the tiny model gains nothing from more, and on a busy machine "
+                        "extra threads stall each other (0: torch's choice)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
