@@ -385,7 +385,7 @@ def _plot(s: Dict[str, Any], records: Dict[str, Dict[int, Any]], path: Path) -> 
                         label=f"{LABELS[w]} exits")
         ax.set_xlabel("average MFLOPs per image (test)")
         ax.set_ylabel("top-1 accuracy (%)")
-        ax.set_title(f"{s['model']} on Fashion-MNIST 32x32: budgeted, mean ± std")
+        ax.set_title(f"{s['model']}, Fashion-MNIST 32x32 (mean ± std)", fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
