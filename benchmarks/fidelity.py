@@ -41,6 +41,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from timm_l2w.files import write_bytes_atomic, write_text_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "fidelity"
 WEIGHTINGS = ("l2w", "uniform")
@@ -72,17 +74,8 @@ def _result_path(out: Path, weighting: str, seed: int) -> Path:
     return out / f"{weighting}_seed{seed}.json"
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    """Write atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    _write_bytes(path, (json.dumps(_clean(obj), indent=1) + "\n").encode())
+    write_text_atomic(path, json.dumps(_clean(obj), indent=1) + "\n")
 
 
 def _code_version() -> Dict[str, Any]:
@@ -393,7 +386,7 @@ def _plot(s: Dict[str, Any], records: Dict[str, Dict[int, Any]], path: Path) -> 
         fig.savefig(buf, format="png")
     finally:
         plt.close(fig)
-    _write_bytes(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
