@@ -70,6 +70,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _shown(value: Any) -> str:
+    """A path (or argument) as recorded in results: relative to the repository when inside it."""
+    text = str(value)
+    root = f"{ROOT}{os.sep}"
+    return text[len(root):] if text.startswith(root) else text
+
+
 def _result_path(out: Path, weighting: str, seed: int) -> Path:
     return out / f"{weighting}_seed{seed}.json"
 
@@ -180,7 +187,7 @@ def run_one(args: argparse.Namespace, weighting: str, seed: int) -> Path:
     wall = time.perf_counter() - t0
     ev = result["eval"]
     record: Dict[str, Any] = {
-        "weighting": weighting, "seed": seed, "model": args.model, "train_argv": argv, "code": code,
+        "weighting": weighting, "seed": seed, "model": args.model, "train_argv": [_shown(a) for a in argv], "code": code,
         "settings": {k: getattr(targs, k) for k in ("eps", "constraint", "input_type", "target_p_index",
                                                    "meta_interval", "meta_lr", "meta_weight_decay", "hidden",
                                                    "lr", "momentum", "weight_decay", "batch_size", "max_steps",
@@ -193,7 +200,7 @@ def run_one(args: argparse.Namespace, weighting: str, seed: int) -> Path:
         record["weights_over_training"] = weights_over_training(run_dir, args.model, targs)
     path = _result_path(out, weighting, seed)
     _write_json(path, record)
-    print(f"{weighting} seed {seed}: done in {wall:.0f}s -> {path}", flush=True)
+    print(f"{weighting} seed {seed}: done in {wall:.0f}s -> {_shown(path)}", flush=True)
     return path
 
 
