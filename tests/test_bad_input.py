@@ -169,11 +169,18 @@ def test_malicious_pickle_in_a_checkpoint_never_runs_on_resume(tmp_path, capsys)
     assert main(base + ["--resume", "auto", "--max-steps", "2"]) == 0  # the restored checkpoint resumes
 
 
-def test_unwritable_output_fails_before_training(tmp_path, capsys):
-    if os.geteuid() == 0:
-        pytest.skip("root can write anywhere; the not-a-folder case in the CLI sweep covers this path")
+def test_unwritable_output_fails_before_training(tmp_path, capsys, monkeypatch):
     locked = tmp_path / "locked"
     locked.mkdir()
+    if os.geteuid() == 0:  # root ignores permission bits: make the OS refuse writes there instead
+        real_mkdir = Path.mkdir
+
+        def refuse(self, *args, **kwargs):
+            if locked in self.parents:
+                raise PermissionError(13, "Permission denied", str(self))
+            return real_mkdir(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "mkdir", refuse)
     locked.chmod(0o500)
     try:
         code = cli.main(TRAIN + ["--output", str(locked / "out")])
