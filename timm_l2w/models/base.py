@@ -62,17 +62,10 @@ def select_samples(state: Any, index: Tensor) -> Any:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP / DataParallel / torch.compile wrappers (``.module`` / ``._orig_mod``)."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or (
-            type(model).__name__ in {"DistributedDataParallel", "DataParallel", "FullyShardedDataParallel"}
-            and hasattr(model, "module")
-        ):
-            model = model.module
-        else:
-            return model
+    """Strip DDP / DataParallel / FSDP / DeepSpeed / torch.compile wrappers (accelerate's unwrapping)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model, keep_torch_compile=False)
 
 
 def check_multi_exit_output(outputs: Any, num_exits: int | None = None) -> List[Tensor]:
