@@ -47,6 +47,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "fidelity"
 WEIGHTINGS = ("l2w", "uniform")
 LABELS = {"l2w": "L2W", "uniform": "equal weighting"}
+# a run variant: (weighting, extra `timm-l2w train` flags); "l2w" is the preset's meta interval (1, CIFAR)
+VARIANTS = {"l2w": ("l2w", []), "uniform": ("uniform", []),
+            "l2w_int10": ("l2w", ["--meta-interval", "10"]), "l2w_int100": ("l2w", ["--meta-interval", "100"])}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="msdnet_l2w_cifar_tiny")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX files (default: Debian's location)")
     p.add_argument("--steps", type=int, default=300, help="loader batches per run (two updates each)")
+    p.add_argument("--epochs", type=int, default=None, help="train this many epochs instead of --steps")
+    p.add_argument("--variants", nargs="+", default=list(WEIGHTINGS), choices=sorted(VARIANTS),
+                   help="runs per seed: l2w (preset meta interval), uniform, l2w_int10, l2w_int100")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--warmup-steps", type=int, default=20, help="linear warmup, in updates")
@@ -116,16 +122,19 @@ def _clean(value: Any) -> Any:
 # ----------------------------------------------------------------------------- one run (child process)
 
 
-def _train_argv(args: argparse.Namespace, weighting: str, seed: int, output: Path) -> List[str]:
-    argv = ["--model", args.model, "--dataset", "fashion-mnist", "--input-size", "32",
-            "--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+def _train_argv(args: argparse.Namespace, variant: str, seed: int, output: Path) -> List[str]:
+    weighting, variant_flags = VARIANTS[variant]
+    length = ["--epochs", str(args.epochs)] if args.epochs else ["--max-steps", str(args.steps)]
+    argv = ["--model", args.model, "--dataset", "fashion-mnist", "--input-size", "32", *length,
+            "--batch-size", str(args.batch_size), "--lr", str(args.lr),
             "--warmup-steps", str(args.warmup_steps), "--weighting", weighting, "--seed", str(seed),
             "--output", str(output), "--log-with", "none", "--no-progress", "--cpu"]
     if args.data_dir:
         argv += ["--data-dir", args.data_dir]
-    if weighting == "l2w" and args.checkpoint_every:
-        argv += ["--checkpoint-every", str(args.checkpoint_every), "--keep-checkpoints", "1000"]
-    return argv + list(args.extra)
+    if args.checkpoint_every:  # every run can resume; L2W runs keep them all for the weights analysis
+        keep = "1000" if weighting == "l2w" else "2"
+        argv += ["--checkpoint-every", str(args.checkpoint_every), "--keep-checkpoints", keep]
+    return argv + variant_flags + list(args.extra)
 
 
 def weights_over_training(run_dir: Path, model_name: str, train_args: argparse.Namespace,
@@ -170,24 +179,30 @@ def weights_over_training(run_dir: Path, model_name: str, train_args: argparse.N
     return rows
 
 
-def run_one(args: argparse.Namespace, weighting: str, seed: int) -> Path:
-    """Train + evaluate one (weighting, seed) in this process; write its result file."""
+def run_one(args: argparse.Namespace, variant: str, seed: int) -> Path:
+    """Train + evaluate one (variant, seed) in this process; write its result file.
+
+    A run stopped part-way continues from its newest complete checkpoint (``--resume auto``).
+    """
     import torch
 
     torch.set_num_threads(1)
     from timm_l2w import train as train_mod
 
     out = Path(args.out)
-    run_dir = out / "runs" / f"{weighting}_seed{seed}"
-    argv = _train_argv(args, weighting, seed, run_dir)
-    targs = train_mod.parse_args(argv)
+    weighting = VARIANTS[variant][0]
+    run_dir = out / "runs" / f"{variant}_seed{seed}"
+    argv = _train_argv(args, variant, seed, run_dir)
+    resumed = any((run_dir / "checkpoints").glob("step_*/COMPLETE"))
+    targs = train_mod.parse_args(argv + (["--resume", "auto"] if resumed else []))
     code = _code_version()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     result = train_mod.train(targs)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     ev = result["eval"]
     record: Dict[str, Any] = {
-        "weighting": weighting, "seed": seed, "model": args.model, "train_argv": [_shown(a) for a in argv], "code": code,
+        "variant": variant, "weighting": weighting, "seed": seed, "model": args.model,
+        "train_argv": [_shown(a) for a in argv], "code": code, "resumed": resumed, "cpu_s": cpu,
         "settings": {k: getattr(targs, k) for k in ("eps", "constraint", "input_type", "target_p_index",
                                                    "meta_interval", "meta_lr", "meta_weight_decay", "hidden",
                                                    "lr", "momentum", "weight_decay", "batch_size", "max_steps",
@@ -198,9 +213,9 @@ def run_one(args: argparse.Namespace, weighting: str, seed: int) -> Path:
     }
     if weighting == "l2w" and args.checkpoint_every:
         record["weights_over_training"] = weights_over_training(run_dir, args.model, targs)
-    path = _result_path(out, weighting, seed)
+    path = _result_path(out, variant, seed)
     _write_json(path, record)
-    print(f"{weighting} seed {seed}: done in {wall:.0f}s -> {_shown(path)}", flush=True)
+    print(f"{variant} seed {seed}: done in {wall:.0f}s -> {_shown(path)}", flush=True)
     return path
 
 
@@ -211,9 +226,9 @@ def launch_all(args: argparse.Namespace) -> None:
     """Run every missing (weighting, seed) in child processes, ``--jobs`` at a time."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    # the slower L2W runs first: with two jobs the last to finish is then a short equal-weighting run
-    todo = [(w, s) for w in WEIGHTINGS for s in args.seeds if not _result_path(out, w, s).is_file()]
-    done = [(w, s) for s in args.seeds for w in WEIGHTINGS if (w, s) not in todo]
+    # seed by seed (a stopped study leaves complete comparisons), variants in the order given
+    todo = [(w, s) for s in args.seeds for w in args.variants if not _result_path(out, w, s).is_file()]
+    done = [(w, s) for s in args.seeds for w in args.variants if (w, s) not in todo]
     if done:
         print(f"skipping finished runs: {done}", flush=True)
     running: List[tuple] = []
@@ -221,6 +236,8 @@ def launch_all(args: argparse.Namespace) -> None:
     passthrough = ["--out", str(out), "--model", args.model, "--steps", str(args.steps),
                    "--batch-size", str(args.batch_size), "--lr", str(args.lr),
                    "--warmup-steps", str(args.warmup_steps), "--checkpoint-every", str(args.checkpoint_every)]
+    if args.epochs:
+        passthrough += ["--epochs", str(args.epochs)]
     if args.data_dir:
         passthrough += ["--data-dir", args.data_dir]
     if args.extra:
