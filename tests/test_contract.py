@@ -8,11 +8,11 @@ from timm_l2w.models.base import select_samples, unwrap_model
 from conftest import TinyMultiExit
 
 
-def test_forward_returns_list_and_stages_match(tiny_model):
+def test_forward_exits_returns_tuple_and_stages_match(tiny_model):
     x = torch.randn(5, 1, 8, 8)
     tiny_model.eval()
-    outs = tiny_model(x)
-    assert isinstance(outs, list) and len(outs) == tiny_model.num_exits
+    outs = tiny_model.forward_exits(x)
+    assert isinstance(outs, tuple) and len(outs) == tiny_model.num_exits
     state = x
     for k in range(tiny_model.num_exits):
         state, logits = tiny_model.forward_stage(k, state)
@@ -51,7 +51,7 @@ def test_unwrap_model_dataparallel(tiny_model):
 
 
 def test_check_multi_exit_output():
-    with pytest.raises(TypeError, match="list of exit logits"):
+    with pytest.raises(TypeError, match="forward_exits"):
         timm_l2w.check_multi_exit_output(torch.zeros(2, 3))
     with pytest.raises(ValueError, match="expected 3"):
         timm_l2w.check_multi_exit_output([torch.zeros(2, 3)], num_exits=3)

@@ -117,7 +117,7 @@ def test_collect_matches_full_forward(tiny_model):
     out = collect_exit_outputs(tiny_model, loader)
     tiny_model.eval()
     with torch.no_grad():
-        direct = ExitOutputs.from_logits(tiny_model(x), y)
+        direct = ExitOutputs.from_logits(tiny_model.forward_exits(x), y)
     assert torch.allclose(out.confidences, direct.confidences, atol=1e-6)
     assert torch.equal(out.targets, y) and out.num_exits == 3 and out.num_samples == 10
 

@@ -60,7 +60,7 @@ def test_imagenet_stem_runs_down_to_its_minimum_size():
     model = MSDNet(n_blocks=2, step=1, base=1, n_channels=4, growth_rate=2, stem="imagenet", num_classes=3).eval()
     assert model.min_input_size == 129  # 7x7/s2 conv + max pool (4), three scale halvings (8), two head convs (4)
     with torch.no_grad():
-        assert [o.shape for o in model(torch.randn(2, 3, 129, 129))] == [(2, 3), (2, 3)]
+        assert [o.shape for o in model.forward_exits(torch.randn(2, 3, 129, 129))] == [(2, 3), (2, 3)]
     with pytest.raises(ValueError, match="at least 129"):
         model(torch.randn(1, 3, 128, 200))
 
@@ -80,7 +80,7 @@ def test_stages_in_order_reproduce_forward(training):
     model = timm.create_model("msdnet_l2w_cifar_tiny", num_classes=7).train(training)
     x = torch.randn(3, 3, 32, 32)
     torch.manual_seed(1)
-    outputs = model(x)
+    outputs = model.forward_exits(x)
     assert len(outputs) == 5 and all(o.shape == (3, 7) for o in outputs)
     state, staged = x, []
     for k in range(model.num_exits):
@@ -95,7 +95,7 @@ def test_state_can_drop_samples_between_stages():
     model = timm.create_model("msdnet_l2w_cifar_tiny", num_classes=4).eval()
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
-        full = model(x)
+        full = model.forward_exits(x)
         state, _ = model.forward_stage(0, x)
         keep = torch.tensor([True, False, True, False])
         state = select_samples(state, keep)
@@ -108,8 +108,8 @@ def test_in_chans_num_classes_and_larger_inputs():
     model = timm.create_model("msdnet_l2w_cifar_tiny", in_chans=1, num_classes=3).eval()
     assert model.blocks[0][0].layers[0].net[0].in_channels == 1
     with torch.no_grad():
-        assert all(o.shape == (2, 3) for o in model(torch.randn(2, 1, 48, 40)))
-        assert all(o.shape == (2, 3) for o in model(torch.randn(2, 1, 17, 17)))  # the minimum size
+        assert all(o.shape == (2, 3) for o in model.forward_exits(torch.randn(2, 1, 48, 40)))
+        assert all(o.shape == (2, 3) for o in model.forward_exits(torch.randn(2, 1, 17, 17)))  # the minimum size
 
 
 def test_reset_and_get_classifier():
@@ -124,7 +124,7 @@ def test_reset_and_get_classifier():
     with pytest.raises(ValueError, match="global_pool=None"):
         model.reset_classifier(5, global_pool="max")
     model.reset_classifier(0)  # timm convention: exits return pooled features
-    feats = model.eval()(torch.randn(2, 3, 32, 32))
+    feats = model.eval().forward_exits(torch.randn(2, 3, 32, 32))
     assert feats[-1].shape == (2, model.num_features)
 
 
@@ -161,7 +161,7 @@ def test_pretrained_file_and_num_classes_change_reinitialise_only_heads(tmp_path
 
     via_checkpoint = timm.create_model("msdnet_l2w_cifar_tiny", checkpoint_path=str(path)).eval()
     with torch.no_grad():
-        assert torch.equal(via_checkpoint(x)[-1], source(x)[-1])
+        assert torch.equal(via_checkpoint(x), source(x))  # eval mode: the last exit
 
 
 def test_bad_input_errors_name_the_fix():

@@ -50,7 +50,7 @@ def test_flops_increasing_and_last_is_backbone_plus_heads(name, kwargs, size):
     assert all(b > a for a, b in zip(flops, flops[1:]))
     x = torch.zeros(1, 3, size, size)
     backbone = _count(model.backbone.modules(), lambda: model.backbone(x))  # plain timm forward, num_classes=0
-    heads = _count(model.heads.modules(), lambda: model(x))
+    heads = _count(model.heads.modules(), lambda: model.forward_exits(x))
     assert heads > 0
     assert flops[-1] == pytest.approx(backbone + heads, rel=1e-9)
 
@@ -82,7 +82,7 @@ def test_plain_timm_state_dict_loads_into_trunk(name, kwargs):
 def test_any_timm_name_and_custom_exits():
     model = timm_l2w.multi_exit_model("resnet10t", exit_indices=(2, 4), num_classes=4, in_chans=1)
     assert model.num_exits == 2 and model.in_chans == 1
-    outs = model(torch.randn(2, 1, 32, 32))
+    outs = model(torch.randn(2, 1, 32, 32))  # train mode: every exit
     assert [o.shape for o in outs] == [(2, 4), (2, 4)]
     model.reset_classifier(6)
     assert model(torch.randn(2, 1, 32, 32))[0].shape == (2, 6)
@@ -149,5 +149,5 @@ def test_l2w_step_budgeted_evaluation_and_early_exit_per_family(family, make):
     predictor = timm_l2w.EarlyExitPredictor.from_distribution(model, outputs, 0.75)
     pred = predictor.predict(x)
     with torch.no_grad():
-        full = torch.stack(model(x))  # [K, N, C]
+        full = torch.stack(model.forward_exits(x))  # [K, N, C]
     torch.testing.assert_close(pred.predictions, full[pred.exit_index, torch.arange(8)].argmax(-1))

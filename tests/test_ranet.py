@@ -16,10 +16,10 @@ def _small(**kwargs) -> RANet:
 
 
 def assert_staged_matches_forward(model, x, keep=None):
-    """Stage-by-stage logits equal ``forward``'s; with ``keep``, samples are dropped after stage 0."""
+    """Stage-by-stage logits equal ``forward_exits``'; with ``keep``, samples are dropped after stage 0."""
     model.eval()
     with torch.no_grad():
-        outs = model(x)
+        outs = model.forward_exits(x)
         assert len(outs) == model.num_exits and all(o.shape == (len(x), model.num_classes) for o in outs)
         state = x
         for k in range(model.num_exits):
@@ -68,8 +68,8 @@ def test_shared_start_level_scale_list():
 def test_reset_classifier_and_backward():
     model = _small()
     model.reset_classifier(3)
-    outs = model(torch.randn(2, 3, 32, 32))
-    assert all(o.shape == (2, 3) for o in outs)
+    outs = model(torch.randn(2, 3, 32, 32))  # train mode: every exit
+    assert len(outs) == model.num_exits and all(o.shape == (2, 3) for o in outs)
     sum(o.sum() for o in outs).backward()
     assert all(p.grad is not None for p in model.parameters())
 

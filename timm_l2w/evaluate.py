@@ -86,7 +86,7 @@ class ExitOutputs:
 
     @classmethod
     def from_logits(cls, logits: Sequence[Tensor], targets: Tensor) -> "ExitOutputs":
-        """Build from a model output (list of K ``[B, C]`` logits) and ``[B]`` integer targets."""
+        """Build from all K exit logits ``[B, C]`` (``model.forward_exits(x)``) and ``[B]`` integer targets."""
         logits = check_multi_exit_output(logits)
         targets = torch.as_tensor(targets).detach().long().to(logits[0].device)
         if targets.ndim != 1 or targets.shape[0] != logits[0].shape[0]:
@@ -125,13 +125,19 @@ def _batch_xy(batch: Any) -> Tuple[Tensor, Tensor]:
 def collect_exit_outputs(
     model: nn.Module, loader: Iterable, device: Optional[torch.device | str] = None, progress: bool = False
 ) -> ExitOutputs:
-    """Run ``model`` (eval mode, inference mode) over ``loader`` once and keep every exit's outputs."""
+    """Run ``model`` (eval mode, inference mode) over ``loader`` once and keep every exit's outputs.
+
+    The exits come from ``forward_exits`` of the unwrapped model (``model(x)`` in eval mode gives only
+    the last exit); the model's train/eval mode is restored afterwards.
+    """
     if device is None:
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
     was_training = model.training
     model.eval()
-    num_exits = getattr(unwrap_model(model), "num_exits", None)
+    net = unwrap_model(model)
+    num_exits = getattr(net, "num_exits", None)
+    forward_exits = getattr(net, "forward_exits", model)
     parts = []
     if progress:
         from tqdm.auto import tqdm
@@ -141,7 +147,7 @@ def collect_exit_outputs(
         with torch.inference_mode():
             for batch in loader:
                 x, y = _batch_xy(batch)
-                outputs = check_multi_exit_output(model(x.to(device)), num_exits)
+                outputs = check_multi_exit_output(forward_exits(x.to(device)), num_exits)
                 parts.append(ExitOutputs.from_logits(outputs, y.to(device)))
     finally:
         model.train(was_training)
