@@ -15,17 +15,23 @@ L2W runs also checkpoint every ``--checkpoint-every`` steps; after the run the p
 checkpoint is applied to that checkpoint's exit losses on 1,000 held-out images to show how the
 predicted weights evolve during training.
 
-The summary (``summary.json``, ``summary.md``, ``l2w_vs_uniform.png``) puts every budgeted curve on
-a common grid of 39 FLOPs values (linear interpolation over the range all curves cover) and gives,
-per weighting, mean and standard deviation over seeds; the gain of L2W at each grid point (difference
-of the means), its mean over the grid, the share of grid points where L2W is ahead, and the same gain
-paired by seed (mean and std over seeds of each seed's mean gain).
+The summary (``summary.json``, ``summary.md``, ``l2w_vs_uniform.png``, ``gain_vs_cost.png``) works on
+whatever result files exist (it says which are missing) and compares every L2W variant present with
+equal weighting of the same seeds (issue 14). Every budgeted curve goes on one common grid of 39 FLOPs
+values (linear interpolation over the range all curves cover). Per L2W variant: the gain of the
+seed-mean curves on the grid (mean, share of grid points ahead); the paired gain per seed with a 95%
+Student t interval and a percentile bootstrap interval over seeds (the result files hold no per-sample
+outputs); the same budget by budget (same q); the gain at the training q; the peak; the anytime gain
+per exit; the cost ratio per seed pair (CPU and wall seconds; resumed runs, whose times cover only the
+last segment, are left out); and the predictor analysis (weight vs loss correlation per exit at the
+end of training and over the checkpoints).
 
 Fashion-MNIST comes from Debian's ``dataset-fashion-mnist`` package (``apt-get install
 dataset-fashion-mnist``) or the four IDX files in ``--data-dir``.
 
     python benchmarks/fidelity.py [--seeds 0 1 2] [--steps 300] [--jobs 2] [--out benchmarks/results/fidelity]
     python benchmarks/fidelity.py --summarize-only      # aggregate the result files present
+    python benchmarks/fidelity.py --summarize-only --out DIR --seeds 0 1 2 --variants l2w uniform l2w_int10 l2w_int100
 """
 from __future__ import annotations
 
@@ -62,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=300, help="loader batches per run (two updates each)")
     p.add_argument("--epochs", type=int, default=None, help="train this many epochs instead of --steps")
     p.add_argument("--variants", nargs="+", default=list(WEIGHTINGS), choices=sorted(VARIANTS),
-                   help="runs per seed: l2w (preset meta interval), uniform, l2w_int10, l2w_int100")
+                   help="runs per seed: l2w (preset meta interval), uniform, l2w_int10, l2w_int100 (the "
+                   "summary covers every variant present and reports these when missing)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--warmup-steps", type=int, default=20, help="linear warmup, in updates")
@@ -265,6 +272,115 @@ def launch_all(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------- summary
 
+REFERENCE = "uniform"  # every L2W variant is compared with equal weighting of the same seed
+N_BOOTSTRAP = 10000
+# the paper's budget distributions are q = j / 20 (j = 1..39); the training distribution is j = target_p_index
+_Q_STEP = 20
+
+
+def variant_label(variant: str, settings: Optional[Dict[str, Any]] = None) -> str:
+    """How a variant is named in tables and plots (L2W variants by their meta interval)."""
+    if VARIANTS.get(variant, (variant,))[0] != "l2w":
+        return LABELS.get(variant, variant)
+    interval = (settings or {}).get("meta_interval")
+    return f"L2W, meta interval {interval}" if interval is not None else f"L2W ({variant})"
+
+
+def load_records(out: Path, seeds: Sequence[int]) -> Dict[str, Dict[int, Dict[str, Any]]]:
+    """The result files present in ``out`` for ``seeds``: ``{variant: {seed: record}}``, known variants only."""
+    records: Dict[str, Dict[int, Dict[str, Any]]] = {}
+    for variant in VARIANTS:
+        for seed in seeds:
+            path = _result_path(out, variant, seed)
+            if not path.is_file():
+                continue
+            try:
+                records.setdefault(variant, {})[seed] = json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise SystemExit(f"{_shown(path)} is not a readable result file ({exc}); delete it and rerun the "
+                                 "study's command (runs whose result file exists are skipped)")
+    return records
+
+
+def missing_runs(out: Path, variants: Sequence[str], seeds: Sequence[int],
+                 records: Dict[str, Dict[int, Any]]) -> Dict[str, Dict[str, Any]]:
+    """Per variant asked for or present: the seeds without a result file and the newest checkpoint of each."""
+    missing = {}
+    for variant in dict.fromkeys([*variants, *records]):
+        absent = [s for s in seeds if s not in records.get(variant, {})]
+        if not absent:
+            continue
+        progress = {}
+        for s in absent:
+            done = sorted((out / "runs" / f"{variant}_seed{s}" / "checkpoints").glob("step_*/COMPLETE"))
+            if done:
+                progress[s] = int(done[-1].parent.name.split("_")[1])
+        missing[variant] = {"seeds": absent, "checkpoint_step": progress}
+    return missing
+
+
+def _ms(values: Sequence[float]) -> Optional[Dict[str, float]]:
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return None
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0, "n": int(v.size)}
+
+
+def mean_with_intervals(values: Sequence[float], seed: int = 0) -> Optional[Dict[str, Any]]:
+    """Mean, std and n of ``values`` (one per seed) with two 95% intervals for the mean.
+
+    ``ci95_t``: Student t interval (n - 1 degrees of freedom); ``ci95_bootstrap``: percentile interval of
+    the mean over ``N_BOOTSTRAP`` resamples of the values with replacement. Both are None for n < 2.
+    """
+    stats = _ms(values)
+    if stats is None:
+        return None
+    stats.update(ci95_t=None, ci95_bootstrap=None)
+    v = np.asarray(values, dtype=np.float64)
+    if v.size < 2:
+        return stats
+    from scipy import stats as sps
+
+    sem = v.std(ddof=1) / math.sqrt(v.size)
+    lo_hi = sps.t.interval(0.95, v.size - 1, loc=v.mean(), scale=sem) if sem > 0 else (v.mean(), v.mean())
+    stats["ci95_t"] = [float(lo_hi[0]), float(lo_hi[1])]
+    if sem > 0:
+        boot = sps.bootstrap((v,), np.mean, n_resamples=N_BOOTSTRAP, method="percentile",
+                             confidence_level=0.95, rng=np.random.default_rng(seed))
+        stats["ci95_bootstrap"] = [float(boot.confidence_interval.low), float(boot.confidence_interval.high)]
+    else:
+        stats["ci95_bootstrap"] = [float(v.mean()), float(v.mean())]
+    return stats
+
+
+def cost_ratio(runs: Dict[int, Dict[str, Any]], reference: Dict[int, Dict[str, Any]], key: str) -> Dict[str, Any]:
+    """Per seed, ``runs[s][key] / reference[s][key]`` (same seed, same study), and their mean.
+
+    A pair is left out when either run was resumed (its times cover only the last segment) or lacks ``key``.
+    """
+    per_seed, excluded = {}, {}
+    for s in sorted(set(runs) & set(reference)):
+        a, b = runs[s], reference[s]
+        if a.get("resumed") or b.get("resumed"):
+            excluded[s] = "resumed run (times cover only its last segment)"
+        elif a.get(key) is None or b.get(key) is None:
+            excluded[s] = f"{key} not recorded"
+        else:
+            per_seed[s] = float(a[key]) / float(b[key])
+    values = list(per_seed.values())
+    return {"key": key, "per_seed": per_seed, "mean": float(np.mean(values)) if values else None,
+            "min": min(values) if values else None, "max": max(values) if values else None, "excluded": excluded}
+
+
+def run_costs(runs: Dict[int, Dict[str, Any]]) -> Dict[str, Any]:
+    """CPU, wall and training seconds per run; means over the runs that were not resumed."""
+    whole = [s for s in sorted(runs) if not runs[s].get("resumed")]
+    cost: Dict[str, Any] = {"resumed_seeds": [s for s in sorted(runs) if runs[s].get("resumed")]}
+    for key in ("cpu_s", "wall_s", "train_s"):
+        cost[key] = {s: runs[s].get(key) for s in sorted(runs)}
+        cost[f"{key}_stats"] = _ms([runs[s][key] for s in whole if runs[s].get(key) is not None])
+    return cost
+
 
 def _curve(record: Dict[str, Any]) -> tuple:
     rows = record["budgeted"]
@@ -274,143 +390,416 @@ def _curve(record: Dict[str, Any]) -> tuple:
     return f[order], a[order]
 
 
-def _ms(values: Sequence[float]) -> Dict[str, float]:
-    v = np.asarray(values, dtype=np.float64)
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0, "n": int(v.size)}
+def _num(value: Any) -> float:
+    """A number from a result file (non-finite floats are stored as strings)."""
+    return float(value) if value is not None else float("nan")
 
 
-def summarize(out: Path, seeds: Sequence[int], points: int = 39) -> Optional[Dict[str, Any]]:
-    records = {w: {} for w in WEIGHTINGS}
-    for w in WEIGHTINGS:
-        for s in seeds:
-            path = _result_path(out, w, s)
-            if path.is_file():
-                records[w][s] = json.loads(path.read_text())
-    if not all(records[w] for w in WEIGHTINGS):
-        print("not enough results to compare yet: " + ", ".join(f"{w}: seeds {sorted(records[w])}" for w in WEIGHTINGS))
+def predictor_summary(runs: Dict[int, Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """Weight vs loss correlation per exit from each run's ``weights_over_training``.
+
+    End of training: each seed's last checkpoint (mean, min, max over seeds of the correlation; mean
+    weight per exit). Trajectory: the seed-mean correlation at every checkpoint step all seeds have, and
+    per exit the first step from which that mean keeps the sign it ends with.
+    """
+    rows = {s: r["weights_over_training"] for s, r in runs.items() if r.get("weights_over_training")}
+    if not rows:
         return None
-    curves = {w: {s: _curve(r) for s, r in records[w].items()} for w in WEIGHTINGS}
-    all_curves = [c for w in WEIGHTINGS for c in curves[w].values()]
-    lo = max(f.min() for f, _ in all_curves)
-    hi = min(f.max() for f, _ in all_curves)
-    grid = np.linspace(lo, hi, points)
-    on_grid = {w: {s: np.interp(grid, f, a) for s, (f, a) in curves[w].items()} for w in WEIGHTINGS}
-    stats = {}
-    for w in WEIGHTINGS:
-        m = np.stack(list(on_grid[w].values()))
-        stats[w] = {"mean": m.mean(0), "std": m.std(0, ddof=1) if m.shape[0] > 1 else np.zeros(points)}
-    gain = stats["l2w"]["mean"] - stats["uniform"]["mean"]
-    paired = sorted(set(records["l2w"]) & set(records["uniform"]))
-    per_seed_gain = {s: float((on_grid["l2w"][s] - on_grid["uniform"][s]).mean()) for s in paired}
-    per_seed_share = {s: float(((on_grid["l2w"][s] - on_grid["uniform"][s]) > 0).mean()) for s in paired}
-    # the same comparison by budget index (same q, thresholds on the held-out split), paired by seed
-    by_q = [float(np.mean([records["l2w"][s]["budgeted"][b]["test_top1"] - records["uniform"][s]["budgeted"][b]["test_top1"]
-                           for s in paired])) for b in range(len(records["l2w"][paired[0]]["budgeted"]))] if paired else []
-    num_exits = len(next(iter(records["l2w"].values()))["anytime"])
-    anytime = {w: [_ms([r["anytime"][k]["top1"] for r in records[w].values()]) for k in range(num_exits)]
-               for w in WEIGHTINGS}
-    peak = {w: _ms([max(row["test_top1"] for row in r["budgeted"]) for r in records[w].values()]) for w in WEIGHTINGS}
-    flops = next(iter(records["l2w"].values()))["flops"]
-    time_s = {w: _ms([r["train_s"] for r in records[w].values()]) for w in WEIGHTINGS}
-    summary = {
-        "seeds": {w: sorted(records[w]) for w in WEIGHTINGS},
-        "settings": next(iter(records["l2w"].values()))["settings"],
-        "model": next(iter(records["l2w"].values()))["model"],
-        "exit_mflops": [f / 1e6 for f in flops],
-        "grid_mflops": grid.tolist(),
-        "curve_mean": {w: stats[w]["mean"].tolist() for w in WEIGHTINGS},
-        "curve_std": {w: stats[w]["std"].tolist() for w in WEIGHTINGS},
+    last = {s: w[-1] for s, w in rows.items()}
+    corr_end = np.array([[_num(c) for c in last[s]["corr_loss_weight"]] for s in sorted(last)])
+    weight_end = np.array([[_num(c) for c in last[s]["weight_mean"]] for s in sorted(last)])
+    steps = sorted(set.intersection(*[{row["step"] for row in w} for w in rows.values()]))
+    traj = np.array([[[_num(c) for c in next(row for row in rows[s] if row["step"] == step)["corr_loss_weight"]]
+                      for step in steps] for s in sorted(rows)])  # seeds x steps x exits
+    traj_mean = np.nanmean(traj, axis=0) if steps else np.zeros((0, corr_end.shape[1]))
+    settled = []
+    for k in range(traj_mean.shape[1]):
+        sign = np.sign(traj_mean[-1, k]) if steps else 0.0
+        differs = np.nonzero(np.sign(traj_mean[:, k]) != sign)[0]  # steps with another sign (or nan)
+        idx = int(differs[-1]) + 1 if differs.size else 0
+        settled.append(steps[idx] if steps and sign != 0 and idx < len(steps) else None)
+    return {
+        "seeds": sorted(rows),
+        "end_step": {s: last[s]["step"] for s in sorted(last)},
+        "corr_end": {"mean": np.nanmean(corr_end, 0).tolist(), "min": np.nanmin(corr_end, 0).tolist(),
+                     "max": np.nanmax(corr_end, 0).tolist()},
+        "weight_mean_end": np.nanmean(weight_end, 0).tolist(),
+        "weight_range_end": [min(_num(last[s]["weight_min"]) for s in last), max(_num(last[s]["weight_max"]) for s in last)],
+        "steps": steps,
+        "corr_mean_over_steps": traj_mean.tolist(),
+        "sign_settled_from_step": settled,
+    }
+
+
+def _at_q(rows: Sequence[Dict[str, Any]], q: float) -> Optional[Dict[str, Any]]:
+    return next((r for r in rows if r.get("q") is not None and abs(r["q"] - q) < 1e-9), None)
+
+
+def _train_q_gain(runs: Dict[int, Any], reference: Dict[int, Any], paired: Sequence[int],
+                  target_p_index: Optional[int]) -> Optional[Dict[str, Any]]:
+    """Test top-1 of a variant and of equal weighting at the training distribution's budget, per seed."""
+    if not paired or target_p_index is None:
+        return None
+    q = target_p_index / _Q_STEP
+    rows = {"variant": [_at_q(runs[s]["budgeted"], q) for s in paired],
+            "reference": [_at_q(reference[s]["budgeted"], q) for s in paired]}
+    if any(r is None for side in rows.values() for r in side):
+        return None
+    return {"q": q, "variant": _ms([r["test_top1"] for r in rows["variant"]]),
+            "reference": _ms([r["test_top1"] for r in rows["reference"]]),
+            "gain": mean_with_intervals([a["test_top1"] - b["test_top1"] for a, b in zip(rows["variant"], rows["reference"])]),
+            "mflops": {side: _ms([r["expected_flops"] / 1e6 for r in rows[side]]) for side in rows}}
+
+
+def compare_variant(runs: Dict[int, Dict[str, Any]], reference: Dict[int, Dict[str, Any]],
+                    on_grid: Dict[int, np.ndarray], on_grid_ref: Dict[int, np.ndarray]) -> Dict[str, Any]:
+    """Everything issue 14 asks of one L2W variant against equal weighting (see ``summarize_records``)."""
+    mean_v = np.mean(np.stack(list(on_grid.values())), 0)
+    mean_r = np.mean(np.stack(list(on_grid_ref.values())), 0)
+    gain = mean_v - mean_r
+    paired = sorted(set(runs) & set(reference))
+    diff = {s: on_grid[s] - on_grid_ref[s] for s in paired}
+    n_budgets = min(len(r["budgeted"]) for r in [*runs.values(), *reference.values()])
+    by_index = {s: np.array([runs[s]["budgeted"][b]["test_top1"] - reference[s]["budgeted"][b]["test_top1"]
+                             for b in range(n_budgets)]) for s in paired}
+    by_index_mean = np.mean(np.stack(list(by_index.values())), 0) if paired else None
+    num_exits = min(len(r["anytime"]) for r in [*runs.values(), *reference.values()])
+    settings = next(iter(runs.values()))["settings"]
+    peak = {s: max(r["test_top1"] for r in runs[s]["budgeted"]) - max(r["test_top1"] for r in reference[s]["budgeted"])
+            for s in paired}
+    return {
+        "seeds_paired": paired,
         "gain_on_grid": gain.tolist(),
         "mean_gain": float(gain.mean()),
         "share_ahead": float((gain > 0).mean()),
-        "paired_gain_per_seed": per_seed_gain,
-        "paired_mean_gain": _ms(list(per_seed_gain.values())) if per_seed_gain else None,
-        "paired_share_ahead_per_seed": per_seed_share,
-        "gain_by_budget_index": by_q,
-        "mean_gain_by_budget_index": float(np.mean(by_q)) if by_q else None,
-        "gain_at_training_q": _train_q_gain(records, paired),
-        "share_ahead_by_budget_index": float(np.mean(np.array(by_q) > 0)) if by_q else None,
-        "anytime_top1": anytime,
-        "peak_budgeted_top1": peak,
-        "train_s": time_s,
+        "paired_gain_per_seed": {s: float(d.mean()) for s, d in diff.items()},
+        "paired_mean_gain": mean_with_intervals([float(d.mean()) for d in diff.values()]),
+        "paired_share_ahead_per_seed": {s: float((d > 0).mean()) for s, d in diff.items()},
+        "gain_by_budget_index": by_index_mean.tolist() if paired else [],
+        "gain_by_budget_index_per_seed": {s: float(d.mean()) for s, d in by_index.items()},
+        "mean_gain_by_budget_index": mean_with_intervals([float(d.mean()) for d in by_index.values()]),
+        "share_ahead_by_budget_index": float((by_index_mean > 0).mean()) if paired else None,
+        "gain_at_training_q": _train_q_gain(runs, reference, paired, settings.get("target_p_index")),
+        "anytime_gain": [_ms([runs[s]["anytime"][k]["top1"] - reference[s]["anytime"][k]["top1"] for s in paired])
+                         for k in range(num_exits)],
+        "peak_gain": _ms(list(peak.values())),
+        "cost_ratio_cpu": cost_ratio(runs, reference, "cpu_s"),
+        "cost_ratio_wall": cost_ratio(runs, reference, "wall_s"),
+        "predictor": predictor_summary(runs),
     }
+
+
+def summarize_records(records: Dict[str, Dict[int, Dict[str, Any]]], points: int = 39) -> Dict[str, Any]:
+    """The study's summary from ``{variant: {seed: record}}`` (needs equal weighting and one L2W variant).
+
+    Every budgeted curve goes on one grid of ``points`` FLOPs values over the range all curves cover
+    (linear interpolation); per variant: mean and std over its seeds. Per L2W variant, against equal
+    weighting: the gain of the seed-mean curves on the grid, its mean and share of grid points ahead;
+    the same per seed (pairs of runs with the same seed) with t and bootstrap intervals over seeds; the
+    gain budget by budget (same q, no interpolation); gain at the training q; anytime gain per exit;
+    peak; cost ratios (CPU and wall seconds, resumed runs left out); the predictor analysis.
+    """
+    if REFERENCE not in records or not any(VARIANTS[v][0] == "l2w" for v in records):
+        raise ValueError("the summary needs equal-weighting runs and at least one L2W variant's runs")
+    models = {r["model"] for runs in records.values() for r in runs.values()}
+    if len(models) > 1:
+        raise ValueError(f"the result files mix models {sorted(models)}: summarize one model per --out folder")
+    # equal weighting first, then the L2W variants by meta interval
+    l2w_variants = sorted((v for v in records if VARIANTS[v][0] == "l2w"),
+                          key=lambda v: (_interval(records[v]), v))
+    variants = [REFERENCE, *l2w_variants]
+    curves = {v: {s: _curve(r) for s, r in records[v].items()} for v in variants}
+    every = [c for v in variants for c in curves[v].values()]
+    lo, hi = max(f.min() for f, _ in every), min(f.max() for f, _ in every)
+    if not lo < hi:
+        raise ValueError("the budgeted curves do not overlap in FLOPs: nothing to compare")
+    grid = np.linspace(lo, hi, points)
+    on_grid = {v: {s: np.interp(grid, f, a) for s, (f, a) in curves[v].items()} for v in variants}
+    settings = {v: next(iter(records[v].values()))["settings"] for v in variants}
+    num_exits = min(len(r["anytime"]) for runs in records.values() for r in runs.values())
+    first = next(iter(records[REFERENCE].values()))
+    stacked = {v: np.stack(list(on_grid[v].values())) for v in variants}
+    commits = sorted({((r.get("code") or {}).get("commit") or "not recorded")[:12]
+                      for runs in records.values() for r in runs.values()})
+    return {
+        "model": first["model"],
+        "reference": REFERENCE,
+        "variants": variants,
+        "labels": {v: variant_label(v, settings[v]) for v in variants},
+        "seeds": {v: sorted(records[v]) for v in variants},
+        "train_length": _train_length(first),
+        "commits": commits,
+        "settings": settings,
+        "exit_mflops": [f / 1e6 for f in first["flops"]][:num_exits],
+        "grid_mflops": grid.tolist(),
+        "curve_mean": {v: stacked[v].mean(0).tolist() for v in variants},
+        "curve_std": {v: (stacked[v].std(0, ddof=1) if len(stacked[v]) > 1 else np.zeros(points)).tolist()
+                      for v in variants},
+        "anytime_top1": {v: [_ms([r["anytime"][k]["top1"] for r in records[v].values()]) for k in range(num_exits)]
+                         for v in variants},
+        "peak_budgeted_top1": {v: _ms([max(row["test_top1"] for row in r["budgeted"]) for r in records[v].values()])
+                               for v in variants},
+        "cost": {v: run_costs(records[v]) for v in variants},
+        "comparisons": {v: compare_variant(records[v], records[REFERENCE], on_grid[v], on_grid[REFERENCE])
+                        for v in l2w_variants},
+    }
+
+
+def _interval(runs: Dict[int, Dict[str, Any]]) -> float:
+    interval = next(iter(runs.values()))["settings"].get("meta_interval")
+    return float(interval) if interval is not None else math.inf
+
+
+def _train_length(record: Dict[str, Any]) -> str:
+    argv = record.get("train_argv", [])
+    for flag in ("--epochs", "--max-steps"):
+        if flag in argv:
+            return f"{flag} {argv[argv.index(flag) + 1]}"
+    return "not recorded"
+
+
+def summarize(out: Path, seeds: Sequence[int], variants: Sequence[str] = WEIGHTINGS,
+              points: int = 39) -> Optional[Dict[str, Any]]:
+    """Summarize the result files in ``out`` (any subset of variants and seeds); write the report files.
+
+    Writes ``summary.json``, ``summary.md``, ``l2w_vs_uniform.png`` (budgeted curves of every variant)
+    and ``gain_vs_cost.png``. Returns None (after saying what is missing) when no comparison is possible.
+    """
+    records = load_records(out, seeds)
+    missing = missing_runs(out, variants, seeds, records)
+    if missing:
+        print("missing result files: " + _missing_text(missing, records))
+    try:
+        summary = summarize_records(records, points)
+    except ValueError as exc:
+        present = ", ".join(f"{v}: seeds {sorted(r)}" for v, r in records.items()) or "none"
+        print(f"nothing summarized ({exc}); result files present: {present}")
+        return None
+    summary["seeds_requested"] = list(seeds)
+    summary["missing"] = missing
     _write_json(out / "summary.json", summary)
-    (out / "summary.md").write_text(_markdown(summary))
-    _plot(summary, records, out / "l2w_vs_uniform.png")
+    write_text_atomic(out / "summary.md", _markdown(summary))
+    _plot_curves(summary, out / "l2w_vs_uniform.png")
+    _plot_gain_vs_cost(summary, out / "gain_vs_cost.png")
     return summary
 
 
-def _train_q_gain(records: Dict[str, Dict[int, Any]], paired: Sequence[int]) -> Optional[Dict[str, Any]]:
-    """Test top-1 of both weightings at the budget of the training distribution (q = j/20), per seed."""
-    if not paired:
-        return None
-    j = records["l2w"][paired[0]]["settings"]["target_p_index"]
-    rows = {w: [next(r for r in records[w][s]["budgeted"] if r["q"] is not None and abs(r["q"] - j / 20) < 1e-9)
-                for s in paired] for w in WEIGHTINGS}
-    gains = [a["test_top1"] - b["test_top1"] for a, b in zip(rows["l2w"], rows["uniform"])]
-    return {"q": j / 20, "l2w": _ms([r["test_top1"] for r in rows["l2w"]]),
-            "uniform": _ms([r["test_top1"] for r in rows["uniform"]]), "gain": _ms(gains),
-            "mflops": {w: _ms([r["expected_flops"] / 1e6 for r in rows[w]]) for w in WEIGHTINGS}}
+# ----------------------------------------------------------------------------- report text and plots
+
+
+def _pm(stats: Optional[Dict[str, float]], digits: int = 2, sign: bool = False) -> str:
+    if stats is None:
+        return "n/a"
+    return f"{stats['mean']:{'+' if sign else ''}.{digits}f} ± {stats['std']:.{digits}f}"
+
+
+def _ci(interval: Optional[Sequence[float]], digits: int = 3) -> str:
+    return "n/a (n < 2)" if interval is None else f"[{interval[0]:+.{digits}f}, {interval[1]:+.{digits}f}]"
+
+
+def _per_seed(values: Dict[Any, float], fmt: str = "+.3f", unit: str = "") -> str:
+    return ", ".join(f"{s}: {v:{fmt}}{unit}" for s, v in values.items()) or "n/a"
+
+
+def _distinct_resamples(s: Dict[str, Any]) -> str:
+    n = max((len(c["seeds_paired"]) for c in s["comparisons"].values()), default=0)
+    if n < 2:
+        return "needs 2 seeds or more"
+    return f"with {n} seeds only {math.comb(2 * n - 1, n)} distinct resamples exist: a coarse interval"
+
+
+def _missing_text(missing: Dict[str, Dict[str, Any]], records: Dict[str, Any]) -> str:
+    parts = []
+    for v, m in missing.items():
+        where = "".join(f" (seed {s} at checkpoint step {step})" for s, step in m["checkpoint_step"].items())
+        parts.append(f"{v} seeds {', '.join(map(str, m['seeds']))}{where}" if v in records
+                     else f"{v}: no runs{where}")
+    return "; ".join(parts)
+
+
+def _ratio_text(ratio: Dict[str, Any]) -> str:
+    if ratio["mean"] is None:
+        return "n/a"
+    text = f"{ratio['mean']:.2f}x ({_per_seed(ratio['per_seed'], '.2f', 'x')})"
+    return text + (f"; left out: {_per_seed_text(ratio['excluded'])}" if ratio["excluded"] else "")
+
+
+def _per_seed_text(reasons: Dict[Any, str]) -> str:
+    return ", ".join(f"seed {s} ({why})" for s, why in reasons.items())
+
+
+def _cost_basis(comparison: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The ratio the gain-vs-cost plot uses: CPU seconds when measured, else wall-clock seconds."""
+    for key in ("cost_ratio_cpu", "cost_ratio_wall"):
+        if comparison[key]["mean"] is not None:
+            return comparison[key]
+    return None
 
 
 def _markdown(s: Dict[str, Any]) -> str:
-    lines = [f"seeds: L2W {s['seeds']['l2w']}, equal weighting {s['seeds']['uniform']}", "",
-             "| exit | MFLOPs | L2W top-1 | equal top-1 |", "|---|---|---|---|"]
-    for k, mf in enumerate(s["exit_mflops"]):
-        a, b = s["anytime_top1"]["l2w"][k], s["anytime_top1"]["uniform"][k]
-        lines.append(f"| {k + 1} | {mf:.2f} | {a['mean']:.2f} ± {a['std']:.2f} | {b['mean']:.2f} ± {b['std']:.2f} |")
-    lines += ["", "| avg MFLOPs | L2W top-1 | equal top-1 | gain |", "|---|---|---|---|"]
+    lab, ref = s["labels"], s["reference"]
+    l2w = list(s["comparisons"])
+    lines = [f"# L2W vs equal weighting: {s['model']}, Fashion-MNIST 32x32, {s['train_length']}", "",
+             "runs (seeds): " + "; ".join(f"{lab[v]} {s['seeds'][v]}" for v in s["variants"]),
+             "missing: " + (_missing_text(s["missing"], s["seeds"]) if s.get("missing") else "none"),
+             f"code: commit {', '.join(s['commits'])}", "",
+             "## Budgeted gain over equal weighting", "",
+             f"Grid: {len(s['grid_mflops'])} FLOPs values, {s['grid_mflops'][0]:.2f}-{s['grid_mflops'][-1]:.2f} "
+             "MFLOPs (the range every curve covers; linear interpolation). *Mean gain*: mean over the grid of "
+             "the difference of the seed-mean curves; *ahead*: share of grid points where that difference is "
+             "> 0. *Paired*: per seed, the mean over the grid of that seed's L2W run minus its equal-weighting "
+             "run (same initialisation, data order and schedule). Intervals are 95% for the mean paired gain, "
+             "over seeds only (the result files hold no per-sample outputs, so test images cannot be "
+             f"resampled): Student t with n - 1 degrees of freedom, and a percentile bootstrap of {N_BOOTSTRAP} "
+             f"resamples of the seeds ({_distinct_resamples(s)}).", "",
+             "| variant | seeds paired | mean gain | ahead | paired gain (mean ± std) | 95% t-interval | "
+             "95% bootstrap (seeds) | per seed | ahead per seed |", "|---|---|---|---|---|---|---|---|---|"]
+    for v in l2w:
+        c = s["comparisons"][v]
+        pg = c["paired_mean_gain"]
+        lines.append(f"| {lab[v]} | {len(c['seeds_paired'])} | {c['mean_gain']:+.3f} | {100 * c['share_ahead']:.0f}% | "
+                     f"{_pm(pg, 3, True)} | {_ci(pg and pg['ci95_t'])} | {_ci(pg and pg['ci95_bootstrap'])} | "
+                     f"{_per_seed(c['paired_gain_per_seed'])} | "
+                     f"{_per_seed({k: 100 * x for k, x in c['paired_share_ahead_per_seed'].items()}, '.0f', '%')} |")
+    lines += ["", "Same comparison budget by budget (same q, thresholds from the held-out split, no "
+              "interpolation; paired by seed), at the training distribution's q, and at each curve's peak:", "",
+              "| variant | gain by budget index | 95% t-interval | ahead (seed-mean gain > 0) | at training q: "
+              "L2W / equal (MFLOPs) | gain at training q | peak: L2W / equal | peak gain |", "|---|---|---|---|---|---|---|---|"]
+    for v in l2w:
+        c = s["comparisons"][v]
+        bi, tq = c["mean_gain_by_budget_index"], c["gain_at_training_q"]
+        at_q = ("n/a" if tq is None else f"q = {tq['q']:.2f}: {_pm(tq['variant'])} ({tq['mflops']['variant']['mean']:.2f}) / "
+                f"{_pm(tq['reference'])} ({tq['mflops']['reference']['mean']:.2f})")
+        share = c["share_ahead_by_budget_index"]
+        lines.append(f"| {lab[v]} | {_pm(bi, 3, True)} | {_ci(bi and bi['ci95_t'])} | "
+                     f"{'n/a' if share is None else f'{100 * share:.0f}%'} | {at_q} | "
+                     f"{_pm(tq and tq['gain'], 2, True)} | {_pm(s['peak_budgeted_top1'][v])} / "
+                     f"{_pm(s['peak_budgeted_top1'][ref])} | {_pm(c['peak_gain'], 2, True)} |")
+    shown = s["variants"]
+    lines += ["", "## Budgeted curves (test top-1 %, mean ± std over seeds; every 4th grid point, all in summary.json)", "",
+              "| avg MFLOPs | " + " | ".join(lab[v] for v in shown) + " | " + " | ".join(f"gain {lab[v]}" for v in l2w) + " |",
+              "|---|" + "---|" * (len(shown) + len(l2w))]
     for i in range(0, len(s["grid_mflops"]), 4):
-        lines.append(f"| {s['grid_mflops'][i]:.2f} | {s['curve_mean']['l2w'][i]:.2f} ± {s['curve_std']['l2w'][i]:.2f} | "
-                     f"{s['curve_mean']['uniform'][i]:.2f} ± {s['curve_std']['uniform'][i]:.2f} | {s['gain_on_grid'][i]:+.2f} |")
-    pg = s["paired_mean_gain"]
-    lines += ["", f"mean gain over the {len(s['grid_mflops'])} grid budgets: {s['mean_gain']:+.3f} points; "
-              f"L2W ahead at {100 * s['share_ahead']:.0f}% of them",
-              f"paired by seed: {pg['mean']:+.3f} ± {pg['std']:.3f} points (per seed: "
-              + ", ".join(f"{k}: {v:+.3f}" for k, v in s["paired_gain_per_seed"].items()) + ")",
-              f"by budget index (same q): mean gain {s['mean_gain_by_budget_index']:+.3f}, L2W ahead at "
-              f"{100 * s['share_ahead_by_budget_index']:.0f}% of the 39",
-              (lambda t: f"at the training distribution q = {t['q']:.2f}: L2W {t['l2w']['mean']:.2f} ± {t['l2w']['std']:.2f} "
-               f"at {t['mflops']['l2w']['mean']:.2f} MFLOPs, equal {t['uniform']['mean']:.2f} ± {t['uniform']['std']:.2f} at "
-               f"{t['mflops']['uniform']['mean']:.2f} MFLOPs, paired gain {t['gain']['mean']:+.2f} ± {t['gain']['std']:.2f}")(s["gain_at_training_q"]),
-              f"peak budgeted top-1: L2W {s['peak_budgeted_top1']['l2w']['mean']:.2f} ± {s['peak_budgeted_top1']['l2w']['std']:.2f}, "
-              f"equal {s['peak_budgeted_top1']['uniform']['mean']:.2f} ± {s['peak_budgeted_top1']['uniform']['std']:.2f}",
-              f"training time per run (s, one thread): L2W {s['train_s']['l2w']['mean']:.0f}, "
-              f"equal {s['train_s']['uniform']['mean']:.0f}", ""]
+        lines.append(f"| {s['grid_mflops'][i]:.2f} | "
+                     + " | ".join(f"{s['curve_mean'][v][i]:.2f} ± {s['curve_std'][v][i]:.2f}" for v in shown) + " | "
+                     + " | ".join(f"{s['comparisons'][v]['gain_on_grid'][i]:+.2f}" for v in l2w) + " |")
+    lines += ["", "## Anytime top-1 per exit (test %, mean ± std over seeds; gain: paired by seed)", "",
+              "| exit | MFLOPs | " + " | ".join(lab[v] for v in shown) + " | " + " | ".join(f"gain {lab[v]}" for v in l2w) + " |",
+              "|---|---|" + "---|" * (len(shown) + len(l2w))]
+    for k, mf in enumerate(s["exit_mflops"]):
+        lines.append(f"| {k + 1} | {mf:.2f} | " + " | ".join(_pm(s["anytime_top1"][v][k]) for v in shown) + " | "
+                     + " | ".join(_pm(s["comparisons"][v]["anytime_gain"][k], 2, True) for v in l2w) + " |")
+    lines += ["", "## Cost", "",
+              "CPU s: process CPU time of the run's `timm_l2w.train` call (training and the final evaluation, "
+              "one thread); wall s: its wall-clock time (runs ran two at a time on a shared machine, so wall "
+              "time includes waiting); train s: the training loop's own timer. Means over runs that were not "
+              "resumed. Ratio: per seed, the variant's run over the equal-weighting run of the same seed, then "
+              "the mean. A resumed run's times cover only its last segment, so resumed runs are flagged and "
+              "left out of the means and ratios.", "",
+              "| variant | runs | resumed (seeds) | CPU s per run | wall s per run | train s per run | "
+              "CPU ratio vs equal | wall ratio vs equal |", "|---|---|---|---|---|---|---|---|"]
+    for v in shown:
+        cost, c = s["cost"][v], s["comparisons"].get(v)
+        lines.append(f"| {lab[v]} | {len(s['seeds'][v])} | {cost['resumed_seeds'] or 'none'} | "
+                     f"{_pm(cost['cpu_s_stats'], 0)} | {_pm(cost['wall_s_stats'], 0)} | {_pm(cost['train_s_stats'], 0)} | "
+                     f"{'1 (reference)' if c is None else _ratio_text(c['cost_ratio_cpu'])} | "
+                     f"{'1 (reference)' if c is None else _ratio_text(c['cost_ratio_wall'])} |")
+    lines += ["", "## Predictor: weight vs loss correlation per exit", "",
+              "From `weights_over_training`: every checkpoint's predictor applied to that checkpoint's exit "
+              "losses on 1,000 held-out images; Pearson correlation between a sample's loss and its weight. "
+              "End: each seed's last checkpoint, mean [min, max] over seeds. Settled: first checkpoint step "
+              "from which the seed-mean correlation keeps the sign it ends with. Trajectory: seed-mean "
+              "correlation at up to 5 evenly spaced checkpoints.", ""]
+    for v in l2w:
+        p = s["comparisons"][v]["predictor"]
+        if p is None:
+            lines += [f"{lab[v]}: no weights_over_training in these runs", ""]
+            continue
+        picks = sorted(set(np.linspace(0, len(p["steps"]) - 1, min(5, len(p["steps"]))).round().astype(int).tolist()))
+        lines += [f"{lab[v]} (seeds {p['seeds']}, last checkpoint step {_per_seed(p['end_step'], 'd')}; weights at "
+                  f"the end range {p['weight_range_end'][0]:.2f}-{p['weight_range_end'][1]:.2f}):", "",
+                  "| exit | corr at end | mean weight at end | settled from step | trajectory (steps "
+                  + " / ".join(str(p["steps"][i]) for i in picks) + ") |", "|---|---|---|---|---|"]
+        for k in range(len(p["weight_mean_end"])):
+            ce = p["corr_end"]
+            lines.append(f"| {k + 1} | {ce['mean'][k]:+.2f} [{ce['min'][k]:+.2f}, {ce['max'][k]:+.2f}] | "
+                         f"{p['weight_mean_end'][k]:.2f} | {p['sign_settled_from_step'][k] or 'n/a'} | "
+                         + " / ".join(f"{p['corr_mean_over_steps'][i][k]:+.2f}" for i in picks) + " |")
+        lines.append("")
+    lines += ["Plots: `l2w_vs_uniform.png` (budgeted curves, ± 1 std bands, exits with error bars), "
+              "`gain_vs_cost.png` (paired mean gain with its 95% t-interval against the cost ratio).", ""]
     return "\n".join(lines)
 
 
-def _plot(s: Dict[str, Any], records: Dict[str, Dict[int, Any]], path: Path) -> None:
+_COLORS = {"uniform": "tab:blue", "l2w": "tab:red", "l2w_int10": "tab:orange", "l2w_int100": "tab:green"}
+
+
+def _save(fig: Any, path: Path) -> None:
     import io
 
+    import matplotlib.pyplot as plt
+
+    try:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def _figure() -> tuple:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt.subplots(figsize=(6.4, 4.8), dpi=120)
+
+
+def _plot_curves(s: Dict[str, Any], path: Path) -> None:
+    """Budgeted curve (mean ± std band) and anytime exits (mean ± std) of every variant."""
     grid = np.array(s["grid_mflops"])
-    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
-    try:
-        for w, color in zip(WEIGHTINGS, ("tab:red", "tab:blue")):
-            m, sd = np.array(s["curve_mean"][w]), np.array(s["curve_std"][w])
-            n = len(s["seeds"][w])
-            ax.plot(grid, m, color=color, label=f"{LABELS[w]} (mean of {n} seeds)")
-            ax.fill_between(grid, m - sd, m + sd, color=color, alpha=0.2, linewidth=0)
-            am = [a["mean"] for a in s["anytime_top1"][w]]
-            asd = [a["std"] for a in s["anytime_top1"][w]]
-            ax.errorbar(s["exit_mflops"], am, yerr=asd, fmt="*", color=color, markersize=8, capsize=3,
-                        label=f"{LABELS[w]} exits")
-        ax.set_xlabel("average MFLOPs per image (test)")
-        ax.set_ylabel("top-1 accuracy (%)")
-        ax.set_title(f"{s['model']}, Fashion-MNIST 32x32 (mean ± std)", fontsize=10)
-        ax.grid(True, alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-    finally:
-        plt.close(fig)
-    write_bytes_atomic(path, buf.getvalue())
+    fig, ax = _figure()
+    for v in s["variants"]:
+        color, n = _COLORS.get(v), len(s["seeds"][v])
+        m, sd = np.array(s["curve_mean"][v]), np.array(s["curve_std"][v])
+        ax.plot(grid, m, color=color, label=f"{s['labels'][v]} (mean of {n} seed{'s' * (n > 1)})")
+        ax.fill_between(grid, m - sd, m + sd, color=color, alpha=0.15, linewidth=0)
+        ax.errorbar(s["exit_mflops"], [a["mean"] for a in s["anytime_top1"][v]],
+                    yerr=[a["std"] for a in s["anytime_top1"][v]], fmt="*", color=color, markersize=8,
+                    capsize=3, label=f"{s['labels'][v]}: exits")
+    ax.set_xlabel("average MFLOPs per image (test)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(f"{s['model']}, Fashion-MNIST 32x32, {s['train_length']} (mean ± std)", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, borderaxespad=0)
+    _save(fig, path)
+
+
+def _plot_gain_vs_cost(s: Dict[str, Any], path: Path) -> None:
+    """One point per L2W variant: paired mean gain (95% t-interval) against its cost ratio (seed range)."""
+    fig, ax = _figure()
+    bases = set()
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.plot([1.0], [0.0], "o", color=_COLORS[REFERENCE], label=f"{s['labels'][REFERENCE]} (reference)")
+    for v, c in s["comparisons"].items():
+        ratio, gain = _cost_basis(c), c["paired_mean_gain"]
+        if ratio is None or gain is None:
+            continue
+        bases.add(ratio["key"])
+        ci = gain["ci95_t"]
+        yerr = None if ci is None else [[gain["mean"] - ci[0]], [ci[1] - gain["mean"]]]
+        xerr = [[ratio["mean"] - ratio["min"]], [ratio["max"] - ratio["mean"]]]
+        ax.errorbar([ratio["mean"]], [gain["mean"]], xerr=xerr, yerr=yerr, fmt="o", color=_COLORS.get(v), capsize=4,
+                    label=f"{s['labels'][v]} ({gain['n']} seed{'s' * (gain['n'] > 1)}"
+                          f"{'' if ci else ', no interval'})")
+    what = " and ".join({"cpu_s": "CPU seconds", "wall_s": "wall-clock seconds"}[b] for b in sorted(bases)) or "n/a"
+    ax.set_xlabel(f"cost ratio vs equal weighting ({what} per run, same seed; bars: seed range)")
+    ax.set_ylabel("mean budgeted gain (top-1 points; bars: 95% t-interval)")
+    ax.set_title(f"{s['model']}, {s['train_length']}: what L2W buys and what it costs", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, borderaxespad=0)
+    _save(fig, path)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -423,7 +812,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = Path(args.out)
     if not args.summarize_only:
         launch_all(args)
-    summary = summarize(out, args.seeds)
+    summary = summarize(out, args.seeds, args.variants)
     if summary is not None:
         print((out / "summary.md").read_text())
     return 0
