@@ -37,7 +37,7 @@ def short_training(model: torch.nn.Module, loader, seconds: float) -> int:
     steps, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         for x, y in loader:
-            loss = exit_losses(model(x), y).mean(dim=0).sum()
+            loss = exit_losses(model(x), y).mean(dim=0).sum()  # train mode: every exit
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -88,9 +88,9 @@ def main() -> None:
     if x.shape[0] < args.batch_size:
         raise SystemExit(f"the test split has only {x.shape[0]} images: pass --batch-size {x.shape[0]} or less")
 
-    def full(inp):
+    def full(inp):  # every stage and every exit head for every sample
         with torch.inference_mode():
-            return model(inp)
+            return model.forward_exits(inp)
 
     rows = []
     for q in args.qs:

@@ -37,7 +37,7 @@ def build(mode: str, backend: str, device: str, batch: int, seed: int = 0) -> Ca
     y = torch.randint(0, 100, (batch,), device=device)
     if mode == "plain":
         def step() -> None:
-            loss, _ = weighted_multi_exit_loss(model(x), y)
+            loss, _ = weighted_multi_exit_loss(model(x), y)  # train mode: every exit
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -44,7 +44,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     while step < args.steps:
         for x, y in train_loader:
             for xt, yt in l2w.split(x, y):  # L2W: two halves, each the meta set of the other's update
-                outputs = model(xt)  # a list: one logits tensor per exit
+                outputs = model(xt)  # train mode: a tuple, one logits tensor per exit
                 loss = l2w.loss(outputs, yt)  # L2W: meta step, then the weighted multi-exit loss
                 # equal weighting instead: loss = sum(F.cross_entropy(o, yt) for o in outputs)
                 optimizer.zero_grad()
@@ -56,13 +56,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             if step >= args.steps:
                 break
 
-    model.eval()
-    correct = torch.zeros(accelerator.unwrap_model(model).num_exits)
+    model.eval()  # eval mode: model(x) gives only the last exit; forward_exits(x) gives every exit
+    net = accelerator.unwrap_model(model)
+    correct = torch.zeros(net.num_exits)
     seen = 0
     with torch.no_grad():
         for x, y in test_loader:
             x, y = x.to(accelerator.device), y.to(accelerator.device)
-            correct += torch.stack([o.argmax(1).eq(y) for o in model(x)], 1).sum(0).cpu()
+            correct += torch.stack([o.argmax(1).eq(y) for o in net.forward_exits(x)], 1).sum(0).cpu()
             seen += len(y)
     if accelerator.is_main_process:
         print("test accuracy per exit: " + " / ".join(f"{100 * c / seen:.1f}%" for c in correct.tolist()))

@@ -54,7 +54,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     while step < args.steps:
         for x, y in train_loader:
             for xt, yt in l2w.split(x, y):
-                loss = l2w.loss(model(xt), yt)
+                loss = l2w.loss(model(xt), yt)  # train mode: model(xt) is the tuple of every exit
                 optimizer.zero_grad()
                 accelerator.backward(loss)
                 optimizer.step()
@@ -62,13 +62,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             if step >= args.steps:
                 break
 
-    model.eval()
+    model.eval()  # eval mode: model(x) gives only the last exit; forward_exits(x) gives every exit
     net = accelerator.unwrap_model(model)
     correct = torch.zeros(net.num_exits)
     with torch.no_grad():
         for x, y in test_loader:
             x, y = x.to(accelerator.device), y.to(accelerator.device)
-            correct += torch.stack([o.argmax(1).eq(y) for o in model(x)], 1).sum(0).cpu()
+            correct += torch.stack([o.argmax(1).eq(y) for o in net.forward_exits(x)], 1).sum(0).cpu()
     if accelerator.is_main_process:
         print("test accuracy per exit after fine-tuning: "
               + " / ".join(f"{100 * c / len(splits.test):.1f}%" for c in correct.tolist()))

@@ -281,14 +281,14 @@ def test_bad_inputs_give_clear_errors():
         L2W(model, torch.optim.AdamW(model.parameters()))
     with pytest.raises(ValueError, match="meta_interval"):
         L2W(model, opt, meta_interval=0)
-    with pytest.raises(TypeError, match="list of exit logits"):
+    with pytest.raises(TypeError, match="forward_exits"):
         l2w.loss(model(train[0])[0], train[1])
     bad = _TensorModel()
     bad_opt = torch.optim.SGD(bad.parameters(), lr=0.1)
-    with pytest.raises(TypeError, match="list of exit logits"):
+    with pytest.raises(TypeError, match="forward_exits"):
         meta_step(bad, bad_opt, net, (torch.randn(4, 4), train[1][:4]), (torch.randn(4, 4), train[1][:4]), P3)
     l2w_bad = L2W(bad, bad_opt, hidden_sizes=(6,))
-    with pytest.raises(TypeError, match="list of exit logits"):
+    with pytest.raises(TypeError, match="forward_exits"):
         for xt, yt in l2w_bad.split(torch.randn(4, 4), train[1][:4]):
             l2w_bad.loss(bad(xt), yt)
 

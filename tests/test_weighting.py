@@ -122,7 +122,7 @@ def test_bad_inputs_give_clear_errors():
         WeightPredictor(3, "logits")
     with pytest.raises(ValueError, match="num_exits=3"):
         weighted_multi_exit_loss(outputs, target, WeightPredictor(4, hidden_sizes=(4,)))
-    with pytest.raises(TypeError, match="list of exit logits"):
+    with pytest.raises(TypeError, match="forward_exits"):
         exit_losses(outputs[0], target)
     with pytest.raises(ValueError, match="class indices"):
         exit_losses(outputs, target[:3])

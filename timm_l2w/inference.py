@@ -3,8 +3,8 @@ samples that already left.
 
 A sample leaves at the first exit k whose confidence (max softmax) reaches ``thresholds[k]``; the
 last exit takes the rest. This is exactly :func:`timm_l2w.exits.exit_by_threshold` applied to the
-confidences of the full forward, but the later stages of a sample that left are never computed:
-after every stage the state is cut down to the remaining samples with
+confidences of every exit (``model.forward_exits``), but the later stages of a sample that left are
+never computed: after every stage the state is cut down to the remaining samples with
 :func:`timm_l2w.select_samples`.
 """
 from __future__ import annotations

@@ -9,7 +9,9 @@ uses the updated predictor's weights.
 Two interchangeable backends run the model with the virtual parameters: ``'higher'`` (a cached
 ``higher.patch.monkeypatch`` of the model, fed the fast weights) and ``'func'``
 (``torch.func.functional_call``). Neither copies the model per step, and both run on cloned
-buffers, so the real parameters, optimizer state and BatchNorm statistics are never touched.
+buffers, so the real parameters, optimizer state and BatchNorm statistics are never touched. Both
+run the model in train mode, whatever the real model's mode, so its forward returns the tuple of
+every exit's logits (the multi-exit output convention, :mod:`timm_l2w.models.base`).
 """
 from __future__ import annotations
 
@@ -217,7 +219,7 @@ class FuncBackend(_Backend):
         state.update(dict.fromkeys(self._bn_buffers))
         state.update(zip(self.names, params))
         was_training = self.model.training
-        self.model.train()  # the meta step runs in train mode (PAPER.md); restored below
+        self.model.train()  # the meta step runs in train mode (PAPER.md): forward returns every exit
         try:
             return torch.func.functional_call(self.model, state, (x,))
         finally:
@@ -241,7 +243,7 @@ class HigherBackend(_Backend):
         self._higher = higher
         self._signature = self._shape_signature()
         self.fmodel = higher.patch.monkeypatch(model, copy_initial_weights=False, track_higher_grads=True)
-        self.fmodel.train()
+        self.fmodel.train()  # its own mode flags: train mode, so its forward returns every exit (a tuple)
         # an instance-level forward (accelerate's autocast wrapper) is copied over by the patch and
         # would call the unpatched forward: drop it (meta_step runs its own autocast)
         for m in self.fmodel.modules():
@@ -453,7 +455,7 @@ class L2W:
         l2w = L2W(model, optimizer, eps=0.8, constraint='col', total_steps=2 * len(loader) * epochs)
         for x, y in loader:
             for xt, yt in l2w.split(x, y):      # two halves, each the other's meta set
-                outputs = model(xt)
+                outputs = model(xt)            # train mode: the tuple of every exit's logits
                 loss = l2w.loss(outputs, yt)   # meta step (every meta_interval updates), then
                 optimizer.zero_grad()          # the weighted loss from the updated predictor
                 loss.backward()                # or accelerator.backward(loss)
