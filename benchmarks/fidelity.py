@@ -593,7 +593,11 @@ def _pm(stats: Optional[Dict[str, float]], digits: int = 2, sign: bool = False) 
     return f"{stats['mean']:{'+' if sign else ''}.{digits}f} ± {stats['std']:.{digits}f}"
 
 
-def _ci(interval: Optional[Sequence[float]], digits: int = 3) -> str:
+def _ci(stats: Optional[Dict[str, Any]], key: str, digits: int = 3) -> str:
+    """``stats[key]`` (an interval from mean_with_intervals) as text; n/a without paired seeds or with one."""
+    if stats is None:
+        return "n/a"
+    interval = stats[key]
     return "n/a (n < 2)" if interval is None else f"[{interval[0]:+.{digits}f}, {interval[1]:+.{digits}f}]"
 
 
@@ -647,8 +651,9 @@ def _markdown(s: Dict[str, Any]) -> str:
              f"Grid: {len(s['grid_mflops'])} FLOPs values, {s['grid_mflops'][0]:.2f}-{s['grid_mflops'][-1]:.2f} "
              "MFLOPs (the range every curve covers; linear interpolation). *Mean gain*: mean over the grid of "
              "the difference of the seed-mean curves; *ahead*: share of grid points where that difference is "
-             "> 0. *Paired*: per seed, the mean over the grid of that seed's L2W run minus its equal-weighting "
-             "run (same initialisation, data order and schedule). Intervals are 95% for the mean paired gain, "
+             "> 0 (each curve's mean over the seeds it has). *Paired*: per seed both have, the mean over the "
+             "grid of that seed's L2W run minus its equal-weighting run (same initialisation, data order and "
+             "schedule). Intervals are 95% for the mean paired gain, "
              "over seeds only (the result files hold no per-sample outputs, so test images cannot be "
              f"resampled): Student t with n - 1 degrees of freedom, and a percentile bootstrap of {N_BOOTSTRAP} "
              f"resamples of the seeds ({_distinct_resamples(s)}).", "",
@@ -658,7 +663,7 @@ def _markdown(s: Dict[str, Any]) -> str:
         c = s["comparisons"][v]
         pg = c["paired_mean_gain"]
         lines.append(f"| {lab[v]} | {len(c['seeds_paired'])} | {c['mean_gain']:+.3f} | {100 * c['share_ahead']:.0f}% | "
-                     f"{_pm(pg, 3, True)} | {_ci(pg and pg['ci95_t'])} | {_ci(pg and pg['ci95_bootstrap'])} | "
+                     f"{_pm(pg, 3, True)} | {_ci(pg, 'ci95_t')} | {_ci(pg, 'ci95_bootstrap')} | "
                      f"{_per_seed(c['paired_gain_per_seed'])} | "
                      f"{_per_seed({k: 100 * x for k, x in c['paired_share_ahead_per_seed'].items()}, '.0f', '%')} |")
     lines += ["", "Same comparison budget by budget (same q, thresholds from the held-out split, no "
@@ -671,7 +676,7 @@ def _markdown(s: Dict[str, Any]) -> str:
         at_q = ("n/a" if tq is None else f"q = {tq['q']:.2f}: {_pm(tq['variant'])} ({tq['mflops']['variant']['mean']:.2f}) / "
                 f"{_pm(tq['reference'])} ({tq['mflops']['reference']['mean']:.2f})")
         share = c["share_ahead_by_budget_index"]
-        lines.append(f"| {lab[v]} | {_pm(bi, 3, True)} | {_ci(bi and bi['ci95_t'])} | "
+        lines.append(f"| {lab[v]} | {_pm(bi, 3, True)} | {_ci(bi, 'ci95_t')} | "
                      f"{'n/a' if share is None else f'{100 * share:.0f}%'} | {at_q} | "
                      f"{_pm(tq and tq['gain'], 2, True)} | {_pm(s['peak_budgeted_top1'][v])} / "
                      f"{_pm(s['peak_budgeted_top1'][ref])} | {_pm(c['peak_gain'], 2, True)} |")
@@ -691,8 +696,8 @@ def _markdown(s: Dict[str, Any]) -> str:
                      + " | ".join(_pm(s["comparisons"][v]["anytime_gain"][k], 2, True) for v in l2w) + " |")
     lines += ["", "## Cost", "",
               "CPU s: process CPU time of the run's `timm_l2w.train` call (training and the final evaluation, "
-              "one thread); wall s: its wall-clock time (runs ran two at a time on a shared machine, so wall "
-              "time includes waiting); train s: the training loop's own timer. Means over runs that were not "
+              "one thread); wall s: its wall-clock time (when runs share the machine it includes waiting); "
+              "train s: the training loop's own timer. Means over runs that were not "
               "resumed. Ratio: per seed, the variant's run over the equal-weighting run of the same seed, then "
               "the mean. A resumed run's times cover only its last segment, so resumed runs are flagged and "
               "left out of the means and ratios.", "",

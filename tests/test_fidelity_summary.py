@@ -207,3 +207,15 @@ def test_unreadable_result_file_is_named(tmp_path):
     (out / "uniform_seed0.json").write_text('{"variant": "uni')
     with pytest.raises(SystemExit, match="uniform_seed0.json is not a readable result file"):
         fidelity.load_records(out, [0])
+
+
+def test_variant_without_a_paired_seed_gets_no_paired_numbers(tmp_path):
+    out = tmp_path / "unpaired"
+    _write(out, [_record("uniform", 0), _record("l2w", 1, 0.5)])
+    s = fidelity.summarize(out, [0, 1])
+    c = s["comparisons"]["l2w"]
+    assert c["mean_gain"] == pytest.approx(0.5) and c["seeds_paired"] == []
+    assert c["paired_mean_gain"] is None and c["cost_ratio_cpu"]["mean"] is None
+    assert s["missing"] == {"l2w": {"seeds": [0], "checkpoint_step": {}},
+                            "uniform": {"seeds": [1], "checkpoint_step": {}}}
+    assert "| L2W, meta interval 1 | 0 | +0.500 | 100% | n/a | n/a | n/a |" in (out / "summary.md").read_text()
