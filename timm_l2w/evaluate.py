@@ -34,6 +34,7 @@ __all__ = [
     "anytime_metrics",
     "budgeted_evaluation",
     "check_flops",
+    "check_flops_input_size",
     "save_results",
     "evaluate_checkpoint",
     "main",
@@ -50,7 +51,8 @@ class ExitOutputs:
     """Everything evaluation needs from one pass over a data set, per sample ``i`` and exit ``k``.
 
     ``confidences`` [N, K] float (max softmax), ``predictions`` [N, K] long, ``top5`` [N, K] bool
-    (target among the 5 highest logits), ``losses`` [N, K] float (cross-entropy), ``targets`` [N] long.
+    (target among the 5 highest logits), ``losses`` [N, K] float (cross-entropy), ``targets`` [N] long;
+    ``input_size`` (C, H, W) of the images when known (set by :func:`collect_exit_outputs`).
     """
 
     confidences: Tensor
@@ -58,8 +60,11 @@ class ExitOutputs:
     top5: Tensor
     losses: Tensor
     targets: Tensor
+    input_size: Optional[Tuple[int, ...]] = None
 
     def __post_init__(self) -> None:
+        if self.input_size is not None:
+            self.input_size = tuple(int(v) for v in self.input_size)
         if not isinstance(self.confidences, Tensor) or self.confidences.ndim != 2:
             raise ValueError("ExitOutputs.confidences must be a [num_samples, num_exits] tensor")
         n, k = self.confidences.shape
@@ -111,7 +116,9 @@ class ExitOutputs:
         if not parts:
             raise ValueError("no ExitOutputs to concatenate: the loader gave no batches")
         fields = ("confidences", "predictions", "top5", "losses", "targets")
-        return cls(*(torch.cat([getattr(p, f) for p in parts]) for f in fields))
+        sizes = {p.input_size for p in parts}
+        return cls(*(torch.cat([getattr(p, f) for p in parts]) for f in fields),
+                   input_size=sizes.pop() if len(sizes) == 1 else None)
 
 
 def _batch_xy(batch: Any) -> Tuple[Tensor, Tensor]:
@@ -148,7 +155,9 @@ def collect_exit_outputs(
             for batch in loader:
                 x, y = _batch_xy(batch)
                 outputs = check_multi_exit_output(forward_exits(x.to(device)), num_exits)
-                parts.append(ExitOutputs.from_logits(outputs, y.to(device)))
+                part = ExitOutputs.from_logits(outputs, y.to(device))
+                part.input_size = tuple(x.shape[1:])
+                parts.append(part)
     finally:
         model.train(was_training)
     return ExitOutputs.cat(parts)
@@ -169,8 +178,23 @@ def check_flops(flops: Sequence[float] | Tensor, num_exits: int) -> Tensor:
     return f
 
 
+def check_flops_input_size(flops: Any, *outputs: ExitOutputs) -> None:
+    """Raise a ``ValueError`` when ``flops`` (from :func:`timm_l2w.exit_flops`) were counted at another
+    image size than the ``outputs`` were collected at (plain lists carry no size and are not checked)."""
+    counted = getattr(flops, "input_size", None)
+    for out in outputs:
+        seen = out.input_size
+        if counted is not None and seen is not None and tuple(counted) != tuple(seen):
+            ratio = (counted[-1] * counted[-2]) / (seen[-1] * seen[-2])
+            raise ValueError(
+                f"the FLOPs were counted for {'x'.join(map(str, counted))} images but the outputs come from "
+                f"{'x'.join(map(str, seen))} images (the FLOPs axis would be off by about {ratio:.3g}x): use "
+                f"timm_l2w.exit_flops(model, input_size={tuple(seen)})")
+
+
 def anytime_metrics(outputs: ExitOutputs, flops: Sequence[float] | Tensor | None = None) -> List[Dict[str, float]]:
     """One row per exit: ``exit`` (1-based), ``top1`` and ``top5`` (%), mean ``loss`` and ``flops``."""
+    check_flops_input_size(flops, outputs)
     top1 = outputs.correct.double().mean(0) * 100
     top5 = outputs.top5.double().mean(0) * 100
     loss = outputs.losses.double().mean(0)
@@ -248,7 +272,8 @@ def budgeted_evaluation(
     """The paper's budgeted (dynamic) evaluation for every distribution at once, vectorised.
 
     Thresholds are calibrated on ``heldout`` for each exit distribution (default: the paper's 39,
-    q = j/20) and applied on ``test``; expected FLOPs are ``sum_k fraction_k * flops_k``.
+    q = j/20) and applied on ``test``; expected FLOPs are ``sum_k fraction_k * flops_k``. ``flops``
+    from ``timm_l2w.exit_flops(model, test.input_size)``: FLOPs counted at another image size are refused.
     """
     for name, value in (("heldout", heldout), ("test", test)):
         if not isinstance(value, ExitOutputs):
@@ -259,6 +284,7 @@ def budgeted_evaluation(
             "collect both with the same model"
         )
     num_exits = test.num_exits
+    check_flops_input_size(flops, heldout, test)
     f = check_flops(flops, num_exits)
     if distributions is None:
         dist = paper_distributions(num_exits)

@@ -5,6 +5,10 @@ adds one op per output), one op per ReLU output element, and one op per pooled i
 (AdaptiveAvgPool2d: one per input element). Cumulative to each exit, heads of earlier exits included.
 Other module types contribute through :data:`MODULE_FLOP_COUNTERS`, which backbones may extend
 (e.g. attention matmuls of transformer blocks).
+
+FLOPs depend on the image size, so :func:`exit_flops` returns an :class:`ExitFlops` list that
+remembers the size it was counted at; budgeted evaluation refuses outputs collected at another size
+instead of giving a curve that is off by the ratio of the image areas.
 """
 from __future__ import annotations
 
@@ -15,9 +19,20 @@ from torch import Tensor, nn
 
 from .models.base import unwrap_model
 
-__all__ = ["exit_flops", "MODULE_FLOP_COUNTERS", "register_flop_counter"]
+__all__ = ["exit_flops", "ExitFlops", "MODULE_FLOP_COUNTERS", "register_flop_counter"]
 
 FlopCounter = Callable[[nn.Module, Tuple[Tensor, ...], Tensor], float]
+
+
+class ExitFlops(list):
+    """Cumulative FLOPs per exit (a plain list of floats) and the ``input_size`` (C, H, W) they were counted at."""
+
+    def __init__(self, flops: Sequence[float], input_size: Sequence[int]):
+        super().__init__(float(f) for f in flops)
+        self.input_size = tuple(int(v) for v in input_size)
+
+    def __repr__(self) -> str:
+        return f"ExitFlops({list(self)!r}, input_size={self.input_size})"
 
 
 def _pair(v) -> Tuple[int, int]:
@@ -70,11 +85,15 @@ def _counter_for(module: nn.Module):
 
 
 @torch.no_grad()
-def exit_flops(model: nn.Module, input_size: Sequence[int] | None = None) -> List[float]:
+def exit_flops(model: nn.Module, input_size: Sequence[int] | None = None) -> ExitFlops:
     """Cumulative FLOPs of each exit of a multi-exit model for one image of ``input_size`` (C, H, W).
 
     Works for any model meeting the multi-exit contract (``num_exits`` and ``forward_stage``).
-    ``input_size`` defaults to the model's ``pretrained_cfg['input_size']``.
+    ``input_size`` defaults to the model's configured ``pretrained_cfg['input_size']``; pass the size of
+    the images you evaluate when it differs (``exit_flops(model, test.input_size)`` with ``test`` from
+    :func:`timm_l2w.collect_exit_outputs`). The result remembers its size, and
+    :func:`timm_l2w.budgeted_evaluation` / :func:`timm_l2w.anytime_metrics` raise a ``ValueError`` for
+    outputs collected at another size.
     """
     model = unwrap_model(model)
     if not hasattr(model, "forward_stage") or not hasattr(model, "num_exits"):
@@ -87,8 +106,9 @@ def exit_flops(model: nn.Module, input_size: Sequence[int] | None = None) -> Lis
         if "input_size" not in cfg:
             raise ValueError("pass input_size=(C, H, W): the model has no pretrained_cfg['input_size']")
         input_size = cfg["input_size"]
-    if len(input_size) != 3:
-        raise ValueError(f"input_size must be (channels, height, width), got {tuple(input_size)}")
+    if isinstance(input_size, int) or len(input_size) != 3:
+        shown = input_size if isinstance(input_size, int) else tuple(input_size)
+        raise ValueError(f"input_size must be (channels, height, width), got {shown}")
 
     total = [0.0]
 
@@ -116,4 +136,4 @@ def exit_flops(model: nn.Module, input_size: Sequence[int] | None = None) -> Lis
         for h in handles:
             h.remove()
         model.train(was_training)
-    return flops
+    return ExitFlops(flops, input_size)
