@@ -121,11 +121,16 @@ def test_reset_and_get_classifier():
     model.reset_classifier(6)
     assert model.num_classes == 6 and all(h.out_features == 6 for h in model.get_classifier())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in trunk.items())
-    with pytest.raises(ValueError, match="global_pool=None"):
-        model.reset_classifier(5, global_pool="max")
+    with pytest.raises(ValueError, match="unknown global_pool 'median'"):
+        model.reset_classifier(5, global_pool="median")
+    with pytest.raises(ValueError, match="num_classes=0"):
+        model.reset_classifier(5, global_pool="")
     model.reset_classifier(0)  # timm convention: exits return pooled features
     feats = model.eval().forward_exits(torch.randn(2, 3, 32, 32))
     assert feats[-1].shape == (2, model.num_features)
+    model.reset_classifier(4, global_pool="catavgmax")  # timm's pool types: avg and max concatenated
+    assert model.head_hidden_size == 2 * model.num_features
+    assert all(o.shape == (2, 4) for o in model.forward_exits(torch.randn(2, 3, 32, 32)))
 
 
 def test_pretrained_file_and_num_classes_change_reinitialise_only_heads(tmp_path):

@@ -18,11 +18,14 @@ stages called in order, so the staged run and ``forward_exits`` agree exactly by
 """
 from __future__ import annotations
 
-from typing import Any, List, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
+from timm.models import checkpoint
+
+from .layers import is_symbolic
 
 __all__ = ["MultiExitModel", "select_samples", "unwrap_model", "check_multi_exit_output"]
 
@@ -36,13 +39,96 @@ class MultiExitModel(nn.Module):
     """
 
     num_exits: int
+    grad_checkpointing: bool = False
+    exit_heads_pruned: bool = False  # set by prune_intermediate_layers (a features_only trunk)
 
     def forward_stage(self, index: int, state: Any) -> Tuple[Any, Tensor]:
-        """Run block ``index`` on ``state`` and its exit head; return ``(new_state, logits)``."""
-        raise NotImplementedError
+        """Run block ``index`` on ``state`` and its exit head; return ``(new_state, logits)``.
+
+        Default: :meth:`forward_block`, then exit ``index``'s :meth:`forward_exit_features` and
+        :meth:`forward_exit_head`. A subclass implements those three (and gets timm's
+        ``forward_features`` / ``forward_head`` / grad checkpointing) or overrides this method only.
+        """
+        if self.exit_heads_pruned:
+            raise RuntimeError(
+                "this model's exit heads were pruned (a features_only trunk): use forward_intermediates, "
+                "or create the model without features_only for exit logits")
+        if not 0 <= index < self.num_exits:
+            raise ValueError(f"stage index {index} out of range: this model has {self.num_exits} exits")
+        state = self._run_block(index, state)
+        return state, self.forward_exit_head(index, self.forward_exit_features(index, state))
+
+    def forward_block(self, index: int, state: Any) -> Any:
+        """Block ``index`` alone (no exit head): the state after it."""
+        raise NotImplementedError(
+            f"{type(self).__name__} only implements forward_stage: timm's forward_features / forward_head "
+            "need forward_block, forward_exit_features and forward_exit_head")
+
+    def forward_exit_features(self, index: int, state: Any) -> Tensor:
+        """The unpooled features exit ``index`` pools, from the state after block ``index``."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement forward_exit_features")
+
+    def forward_exit_head(self, index: int, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Exit ``index``'s pooling and classifier on its features (``pre_logits``: pooled features)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement forward_exit_head")
+
+    def _run_block(self, index: int, state: Any) -> Any:
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return checkpoint(self.forward_block, index, state)
+        return self.forward_block(index, state)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """timm API: every block, then the last exit's unpooled features (what its pooling reads).
+
+        ``forward_head(forward_features(x))`` equals ``model(x)`` in eval mode (the last exit).
+        """
+        if self.exit_heads_pruned:
+            raise RuntimeError("this model's exit heads were pruned (a features_only trunk): use forward_intermediates")
+        self.check_input(x)
+        state: Any = x
+        for k in range(self.num_exits):
+            state = self._run_block(k, state)
+        return self.forward_exit_features(self.num_exits - 1, state)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """timm API: the last exit's pooling and classifier on :meth:`forward_features` output."""
+        return self.forward_exit_head(self.num_exits - 1, x, pre_logits)
+
+    def forward_intermediates(
+            self,
+            x: Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
+        """timm API (``features_only=True`` uses it): the ``feature_info`` maps selected by ``indices``
+        (all if ``None``, the last n if an int). With ``intermediates_only`` those alone, else
+        ``(forward_features(x), intermediates)``. Subclasses implement :meth:`intermediate_features`.
+        """
+        MultiExitModel.check_input(self, x)  # the image checks only: features need no exit head
+        intermediates = self.intermediate_features(x, indices, norm=norm, stop_early=stop_early, output_fmt=output_fmt)
+        if intermediates_only:
+            return intermediates
+        return self.forward_features(x), intermediates
+
+    def intermediate_features(self, x: Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              **kwargs: Any) -> List[Tensor]:
+        """The ``feature_info`` maps selected by ``indices`` (see :meth:`forward_intermediates`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no feature_info maps")
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of keeping its activations (timm API)."""
+        self.grad_checkpointing = enable
 
     def check_input(self, x: Tensor) -> None:
-        """Raise a clear ``ValueError`` if ``x`` cannot go through this model (override to extend)."""
+        """Raise a clear ``ValueError`` if ``x`` cannot go through this model (override to extend).
+
+        Skipped while tracing (torch.fx proxies, ``torch.jit.trace``): shapes are symbolic there.
+        """
+        if is_symbolic(x):
+            return
         in_chans = getattr(self, "in_chans", None)
         if not isinstance(x, Tensor) or x.ndim != 4:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__

@@ -10,19 +10,26 @@ Module names and shapes follow the L2W / MSDNet release, so its checkpoints load
 (``timm_l2w.checkpoint`` strips a DDP ``module.`` prefix). Stage ``k`` of :meth:`MSDNet.forward_stage`
 is block ``k`` followed by exit head ``k``; the state between stages is the list of feature maps,
 finest scale first.
+
+timm's model API: ``forward_features`` is every block and the last exit's two convs (the map its
+pooling reads, 2x2 at the native size), ``forward_head`` that exit's pooling and linear layer.
+``feature_info`` / ``forward_intermediates`` (``features_only=True``) give one map per scale, each
+taken after the last block that still has that scale (reductions 4, 8, 16, 32 on ImageNet).
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models._features import feature_take_indices  # what timm's own models use
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from .base import MultiExitModel
+from .layers import ExitPool, is_symbolic
 
 __all__ = ["MSDNet", "msdnet_kwargs_from_release_args", "CIFAR_MEAN", "CIFAR_STD"]
 
@@ -157,18 +164,44 @@ class Transition(nn.Module):
 
 
 class ExitHead(nn.Module):
-    """Exit classifier on the coarsest scale: 2x (3x3/s2 conv-BN-ReLU), 2x2 avg pool, linear."""
+    """Exit classifier on the coarsest scale: 2x (3x3/s2 conv-BN-ReLU), pooling (the release's 2x2 average), linear."""
 
-    def __init__(self, in_chs: int, width: int, num_classes: int):
+    def __init__(self, in_chs: int, width: int, num_classes: int, global_pool: str = "avg"):
         super().__init__()
-        self.m = nn.Sequential(ConvBNReLU(in_chs, width, 3, 2, 1), ConvBNReLU(width, width, 3, 2, 1), nn.AvgPool2d(2))
+        self.m = nn.Sequential(ConvBNReLU(in_chs, width, 3, 2, 1), ConvBNReLU(width, width, 3, 2, 1))
         self.num_features = width
-        self.linear: nn.Module = nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()
+        self.pool = ExitPool(global_pool)
+        self.linear = _linear(width * self.pool.feat_mult(), num_classes, global_pool)
+
+    def reset(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A fresh linear layer for ``num_classes`` (0: none), and new pooling if ``global_pool`` is given."""
+        if global_pool is not None:
+            self.pool = ExitPool(global_pool)
+        self.linear = _linear(self.num_features * self.pool.feat_mult(), num_classes, self.pool.pool_type)
+
+    def forward_features(self, x: List[Tensor]) -> Tensor:
+        return self.m(x[-1])
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = self.pool(x)  # at the native input size the map is 2x2: the 2x2 average pool is global
+        return x if pre_logits else self.linear(x)
 
     def forward(self, x: List[Tensor]) -> Tensor:
-        feat = self.m(x[-1])
-        # at the native input size the map is 1x1 here and the mean is exact; larger inputs are pooled
-        return self.linear(feat.mean(dim=(2, 3)))
+        return self.forward_head(self.forward_features(x))
+
+
+def _linear(in_features: int, num_classes: int, global_pool: str) -> nn.Module:
+    """An exit's classifier (bias zero-initialised like the release's); ``Identity`` for ``num_classes=0``."""
+    if num_classes < 0:
+        raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+    if num_classes == 0:
+        return nn.Identity()
+    if not global_pool:
+        raise ValueError("global_pool='' leaves unpooled maps, which a linear classifier cannot take: "
+                         "use it with num_classes=0 (feature maps out), or pick a pooling such as 'avg'")
+    linear = nn.Linear(in_features, num_classes)
+    nn.init.zeros_(linear.bias)
+    return linear
 
 
 def _block_steps(n_blocks: int, step_mode: str, step: int, base: int) -> List[int]:
@@ -196,6 +229,8 @@ class MSDNet(MultiExitModel):
         head_channels: width of the exit heads' convs; ``None`` keeps the input width (ImageNet).
         num_classes: classes of every exit (0: exits return pooled features).
         in_chans: image channels.
+        global_pool: exit pooling: ``'avg'`` (the release's 2x2 average), ``''`` (none, with
+            ``num_classes=0``: exits return maps) or a timm pool type (``'max'``, ``'avgmax'``...).
     """
 
     def __init__(
@@ -216,6 +251,7 @@ class MSDNet(MultiExitModel):
             head_channels: Optional[int] = None,
             num_classes: int = 1000,
             in_chans: int = 3,
+            global_pool: str = "avg",
             **kwargs: Any,
     ):
         super().__init__()
@@ -246,6 +282,7 @@ class MSDNet(MultiExitModel):
         self.num_exits = n_blocks
         self.num_classes = num_classes
         self.in_chans = in_chans
+        self.global_pool = global_pool
         self.n_scales = n_scales
         self.stem = stem
         self.steps = _block_steps(n_blocks, step_mode, step, base)
@@ -255,6 +292,7 @@ class MSDNet(MultiExitModel):
         self.blocks = nn.ModuleList()
         self.classifier = nn.ModuleList()
         chs, n_layer = n_channels, 0
+        block_out: List[Tuple[int, int]] = []  # (channels per gr_factor unit, scales) after each block
         for b, n_steps in enumerate(self.steps):
             layers: List[nn.Module] = []
             if b == 0:
@@ -273,9 +311,22 @@ class MSDNet(MultiExitModel):
                                              [new_chs * g for g in gr_factor[offset:]]))
                     chs = new_chs
             self.blocks.append(nn.Sequential(*layers))
+            block_out.append((chs, out_scales))
             head_in = chs * gr_factor[-1]
-            self.classifier.append(ExitHead(head_in, head_channels or head_in, num_classes))
+            self.classifier.append(ExitHead(head_in, head_channels or head_in, num_classes, global_pool))
         self.num_features = self.classifier[-1].num_features
+        self.head_hidden_size = self.num_features * self.classifier[-1].pool.feat_mult()
+        # features_only: each scale after the last block that still has it (list position in that block's output)
+        self._taps: List[Tuple[int, int]] = []
+        self.feature_info: List[Dict[str, Any]] = []
+        for s in range(n_scales):
+            having = [b for b, (_, n_out) in enumerate(block_out) if s >= n_scales - n_out]
+            if having:
+                b = having[-1]
+                c, n_out = block_out[b]
+                self._taps.append((b, s - (n_scales - n_out)))
+                self.feature_info.append(dict(
+                    num_chs=c * gr_factor[s], reduction=(1 if stem == "cifar" else 4) * 2 ** s, module=f"blocks.{b}"))
         # total downsampling before the head's 2x2 pool: stem, the scales, the head's two stride-2 convs
         self.downsample = (1 if stem == "cifar" else 4) * 2 ** (n_scales - 1) * 4
         self._init_weights()
@@ -299,6 +350,8 @@ class MSDNet(MultiExitModel):
 
     def check_input(self, x: Tensor) -> None:
         super().check_input(x)
+        if is_symbolic(x):
+            return
         h, w = x.shape[-2:]
         if min(h, w) < self.min_input_size:
             raise ValueError(
@@ -306,30 +359,59 @@ class MSDNet(MultiExitModel):
                 f"exit heads' 2x2 pool, so height and width must be at least {self.min_input_size}; "
                 f"resize the images (native size: {'32' if self.stem == 'cifar' else '224'})")
 
-    def forward_stage(self, index: int, state: Any) -> Tuple[List[Tensor], Tensor]:
-        """Block ``index`` (the stem first, for ``index == 0``) and exit ``index`` on its coarsest scale."""
-        state = self.blocks[index](state)
-        return state, self.classifier[index](state)
+    def forward_block(self, index: int, state: Any) -> List[Tensor]:
+        """Block ``index`` (the stem first, for ``index == 0``): the feature maps, finest scale first."""
+        return self.blocks[index](state)
+
+    def forward_exit_features(self, index: int, state: List[Tensor]) -> Tensor:
+        return self.classifier[index].forward_features(state)
+
+    def forward_exit_head(self, index: int, x: Tensor, pre_logits: bool = False) -> Tensor:
+        return self.classifier[index].forward_head(x, pre_logits)
+
+    def intermediate_features(self, x: Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              output_fmt: str = "NCHW", **kwargs: Any) -> List[Tensor]:
+        """The ``feature_info`` maps selected by ``indices``; blocks after the last one needed are not run.
+
+        ``norm`` and ``stop_early`` (timm's other arguments) change nothing here: MSDNet has no final norm.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"MSDNet features are NCHW maps, got output_fmt={output_fmt!r}")
+        take, max_index = feature_take_indices(len(self._taps), indices)
+        found: Dict[int, Tensor] = {}
+        state: Any = x
+        for b in range(self._taps[max_index][0] + 1):
+            state = self._run_block(b, state)
+            found.update({i: state[self._taps[i][1]] for i in take if self._taps[i][0] == b})
+        return [found[i] for i in take]
+
+    def prune_intermediate_layers(
+            self, indices: Optional[Union[int, List[int]]] = 1, prune_norm: bool = False, prune_head: bool = True,
+    ) -> List[int]:
+        """Keep only what ``forward_intermediates(indices)`` needs: drop later blocks and the exit heads."""
+        take, max_index = feature_take_indices(len(self._taps), indices)
+        keep = self._taps[max_index][0] + 1
+        if prune_head or keep < len(self.blocks):
+            self.blocks = self.blocks[:keep]
+            self.classifier = nn.ModuleList()
+            self.exit_heads_pruned = True
+        return take
 
     def get_classifier(self) -> nn.ModuleList:
         """The final linear layer of every exit head, cheapest exit first."""
         return nn.ModuleList(head.linear for head in self.classifier)
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace every exit's linear layer with a fresh one for ``num_classes`` (0: no linear).
+        """Fresh linear layers for ``num_classes`` on every exit (0: exits return pooled features).
 
-        ``global_pool`` exists for timm's signature; the heads' pooling is fixed, so only ``None`` is accepted.
+        ``global_pool`` (timm's values, see the class docstring) changes every exit's pooling.
         """
-        if global_pool is not None:
-            raise ValueError(f"MSDNet's exit heads have a fixed 2x2 average pool: pass global_pool=None, "
-                             f"not {global_pool!r}")
-        if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
-        self.num_classes = num_classes
         for head in self.classifier:
-            head.linear = nn.Linear(head.num_features, num_classes) if num_classes > 0 else nn.Identity()
-            if num_classes > 0:
-                nn.init.zeros_(head.linear.bias)
+            head.reset(num_classes, global_pool)
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = global_pool
+            self.head_hidden_size = self.num_features * self.classifier[-1].pool.feat_mult()
 
 
 _RELEASE_ARG_NAMES = {
@@ -358,7 +440,8 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
         "url": "",
         "num_classes": 1000,
         "input_size": (3, 224, 224),
-        "pool_size": (1, 1),
+        "min_input_size": (3, 129, 129),
+        "pool_size": (2, 2),
         "crop_pct": 0.875,
         "interpolation": "bilinear",
         "mean": IMAGENET_DEFAULT_MEAN,
@@ -372,8 +455,8 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
 
 
 _CIFAR_CFG = dict(
-    num_classes=100, input_size=(3, 32, 32), crop_pct=1.0, mean=CIFAR_MEAN, std=CIFAR_STD,
-    first_conv="blocks.0.0.layers.0.net.0",
+    num_classes=100, input_size=(3, 32, 32), min_input_size=(3, 17, 17), crop_pct=1.0, mean=CIFAR_MEAN,
+    std=CIFAR_STD, first_conv="blocks.0.0.layers.0.net.0",
 )
 
 default_cfgs = generate_default_cfgs({
@@ -386,7 +469,11 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_msdnet(variant: str, pretrained: bool = False, **kwargs: Any) -> MSDNet:
-    return build_model_with_cfg(MSDNet, variant, pretrained, **kwargs)
+    # every exit's classifier, so a pretrained file with other classes re-initialises all of them
+    classifier = tuple(f"classifier.{k}.linear" for k in range(kwargs.get("n_blocks", 5)))
+    overlay = {"classifier": classifier, **(kwargs.pop("pretrained_cfg_overlay", None) or {})}
+    return build_model_with_cfg(MSDNet, variant, pretrained, pretrained_cfg_overlay=overlay,
+                                feature_cfg=dict(feature_cls="getter", out_indices=None), **kwargs)
 
 
 _IMAGENET_ARGS = dict(

@@ -22,19 +22,26 @@ Stage ``k`` computes exactly what exit ``k`` needs beyond earlier stages: stage 
 the first block of flow 0; the first exit of flow ``i > 0`` runs that flow's fused blocks and its
 first new block; every other stage runs one block. The state carries the stem outputs of flows not
 started yet and the block outputs of the latest flow (the next flow fuses them).
+
+timm's model API: ``forward_features`` is the trunk and the last classifier's two convs (the map its
+pooling reads), ``forward_head`` that classifier's pooling and linear layer. ``feature_info`` /
+``forward_intermediates`` (``features_only=True``) give the highest-resolution flow at each of its
+resolutions (the last block at that resolution, before its transition), finest first.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_function
+from timm.models._features import feature_take_indices  # what timm's own models use
 
 from .base import MultiExitModel
+from .layers import ExitPool, is_symbolic
 
 __all__ = ["RANet"]
 
@@ -63,6 +70,14 @@ class _DenseLayer(nn.Module):
         return torch.cat([x, self.conv(self.bottleneck(x))], dim=1)
 
 
+@register_notrace_function  # a shape-dependent branch: one call when torch.fx traces (public name: fx skips _names)
+def upsample_to(low: Tensor, x: Tensor) -> Tensor:
+    """``low`` resized (bilinear) to the spatial size of ``x`` where the sizes differ."""
+    if low.shape[-2:] != x.shape[-2:]:
+        low = F.interpolate(low, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return low
+
+
 class _Fusion(nn.Module):
     """Fuse a lower-resolution flow: 1x1 conv-BN-ReLU, bilinear upsampling, concatenation."""
 
@@ -71,10 +86,7 @@ class _Fusion(nn.Module):
         self.conv = _conv_bn_relu(low_chs, out_chs, 1)
 
     def forward(self, x: Tensor, low: Tensor) -> Tensor:
-        low = self.conv(low)
-        if low.shape[-2:] != x.shape[-2:]:
-            low = F.interpolate(low, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return torch.cat([x, low], dim=1)
+        return torch.cat([x, upsample_to(self.conv(low), x)], dim=1)
 
 
 class _Transition(nn.Sequential):
@@ -93,31 +105,55 @@ class _Block(nn.Module):
         self.fusion = fusion
         self.transition = transition
 
-    def forward(self, x: Tensor, low: Optional[Tensor] = None) -> Tensor:
+    def features(self, x: Tensor, low: Optional[Tensor] = None) -> Tensor:
+        """Dense layers and fusion: the block's map before its transition."""
         x = self.layers(x)
         if self.fusion is not None:
             x = self.fusion(x, low)
+        return x
+
+    def forward(self, x: Tensor, low: Optional[Tensor] = None) -> Tensor:
+        x = self.features(x, low)
         if self.transition is not None:
             x = self.transition(x)
         return x
 
 
 class _Head(nn.Module):
-    """Two 3x3 stride-2 conv-BN-ReLU, 2x2 average pooling, linear classifier."""
+    """Two 3x3 stride-2 conv-BN-ReLU, pooling (2x2 average), dropout, linear classifier."""
 
-    def __init__(self, in_chs: int, width: int, num_classes: int):
+    def __init__(self, in_chs: int, width: int, num_classes: int, global_pool: str = "avg", drop_rate: float = 0.0):
         super().__init__()
         self.features = nn.Sequential(
             _conv_bn_relu(in_chs, width, 3, stride=2),
             _conv_bn_relu(width, width, 3, stride=2),
-            nn.AvgPool2d(2),
-            nn.Flatten(1),
         )
         self.num_features = width
-        self.fc = nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()
+        self.drop_rate = drop_rate
+        self.pool = ExitPool(global_pool)
+        self.fc = self._classifier(num_classes)
+
+    def _classifier(self, num_classes: int) -> nn.Module:
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        if num_classes > 0 and not self.pool.pool_type:
+            raise ValueError("global_pool='' leaves unpooled maps, which a linear classifier cannot take: "
+                             "use it with num_classes=0 (feature maps out), or pick a pooling such as 'avg'")
+        return nn.Linear(self.num_features * self.pool.feat_mult(), num_classes) if num_classes > 0 else nn.Identity()
+
+    def reset(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is not None:
+            self.pool = ExitPool(global_pool)
+        self.fc = self._classifier(num_classes)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = self.pool(x)
+        if self.drop_rate > 0:
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
+        return x if pre_logits else self.fc(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.features(x))
+        return self.forward_head(self.features(x))
 
 
 def _parse_factors(name: str, value: Sequence[int] | str, n: int) -> List[int]:
@@ -152,6 +188,9 @@ class RANet(MultiExitModel):
         reduction: channel reduction of the transition layers.
         stem: ``'cifar'`` (3x3 conv) or ``'imagenet'`` (7x7 stride-2 conv and max-pool).
         head_width: classifier conv width; ``None`` uses the head's input width (ImageNet head).
+        global_pool: classifier pooling: ``'avg'`` (2x2 average), ``''`` (none, with ``num_classes=0``:
+            exits return maps) or a timm pool type (``'max'``, ``'avgmax'``...).
+        drop_rate: dropout before every classifier's linear layer.
     """
 
     def __init__(
@@ -172,6 +211,7 @@ class RANet(MultiExitModel):
         num_classes: int = 100,
         in_chans: int = 3,
         drop_rate: float = 0.0,
+        global_pool: str = "avg",
     ):
         super().__init__()
         if isinstance(scale_list, str):
@@ -194,6 +234,7 @@ class RANet(MultiExitModel):
             raise ValueError("block_step must be >= 1 when there are several flows (each flow needs a new block)")
 
         self.num_classes, self.in_chans, self.drop_rate = num_classes, in_chans, drop_rate
+        self.global_pool = global_pool
         self.scale_list = scale_list
         self.stem_type = stem
         n_levels = scale_list[-1]
@@ -236,6 +277,7 @@ class RANet(MultiExitModel):
             down_after = set(_downsample_after(n_fused, n_down)) if n_down else set()
             chs, level = level_chs[start_level[i]], start_level[i]
             blocks, out_chs, levels = nn.ModuleList(), [], []
+            pre_chs, in_levels = [], []  # channels and level of each block's map before its transition
             for j in range(flow_blocks[i]):
                 n_layers = step if step_mode == "even" else step * (j + 1)
                 layers = []
@@ -243,6 +285,7 @@ class RANet(MultiExitModel):
                     layers.append(_DenseLayer(chs, growth, bn_factor[i]))
                     chs += growth
                 fusion = None
+                in_levels.append(level)
                 if j < n_fused:
                     if prev_levels[j] > level:
                         raise ValueError(f"flow {i} block {j} would fuse a higher-resolution flow: check scale_list")
@@ -250,6 +293,7 @@ class RANet(MultiExitModel):
                     fusion = _Fusion(prev_out_chs[j], fused)
                     chs += fused
                 transition = None
+                pre_chs.append(chs)
                 if j < flow_blocks[i] - 1:  # a transition between consecutive blocks of a flow
                     reduced = max(1, int(chs * reduction))
                     transition = _Transition(chs, reduced, downsample=j in down_after)
@@ -260,11 +304,20 @@ class RANet(MultiExitModel):
                 if j >= n_fused:
                     self.exit_plan.append((i, j))
                     self.head_in_chs.append(chs)
-                    self.heads.append(_Head(chs, head_width or chs, num_classes))
+                    self.heads.append(_Head(chs, head_width or chs, num_classes, global_pool, drop_rate))
             self.flows.append(blocks)
             prev_out_chs, prev_levels = out_chs, levels
         self.num_exits = len(self.exit_plan)
         self.num_features = self.heads[-1].num_features
+        self.head_hidden_size = self.num_features * self.heads[-1].pool.feat_mult()
+        # features_only: the last (highest-resolution) flow, at each level the last block there, before its transition
+        stem_reduction = 4 if stem == "imagenet" else 1
+        self._taps = [max(j for j, lv in enumerate(in_levels) if lv == level)
+                      for level in range(in_levels[0], -1, -1) if level in in_levels]
+        self.feature_info = [
+            dict(num_chs=pre_chs[j], reduction=stem_reduction * 2 ** (top - in_levels[j]), module=f"flows.{n_flows - 1}.{j}")
+            for j in self._taps
+        ]
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -279,6 +332,8 @@ class RANet(MultiExitModel):
 
     def check_input(self, x: Tensor) -> None:
         super().check_input(x)
+        if is_symbolic(x):
+            return
         stride = 2 ** (self.num_levels - 1) * (4 if self.stem_type == "imagenet" else 1)
         lowest = min(x.shape[-2:]) // stride
         if not 5 <= lowest <= 12:
@@ -288,24 +343,19 @@ class RANet(MultiExitModel):
                 "e.g. 32x32 for CIFAR models, 224x224 for ImageNet ones): resize the images or change scale_list"
             )
 
-    def _head(self, k: int, x: Tensor) -> Tensor:
-        head = self.heads[k]
-        feats = head.features(x)
-        if self.drop_rate > 0:
-            feats = F.dropout(feats, p=self.drop_rate, training=self.training)
-        return head.fc(feats)
+    def _stem(self, x: Tensor) -> Dict[str, Tensor]:
+        """The image at every level (keys: level numbers as strings, 0 = lowest resolution)."""
+        starts: Dict[str, Tensor] = {}
+        for j, layer in enumerate(self.stem):
+            x = layer(x)
+            starts[str(self.num_levels - 1 - j)] = x
+        return starts
 
-    def forward_stage(self, index: int, state: Any) -> Tuple[Any, Tensor]:
-        if not 0 <= index < self.num_exits:
-            raise ValueError(f"stage index {index} out of range: this RANet has {self.num_exits} exits")
+    def forward_block(self, index: int, state: Any) -> Dict[str, Any]:
+        """What exit ``index`` needs beyond the earlier stages (see the module docstring)."""
         flow, block = self.exit_plan[index]
         if index == 0:
-            x = state
-            starts: Dict[str, Tensor] = {}
-            for j, layer in enumerate(self.stem):
-                x = layer(x)
-                starts[str(self.num_levels - 1 - j)] = x
-            state = {"starts": starts, "outs": []}
+            state = {"starts": self._stem(state), "outs": []}
         starts, outs = dict(state["starts"]), list(state["outs"])
         blocks = self.flows[flow]
         if index == 0 or self.exit_plan[index - 1][0] == flow:  # continue the current flow: one block
@@ -317,7 +367,48 @@ class RANet(MultiExitModel):
             for j in range(block + 1):
                 x = blocks[j](x, prev[j] if j < len(prev) else None)
                 outs.append(x)
-        return {"starts": starts, "outs": outs}, self._head(index, outs[-1])
+        return {"starts": starts, "outs": outs}
+
+    def forward_exit_features(self, index: int, state: Dict[str, Any]) -> Tensor:
+        return self.heads[index].features(state["outs"][-1])
+
+    def forward_exit_head(self, index: int, x: Tensor, pre_logits: bool = False) -> Tensor:
+        return self.heads[index].forward_head(x, pre_logits)
+
+    def intermediate_features(self, x: Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              output_fmt: str = "NCHW", **kwargs: Any) -> List[Tensor]:
+        """The ``feature_info`` maps selected by ``indices``; the last flow stops at the last block needed.
+
+        ``norm`` and ``stop_early`` (timm's other arguments) change nothing here: RANet has no final norm.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"RANet features are NCHW maps, got output_fmt={output_fmt!r}")
+        take, max_index = feature_take_indices(len(self._taps), indices)
+        wanted = {self._taps[i]: i for i in take}
+        starts, prev, last = self._stem(x), [], len(self.flows) - 1
+        found: Dict[int, Tensor] = {}
+        for i, blocks in enumerate(self.flows):
+            h, outs = self._take_start(starts, i), []
+            for j in range(self._taps[max_index] + 1 if i == last else len(blocks)):
+                pre = blocks[j].features(h, prev[j] if j < len(prev) else None)
+                if i == last and j in wanted:
+                    found[wanted[j]] = pre
+                h = blocks[j].transition(pre) if blocks[j].transition is not None else pre
+                outs.append(h)
+            prev = outs
+        return [found[i] for i in take]
+
+    def prune_intermediate_layers(
+        self, indices: Optional[Union[int, List[int]]] = 1, prune_norm: bool = False, prune_head: bool = True,
+    ) -> List[int]:
+        """Keep only what ``forward_intermediates(indices)`` needs: drop the classifiers and later blocks."""
+        take, max_index = feature_take_indices(len(self._taps), indices)
+        keep = self._taps[max_index] + 1
+        if prune_head or keep < len(self.flows[-1]):
+            self.flows[-1] = self.flows[-1][:keep]
+            self.heads = nn.ModuleList()
+            self.exit_heads_pruned = True
+        return take
 
     def _take_start(self, starts: Dict[str, Tensor], flow: int) -> Tensor:
         """The stem output flow ``flow`` starts from; kept in the state while a later flow needs it too."""
@@ -326,18 +417,32 @@ class RANet(MultiExitModel):
             return starts[str(level)]
         return starts.pop(str(level))
 
-    def get_classifier(self) -> nn.Module:
-        return self.heads[-1].fc
+    def get_classifier(self) -> nn.ModuleList:
+        """The linear layer of every exit head, cheapest exit first."""
+        return nn.ModuleList(head.fc for head in self.heads)
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace the linear layer of every exit head (``num_classes=0``: heads return features)."""
-        self.num_classes = num_classes
+        """Replace the linear layer of every exit head (``num_classes=0``: heads return pooled features).
+
+        ``global_pool`` (timm's values, see the class docstring) changes every head's pooling.
+        """
         for head in self.heads:
-            head.fc = nn.Linear(head.num_features, num_classes) if num_classes > 0 else nn.Identity()
+            head.reset(num_classes, global_pool)
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = global_pool
+            self.head_hidden_size = self.num_features * self.heads[-1].pool.feat_mult()
 
 
 def _create_ranet(variant: str, pretrained: bool = False, **kwargs: Any) -> RANet:
-    return build_model_with_cfg(RANet, variant, pretrained, **kwargs)
+    # every exit's classifier, so a pretrained file with other classes re-initialises all of them
+    scale_list = kwargs["scale_list"]
+    n_flows = len(scale_list.split("-") if isinstance(scale_list, str) else scale_list)
+    n_exits = kwargs["num_blocks"] + kwargs["block_step"] * (n_flows - 1)
+    overlay = {"classifier": tuple(f"heads.{k}.fc" for k in range(n_exits)),
+               **(kwargs.pop("pretrained_cfg_overlay", None) or {})}
+    return build_model_with_cfg(RANet, variant, pretrained, pretrained_cfg_overlay=overlay,
+                                feature_cfg=dict(feature_cls="getter", out_indices=None), **kwargs)
 
 
 def _cfg(url: str = "", **kwargs: Any) -> Dict[str, Any]:
@@ -345,21 +450,22 @@ def _cfg(url: str = "", **kwargs: Any) -> Dict[str, Any]:
         "url": url,
         "num_classes": 1000,
         "input_size": (3, 224, 224),
-        "pool_size": None,
+        "min_input_size": (3, 160, 160),
+        "pool_size": (2, 2),
         "crop_pct": 0.875,
         "interpolation": "bilinear",
         "mean": IMAGENET_DEFAULT_MEAN,
         "std": IMAGENET_DEFAULT_STD,
         "first_conv": "stem.0.0.0",
-        "classifier": "heads.7.fc",
+        "classifier": tuple(f"heads.{k}.fc" for k in range(8)),
         **kwargs,
     }
 
 
 default_cfgs = generate_default_cfgs({
     "ranet_l2w_cifar.untrained": _cfg(
-        num_classes=100, input_size=(3, 32, 32), crop_pct=1.0, mean=CIFAR_MEAN, std=CIFAR_STD,
-        first_conv="stem.0.0", classifier="heads.5.fc",
+        num_classes=100, input_size=(3, 32, 32), min_input_size=(3, 20, 20), crop_pct=1.0, mean=CIFAR_MEAN,
+        std=CIFAR_STD, first_conv="stem.0.0", classifier=tuple(f"heads.{k}.fc" for k in range(6)),
     ),
     "ranet_l2w.untrained": _cfg(),
 })

@@ -1,0 +1,46 @@
+"""Pieces the multi-exit families share for timm's model API: exit pooling and tracing guards."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from timm.layers import SelectAdaptivePool2d
+
+__all__ = ["ExitPool", "is_symbolic"]
+
+
+def is_symbolic(x: Any) -> bool:
+    """True while ``x`` is a torch.fx proxy or the model is being traced (input checks are skipped then)."""
+    return isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing()
+
+
+class ExitPool(nn.Module):
+    """Global pooling of an exit head (timm's ``global_pool`` values).
+
+    ``'avg'`` is the MSDNet/RANet release's pooling: a 2x2 average pool, then the mean of what is left
+    (at the native input size the map is 2x2, so this is the global average, counted as 2x2 windows).
+    ``''`` keeps the unpooled map; any other timm pool type (``'max'``, ``'avgmax'``, ``'catavgmax'``)
+    goes through timm's :class:`~timm.layers.SelectAdaptivePool2d`.
+    """
+
+    def __init__(self, pool_type: str = "avg"):
+        super().__init__()
+        self.pool_type = pool_type or ""
+        if self.pool_type == "avg":
+            self.pool: nn.Module = nn.AvgPool2d(2)
+        else:
+            try:
+                self.pool = SelectAdaptivePool2d(pool_type=self.pool_type, flatten=bool(self.pool_type))
+            except AssertionError:
+                raise ValueError(
+                    f"unknown global_pool {pool_type!r}: use 'avg' (the release's), '' (no pooling), "
+                    "'max', 'avgmax' or 'catavgmax'") from None
+
+    def feat_mult(self) -> int:
+        """Pooled features per input channel (2 for ``'catavgmax'``)."""
+        return 1 if self.pool_type == "avg" else self.pool.feat_mult()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.pool(x)
+        return x.mean(dim=(2, 3)) if self.pool_type == "avg" else x
