@@ -19,6 +19,6 @@ setup(
         "matplotlib",
         "scikit-learn",
     ],
-    extras_require={"dev": ["pytest", "pytest-timeout"]},
+    extras_require={"dev": ["pytest", "pytest-timeout", "hypothesis"]},
     entry_points={"console_scripts": ["timm-l2w=timm_l2w.cli:main"]},
 )

@@ -14,7 +14,6 @@ import json
 import os
 import pickle
 import sys
-import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -23,6 +22,7 @@ from torch import Tensor, nn
 
 from .files import atomic_path
 from .models.base import unwrap_model
+from .validation import CONVERT_SETTINGS, CheckpointError, check_settings, check_weights
 
 __all__ = [
     "save_safetensors", "load_state_dict", "check_state_dict", "StateDictMismatchError",
@@ -88,7 +88,7 @@ def _unwrap_checkpoint(obj: Any, path: Path) -> Mapping[str, Any]:
         obj = obj[nested]
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
         found = sorted(map(str, obj))[:_SHOWN] if isinstance(obj, Mapping) else type(obj).__name__
-        raise ValueError(
+        raise CheckpointError(
             f"{path} holds no state dict of tensors (found {found}): pass a file saved from model.state_dict() "
             f"or a checkpoint dict with one of the keys {NESTED_KEYS}")
     return obj
@@ -106,29 +106,29 @@ def load_state_dict(path: PathLike, map_location: Union[str, torch.device] = "cp
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist: check the path")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
             obj: Any = load_file(str(path), device=str(map_location))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"{path} is not a readable safetensors file ({e}): it may be truncated or corrupt; "
-                             "save or download it again") from e
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ... : whatever a damaged file raises
+            raise CheckpointError(f"{path} is not a readable safetensors file ({e}): it may be truncated or "
+                                  "corrupt; save or download it again") from e
     else:
         try:
             obj = torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as e:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path} holds Python objects that weights_only loading refuses ({str(e).splitlines()[0]}): "
                 "if you trust the file, re-save only its state_dict (tensors) and load that") from e
-        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-            raise ValueError(f"{path} is not a readable PyTorch checkpoint ({e}): it may be truncated or "
-                             "corrupt; save or download it again") from e
+        except Exception as e:  # noqa: BLE001 - RuntimeError, EOFError, BadZipFile, ... from a damaged file
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e}): it may "
+                                  "be truncated or corrupt; save or download it again") from e
     return dict(clean_state_dict(dict(_unwrap_checkpoint(obj, path))))
 
 
-class StateDictMismatchError(ValueError):
-    """Keys or shapes of a state dict do not match a model; ``missing``, ``unexpected``, ``mismatched``."""
+class StateDictMismatchError(CheckpointError):
+    """Keys or shapes of a state dict do not match a model; ``missing``, ``unexpected``, ``mismatched``
+    (a :class:`~timm_l2w.validation.CheckpointError`, hence a ``ValueError``)."""
 
     def __init__(self, message: str, missing: List[str], unexpected: List[str],
                  mismatched: List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]]):
@@ -205,6 +205,7 @@ def convert_release_checkpoint(
         if num_classes is not None or model_kwargs:
             raise TypeError("num_classes / model kwargs only apply when model is a name: pass model='msdnet_l2w'")
         name = getattr(unwrap_model(model), "pretrained_cfg", {}).get("architecture", type(model).__name__)
+    check_weights(state_dict, unwrap_model(model).state_dict(), Path(in_path))  # dtypes, finite values
     check_state_dict(model, state_dict)
     order = list(unwrap_model(model).state_dict())
     metadata = {"model": name, "num_classes": getattr(unwrap_model(model), "num_classes", None),
@@ -234,6 +235,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"model ({', '.join(timm.list_models('*l2w*'))})", file=sys.stderr)
         return 2
     try:
+        check_settings(args, CONVERT_SETTINGS)
         out = convert_release_checkpoint(args.input, args.output, args.model, num_classes=args.num_classes)
     except (ValueError, OSError, RuntimeError) as e:
         print(f"timm-l2w convert: error: {e}", file=sys.stderr)

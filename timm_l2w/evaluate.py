@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from .exits import calibrate_thresholds_batch, check_distributions, exit_by_threshold, paper_distributions, paper_qs
 from .files import csv_text, write_text_atomic
 from .models.base import check_multi_exit_output, unwrap_model
+from .validation import EVAL_SETTINGS, check_labels, check_settings, check_weights
 
 __all__ = [
     "ExitOutputs",
@@ -75,6 +76,7 @@ class ExitOutputs:
                 raise ValueError(f"ExitOutputs.{name} has shape {tuple(getattr(self, name).shape)}, expected {(n, k)}")
         if tuple(self.targets.shape) != (n,):
             raise ValueError(f"ExitOutputs.targets has shape {tuple(self.targets.shape)}, expected {(n,)}")
+        self.targets = check_labels(self.targets, batch=n, name="ExitOutputs.targets")
 
     @property
     def num_samples(self) -> int:
@@ -93,12 +95,8 @@ class ExitOutputs:
     def from_logits(cls, logits: Sequence[Tensor], targets: Tensor) -> "ExitOutputs":
         """Build from all K exit logits ``[B, C]`` (``model.forward_exits(x)``) and ``[B]`` integer targets."""
         logits = check_multi_exit_output(logits)
-        targets = torch.as_tensor(targets).detach().long().to(logits[0].device)
-        if targets.ndim != 1 or targets.shape[0] != logits[0].shape[0]:
-            raise ValueError(
-                f"targets must be [batch] class indices matching the logits' batch {logits[0].shape[0]}, "
-                f"got shape {tuple(targets.shape)} (one-hot or mixup targets are not supported in evaluation)"
-            )
+        batch, num_classes = logits[0].shape[0], logits[0].shape[-1]
+        targets = check_labels(targets, num_classes, batch, "targets").to(logits[0].device)
         conf, pred, top5, loss = [], [], [], []
         for out in logits:
             out = out.detach().float()
@@ -344,6 +342,7 @@ def _load_weights(model: nn.Module, checkpoint: Path | str) -> None:
 
     state = load_state_dict(checkpoint)
     check_state_dict(model, state)
+    check_weights(state, unwrap_model(model).state_dict(), Path(checkpoint))  # dtypes and finite values
     unwrap_model(model).load_state_dict(state)
 
 
@@ -431,7 +430,7 @@ def _run(args: argparse.Namespace, timm: Any) -> int:
 
     import timm_l2w  # noqa: F401  (registers the models)
 
-
+    check_settings(args, EVAL_SETTINGS)  # numbers in range before any data or model is built
     heldout_loader, test_loader, info = create_eval_loaders(
         args.dataset, data_dir=args.data_dir, batch_size=args.batch_size, input_size=args.img_size,
         in_chans=args.in_chans or 3, held_out=args.held_out,

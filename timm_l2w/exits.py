@@ -11,6 +11,8 @@ from typing import List, Sequence
 import torch
 from torch import Tensor
 
+from .validation import Range, check_number
+
 __all__ = [
     "exit_distribution",
     "paper_distributions",
@@ -26,8 +28,7 @@ __all__ = [
 
 def exit_distribution(q: float, num_exits: int) -> Tensor:
     """Target share of samples per exit: ``p_k ∝ q**k`` for k = 1..K, normalised (float64)."""
-    if not q > 0:
-        raise ValueError(f"q must be > 0 (q < 1 front-loads, q > 1 back-loads the exits), got {q}")
+    q = check_number(q, "q", Range(0, low_open=True, hint="q < 1 front-loads, q > 1 back-loads the exits"))
     if num_exits < 1:
         raise ValueError(f"num_exits must be >= 1, got {num_exits}")
     p = torch.tensor(float(q), dtype=torch.float64) ** torch.arange(1, num_exits + 1, dtype=torch.float64)

@@ -29,6 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .exits import assign_exits, check_distribution, exit_distribution
 from .models.base import check_multi_exit_output, unwrap_model
+from .validation import PAPER_P_INDICES, Range, check_label_smoothing, check_number
 from .weighting import (
     CONSTRAINTS,
     INPUT_TYPES,
@@ -501,10 +502,11 @@ class L2W:
                 f"weight_net predicts {weight_net.num_exits} exits but the model has {num_exits}: "
                 f"build WeightPredictor(num_exits={num_exits})"
             )
-        if not isinstance(meta_interval, int) or meta_interval < 1:
-            raise ValueError(f"meta_interval must be a positive int (paper: 1 CIFAR, 100 ImageNet), got {meta_interval!r}")
-        if total_steps is not None and total_steps < 1:
-            raise ValueError(f"total_steps must be a positive number of updates or None, got {total_steps}")
+        check_number(meta_interval, "meta_interval", Range(1, integer=True, hint="paper: 1 CIFAR, 100 ImageNet"))
+        if total_steps is not None:
+            check_number(total_steps, "total_steps", Range(1, integer=True, hint="updates, or None for a constant meta lr"))
+        meta_lr = check_number(meta_lr, "meta_lr", Range(0, low_open=True, hint="paper: 1e-4"))
+        meta_weight_decay = check_number(meta_weight_decay, "meta_weight_decay", Range(0, hint="paper: 1e-4"))
         _check_choice(backend, BACKENDS, "backend")
         self.model, self.optimizer, self.accelerator = model, optimizer, accelerator
         _unwrap_optimizer(optimizer)  # fail early on a non-SGD optimizer
@@ -513,12 +515,11 @@ class L2W:
         self.constraint = _check_choice(constraint, CONSTRAINTS, "constraint")
         self.input_type = _check_choice(input_type, INPUT_TYPES, "input_type")
         if target_p is None:
-            if not isinstance(target_p_index, int) or target_p_index < 1:
-                raise ValueError(f"target_p_index must be a positive int j (q = j/20; paper: 15), got {target_p_index!r}")
+            check_number(target_p_index, "target_p_index", PAPER_P_INDICES)
             target_p = exit_distribution(target_p_index / 20, num_exits)
         self.p = check_distribution(target_p, num_exits)
         self.meta_interval, self.total_steps = meta_interval, total_steps
-        self.label_smoothing = float(label_smoothing)
+        self.label_smoothing = check_label_smoothing(label_smoothing)
         self.share_forward = share_forward
         self._fused_attention = any(getattr(m, "fused_attn", False) for m in unwrap_model(model).modules())
         self._backend = make_backend(backend, net)

@@ -128,6 +128,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def _check_args(args: argparse.Namespace, world_size: int) -> int:
     """Validate the numbers; return the per-rank batch size."""
+    from .validation import check_train_settings
+
+    check_train_settings(args)  # every number finite, in range and consistent (SettingError)
     if args.batch_size % world_size:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world_size} processes: "
                          f"use a multiple of {2 * world_size}")
@@ -137,14 +140,6 @@ def _check_args(args: argparse.Namespace, world_size: int) -> int:
             f"the per-rank batch ({args.batch_size} / {world_size} processes = {per_rank}) must split into two "
             f"equal halves (training half and meta half): use a --batch-size that is a multiple of {2 * world_size}"
         )
-    if args.max_steps is None and args.epochs < 1:
-        raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
-    if args.max_nonfinite < 1:
-        raise ValueError(f"--max-nonfinite must be >= 1, got {args.max_nonfinite}")
-    if args.keep_checkpoints < 1:
-        raise ValueError(f"--keep-checkpoints must be >= 1, got {args.keep_checkpoints}")
     return per_rank
 
 
@@ -206,6 +201,12 @@ def find_checkpoint(resume: str, output: str | os.PathLike) -> Path:
         f"--resume {resume}: no complete checkpoint there (a checkpoint folder holds a {COMPLETE_MARKER} "
         f"file; half-written ones are ignored): pass a folder from {Path(output) / 'checkpoints'} or 'auto'"
     )
+
+
+def _older_checkpoint(path: Path) -> Optional[Path]:
+    """The newest complete checkpoint beside ``path`` that is older than it (offered when ``path`` cannot be resumed)."""
+    older = sorted(p for p in path.parent.glob(f"{CHECKPOINT_PREFIX}*") if _is_complete(p) and p.name < path.name)
+    return older[-1] if older else None
 
 
 def _save_tensors(tensors: Dict[str, Tensor], path: Path, metadata: Dict[str, str]) -> None:
@@ -335,6 +336,9 @@ class _Run:
             write_json_atomic(tmp / "train_state.json", {"step": self.step, "epoch_stats": self.epoch_stats,
                                                    "history": self.history, "nonfinite_run": self.nonfinite_run,
                                                    "args": vars(self.args)})
+            from .validation import write_checksums
+
+            write_checksums(tmp, acc.process_index)  # a resume detects damaged files (flipped bits too)
             _fault_point("checkpoint", self.step)  # tests: killed half-way, the .tmp- folder is ignored
             (tmp / COMPLETE_MARKER).write_text(f"{self.step}\n")
             if final.exists():  # same step saved before (e.g. stop right after a checkpoint)
@@ -347,37 +351,33 @@ class _Run:
         return final
 
     def load_checkpoint(self, path: Path) -> None:
-        """Restore a checkpoint. Nothing here unpickles code: accelerate 1.15's ``load_state`` reads
-        optimizer, scheduler and RNG files with ``torch.load(weights_only=True)`` (plus a numpy-array
-        allowlist) and the model from safetensors; ``l2w_state.pt`` is read with ``weights_only=True``."""
-        import pickle
-        import zipfile
-
-        from accelerate.utils import load as accelerate_load
+        """Restore a checkpoint. Every file it reads is checked first (readable, fits this model and
+        optimizer, floating and finite weights, checksums: :func:`timm_l2w.validation.check_resume_checkpoint`);
+        any failure is a :class:`~timm_l2w.validation.ResumeError` naming the next older complete checkpoint.
+        Nothing here unpickles code: accelerate 1.15's ``load_state`` reads optimizer, scheduler and RNG files
+        with ``torch.load(weights_only=True)`` (plus a numpy-array allowlist) and the model from safetensors;
+        ``l2w_state.pt`` is read with ``weights_only=True``."""
+        from .validation import ResumeError, check_resume_checkpoint
 
         acc = self.accelerator
         try:
-            state = json.loads((path / "train_state.json").read_text())
-            saved_weighting = state.get("args", {}).get("weighting")
-            if saved_weighting and saved_weighting != self.args.weighting:
-                raise ValueError(f"checkpoint {path} was trained with --weighting {saved_weighting}, "
-                                 f"not {self.args.weighting}: resume with the same flags or use another --output")
-            # accelerate's load_state only logs "Could not load random states" when this file is bad, and
-            # the resumed run would silently differ: read it first (weights_only=True) so it fails loudly
-            accelerate_load(path / "state" / f"random_states_{acc.process_index}.pkl")
+            state = check_resume_checkpoint(path, acc.unwrap_model(self.model), self.optimizer, self.l2w,
+                                            acc.process_index)
+        except Exception as err:  # noqa: BLE001 - whatever is wrong with a file, the answer is the same
+            raise ResumeError.from_exception(path, err, _older_checkpoint(path)) from err
+        saved_args = state.get("args")
+        saved_weighting = saved_args.get("weighting") if isinstance(saved_args, dict) else None
+        if saved_weighting and saved_weighting != self.args.weighting:
+            raise ValueError(f"checkpoint {path} was trained with --weighting {saved_weighting}, "
+                             f"not {self.args.weighting}: resume with the same flags or use another --output")
+        try:
             acc.load_state(str(path / "state"))
             if self.l2w is not None:
                 self.l2w.load_state_dict(torch.load(path / "l2w_state.pt", map_location=acc.device,
                                                     weights_only=True))
-            step = int(state["step"])
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, KeyError, TypeError,
-                json.JSONDecodeError, zipfile.BadZipFile) as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-            raise ValueError(
-                f"checkpoint {path} cannot be resumed ({type(err).__name__}: {first}): it is damaged, unsafe "
-                f"(weights_only loading refused it) or from other --model/--weighting settings; resume an older "
-                f"one with --resume PATH or start a fresh --output") from err
-        self.step = step
+        except Exception as err:  # noqa: BLE001
+            raise ResumeError.from_exception(path, err, _older_checkpoint(path)) from err
+        self.step = int(state["step"])
         self.history = list(state["history"])
         self.epoch_stats = state["epoch_stats"]
         self.nonfinite_run = int(state.get("nonfinite_run", 0))
@@ -516,18 +516,22 @@ def load_pretrained(model: nn.Module, path: str) -> List[str]:
     """Load weights from a safetensors file (or a release ``.pth``/``.pth.tar``, read with
     ``weights_only=True``) into ``model``. Tensors whose shape differs (the classifiers of another
     ``num_classes``) keep the model's fresh initialisation; their names are returned. Any other
-    difference (missing or unexpected keys) is a ``ValueError``: the file is for another architecture."""
+    difference (missing or unexpected keys: another architecture) and unusable weights (NaN/inf, an
+    integer dtype where the model has floating point) are a :class:`~timm_l2w.validation.CheckpointError`
+    (a ``ValueError``), raised before the model is touched."""
     from .checkpoint import load_state_dict
+    from .validation import CheckpointError, check_weights
 
     state = load_state_dict(path)  # safetensors or weights_only torch.load; 'module.' prefixes removed
     own = model.state_dict()
     unexpected = [k for k in state if k not in own]
     missing = [k for k in own if k not in state]
     if unexpected or missing:
-        raise ValueError(
+        raise CheckpointError(
             f"'{path}' does not fit this model ({len(missing)} missing keys, e.g. {missing[:3]}; {len(unexpected)} "
             f"unexpected, e.g. {unexpected[:3]}): it is a checkpoint of another architecture; pick the matching --model")
     skipped = [k for k, v in state.items() if own[k].shape != v.shape]
+    check_weights({k: v for k, v in state.items() if k not in skipped}, own, Path(path))  # dtypes, finite values
     model.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=False)
     return skipped
 

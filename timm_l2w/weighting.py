@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .models.base import check_multi_exit_output
+from .validation import Range, check_label_smoothing, check_labels, check_number
 
 __all__ = [
     "INPUT_TYPES",
@@ -41,10 +42,7 @@ def _check_choice(value: str, choices: Iterable[str], name: str) -> str:
 
 
 def _check_eps(eps: float) -> float:
-    eps = float(eps)
-    if not eps >= 0:  # also rejects NaN
-        raise ValueError(f"eps must be >= 0 (0 = equal weighting, paper: 0.8 CIFAR, 0.3 ImageNet), got {eps}")
-    return eps
+    return float(check_number(eps, "eps", Range(0, hint="0 = equal weighting; paper: 0.8 CIFAR, 0.3 ImageNet")))
 
 
 class WeightPredictor(nn.Sequential):
@@ -121,17 +119,10 @@ def exit_losses(outputs: Sequence[Tensor], target: Tensor, label_smoothing: floa
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     batch, num_exits, num_classes = logits.shape
-    if not isinstance(target, Tensor) or target.shape != (batch,) or target.is_floating_point():
-        shape = tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__
-        dtype = f" of dtype {target.dtype}" if isinstance(target, Tensor) else ""
-        raise ValueError(f"target must be a [batch] tensor of integer class indices matching the {batch} logits, "
-                         f"got {shape}{dtype}: pass labels as a torch.long tensor (e.g. y.long()), not one-hot or float")
-    if batch:  # out-of-range labels: a clear error here instead of an IndexError (or a CUDA device assert)
-        low, high = (int(v) for v in torch.stack([target.min(), target.max()]).tolist())  # one sync
-        if low < 0 or high >= num_classes:
-            raise ValueError(f"labels must be class indices in [0, {num_classes - 1}] for the {num_classes}-class "
-                             f"heads, got values from {low} to {high}: remap the labels or build the model with "
-                             f"num_classes={max(high + 1, num_classes)}")
+    # any integer dtype, in range: a clear LabelError here instead of a dtype RuntimeError, an IndexError
+    # or a CUDA device assert from cross_entropy
+    target = check_labels(target, num_classes, batch)
+    label_smoothing = check_label_smoothing(label_smoothing)
     losses = F.cross_entropy(
         logits.reshape(batch * num_exits, num_classes),
         target.repeat_interleave(num_exits),
@@ -220,7 +211,7 @@ class WeightedMultiExitLoss(nn.Module):
         self.weight_net = weight_net
         self.eps = _check_eps(eps)
         self.constraint = _check_choice(constraint, CONSTRAINTS, "constraint")
-        self.label_smoothing = float(label_smoothing)
+        self.label_smoothing = check_label_smoothing(label_smoothing)
         self.last_weights: Optional[Tensor] = None
 
     def forward(self, outputs: Sequence[Tensor], target: Tensor) -> Tensor:  # type: ignore[override]
