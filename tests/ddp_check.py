@@ -1,12 +1,14 @@
 """Helper for tests/test_train.py: a tiny registered multi-exit model, and a 2-rank DDP check.
 
-Run under two real CPU ranks (see DESIGN.md)::
+Run under two real CPU ranks (the README's multi-process CPU command)::
 
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
         --mixed_precision no --dynamo_backend no tests/ddp_check.py OUTPUT_DIR
 
 It trains a few L2W steps with ``timm_l2w.train`` and checks that model and weight predictor are
 identical on both ranks and that the ranks received different data. Prints ``DDP_OK`` on rank 0.
+``tests/ddp_check.py --train ARGS...`` instead runs ``timm-l2w train ARGS...`` with the tiny model
+registered (the command line exactly as a user runs it, under the same launcher).
 """
 from __future__ import annotations
 
@@ -94,4 +96,10 @@ def main(out_dir: str) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "--train":
+        from timm_l2w import train as _train
+
+        torch.set_num_threads(1)
+        register_tiny()
+        sys.exit(_train.main(sys.argv[2:]))
     sys.exit(main(sys.argv[1]))

@@ -27,3 +27,153 @@ def test_flops_counted_at_another_image_size_are_refused_not_silently_wrong():
     assert [round(f / 1e6, 1) for f in flops] == [11.9, 20.3, 28.7, 37.1]  # not 584 / 996 / 1407 / 1818
     result = timm_l2w.budgeted_evaluation(heldout, test, flops)
     assert float(result.expected_flops.max()) <= flops[-1] + 1e-6
+
+
+# ----------------------------------------------------------------------------- the training CLI
+
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from timm_l2w.train import build_parser, main as train_main  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ddp_check import register_tiny  # noqa: E402
+
+TINY = register_tiny()
+BASE = ["--model", TINY, "--batch-size", "32", "--lr", "0.05", "--held-out", "1197", "--log-with", "none"]
+
+
+def _hashes(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resume_auto_on_a_finished_run_changes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = BASE + ["--max-steps", "3", "--output", str(out)]
+    assert train_main(args) == 0
+    before = _hashes(out)
+    assert "model.safetensors" in before and f"{TINY}_l2w.json" in before
+    capsys.readouterr()
+    assert train_main(args + ["--resume", "auto"]) == 0
+    printed = capsys.readouterr().out
+    assert "already complete (step 3 of 3)" in printed and "epoch 1:" not in printed
+    assert _hashes(out) == before  # no step 4 checkpoint, no second log row, same model file
+    # results lost (e.g. killed after the last checkpoint): only the final files are written again
+    (out / "model.safetensors").unlink()
+    (out / f"{TINY}_l2w.json").unlink()
+    assert train_main(args + ["--resume", "auto"]) == 0
+    after = _hashes(out)
+    from safetensors.torch import load_file
+
+    rewritten, kept = load_file(out / "model.safetensors"), load_file(out / "checkpoints" / "step_00000003" / "model.safetensors")
+    assert set(rewritten) == set(kept) and all(torch.equal(rewritten[k], kept[k]) for k in kept)
+    assert (out / f"{TINY}_l2w.json").is_file() and after["log.csv"] == before["log.csv"] and sorted((out / "checkpoints").iterdir())[-1].name == "step_00000003"
+
+
+def test_pretrained_path_of_another_configuration_fails_clearly(tmp_path, capsys):
+    tiny = timm.create_model("msdnet_l2w_cifar_tiny", num_classes=100)
+    ckpt = timm_l2w.save_safetensors(tiny, tmp_path / "tiny.safetensors", metadata={"model": "msdnet_l2w_cifar_tiny"})
+    code = train_main(["--model", "msdnet_l2w_cifar", "--pretrained-path", str(ckpt), "--max-steps", "1",
+                       "--no-eval", "--output", str(tmp_path / "out"), "--log-with", "none"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "saved from msdnet_l2w_cifar_tiny" in err and "--model msdnet_l2w_cifar_tiny" in err
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_pretrained_path_with_other_classes_reinitialises_only_the_exit_classifiers(tmp_path, capsys):
+    torch.manual_seed(1)
+    pre = timm.create_model("msdnet_l2w_cifar_tiny", num_classes=100)
+    ckpt = timm_l2w.save_safetensors(pre, tmp_path / "pre.safetensors")
+    out = tmp_path / "ft"
+    code = train_main(["--model", "msdnet_l2w_cifar_tiny", "--pretrained-path", str(ckpt), "--max-steps", "1",
+                       "--lr", "1e-9", "--warmup-lr", "1e-9", "--no-eval", "--output", str(out), "--log-with", "none"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    heads = [f"classifier.{k}.linear.{p}" for k in range(5) for p in ("weight", "bias")]
+    line = next(ln for ln in printed.splitlines() if "re-initialised" in ln)
+    assert "10 exit classifier tensors re-initialised for 10 classes: " in line
+    assert sorted(line.split("classes: ")[1].split(", ")) == sorted(heads)
+    from safetensors.torch import load_file
+
+    tuned = load_file(out / "model.safetensors")
+    body = [k for k, v in pre.state_dict().items() if v.is_floating_point() and "running" not in k and k not in heads]
+    assert body and all(torch.allclose(pre.state_dict()[k], tuned[k], atol=1e-6) for k in body)  # loaded
+    assert all(tuned[k].shape[0] == 10 for k in heads)  # fresh 10-class exit classifiers
+
+
+def test_help_shows_every_default():
+    parser = build_parser()
+    text = " ".join(parser.format_help().split())
+    for flag, shown in (("--epochs", "300"), ("--lr", "0.1"), ("--mixed-precision", "no"), ("--seed", "0"),
+                        ("--momentum", "0.9"), ("--weighting", "l2w")):
+        assert f"(default: {shown})" in text.split(flag, 2)[2].split("--", 1)[0] or f"(default: {shown})" in text
+    for action in parser._actions:
+        if action.default not in (None, False, {}) and action.option_strings and action.dest != "help":
+            assert f"(default: {action.default})" in text, action.dest
+    assert "cifar 0.8, imagenet 0.3" in text  # --eps: the preset's values, not "None"
+
+
+def test_log_start_summary_without_progress_bars_or_carriage_returns(tmp_path, capsys):
+    assert train_main(BASE + ["--max-steps", "2", "--no-eval", "--output", str(tmp_path)]) == 0  # bars on, no TTY
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err and "\r" not in captured.out
+    assert "world size 1 (1 process)" in captured.out and "device cpu" in captured.out
+    assert "mixed precision no" in captured.out
+    assert train_main(BASE + ["--max-steps", "2", "--no-eval", "--no-progress", "--output", str(tmp_path / "b")]) == 0
+    assert "epoch 1: loss" in capsys.readouterr().out  # --no-progress keeps the per-epoch summary
+
+
+def test_vit_img_size_from_the_command_line(tmp_path, capsys):
+    args = ["--model", "vit_tiny_l2w", "--max-steps", "1", "--batch-size", "8", "--no-eval", "--log-with", "none",
+            "--weighting", "uniform"]
+    assert train_main(args + ["--output", str(tmp_path / "a")]) == 2
+    assert "--model-kwargs img_size=32" in capsys.readouterr().err
+    assert train_main(args + ["--output", str(tmp_path / "b"), "--model-kwargs", "img_size=32"]) == 0
+
+
+# ----------------------------------------------------------------------------- two CPU ranks
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+
+
+def _launch_two_ranks(*argv: str) -> subprocess.CompletedProcess:
+    """The README's 2-rank CPU command, running ``timm-l2w train`` with the tiny test model."""
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(Path(__file__).parent / "ddp_check.py"), "--train", *argv]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_two_cpu_ranks_log_world_size_pause_once_and_resume(tmp_path):
+    args = BASE + ["--max-steps", "4", "--no-eval", "--no-progress", "--output", str(tmp_path)]
+    first = _launch_two_ranks(*args, "--stop-after-steps", "2")
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-4000:]
+    assert "world size 2 (2 processes" in first.stdout and "device cpu" in first.stdout
+    assert first.stderr.count("paused after step 2") == 1  # both ranks stop, one says so
+    second = _launch_two_ranks(*args, "--resume", "auto")  # used to fail: map_location cpu:0
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-4000:]
+    assert "cannot be resumed" not in second.stderr
+    log = json.loads((tmp_path / "log.json").read_text())
+    assert log[-1]["step"] == 4 and (tmp_path / "model.safetensors").is_file()
+
+
+def test_a_checkpoint_that_cannot_be_placed_on_this_device_is_not_called_damaged(tmp_path, capsys, monkeypatch):
+    args = BASE + ["--max-steps", "2", "--no-eval", "--no-progress", "--output", str(tmp_path)]
+    assert train_main(args + ["--stop-after-steps", "1"]) == 0
+    import accelerate
+
+    def refuse(self, *a, **k):
+        raise RuntimeError("Attempting to deserialize object on a CUDA device but torch.cuda.is_available() is False.")
+
+    monkeypatch.setattr(accelerate.Accelerator, "load_state", refuse)
+    capsys.readouterr()
+    assert train_main(args + ["--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert "is intact but its tensors cannot be placed on this process's device" in err
+    assert "damaged" not in err.replace("not damaged", "") and "Traceback" not in err

@@ -26,7 +26,7 @@ from .validation import CONVERT_SETTINGS, CheckpointError, check_settings, check
 
 __all__ = [
     "save_safetensors", "load_state_dict", "check_state_dict", "StateDictMismatchError",
-    "convert_release_checkpoint", "main",
+    "convert_release_checkpoint", "read_metadata", "exit_classifier_keys", "check_pretrained", "main",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -66,12 +66,21 @@ def save_safetensors(
 ) -> Path:
     """Write a model's state dict (or a plain dict of tensors) to ``path`` as safetensors, atomically.
 
-    ``metadata`` values that are not strings are stored as JSON. Returns the path written.
+    ``metadata`` values that are not strings are stored as JSON. For a model, ``model`` (its timm
+    name) and ``num_classes`` are recorded unless given, so ``timm-l2w eval`` and
+    :func:`load_pretrained` know what the file holds. Returns the path written.
     """
     from safetensors.torch import save_file
 
     tensors = _tensor_dict(state_dict_or_model)
     meta = {"format": "pt"}
+    if isinstance(state_dict_or_model, nn.Module):
+        net = unwrap_model(state_dict_or_model)
+        name = (getattr(net, "pretrained_cfg", None) or {}).get("architecture")
+        if name:
+            meta["model"] = str(name)
+        if isinstance(getattr(net, "num_classes", None), int):
+            meta["num_classes"] = str(net.num_classes)
     for key, value in (metadata or {}).items():
         meta[str(key)] = value if isinstance(value, str) else json.dumps(value)
     path = Path(path)
@@ -162,6 +171,66 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None
         hint = f"only the classifier sizes differ: pass num_classes={mismatched[0][1][0]} (--num-classes)"
     parts.append(f"fix: {hint}")
     raise StateDictMismatchError("\n".join(parts), missing, unexpected, mismatched)
+
+
+def read_metadata(path: PathLike) -> Dict[str, str]:
+    """The metadata a ``.safetensors`` file was saved with (``{}`` for other or unreadable files)."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # noqa: BLE001 - unreadable files are reported by load_state_dict
+        return {}
+
+
+def exit_classifier_keys(model: nn.Module) -> List[str]:
+    """State-dict keys of the exit classifiers: the linear layers that output ``num_classes`` logits."""
+    net = unwrap_model(model)
+    num_classes = getattr(net, "num_classes", None)
+    keys = []
+    for name, module in net.named_modules():
+        if isinstance(module, nn.Linear) and module.out_features == num_classes:
+            keys += [f"{name}.{p}" for p, _ in module.named_parameters(recurse=False)]
+    return keys
+
+
+def check_pretrained(model: nn.Module, state: Mapping[str, Tensor], path: PathLike,
+                     model_name: Optional[str] = None) -> List[str]:
+    """Check that ``state`` (read from ``path``) can initialise ``model`` for fine-tuning; return the
+    exit-classifier keys whose shapes differ (another ``num_classes``: they keep their fresh init).
+
+    Anything else that differs -- missing, unexpected or differently shaped tensors outside the exit
+    classifiers -- raises a :class:`~timm_l2w.validation.CheckpointError` (a ``ValueError``) naming the model the file was saved from when its metadata
+    says (``model_name`` names ``model`` in the message).
+    """
+    net = unwrap_model(model)
+    own = net.state_dict()
+    model_name = model_name or (getattr(net, "pretrained_cfg", None) or {}).get("architecture") or type(net).__name__
+    heads = set(exit_classifier_keys(net))
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    fresh = [k for k in reshaped if k in heads and state[k].shape[1:] == own[k].shape[1:]]
+    wrong = [k for k in reshaped if k not in fresh]
+    if missing or unexpected or wrong:
+        saved_from = read_metadata(path).get("model")
+        parts = [f"{len(x)} {what}, e.g. {x[0]}" for x, what in
+                 ((missing, "missing"), (unexpected, "unexpected"), (wrong, "with other shapes")) if x]
+        if wrong:
+            parts[-1] += f" {tuple(state[wrong[0]].shape)} in the file vs {tuple(own[wrong[0]].shape)} here"
+        if saved_from and saved_from != model_name:
+            fix = (f"it is a checkpoint of another architecture or configuration, saved from {saved_from} "
+                   f"(its metadata): pass --model {saved_from}")
+        else:
+            fix = ("it is a checkpoint of another architecture or configuration: pick the --model it was "
+                   "trained as (only the exit classifiers may differ, for another number of classes)")
+        raise CheckpointError(f"'{path}' does not fit {model_name} outside the exit classifiers "
+                              f"({'; '.join(parts)}): {fix}", path)
+    return fresh
 
 
 def _infer_num_classes(model_name: str, state_dict: Mapping[str, Tensor], **model_kwargs: Any) -> Optional[int]:

@@ -58,47 +58,71 @@ class TrainingStopped(RuntimeError):
 # ----------------------------------------------------------------------------- arguments
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows every real default; flags whose default is None or off explain themselves."""
+
+    def _get_help_string(self, action: argparse.Action) -> Optional[str]:
+        if action.default is None or action.default is False or action.default == {}:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _preset_help(text: str, key: str) -> str:
+    return f"{text} (default: the --preset's, " + ", ".join(f"{name} {cfg[key]}" for name, cfg in PRESETS.items()) + ")"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from timm.utils import ParseKwargs
+
     p = argparse.ArgumentParser(prog="timm-l2w train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="msdnet_l2w_cifar", help="registered multi-exit timm model")
-    g.add_argument("--pretrained-path", default=None, help="initial weights (.safetensors) to fine-tune from")
-    g.add_argument("--dataset", default="digits", help="digits, fashion-mnist, torch/cifar10, torch/cifar100, "
-                   "or a name with --data-dir for an ImageFolder tree")
+    g.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
+                   help="extra timm.create_model arguments, e.g. img_size=32 for vit_tiny_l2w at --input-size 32")
+    g.add_argument("--pretrained-path", default=None, help="initial weights (.safetensors) to fine-tune from; "
+                   "only the exit classifiers may differ (another number of classes), they start fresh")
+    g.add_argument("--dataset", default="digits", help="digits, digits-affine, fashion-mnist, torch/cifar10, "
+                   "torch/cifar100, or a name with --data-dir for an ImageFolder tree")
     g.add_argument("--data-dir", default=None, help="folder with the data set files")
     g.add_argument("--download", action="store_true", help="let torchvision download CIFAR (needs internet)")
     g.add_argument("--input-size", type=int, default=32, help="square image side fed to the model")
-    g.add_argument("--held-out", type=int, default=None, help="training images kept for threshold calibration")
+    g.add_argument("--held-out", type=int, default=None, help="training images kept for threshold calibration "
+                   "(default: 300 for digits, else a tenth of the training set, at most 5,000)")
     g.add_argument("--workers", type=int, default=0, help="data loader workers per process")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=300)
+    g.add_argument("--epochs", type=int, default=300, help="passes over the training set (the paper: 300 on CIFAR)")
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many loader batches (overrides --epochs)")
     g.add_argument("--batch-size", type=int, default=64, help="global batch; each rank gets batch/world_size")
-    g.add_argument("--lr", type=float, default=0.1)
-    g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--lr", type=float, default=0.1, help="peak learning rate of SGD (cosine schedule)")
+    g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine schedule")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
     g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup, in updates")
-    g.add_argument("--warmup-lr", type=float, default=1e-5)
-    g.add_argument("--label-smoothing", type=float, default=None, help="(preset: 0 CIFAR, 0.1 ImageNet)")
-    g.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--warmup-lr", type=float, default=1e-5, help="learning rate at the start of the warmup")
+    g.add_argument("--label-smoothing", type=float, default=None, help=_preset_help("label smoothing", "label_smoothing"))
+    g.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no", help="autocast precision")
+    g.add_argument("--seed", type=int, default=0, help="seed of the model initialisation and data order")
     g.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is there")
 
     g = p.add_argument_group("L2W (defaults: the paper's CIFAR settings, see --preset)")
-    g.add_argument("--weighting", choices=["l2w", "uniform"], default="l2w")
+    g.add_argument("--weighting", choices=["l2w", "uniform"], default="l2w",
+                   help="l2w: learned sample weights; uniform: equal weights, same halves and schedule")
     g.add_argument("--preset", choices=sorted(PRESETS), default="cifar",
                    help="the paper's settings; flags given explicitly override it")
-    g.add_argument("--eps", type=float, default=None)
-    g.add_argument("--constraint", choices=["row", "col", "mat"], default=None)
-    g.add_argument("--input-type", choices=["loss", "conf", "both"], default=None)
-    g.add_argument("--target-p-index", type=int, default=None, help="training exit distribution q = j/20")
-    g.add_argument("--meta-interval", type=int, default=None, help="meta step every N updates")
-    g.add_argument("--meta-lr", type=float, default=None)
-    g.add_argument("--meta-weight-decay", type=float, default=None)
-    g.add_argument("--hidden", type=int, default=None, help="hidden size of the weight predictor")
+    g.add_argument("--eps", type=float, default=None, help=_preset_help("weights lie in [1 - eps, 1 + eps]", "eps"))
+    g.add_argument("--constraint", choices=["row", "col", "mat"], default=None,
+                   help=_preset_help("how the weights are normalised", "constraint"))
+    g.add_argument("--input-type", choices=["loss", "conf", "both"], default=None,
+                   help=_preset_help("what the weight predictor sees", "input_type"))
+    g.add_argument("--target-p-index", type=int, default=None,
+                   help=_preset_help("training exit distribution q = j/20", "target_p_index"))
+    g.add_argument("--meta-interval", type=int, default=None, help=_preset_help("meta step every N updates", "meta_interval"))
+    g.add_argument("--meta-lr", type=float, default=None, help=_preset_help("Adam lr of the weight predictor", "meta_lr"))
+    g.add_argument("--meta-weight-decay", type=float, default=None,
+                   help=_preset_help("Adam weight decay of the weight predictor", "meta_weight_decay"))
+    g.add_argument("--hidden", type=int, default=None, help=_preset_help("hidden size of the weight predictor", "hidden"))
     g.add_argument("--backend", choices=["higher", "func"], default="higher", help="virtual-step backend")
 
     g = p.add_argument_group("output")
@@ -111,8 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-nonfinite", type=int, default=10,
                    help="stop after this many non-finite losses in a row (each one is skipped)")
     g.add_argument("--no-eval", action="store_true", help="skip the final anytime + budgeted evaluation")
-    g.add_argument("--eval-batch-size", type=int, default=256)
-    g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    g.add_argument("--eval-batch-size", type=int, default=256, help="batch size of the final evaluation")
+    g.add_argument("--no-progress", action="store_true",
+                   help="hide progress bars (the per-epoch summary lines stay; bars are off anyway when stderr "
+                        "is not a terminal)")
     g.add_argument("--log-with", default="auto", help="accelerate tracker: auto (tensorboard if installed), none, ...")
     return p
 
@@ -203,6 +229,13 @@ def find_checkpoint(resume: str, output: str | os.PathLike) -> Path:
     )
 
 
+def _is_device_error(err: BaseException) -> bool:
+    """torch's errors for a storage that cannot be restored on this device (not a damaged file)."""
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(
+        words in text for words in ("restore data location", "deserialize object on", "torch.cuda.is_available() is False"))
+
+
 def _older_checkpoint(path: Path) -> Optional[Path]:
     """The newest complete checkpoint beside ``path`` that is older than it (offered when ``path`` cannot be resumed)."""
     older = sorted(p for p in path.parent.glob(f"{CHECKPOINT_PREFIX}*") if _is_complete(p) and p.name < path.name)
@@ -267,9 +300,14 @@ class _Run:
         self.splits = create_datasets(args.dataset, data_dir=args.data_dir, input_size=args.input_size,
                                       held_out=args.held_out, download=args.download)
         self.model = create_multi_exit_model(args.model, num_classes=self.splits.num_classes,
-                                             in_chans=self.splits.input_size[0])
+                                             in_chans=self.splits.input_size[0], **args.model_kwargs)
+        _check_input_size(self.model, self.splits.input_size)
         if args.pretrained_path:
-            load_pretrained(self.model, args.pretrained_path)
+            fresh = load_pretrained(self.model, args.pretrained_path)
+            if acc.is_main_process:
+                print(f"timm-l2w train: initialised from {args.pretrained_path}"
+                      + (f"; {len(fresh)} exit classifier tensors re-initialised for {self.splits.num_classes} "
+                         f"classes: {', '.join(fresh)}" if fresh else " (every tensor)"), flush=True)
         self.num_exits = int(self.model.num_exits)
         train_loader, self.held_loader, self.test_loader = create_loaders(
             self.splits, self.per_rank, args.eval_batch_size, seed=args.seed, num_workers=args.workers)
@@ -325,7 +363,7 @@ class _Run:
         acc.wait_for_everyone()
         acc.save_state(str(tmp / "state"))
         if acc.is_main_process:
-            meta = {"model": self.args.model, "num_classes": str(self.splits.num_classes),
+            meta = {"model": self.args.model, **_kwargs_meta(self.args), "num_classes": str(self.splits.num_classes),
                     "num_exits": str(self.num_exits), "step": str(self.step), "format": "timm_l2w"}
             _save_tensors(acc.unwrap_model(self.model).state_dict(), tmp / "model.safetensors", meta)
             if self.l2w is not None:
@@ -373,9 +411,17 @@ class _Run:
         try:
             acc.load_state(str(path / "state"))
             if self.l2w is not None:
-                self.l2w.load_state_dict(torch.load(path / "l2w_state.pt", map_location=acc.device,
+                # "cpu", not acc.device: a 2-process CPU run's device is cpu:0, which torch.load cannot map
+                # to; load_state_dict then copies into the predictor and optimizer on their device
+                self.l2w.load_state_dict(torch.load(path / "l2w_state.pt", map_location="cpu",
                                                     weights_only=True))
         except Exception as err:  # noqa: BLE001
+            if _is_device_error(err):  # the files passed every check above: they are not damaged
+                raise ValueError(
+                    f"checkpoint {path} is intact but its tensors cannot be placed on this process's device "
+                    f"{acc.device} ({type(err).__name__}: {str(err).strip().splitlines()[0][:200]}): resume it with "
+                    f"the device settings it was saved with (the same --cpu / accelerate launch flags, a machine "
+                    f"with that GPU); keep the checkpoint, it is fine") from err
             raise ResumeError.from_exception(path, err, _older_checkpoint(path)) from err
         self.step = int(state["step"])
         self.history = list(state["history"])
@@ -496,6 +542,23 @@ class _Run:
         return row
 
 
+def _kwargs_meta(args: argparse.Namespace) -> Dict[str, str]:
+    """``--model-kwargs`` for a checkpoint's metadata (``timm-l2w eval`` rebuilds the model from it)."""
+    return {"model_kwargs": json.dumps(args.model_kwargs)} if args.model_kwargs else {}
+
+
+def _check_input_size(model: nn.Module, input_size: Sequence[int]) -> None:
+    """Fail before training when the images cannot go through ``model``, naming the command-line fix."""
+    check = getattr(model, "check_input", None)
+    try:
+        if check is not None:
+            check(torch.zeros(1, *input_size))
+    except ValueError as err:
+        if "img_size" not in str(err):
+            raise
+        raise ValueError(f"{err} -- on the command line: --model-kwargs img_size={input_size[-1]}") from None
+
+
 def create_multi_exit_model(name: str, **kwargs: Any) -> nn.Module:
     """``timm.create_model(name, **kwargs)`` after checking the name is a registered multi-exit model."""
     import timm
@@ -514,23 +577,18 @@ def create_multi_exit_model(name: str, **kwargs: Any) -> nn.Module:
 
 def load_pretrained(model: nn.Module, path: str) -> List[str]:
     """Load weights from a safetensors file (or a release ``.pth``/``.pth.tar``, read with
-    ``weights_only=True``) into ``model``. Tensors whose shape differs (the classifiers of another
-    ``num_classes``) keep the model's fresh initialisation; their names are returned. Any other
-    difference (missing or unexpected keys: another architecture) and unusable weights (NaN/inf, an
-    integer dtype where the model has floating point) are a :class:`~timm_l2w.validation.CheckpointError`
+    ``weights_only=True``) into ``model``. Only the exit classifiers may differ in shape (another
+    ``num_classes``): they keep the model's fresh initialisation and their names are returned. Any
+    other difference (missing, unexpected or differently shaped tensors: another architecture or
+    configuration, named from the file's metadata) and unusable weights (NaN/inf, an integer dtype
+    where the model has floating point) are a :class:`~timm_l2w.validation.CheckpointError`
     (a ``ValueError``), raised before the model is touched."""
-    from .checkpoint import load_state_dict
-    from .validation import CheckpointError, check_weights
+    from .checkpoint import check_pretrained, load_state_dict
+    from .validation import check_weights
 
     state = load_state_dict(path)  # safetensors or weights_only torch.load; 'module.' prefixes removed
     own = model.state_dict()
-    unexpected = [k for k in state if k not in own]
-    missing = [k for k in own if k not in state]
-    if unexpected or missing:
-        raise CheckpointError(
-            f"'{path}' does not fit this model ({len(missing)} missing keys, e.g. {missing[:3]}; {len(unexpected)} "
-            f"unexpected, e.g. {unexpected[:3]}): it is a checkpoint of another architecture; pick the matching --model")
-    skipped = [k for k, v in state.items() if own[k].shape != v.shape]
+    skipped = check_pretrained(model, state, path)  # the exit classifiers of another num_classes
     check_weights({k: v for k, v in state.items() if k not in skipped}, own, Path(path))  # dtypes, finite values
     model.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=False)
     return skipped
@@ -545,8 +603,25 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     if acc.is_main_process:
         _check_writable(run.output)
     run.build()
+    if acc.is_main_process:
+        n = acc.num_processes
+        kind = f", {acc.distributed_type.value}" if n > 1 else ""
+        print(f"timm-l2w train: world size {n} ({n} process{'es' if n > 1 else ''}{kind}), device {acc.device}, mixed precision {acc.mixed_precision}, "
+              f"{torch.get_num_threads()} CPU thread(s) per process; {args.model} on {args.dataset}, batch "
+              f"{args.batch_size} ({run.per_rank} per process), {run.total_steps} steps", flush=True)
     if args.resume:
         run.load_checkpoint(find_checkpoint(args.resume, args.output))
+    results_name = f"{args.model}_{args.weighting}"
+    finished = run.step >= run.total_steps  # resumed from the last checkpoint of a run that had ended
+    if finished and (run.output / "model.safetensors").is_file() and (
+            args.no_eval or (run.output / f"{results_name}.json").is_file()):
+        if acc.is_main_process:
+            print(f"timm-l2w train: the run in {run.output} is already complete (step {run.step} of "
+                  f"{run.total_steps}): nothing to train, no file changed. Raise --max-steps/--epochs to train "
+                  f"further, or use a fresh --output", flush=True)
+        acc.wait_for_everyone()
+        return {"history": run.history, "step": run.step, "output": str(run.output), "complete": True,
+                "model": acc.unwrap_model(run.model), "weight_net": run.l2w.weight_net if run.l2w is not None else None}
     if acc.is_main_process and run.ckpt_root.is_dir():  # leftovers of a run killed while (de)saving
         for leftover in list(run.ckpt_root.glob(".tmp-*")) + list(run.ckpt_root.glob(".old-*")):
             shutil.rmtree(leftover, ignore_errors=True)
@@ -562,13 +637,15 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
 
     for s in previous:  # a signal only sets a flag: the loop saves a checkpoint and stops cleanly
         signal.signal(s, _on_signal)
-    show = acc.is_local_main_process and not args.no_progress
+    show = acc.is_local_main_process and not args.no_progress and sys.stderr.isatty()  # no \r in log files
     device = acc.device
     stop = pause = False
     try:
         run.model.train()  # model(x) returns every exit only in train mode (eval mode: the last exit)
         start_epoch = run.step // run.steps_per_epoch
         for epoch in range(start_epoch, run.num_epochs):
+            if finished:  # only the final model or results were missing: write them, train nothing
+                break
             done = run.step - epoch * run.steps_per_epoch
             steps_here = min(run.steps_per_epoch, run.total_steps - epoch * run.steps_per_epoch)
             loader = acc.skip_first_batches(run.train_loader, done) if done else run.train_loader
@@ -609,7 +686,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             row = run.end_epoch(epoch)
             _fault_point("epoch_end", run.step)
             path = run.save_checkpoint()
-            if acc.is_main_process and not args.no_progress:
+            if acc.is_main_process:  # the per-epoch summary stays with --no-progress
                 meta = f" meta {row['meta_loss']:.4f}" if row["meta_loss"] is not None else ""
                 print(f"epoch {row['epoch']}: loss {row['loss']:.4f}{meta} last-exit acc "
                       f"{row[f'acc_{run.num_exits}']:.1f}% lr {row['lr']:.4g} ({row['time_s']:.1f}s)", flush=True)
@@ -620,7 +697,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     result: Dict[str, Any] = {"history": run.history, "step": run.step, "output": str(run.output)}
     model = acc.unwrap_model(run.model)
     if acc.is_main_process:
-        meta = {"model": args.model, "num_classes": str(run.splits.num_classes), "num_exits": str(run.num_exits)}
+        meta = {"model": args.model, **_kwargs_meta(args), "num_classes": str(run.splits.num_classes),
+                "num_exits": str(run.num_exits)}
         _save_tensors(model.state_dict(), run.output / "model.safetensors", meta)  # atomic
         if run.l2w is not None:
             _save_tensors(run.l2w.weight_net.state_dict(), run.output / "weight_predictor.safetensors",
@@ -628,9 +706,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         if not args.no_eval:
             from .evaluate import evaluate_checkpoint
 
-            name = f"{args.model}_{args.weighting}"
             result["eval"] = evaluate_checkpoint(model, run.held_loader, run.test_loader, out_dir=run.output,
-                                                 name=name, device=device,
+                                                 name=results_name, device=device,
                                                  input_size=run.splits.input_size)
     result["model"] = model
     result["weight_net"] = run.l2w.weight_net if run.l2w is not None else None
@@ -670,7 +747,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         result = train(args)
     except TrainingStopped as err:
-        print(f"timm-l2w train: {err}", file=sys.stderr)
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:  # every rank stops; one says so
+            print(f"timm-l2w train: {err}", file=sys.stderr)
         return err.exit_code
     except (ValueError, OSError, TypeError) as err:  # OSError: FileNotFoundError, PermissionError...
         print(f"timm-l2w train: error: {err}", file=sys.stderr)
