@@ -172,11 +172,11 @@ def test_grad_checkpointing_same_outputs_and_gradients():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
 
-def _compile_and_check(backend: str, **compile_kwargs):
-    model, x = _make("msdnet_l2w_cifar_tiny", n_blocks=2)
+def _compile_and_check(name: str, backend: str, **compile_kwargs):
+    model, x = _make(name, **({"n_blocks": 2} if name.startswith("msdnet") else {}))
     compiled = torch.compile(model, backend=backend, **compile_kwargs)
     outs = compiled(x)  # train mode: the tuple of exits
-    assert isinstance(outs, tuple) and len(outs) == 2
+    assert isinstance(outs, tuple) and len(outs) == model.num_exits
     torch.cat(outs).mean().backward()
     assert all(p.grad is not None for p in model.parameters())
     model.eval()
@@ -184,15 +184,16 @@ def _compile_and_check(backend: str, **compile_kwargs):
         torch.testing.assert_close(compiled(x), model(x))  # eval mode: the last exit
 
 
-def test_torch_compile_train_and_eval_one_graph():
+@pytest.mark.parametrize("name", ["msdnet_l2w_cifar_tiny", "vit_tiny_l2w"])
+def test_torch_compile_train_and_eval_one_graph(name):
     torch._dynamo.reset()
-    _compile_and_check("eager", fullgraph=True)  # dynamo captures forward without graph breaks
+    _compile_and_check(name, "eager", fullgraph=True)  # dynamo captures forward without graph breaks
 
 
 @pytest.mark.slow
-def test_torch_compile_inductor_train_and_eval():
+def test_torch_compile_inductor_train_and_eval():  # minutes on 2 CPU cores: C++ code generation
     torch._dynamo.reset()
-    _compile_and_check("inductor")
+    _compile_and_check("msdnet_l2w_cifar_tiny", "inductor")
 
 
 @pytest.mark.parametrize("name,fewer_exits", [
