@@ -177,3 +177,16 @@ def test_a_checkpoint_that_cannot_be_placed_on_this_device_is_not_called_damaged
     err = capsys.readouterr().err
     assert "is intact but its tensors cannot be placed on this process's device" in err
     assert "damaged" not in err.replace("not damaged", "") and "Traceback" not in err
+
+
+def test_eval_takes_the_model_from_the_checkpoint_metadata(tmp_path, capsys):
+    from timm_l2w.evaluate import main as eval_main
+
+    model = timm.create_model("msdnet_l2w_cifar_tiny", num_classes=10)
+    ckpt = timm_l2w.save_safetensors(model, tmp_path / "model.safetensors")  # records model and num_classes
+    assert eval_main([str(ckpt), "--dataset", "digits", "--output", str(tmp_path / "eval")]) == 0
+    captured = capsys.readouterr()
+    assert "msdnet_l2w_cifar_tiny" in captured.out and captured.out.count("MFLOPs") >= 5
+    assert "\r" not in captured.err  # no progress bar when stderr is not a terminal
+    assert eval_main([str(ckpt), "--model", "msdnet_l2w_cifar", "--output", str(tmp_path / "e2")]) == 2
+    assert "saved from msdnet_l2w_cifar_tiny" in capsys.readouterr().err

@@ -393,24 +393,55 @@ def evaluate_checkpoint(
 
 
 def _parser() -> argparse.ArgumentParser:
+    from timm.utils import ParseKwargs
+
+    from .train import DefaultsHelpFormatter
+
     p = argparse.ArgumentParser(
         prog="timm-l2w eval",
         description="Anytime and budgeted (accuracy vs average FLOPs) evaluation of a multi-exit checkpoint.",
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("checkpoint", nargs="?", default=None, help=".safetensors (or .pth) weights; omit for random init")
-    p.add_argument("--model", default="msdnet_l2w_cifar", help="timm model name (default: %(default)s)")
-    p.add_argument("--num-classes", type=int, default=None, help="classes of the model head (default: the data set's)")
+    p.add_argument("--model", default=None, help="timm model name (default: the one recorded in the checkpoint's "
+                                                 "metadata, as timm-l2w train writes it)")
+    p.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
+                   help="extra timm.create_model arguments (default: those recorded in the checkpoint's metadata)")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classes of the model head (default: the checkpoint's metadata, else the data set's)")
     p.add_argument("--in-chans", type=int, default=None, help="input channels (default: 3)")
-    p.add_argument("--dataset", default="digits", help="built-in data set of timm_l2w.data (default: %(default)s)")
+    p.add_argument("--dataset", default="digits", help="built-in data set of timm_l2w.data")
     p.add_argument("--data-dir", default=None, help="root folder of the data set files")
-    p.add_argument("--img-size", type=int, default=32, help="square input side of the model (default: %(default)s)")
+    p.add_argument("--img-size", type=int, default=32, help="square input side of the model")
     p.add_argument("--held-out", type=int, default=None, help="held-out images for the thresholds (default: the data set's)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--output", default="eval_results", help="folder for the CSV/JSON tables and the plot")
     p.add_argument("--name", default=None, help="file name stem and curve label (default: the model name)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="hide the progress bar (it is off anyway when stderr is not a terminal)")
     return p
+
+
+def _model_from_metadata(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
+    """The model name and ``create_model`` arguments: the flags, else the checkpoint's metadata."""
+    from .checkpoint import read_metadata
+
+    meta = read_metadata(args.checkpoint) if args.checkpoint else {}
+    saved = meta.get("model")
+    if args.model and saved and args.model != saved:
+        raise ValueError(f"--model {args.model}, but {args.checkpoint} was saved from {saved} (its metadata): "
+                         f"drop --model or pass --model {saved}")
+    name = args.model or saved
+    if not name:
+        raise ValueError("pass --model NAME: the checkpoint records no model name"
+                         if args.checkpoint else "pass --model NAME (or a checkpoint written by timm-l2w)")
+    kwargs = dict(args.model_kwargs)
+    if not kwargs and meta.get("model_kwargs"):
+        kwargs = json.loads(meta["model_kwargs"])
+    if args.num_classes is None and str(meta.get("num_classes", "")).isdigit():
+        kwargs.setdefault("num_classes", int(meta["num_classes"]))
+    return name, kwargs
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -435,25 +466,27 @@ def _run(args: argparse.Namespace, timm: Any) -> int:
         args.dataset, data_dir=args.data_dir, batch_size=args.batch_size, input_size=args.img_size,
         in_chans=args.in_chans or 3, held_out=args.held_out,
     )
-    kwargs = {}
-    num_classes = args.num_classes or info.get("num_classes")
+    model_name, kwargs = _model_from_metadata(args)
+    num_classes = args.num_classes or kwargs.pop("num_classes", None) or info.get("num_classes")
     in_chans = args.in_chans or info.get("in_chans")
     if num_classes:
         kwargs["num_classes"] = num_classes
     if in_chans:
         kwargs["in_chans"] = in_chans
     try:
-        model = timm.create_model(args.model, **kwargs)
+        model = timm.create_model(model_name, **kwargs)
     except RuntimeError as err:
         if "Unknown model" not in str(err):
             raise
-        raise ValueError(f"unknown model '{args.model}': choose a registered multi-exit model "
+        raise ValueError(f"unknown model '{model_name}': choose a registered multi-exit model "
                          f"({', '.join(timm.list_models('*l2w*'))})") from err
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    name = args.name or args.model
+    name = args.name or model_name
+    print(f"timm-l2w eval: {model_name} ({', '.join(f'{k}={v}' for k, v in kwargs.items())}) on {args.dataset}",
+          flush=True)
     result = evaluate_checkpoint(
         model, heldout_loader, test_loader, checkpoint=args.checkpoint, out_dir=args.output, name=name,
-        device=device, progress=not args.no_progress, input_size=tuple(info["input_size"]),
+        device=device, progress=not args.no_progress and sys.stderr.isatty(), input_size=tuple(info["input_size"]),
     )
     for row in result["anytime"]:
         print(f"exit {row['exit']}: top1 {row['top1']:.2f}%  top5 {row['top5']:.2f}%  "
