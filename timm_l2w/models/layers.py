@@ -7,12 +7,22 @@ import torch
 from torch import Tensor, nn
 from timm.layers import SelectAdaptivePool2d
 
-__all__ = ["ExitPool", "is_symbolic"]
+__all__ = ["ExitPool", "exit_classifier", "is_symbolic"]
 
 
 def is_symbolic(x: Any) -> bool:
     """True while ``x`` is a torch.fx proxy or the model is being traced (input checks are skipped then)."""
     return isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing()
+
+
+def exit_classifier(in_features: int, num_classes: int, pooled: bool = True) -> nn.Module:
+    """An exit's linear classifier, or ``Identity`` for ``num_classes=0`` (timm: pooled features out)."""
+    if num_classes < 0:
+        raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+    if num_classes > 0 and not pooled:
+        raise ValueError("global_pool='' leaves unpooled features, which a linear classifier cannot take: "
+                         "use it with num_classes=0 (features out), or pick a pooling such as 'avg'")
+    return nn.Linear(in_features, num_classes) if num_classes > 0 else nn.Identity()
 
 
 class ExitPool(nn.Module):

@@ -29,7 +29,7 @@ from timm.models._features import feature_take_indices  # what timm's own models
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from .base import MultiExitModel
-from .layers import ExitPool, is_symbolic
+from .layers import ExitPool, exit_classifier, is_symbolic
 
 __all__ = ["MSDNet", "msdnet_kwargs_from_release_args", "CIFAR_MEAN", "CIFAR_STD"]
 
@@ -191,16 +191,10 @@ class ExitHead(nn.Module):
 
 
 def _linear(in_features: int, num_classes: int, global_pool: str) -> nn.Module:
-    """An exit's classifier (bias zero-initialised like the release's); ``Identity`` for ``num_classes=0``."""
-    if num_classes < 0:
-        raise ValueError(f"num_classes must be >= 0, got {num_classes}")
-    if num_classes == 0:
-        return nn.Identity()
-    if not global_pool:
-        raise ValueError("global_pool='' leaves unpooled maps, which a linear classifier cannot take: "
-                         "use it with num_classes=0 (feature maps out), or pick a pooling such as 'avg'")
-    linear = nn.Linear(in_features, num_classes)
-    nn.init.zeros_(linear.bias)
+    """An exit's classifier, its bias zero-initialised like the release's."""
+    linear = exit_classifier(in_features, num_classes, bool(global_pool))
+    if isinstance(linear, nn.Linear):
+        nn.init.zeros_(linear.bias)
     return linear
 
 

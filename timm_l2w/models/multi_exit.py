@@ -35,7 +35,7 @@ from timm.models import (
 
 from ..flops import register_flop_counter
 from .base import MultiExitModel
-from .layers import is_symbolic
+from .layers import exit_classifier, is_symbolic
 
 __all__ = ["MultiExitWrapper", "multi_exit_model"]
 
@@ -77,15 +77,6 @@ def _resolve(root: nn.Module, path: str):
     return obj
 
 
-def _classifier(in_features: int, num_classes: int, pooled: bool = True) -> nn.Module:
-    if num_classes < 0:
-        raise ValueError(f"num_classes must be >= 0, got {num_classes}")
-    if num_classes > 0 and not pooled:
-        raise ValueError("global_pool='' leaves unpooled features, which a linear classifier cannot take: "
-                         "use it with num_classes=0 (features out), or pick a pooling such as 'avg'")
-    return nn.Linear(in_features, num_classes) if num_classes > 0 else nn.Identity()
-
-
 class _ExitHead(nn.Module):
     """What every exit head offers: ``forward_features`` (unpooled), ``forward_head`` (pool, ``fc``), ``reset``."""
 
@@ -115,7 +106,7 @@ class _PoolHead(_ExitHead):
         if global_pool is not None:
             self.pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
         self.head_hidden_size = self.num_features * self.pool.feat_mult()
-        self.fc = _classifier(self.head_hidden_size, num_classes, bool(self.pool.pool_type))
+        self.fc = exit_classifier(self.head_hidden_size, num_classes, bool(self.pool.pool_type))
 
 
 class _TokenHead(_ExitHead):
@@ -126,12 +117,12 @@ class _TokenHead(_ExitHead):
         self.norm = nn.LayerNorm(dim)
         self.pool_type, self.num_prefix_tokens = pool, num_prefix_tokens
         self.num_features = self.head_hidden_size = dim
-        self.fc = _classifier(dim, num_classes, bool(pool))
+        self.fc = exit_classifier(dim, num_classes, bool(pool))
 
     def reset(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         if global_pool is not None:
             self.pool_type = global_pool
-        self.fc = _classifier(self.num_features, num_classes, bool(self.pool_type))
+        self.fc = exit_classifier(self.num_features, num_classes, bool(self.pool_type))
 
     def forward_features(self, x: Tensor) -> Tensor:
         return self.norm(x)
@@ -174,7 +165,7 @@ class _LinearHead(_ExitHead):
     def __init__(self, dim: int, num_classes: int, pooled: bool = True):
         super().__init__()
         self.num_features = self.head_hidden_size = dim
-        self.fc = _classifier(dim, num_classes, pooled)
+        self.fc = exit_classifier(dim, num_classes, pooled)
 
     def pool(self, x: Tensor) -> Tensor:
         return x
@@ -390,7 +381,7 @@ class MultiExitWrapper(MultiExitModel):
 
         ``global_pool`` (timm's values) changes every exit's pooling, the backbone's included.
         """
-        _classifier(1, num_classes, global_pool != "")  # bad values fail here, before anything changes
+        exit_classifier(1, num_classes, global_pool != "")  # bad values fail here, before anything changes
         if global_pool is not None:
             self.backbone.reset_classifier(0, global_pool)
             self.global_pool = global_pool

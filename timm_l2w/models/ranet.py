@@ -41,7 +41,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices  # what timm's own models use
 
 from .base import MultiExitModel
-from .layers import ExitPool, is_symbolic
+from .layers import ExitPool, exit_classifier, is_symbolic
 
 __all__ = ["RANet"]
 
@@ -131,20 +131,12 @@ class _Head(nn.Module):
         self.num_features = width
         self.drop_rate = drop_rate
         self.pool = ExitPool(global_pool)
-        self.fc = self._classifier(num_classes)
-
-    def _classifier(self, num_classes: int) -> nn.Module:
-        if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
-        if num_classes > 0 and not self.pool.pool_type:
-            raise ValueError("global_pool='' leaves unpooled maps, which a linear classifier cannot take: "
-                             "use it with num_classes=0 (feature maps out), or pick a pooling such as 'avg'")
-        return nn.Linear(self.num_features * self.pool.feat_mult(), num_classes) if num_classes > 0 else nn.Identity()
+        self.fc = exit_classifier(width * self.pool.feat_mult(), num_classes, bool(self.pool.pool_type))
 
     def reset(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         if global_pool is not None:
             self.pool = ExitPool(global_pool)
-        self.fc = self._classifier(num_classes)
+        self.fc = exit_classifier(self.num_features * self.pool.feat_mult(), num_classes, bool(self.pool.pool_type))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.pool(x)
