@@ -217,3 +217,11 @@ def test_vit_wrapper_img_size_and_dynamic_img_size():
     dynamic.eval()
     for h, w in ((32, 32), (64, 64), (48, 80)):
         assert dynamic(torch.randn(1, 3, h, w)).shape == (1, 1000)
+
+
+def test_exit_flops_default_size_is_the_models_current_input():
+    vit, _ = _make("vit_tiny_l2w", img_size=48)  # timm keeps the cfg's 224 as the source size
+    assert vit.pretrained_cfg["input_size"] == (3, 224, 224)
+    assert timm_l2w.exit_flops(vit).input_size == (3, 48, 48)
+    gray = timm.create_model("msdnet_l2w_cifar_tiny", in_chans=1)
+    assert timm_l2w.exit_flops(gray).input_size == (1, 32, 32)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Callable, Dict, List, Sequence, Tuple, Type
 
 import torch
+from timm.models import get_model_input_config
 from torch import Tensor, nn
 
 from .models.base import unwrap_model
@@ -89,7 +90,8 @@ def exit_flops(model: nn.Module, input_size: Sequence[int] | None = None) -> Exi
     """Cumulative FLOPs of each exit of a multi-exit model for one image of ``input_size`` (C, H, W).
 
     Works for any model meeting the multi-exit contract (``num_exits`` and ``forward_stage``).
-    ``input_size`` defaults to the model's configured ``pretrained_cfg['input_size']``; pass the size of
+    ``input_size`` defaults to the model's configured size (timm's current ``img_size`` / ``in_chans``,
+    else ``pretrained_cfg['input_size']``); pass the size of
     the images you evaluate when it differs (``exit_flops(model, test.input_size)`` with ``test`` from
     :func:`timm_l2w.collect_exit_outputs`). The result remembers its size, and
     :func:`timm_l2w.budgeted_evaluation` / :func:`timm_l2w.anytime_metrics` raise a ``ValueError`` for
@@ -105,7 +107,7 @@ def exit_flops(model: nn.Module, input_size: Sequence[int] | None = None) -> Exi
         cfg = getattr(model, "pretrained_cfg", None) or {}
         if "input_size" not in cfg:
             raise ValueError("pass input_size=(C, H, W): the model has no pretrained_cfg['input_size']")
-        input_size = cfg["input_size"]
+        input_size = get_model_input_config(model)["input_size"]  # e.g. a ViT created with img_size=32
     if isinstance(input_size, int) or len(input_size) != 3:
         shown = input_size if isinstance(input_size, int) else tuple(input_size)
         raise ValueError(f"input_size must be (channels, height, width), got {shown}")

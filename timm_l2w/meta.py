@@ -16,6 +16,7 @@ every exit's logits (the multi-exit output convention, :mod:`timm_l2w.models.bas
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -493,7 +494,11 @@ class L2W:
         model_exits = getattr(net, "num_exits", None)
         if num_exits is None:
             if model_exits is None:
-                raise ValueError("the model has no num_exits attribute: pass num_exits=K to L2W")
+                raise ValueError(
+                    f"{type(net).__name__} is not a multi-exit model (no num_exits): L2W weights the losses of "
+                    "several exits. Use a timm_l2w model (e.g. timm.create_model('msdnet_l2w_cifar')) or make "
+                    "your backbone multi-exit with timm_l2w.MultiExitWrapper('resnet18', exit_indices=(1, 2, 3, 4), "
+                    "num_classes=...)")
             num_exits = int(model_exits)
         if model_exits is not None and int(model_exits) != num_exits:
             raise ValueError(f"num_exits={num_exits} but the model has {model_exits} exits: pass num_exits={model_exits}")
@@ -532,10 +537,7 @@ class L2W:
             for t in self.weight_net.parameters():
                 dist.broadcast(t.data, src=0)
         self.meta_optimizer = torch.optim.Adam(self.weight_net.parameters(), lr=meta_lr, weight_decay=meta_weight_decay)
-        self.meta_scheduler = (
-            torch.optim.lr_scheduler.CosineAnnealingLR(self.meta_optimizer, T_max=total_steps)
-            if total_steps is not None else None
-        )
+        self.meta_lr = meta_lr  # peak of the cosine schedule (_set_meta_lr)
         self.step = 0
         self.last_meta_loss: Optional[float] = None
         self.last_meta_skipped = False  # the last meta step had a non-finite meta loss or gradient
@@ -617,17 +619,27 @@ class L2W:
         self.last_weights = weights.detach()
         if in_split:
             self.step += 1
-            if self.meta_scheduler is not None and self.step <= self.total_steps:
-                self.meta_scheduler.step()
+            self._set_meta_lr()
         return loss
+
+    def _set_meta_lr(self) -> None:
+        """Cosine annealing of the meta learning rate over ``total_steps`` model updates, computed from the
+        update counter, so skipped meta steps (non-finite meta loss or gradient) advance it too. A torch LR
+        scheduler stepped here warned "lr_scheduler.step() before optimizer.step()" whenever the first meta
+        step was skipped: it assumes one scheduler step per optimizer step, this schedule counts updates."""
+        if self.total_steps is None:
+            return
+        t = min(self.step, self.total_steps)
+        lr = 0.5 * self.meta_lr * (1.0 + math.cos(math.pi * t / self.total_steps))
+        for group in self.meta_optimizer.param_groups:
+            group["lr"] = lr
 
     # -- resume ------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
-        """Predictor, meta optimizer, meta scheduler and step counter (for resume)."""
+        """Predictor, meta optimizer and step counter (the meta lr follows from it), for resume."""
         return {
             "weight_net": self.weight_net.state_dict(),
             "meta_optimizer": self.meta_optimizer.state_dict(),
-            "meta_scheduler": None if self.meta_scheduler is None else self.meta_scheduler.state_dict(),
             "step": self.step,
         }
 
@@ -638,6 +650,5 @@ class L2W:
             raise ValueError(f"L2W state is missing {sorted(missing)}: pass a dict from L2W.state_dict()")
         self.weight_net.load_state_dict(state["weight_net"])
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
-        if self.meta_scheduler is not None and state.get("meta_scheduler") is not None:
-            self.meta_scheduler.load_state_dict(state["meta_scheduler"])
         self.step = int(state["step"])
+        self._set_meta_lr()  # (states saved with a "meta_scheduler" entry load too: it is not needed)
