@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -45,9 +46,13 @@ RUN_FLAGS = ["--model", MODEL, "--no-progress", "--batch-size", "16", "--max-ste
              "--keep-checkpoints", "2", "--no-eval", "--held-out", "1397", "--log-with", "none"]
 
 
+SCALE = int(os.environ.get("TIMM_L2W_PROPERTY_SCALE", "1"))  # e.g. 20 for a deeper, randomized search
+
+
 def bounded(n: int):
-    """A bounded, reproducible hypothesis profile: ``n`` examples, no deadline, no example database."""
-    return settings(max_examples=n, deadline=None, derandomize=True, database=None,
+    """A bounded, reproducible hypothesis profile: ``n`` examples (times ``TIMM_L2W_PROPERTY_SCALE``;
+    derandomized unless scaled), no deadline, no example database."""
+    return settings(max_examples=n * SCALE, deadline=None, derandomize=SCALE == 1, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                            HealthCheck.data_too_large])
 
@@ -531,3 +536,14 @@ def test_train_cli_resume_of_a_damaged_checkpoint_exits_2_naming_the_older_one(t
     assert code == 2 and "cannot be resumed" in err and "state/optimizer.bin" in err, err
     assert f"--resume {older}" in err and "Traceback" not in err
     assert _digest(out) == before
+
+
+def test_resume_with_other_flags_asks_for_the_same_flags(trained, tmp_path):
+    run = _Run(parse_args(RUN_FLAGS + ["--output", str(tmp_path / "o"), "--weighting", "uniform"]))
+    run.build()
+    newest = find_checkpoint("auto", trained)
+    with pytest.raises(ResumeError) as info:
+        run.load_checkpoint(newest)
+    message = _one_line(info.value)
+    assert "--weighting l2w (now uniform)" in message and "flags it was trained with" in message, message
+    assert run.step == 0  # nothing was loaded

@@ -24,5 +24,6 @@ from .exits import calibrate_thresholds_batch  # evaluate / inference (issue 4)
 from .inference import EarlyExitPredictor, EarlyExitPrediction  # evaluate / inference (issue 4)
 from .plot import plot_budgeted, plot_curves  # evaluate / inference (issue 4)
 from .checkpoint import StateDictMismatchError, check_state_dict, convert_release_checkpoint, load_state_dict, save_safetensors  # checkpoint (issue 2)
+from .validation import CheckpointError, LabelError, ResumeError, SettingError  # validation at the edges (issue 16)
 
 __version__ = "0.1.0"

@@ -399,15 +399,11 @@ class _Run:
 
         acc = self.accelerator
         try:
+            same = {k: getattr(self.args, k) for k in ("model", "weighting", "input_type", "hidden")}
             state = check_resume_checkpoint(path, acc.unwrap_model(self.model), self.optimizer, self.l2w,
-                                            acc.process_index)
+                                            acc.process_index, settings=same)
         except Exception as err:  # noqa: BLE001 - whatever is wrong with a file, the answer is the same
             raise ResumeError.from_exception(path, err, _older_checkpoint(path)) from err
-        saved_args = state.get("args")
-        saved_weighting = saved_args.get("weighting") if isinstance(saved_args, dict) else None
-        if saved_weighting and saved_weighting != self.args.weighting:
-            raise ValueError(f"checkpoint {path} was trained with --weighting {saved_weighting}, "
-                             f"not {self.args.weighting}: resume with the same flags or use another --output")
         try:
             acc.load_state(str(path / "state"))
             if self.l2w is not None:

@@ -61,20 +61,23 @@ class CheckpointError(ValueError):
 class ResumeError(CheckpointError):
     """A checkpoint folder cannot be resumed; ``older`` is the next older complete checkpoint (or ``None``)."""
 
-    def __init__(self, checkpoint: PathLike, why: str, older: Optional[PathLike] = None):
+    def __init__(self, checkpoint: PathLike, why: str, older: Optional[PathLike] = None, fix: Optional[str] = None):
         self.why, self.older = why, None if older is None else Path(older)
-        if older is not None:
+        if fix is None and older is not None:
             fix = f"resume the next older complete checkpoint with --resume {older}, or start a fresh --output"
-        else:
+        elif fix is None:
             fix = "there is no older complete checkpoint: start a fresh --output (or restore the file from a backup)"
         super().__init__(f"checkpoint {checkpoint} cannot be resumed: {why}; {fix}", checkpoint)
 
     @classmethod
     def from_exception(cls, checkpoint: PathLike, err: BaseException, older: Optional[PathLike] = None) -> "ResumeError":
         """Wrap whatever reading the checkpoint raised: a :class:`CheckpointError`'s own message, else the
-        first line of the loader's."""
+        first line of the loader's. A :class:`SettingError` (other flags than the run that wrote it) asks
+        for the same flags instead of offering an older checkpoint (written with the same flags)."""
         if isinstance(err, ResumeError):
             return err
+        if isinstance(err, SettingError):
+            return cls(checkpoint, str(err), fix="resume with the flags it was trained with, or use another --output")
         return cls(checkpoint, str(err) if isinstance(err, CheckpointError) else _first_line(err), older)
 
 
@@ -486,18 +489,29 @@ def _check_rng(path: Path) -> None:
     torch.Generator().set_state(states["torch_manual_seed"])
 
 
+def _check_same_settings(saved: Any, settings: Mapping[str, Any]) -> None:
+    saved = saved if isinstance(saved, Mapping) else {}
+    differ = [f"--{k.replace('_', '-')} {saved[k]} (now {v})" for k, v in settings.items()
+              if k in saved and saved[k] is not None and saved[k] != v]
+    if differ:
+        raise SettingError(f"it was trained with {', '.join(differ)}")
+
+
 def check_resume_checkpoint(folder: PathLike, model: nn.Module, optimizer: Any, l2w: Any = None,
-                            process_index: int = 0) -> Dict[str, Any]:
+                            process_index: int = 0, settings: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """Check every file a resume of ``timm-l2w train`` reads, before anything is loaded.
 
     ``train_state.json``, the model and optimizer files of accelerate's ``state/``, this process's RNG
     file and, with ``l2w``, ``l2w_state.pt``: readable, fitting ``model`` / ``optimizer`` / ``l2w``,
     floating dtypes where the model has floating point, finite values; then the checksums of every
-    file (when the folder has them). Returns the parsed ``train_state.json``; raises :class:`CheckpointError`.
+    file (when the folder has them). ``settings`` (e.g. ``{"model": ..., "weighting": ...}``) must equal
+    the flags saved in ``train_state.json`` (else :class:`SettingError`). Returns the parsed
+    ``train_state.json``; raises :class:`CheckpointError`.
     """
     folder = Path(folder)
     num_exits = getattr(model, "num_exits", None)
     state = _read(folder, "train_state.json", lambda p: _check_train_state(p, num_exits))
+    _check_same_settings(state.get("args"), settings or {})
     models = sorted((folder / "state").glob("model*.safetensors"))
     if not models:
         raise CheckpointError("state/model.safetensors is missing", folder / "state" / "model.safetensors")
@@ -506,6 +520,11 @@ def check_resume_checkpoint(folder: PathLike, model: nn.Module, optimizer: Any, 
     saved = _read(folder, "state/optimizer.bin", _load_torch)
     check_optimizer_state(saved, optimizer, "state/optimizer.bin")
     _read(folder, f"state/random_states_{process_index}.pkl", _check_rng)
+    if (folder / "state" / "scaler.pt").exists():  # fp16 runs: the GradScaler's scale and growth tracker
+        scaler = _read(folder, "state/scaler.pt", _load_torch)
+        if not isinstance(scaler, Mapping):
+            raise CheckpointError("state/scaler.pt does not hold a GradScaler state", folder / "state" / "scaler.pt")
+        check_weights({k: v for k, v in scaler.items() if isinstance(v, Tensor)}, None, "state/scaler.pt")
     if l2w is not None:
         extra = _read(folder, "l2w_state.pt", _load_torch)
         if not isinstance(extra, Mapping) or not {"weight_net", "meta_optimizer", "step"} <= set(extra):
