@@ -190,3 +190,43 @@ def test_eval_takes_the_model_from_the_checkpoint_metadata(tmp_path, capsys):
     assert "\r" not in captured.err  # no progress bar when stderr is not a terminal
     assert eval_main([str(ckpt), "--model", "msdnet_l2w_cifar", "--output", str(tmp_path / "e2")]) == 2
     assert "saved from msdnet_l2w_cifar_tiny" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the L2W hook
+
+import math  # noqa: E402
+import warnings  # noqa: E402
+
+from timm_l2w import meta as meta_mod  # noqa: E402
+
+
+def test_skipped_first_meta_step_gives_no_scheduler_warning_and_the_meta_lr_follows_the_updates(monkeypatch):
+    model = timm.create_model(TINY, num_classes=4, in_chans=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    l2w = timm_l2w.L2W(model, opt, hidden_sizes=(8,), meta_lr=1e-3, total_steps=4)
+    real = meta_mod.meta_step
+
+    def first_is_nan(*a, **k):  # the first meta step has a non-finite meta loss and is skipped
+        result = real(*a, **k)
+        if l2w.step == 0:
+            result.meta_loss = torch.tensor(float("nan"))
+        return result
+
+    monkeypatch.setattr(meta_mod, "meta_step", first_is_nan)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 4, (8,))
+    lrs = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            for xt, yt in l2w.split(x, y):
+                l2w.loss(model(xt), yt)
+                lrs.append(l2w.meta_optimizer.param_groups[0]["lr"])
+    assert l2w.meta_skipped == 1
+    assert not [w for w in caught if "lr_scheduler" in str(w.message)]
+    assert lrs == pytest.approx([0.5e-3 * (1 + math.cos(math.pi * min(t, 4) / 4)) for t in range(1, 7)])
+
+
+def test_l2w_on_a_single_exit_model_points_to_multi_exit_wrapper():
+    model = timm.create_model("resnet18", num_classes=10)
+    with pytest.raises(ValueError, match=r"not a multi-exit model.*MultiExitWrapper\('resnet18'"):
+        timm_l2w.L2W(model, torch.optim.SGD(model.parameters(), lr=0.1))
