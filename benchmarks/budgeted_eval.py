@@ -32,7 +32,7 @@ def synthetic_outputs(n: int, num_exits: int, num_classes: int, seed: int) -> Ex
 
 
 def loop_budgeted(heldout: ExitOutputs, test: ExitOutputs, dist, flops):
-    """PAPER.md's procedure sample by sample in plain Python: (test top-1 %, expected FLOPs) per budget."""
+    """The procedure of docs/method.md §6 sample by sample in plain Python: (test top-1 %, expected FLOPs) per budget."""
     h_conf, t_conf = heldout.confidences.tolist(), test.confidences.tolist()
     t_correct = test.correct.tolist()
     n, num_exits = len(h_conf), len(h_conf[0])

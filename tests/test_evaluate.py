@@ -1,4 +1,4 @@
-"""Anytime and budgeted evaluation: checked against a plain per-sample loop of PAPER.md's procedure."""
+"""Anytime and budgeted evaluation: checked against a plain per-sample loop of the procedure in docs/method.md §6."""
 from __future__ import annotations
 
 import csv
@@ -21,7 +21,7 @@ from timm_l2w.exits import exit_distribution, paper_distributions
 
 
 def reference_budgeted(heldout: ExitOutputs, test: ExitOutputs, p, flops):
-    """PAPER.md "Budgeted", one sample at a time with Python lists (the specification, not the code)."""
+    """docs/method.md §6 (budgeted evaluation), one sample at a time with Python lists (the specification, not the code)."""
     ch, ct = heldout.confidences.tolist(), test.confidences.tolist()
     n, K = len(ch), len(ch[0])
     T = [math.inf] * K

@@ -14,7 +14,7 @@ from timm_l2w.exits import (
 
 
 def reference_assign(conf, p):
-    """Plain loop of PAPER.md's assignment (stable descending order for ties)."""
+    """Plain loop of the assignment in docs/method.md §4 (stable descending order for ties)."""
     n, K = conf.shape
     exit_of = [K - 1] * n
     taken = [False] * n

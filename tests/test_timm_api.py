@@ -3,6 +3,7 @@ reset_classifier, forward_features / forward_head, the ViT wrapper's image sizes
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import timm
@@ -157,6 +158,19 @@ def test_fx_feature_extraction(name):
     extractor = create_feature_extractor(model, return_nodes=[eval_nodes[-1]])
     with torch.no_grad():
         assert torch.equal(next(iter(extractor(x).values())), model(x))
+
+
+def test_fx_graph_scripts_with_torchscript():
+    """timm's test_model_forward_fx_torchscript: the FX graph's input annotation must be a real type."""
+    model, x = _make("msdnet_l2w_cifar_tiny")
+    model.eval()
+    _, eval_nodes = get_graph_node_names(model)
+    extractor = create_feature_extractor(model, return_nodes=[eval_nodes[-1]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
+        scripted = torch.jit.script(extractor)
+    with torch.no_grad():
+        assert torch.allclose(next(iter(scripted(x).values())), model(x), atol=1e-6)
 
 
 def test_grad_checkpointing_same_outputs_and_gradients():

@@ -1,4 +1,4 @@
-"""Anytime and budgeted evaluation of a multi-exit model (PAPER.md, "Evaluation").
+"""Anytime and budgeted evaluation of a multi-exit model (docs/method.md §6).
 
 The exit outputs of a loader are collected once (:func:`collect_exit_outputs`); anytime metrics
 (:func:`anytime_metrics`) and the budgeted accuracy-vs-FLOPs curve (:func:`budgeted_evaluation`)

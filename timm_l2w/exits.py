@@ -80,7 +80,7 @@ def _top_remaining(conf_k: Tensor, remaining: Tensor) -> Tensor:
 
 
 def assign_exits(conf: Tensor, p: Tensor | Sequence[float]) -> Tensor:
-    """Assign every sample to an exit (PAPER.md, "confidence-based exit assignment").
+    """Assign every sample to an exit (docs/method.md §4, confidence-based exit assignment).
 
     For k = 1..K-1 in order, the ``floor(n * p_k)`` not-yet-assigned samples with the highest
     confidence at exit k go to exit k; the last exit takes every sample left. Returns ``[N]`` long.
@@ -141,7 +141,7 @@ def calibrate_thresholds_batch(conf: Tensor, distributions: Tensor | Sequence[Se
 
 
 def calibrate_thresholds(conf: Tensor, p: Tensor | Sequence[float]) -> Tensor:
-    """Thresholds ``T[K]`` on a held-out set (PAPER.md, "budgeted evaluation").
+    """Thresholds ``T[K]`` on a held-out set (docs/method.md §6, budgeted evaluation).
 
     Walking the not-yet-exited samples by descending confidence at exit k, ``T_k`` is the confidence
     of the ``floor(n * p_k)``-th one (``+inf`` if that count is 0 or not enough samples remain);

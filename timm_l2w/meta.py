@@ -1,6 +1,6 @@
 """The L2W meta step and the hook that adds it to an existing training loop.
 
-PAPER.md, "One training step": a virtual SGD step of the model with the weighted loss on the
+docs/method.md §5 (one training step): a virtual SGD step of the model with the weighted loss on the
 training half (kept differentiable w.r.t. the weight predictor), the meta loss of the virtually
 updated model on the meta half with the confidence-based exit assignment, the second-order
 gradient of that meta loss w.r.t. the predictor, and the meta optimizer's step. Then the real step
@@ -221,7 +221,7 @@ class FuncBackend(_Backend):
         state.update(dict.fromkeys(self._bn_buffers))
         state.update(zip(self.names, params))
         was_training = self.model.training
-        self.model.train()  # the meta step runs in train mode (PAPER.md): forward returns every exit
+        self.model.train()  # the meta step runs in train mode (docs/method.md §5): forward returns every exit
         try:
             return torch.func.functional_call(self.model, state, (x,))
         finally:
@@ -322,7 +322,7 @@ def meta_step(
     train_rng: Optional[Tuple[Tensor, Optional[Tensor]]] = None,
     autocast: Callable[[], ContextManager] = contextlib.nullcontext,
 ) -> MetaStepResult:
-    """Steps 1-2 of PAPER.md's training step and the meta gradient of step 3.
+    """Steps 1-2 of the training step (docs/method.md §5) and the meta gradient of step 3.
 
     Leaves ``d meta_loss / d phi`` in the predictor's ``.grad`` (replacing what was there) and
     returns it; stepping the meta optimizer is the caller's job (:class:`L2W` does it).
@@ -450,7 +450,7 @@ def _all_reduce_mean_(tensors: Sequence[Tensor]) -> None:
 
 
 class L2W:
-    """Learning to weight samples (PAPER.md) as a hook for an existing training loop.
+    """Learning to weight samples (docs/method.md) as a hook for an existing training loop.
 
     Usage::
 

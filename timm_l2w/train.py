@@ -4,7 +4,7 @@ One process or many (``accelerate launch ...``), mixed precision, progress bars,
 logs, atomic checkpoints with exact resume, and anytime + budgeted evaluation at the end.
 
 Every loader batch (global size ``--batch-size``, ``batch_size / world_size`` per rank) is split into
-two halves and gives two updates (PAPER.md, "One training step"); ``--weighting uniform`` keeps the
+two halves and gives two updates (docs/method.md §5); ``--weighting uniform`` keeps the
 same halves and schedule without the meta step, so the two runs differ only in the weighting.
 ``step`` counts loader batches, ``update`` counts optimizer steps (two per step).
 
@@ -38,7 +38,7 @@ __all__ = ["PRESETS", "build_parser", "parse_args", "train", "main", "find_check
 CHECKPOINT_PREFIX = "step_"
 COMPLETE_MARKER = "COMPLETE"
 
-# The paper's hyperparameters (PAPER.md). "cifar" is the default; "imagenet" changes these keys.
+# The paper's hyperparameters (docs/method.md §8). "cifar" is the default; "imagenet" changes these keys.
 PRESETS: Dict[str, Dict[str, Any]] = {
     "cifar": dict(eps=0.8, constraint="col", input_type="loss", target_p_index=15, meta_interval=1,
                   meta_lr=1e-4, meta_weight_decay=1e-4, hidden=500, label_smoothing=0.0),

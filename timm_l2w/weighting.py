@@ -1,6 +1,6 @@
 """L2W sample weighting: the weight-prediction MLP, weight normalisation and the weighted loss.
 
-PAPER.md, "Pieces": per-sample per-exit losses ``L [B, K]``; a small MLP ``g_phi`` maps a detached
+docs/method.md §2 (the weighted loss): per-sample per-exit losses ``L [B, K]``; a small MLP ``g_phi`` maps a detached
 row (losses, confidences or both) to ``G in (-1, 1)^K``; weights ``W = 1 + eps * (G - mean(G))``
 with the mean taken along the constraint axis; the loss is ``sum_k mean_i W[i, k] * L[i, k]``.
 Everything here is pure and vectorised; the meta step that trains ``g_phi`` lives in

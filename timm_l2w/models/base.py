@@ -18,6 +18,7 @@ stages called in order, so the staged run and ``forward_exits`` agree exactly by
 """
 from __future__ import annotations
 
+import typing
 from typing import Any, List, Optional, Tuple, Union
 
 import torch
@@ -159,6 +160,11 @@ class MultiExitModel(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
+
+
+# This module postpones annotations (strings); torch.fx copies ``forward``'s annotations into the code it
+# generates, which TorchScript then cannot read, so ``forward`` carries the resolved types.
+MultiExitModel.forward.__annotations__.update(typing.get_type_hints(MultiExitModel.forward))
 
 
 def select_samples(state: Any, index: Tensor) -> Any:
