@@ -590,7 +590,8 @@ def summarize(out: Path, seeds: Sequence[int], variants: Sequence[str] = WEIGHTI
 def _pm(stats: Optional[Dict[str, float]], digits: int = 2, sign: bool = False) -> str:
     if stats is None:
         return "n/a"
-    return f"{stats['mean']:{'+' if sign else ''}.{digits}f} ± {stats['std']:.{digits}f}"
+    mean = f"{stats['mean']:{'+' if sign else ''}.{digits}f}"
+    return mean if stats["n"] < 2 else f"{mean} ± {stats['std']:.{digits}f}"  # no spread from one run
 
 
 def _ci(stats: Optional[Dict[str, Any]], key: str, digits: int = 3) -> str:
