@@ -230,3 +230,20 @@ def test_l2w_on_a_single_exit_model_points_to_multi_exit_wrapper():
     model = timm.create_model("resnet18", num_classes=10)
     with pytest.raises(ValueError, match=r"not a multi-exit model.*MultiExitWrapper\('resnet18'"):
         timm_l2w.L2W(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+# ----------------------------------------------------------------------------- documentation
+
+import re  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_docs_stand_on_their_own_no_missing_spec_files_and_referenced_docs_exist():
+    files = [p for d in ("timm_l2w", "examples", "benchmarks", "docs") for p in (ROOT / d).rglob("*")
+             if p.suffix in (".py", ".md")] + [ROOT / "README.md"]
+    outside = ("PAPER" + ".md", "DESIGN" + ".md", "/work/")  # files that are not in the repository
+    hits = [f"{p.relative_to(ROOT)}: {word}" for p in files for word in outside if word in p.read_text()]
+    assert not hits, hits
+    cited = {m for p in files for m in re.findall(r"docs/[\w./-]+\.md", p.read_text())}
+    assert "docs/method.md" in cited and all((ROOT / c).is_file() for c in cited), cited
