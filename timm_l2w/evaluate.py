@@ -22,7 +22,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .exits import calibrate_thresholds_batch, check_distributions, exit_by_threshold, paper_distributions, paper_qs
+from .exits import (
+    EXIT_RULES,
+    calibrate_entropy_thresholds_batch,
+    calibrate_thresholds_batch,
+    check_distributions,
+    check_exit_rule,
+    exit_by_entropy,
+    exit_by_patience,
+    exit_by_threshold,
+    paper_distributions,
+    paper_qs,
+    predictive_entropy,
+)
 from .files import csv_text, write_text_atomic
 from .models.base import check_multi_exit_output, unwrap_model
 from .validation import EVAL_SETTINGS, check_labels, check_settings, check_weights
@@ -53,7 +65,8 @@ class ExitOutputs:
 
     ``confidences`` [N, K] float (max softmax), ``predictions`` [N, K] long, ``top5`` [N, K] bool
     (target among the 5 highest logits), ``losses`` [N, K] float (cross-entropy), ``targets`` [N] long;
-    ``input_size`` (C, H, W) of the images when known (set by :func:`collect_exit_outputs`).
+    ``input_size`` (C, H, W) of the images when known (set by :func:`collect_exit_outputs`);
+    ``entropies`` [N, K] float (predictive entropy, for the ``'entropy'`` exit rule) when known.
     """
 
     confidences: Tensor
@@ -62,6 +75,7 @@ class ExitOutputs:
     losses: Tensor
     targets: Tensor
     input_size: Optional[Tuple[int, ...]] = None
+    entropies: Optional[Tensor] = None
 
     def __post_init__(self) -> None:
         if self.input_size is not None:
@@ -71,8 +85,8 @@ class ExitOutputs:
         n, k = self.confidences.shape
         if n == 0:
             raise ValueError("ExitOutputs is empty: the loader gave no samples, check the data set")
-        for name in ("predictions", "top5", "losses"):
-            if tuple(getattr(self, name).shape) != (n, k):
+        for name in ("predictions", "top5", "losses", "entropies"):
+            if getattr(self, name) is not None and tuple(getattr(self, name).shape) != (n, k):
                 raise ValueError(f"ExitOutputs.{name} has shape {tuple(getattr(self, name).shape)}, expected {(n, k)}")
         if tuple(self.targets.shape) != (n,):
             raise ValueError(f"ExitOutputs.targets has shape {tuple(self.targets.shape)}, expected {(n,)}")
@@ -97,7 +111,7 @@ class ExitOutputs:
         logits = check_multi_exit_output(logits)
         batch, num_classes = logits[0].shape[0], logits[0].shape[-1]
         targets = check_labels(targets, num_classes, batch, "targets").to(logits[0].device)
-        conf, pred, top5, loss = [], [], [], []
+        conf, pred, top5, loss, ent = [], [], [], [], []
         for out in logits:
             out = out.detach().float()
             c, p = exit_confidence(out)
@@ -106,7 +120,9 @@ class ExitOutputs:
             top = out.topk(min(5, out.shape[1]), dim=1).indices
             top5.append((top == targets[:, None]).any(dim=1))
             loss.append(F.cross_entropy(out, targets, reduction="none"))
-        return cls(*(torch.stack(v, dim=1).cpu() for v in (conf, pred, top5, loss)), targets.cpu())
+            ent.append(predictive_entropy(out))
+        conf, pred, top5, loss, ent = (torch.stack(v, dim=1).cpu() for v in (conf, pred, top5, loss, ent))
+        return cls(conf, pred, top5, loss, targets.cpu(), entropies=ent)
 
     @classmethod
     def cat(cls, parts: Sequence["ExitOutputs"]) -> "ExitOutputs":
@@ -115,8 +131,10 @@ class ExitOutputs:
             raise ValueError("no ExitOutputs to concatenate: the loader gave no batches")
         fields = ("confidences", "predictions", "top5", "losses", "targets")
         sizes = {p.input_size for p in parts}
+        with_entropy = all(p.entropies is not None for p in parts)
         return cls(*(torch.cat([getattr(p, f) for p in parts]) for f in fields),
-                   input_size=sizes.pop() if len(sizes) == 1 else None)
+                   input_size=sizes.pop() if len(sizes) == 1 else None,
+                   entropies=torch.cat([p.entropies for p in parts]) if with_entropy else None)
 
 
 def _batch_xy(batch: Any) -> Tuple[Tensor, Tensor]:
@@ -211,6 +229,10 @@ class BudgetedResults:
     """Budgeted evaluation, one entry per budget b (exit distribution) and exit k.
 
     Accuracies in %, FLOPs in the unit of the ``flops`` given. ``q`` is NaN for user distributions.
+    ``rule`` is the exit rule: ``thresholds`` are max-softmax thresholds (``'confidence'``, exit when
+    ``c >= T_k``) or entropy thresholds (``'entropy'``, exit when ``H <= T_k``). For ``'patience'``
+    every budget is one patience value (``patience`` [B]); ``thresholds`` are NaN, ``q`` is NaN and
+    ``distributions`` are the exit fractions the patience gives on the held-out set.
     """
 
     q: Tensor  # [B]
@@ -222,6 +244,8 @@ class BudgetedResults:
     heldout_top1: Tensor  # [B]
     heldout_expected_flops: Tensor  # [B]
     heldout_exit_fractions: Tensor  # [B, K]
+    rule: str = "confidence"
+    patience: Optional[Tensor] = None  # [B] long, rule 'patience' only
 
     def __len__(self) -> int:
         return self.q.shape[0]
@@ -233,12 +257,15 @@ class BudgetedResults:
             q = float(self.q[b])
             row: Dict[str, Any] = {
                 "budget": b + 1,
+                "rule": self.rule,
                 "q": None if math.isnan(q) else q,
                 "test_top1": float(self.test_top1[b]),
                 "expected_flops": float(self.expected_flops[b]),
                 "heldout_top1": float(self.heldout_top1[b]),
                 "heldout_expected_flops": float(self.heldout_expected_flops[b]),
             }
+            if self.patience is not None:
+                row["patience"] = int(self.patience[b])
             for name, table in (
                 ("p", self.distributions),
                 ("threshold", self.thresholds),
@@ -250,9 +277,24 @@ class BudgetedResults:
         return rows
 
 
-def _apply(outputs: ExitOutputs, thresholds: Tensor, flops: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """Top-1 (%), expected FLOPs and exit fractions of every budget row of ``thresholds``."""
-    exits = exit_by_threshold(outputs.confidences, thresholds)  # [B, N]
+def _entropies(outputs: ExitOutputs, name: str) -> Tensor:
+    if outputs.entropies is None:
+        raise ValueError(f"the {name} outputs carry no entropies (ExitOutputs built without them): collect them with "
+                         "collect_exit_outputs or ExitOutputs.from_logits for the 'entropy' exit rule")
+    return outputs.entropies
+
+
+def _exits(outputs: ExitOutputs, name: str, rule: str, thresholds: Optional[Tensor], patience: Optional[Tensor]) -> Tensor:
+    """``[B, N]`` exit of every sample under every budget of the rule."""
+    if rule == "patience":
+        return exit_by_patience(outputs.predictions, patience)
+    if rule == "entropy":
+        return exit_by_entropy(_entropies(outputs, name), thresholds)
+    return exit_by_threshold(outputs.confidences, thresholds)
+
+
+def _apply(outputs: ExitOutputs, exits: Tensor, flops: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Top-1 (%), expected FLOPs and exit fractions of every budget row of ``exits`` ``[B, N]``."""
     correct = outputs.correct.T.contiguous().gather(0, exits)  # [B, N]: correctness at each sample's exit
     num_budgets, num_exits = exits.shape[0], outputs.num_exits
     offsets = torch.arange(num_budgets, device=exits.device)[:, None] * num_exits
@@ -266,13 +308,20 @@ def budgeted_evaluation(
     test: ExitOutputs,
     flops: Sequence[float] | Tensor,
     distributions: Tensor | Sequence[Sequence[float]] | None = None,
+    rule: str = "confidence",
+    patience: Sequence[int] | Tensor | None = None,
 ) -> BudgetedResults:
     """The paper's budgeted (dynamic) evaluation for every distribution at once, vectorised.
 
     Thresholds are calibrated on ``heldout`` for each exit distribution (default: the paper's 39,
     q = j/20) and applied on ``test``; expected FLOPs are ``sum_k fraction_k * flops_k``. ``flops``
     from ``timm_l2w.exit_flops(model, test.input_size)``: FLOPs counted at another image size are refused.
+
+    ``rule`` (:data:`timm_l2w.exits.EXIT_RULES`): ``'confidence'`` (max softmax, the paper's),
+    ``'entropy'`` (thresholds on the predictive entropy, calibrated the same way) or ``'patience'``
+    (no calibration: one budget per patience value, default ``1..K``; ``distributions`` not allowed).
     """
+    rule = check_exit_rule(rule)
     for name, value in (("heldout", heldout), ("test", test)):
         if not isinstance(value, ExitOutputs):
             raise TypeError(f"{name} must be ExitOutputs (from collect_exit_outputs), got {type(value).__name__}")
@@ -284,16 +333,33 @@ def budgeted_evaluation(
     num_exits = test.num_exits
     check_flops_input_size(flops, heldout, test)
     f = check_flops(flops, num_exits)
+    if rule == "patience":
+        if distributions is not None:
+            raise ValueError("the 'patience' exit rule has no thresholds to calibrate for exit distributions: "
+                             "pass patience=[...] (budgets are patience values) instead of distributions")
+        ps = torch.arange(1, num_exits + 1) if patience is None else torch.as_tensor(patience).reshape(-1)
+        test_top1, test_flops, test_frac = _apply(test, _exits(test, "test", rule, None, ps), f)
+        held_top1, held_flops, held_frac = _apply(heldout, _exits(heldout, "held-out", rule, None, ps), f)
+        nan = torch.full((len(ps),), math.nan, dtype=torch.float64)
+        return BudgetedResults(nan, held_frac, torch.full((len(ps), num_exits), math.nan, dtype=torch.float64),
+                               test_top1, test_flops, test_frac, held_top1, held_flops, held_frac,
+                               rule=rule, patience=ps.long())
+    if patience is not None:
+        raise ValueError(f"patience= is for the 'patience' exit rule, not {rule!r}")
     if distributions is None:
         dist = paper_distributions(num_exits)
         q = torch.tensor(paper_qs(dist.shape[0]), dtype=torch.float64)
     else:
         dist = check_distributions(distributions, num_exits)
         q = torch.full((dist.shape[0],), math.nan, dtype=torch.float64)
-    thresholds = calibrate_thresholds_batch(heldout.confidences, dist)
-    test_top1, test_flops, test_frac = _apply(test, thresholds, f)
-    held_top1, held_flops, held_frac = _apply(heldout, thresholds, f)
-    return BudgetedResults(q, dist, thresholds, test_top1, test_flops, test_frac, held_top1, held_flops, held_frac)
+    if rule == "entropy":
+        thresholds = calibrate_entropy_thresholds_batch(_entropies(heldout, "held-out"), dist)
+    else:
+        thresholds = calibrate_thresholds_batch(heldout.confidences, dist)
+    test_top1, test_flops, test_frac = _apply(test, _exits(test, "test", rule, thresholds, None), f)
+    held_top1, held_flops, held_frac = _apply(heldout, _exits(heldout, "held-out", rule, thresholds, None), f)
+    return BudgetedResults(q, dist, thresholds, test_top1, test_flops, test_frac, held_top1, held_flops, held_frac,
+                           rule=rule)
 
 
 # ----------------------------------------------------------------------------- files (I/O edge)
@@ -358,13 +424,16 @@ def evaluate_checkpoint(
     name: str = "eval",
     device: Optional[torch.device | str] = None,
     progress: bool = False,
+    exit_rule: str = "confidence",
 ) -> Dict[str, Any]:
     """Anytime + budgeted evaluation of ``model`` (optionally loading ``checkpoint`` first).
 
     FLOPs default to :func:`timm_l2w.exit_flops` at the input size of the first test batch.
     With ``out_dir``, writes the CSV/JSON tables (:func:`save_results`) and ``{name}.png``.
+    ``exit_rule`` picks the budgeted exit rule (see :func:`budgeted_evaluation`).
     Returns ``{"anytime", "budgeted", "heldout", "test", "flops", "files"}``.
     """
+    check_exit_rule(exit_rule)
     if checkpoint is not None:
         _load_weights(model, checkpoint)
     if device is not None:
@@ -378,12 +447,13 @@ def evaluate_checkpoint(
             input_size = tuple(_batch_xy(next(iter(test_loader)))[0].shape[1:])
         flops = exit_flops(model, input_size)
     anytime = anytime_metrics(test, flops)
-    budgeted = budgeted_evaluation(heldout, test, flops, distributions)
+    budgeted = budgeted_evaluation(heldout, test, flops, distributions, rule=exit_rule)
     files: Dict[str, Path] = {}
     if out_dir is not None:
         from .plot import plot_budgeted
 
-        extra = {"num_heldout": heldout.num_samples, "num_test": test.num_samples, "flops": list(map(float, flops))}
+        extra = {"num_heldout": heldout.num_samples, "num_test": test.num_samples, "flops": list(map(float, flops)),
+                 "exit_rule": exit_rule}
         files = save_results(out_dir, anytime, budgeted, name=name, extra=extra)
         files["plot"] = plot_budgeted({name: budgeted}, Path(out_dir) / f"{name}.png", anytime={name: anytime})
     return {"anytime": anytime, "budgeted": budgeted, "heldout": heldout, "test": test, "flops": list(flops), "files": files}
@@ -416,6 +486,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--held-out", type=int, default=None, help="held-out images for the thresholds (default: the data set's)")
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--exit-rule", choices=EXIT_RULES, default="confidence",
+                   help="budgeted exit rule: confidence (max softmax >= threshold), entropy (entropy <= threshold; "
+                        "both calibrated on the held-out set for the paper's 39 exit distributions) or patience "
+                        "(the prediction unchanged at p consecutive exits; one budget per p = 1..K)")
     p.add_argument("--output", default="eval_results", help="folder for the CSV/JSON tables and the plot")
     p.add_argument("--name", default=None, help="file name stem and curve label (default: the model name)")
     p.add_argument("--no-progress", action="store_true",
@@ -487,12 +561,14 @@ def _run(args: argparse.Namespace, timm: Any) -> int:
     result = evaluate_checkpoint(
         model, heldout_loader, test_loader, checkpoint=args.checkpoint, out_dir=args.output, name=name,
         device=device, progress=not args.no_progress and sys.stderr.isatty(), input_size=tuple(info["input_size"]),
+        exit_rule=args.exit_rule,
     )
     for row in result["anytime"]:
         print(f"exit {row['exit']}: top1 {row['top1']:.2f}%  top5 {row['top5']:.2f}%  "
               f"loss {row['loss']:.4f}  {row['flops'] / 1e6:.2f} MFLOPs")
     best = max(result["budgeted"].rows(), key=lambda r: r["test_top1"])
-    print(f"budgeted: best test top1 {best['test_top1']:.2f}% at {best['expected_flops'] / 1e6:.2f} MFLOPs")
+    print(f"budgeted: best test top1 {best['test_top1']:.2f}% at {best['expected_flops'] / 1e6:.2f} MFLOPs "
+          f"(exit rule: {args.exit_rule})")
     for kind, path in result["files"].items():
         print(f"wrote {kind}: {path}")
     return 0

@@ -1,8 +1,13 @@
-"""Exit distributions and confidence-based exit assignment.
+"""Exit distributions, confidence-based exit assignment and the exit rules.
 
 One implementation, shared by the L2W meta loss (:func:`assign_exits`) and by budgeted evaluation
 (:func:`calibrate_thresholds`, :func:`exit_by_threshold`). Confidences are ``[N, K]`` tensors
 (sample i, exit k), usually the max softmax probability of each exit.
+
+Exit rules (:data:`EXIT_RULES`): ``'confidence'`` (leave when the max softmax reaches the exit's
+threshold), ``'entropy'`` (leave when the predictive entropy is at most the exit's threshold;
+calibrated like confidence with the negative entropy as the score) and ``'patience'`` (leave when
+the argmax prediction has been the same at p consecutive exits; no threshold, the budget is p).
 """
 from __future__ import annotations
 
@@ -23,7 +28,16 @@ __all__ = [
     "calibrate_thresholds",
     "calibrate_thresholds_batch",
     "exit_by_threshold",
+    "EXIT_RULES",
+    "check_exit_rule",
+    "predictive_entropy",
+    "calibrate_entropy_thresholds_batch",
+    "exit_by_entropy",
+    "agreement_run_lengths",
+    "exit_by_patience",
 ]
+
+EXIT_RULES = ("confidence", "entropy", "patience")
 
 
 def exit_distribution(q: float, num_exits: int) -> Tensor:
@@ -174,3 +188,73 @@ def exit_by_threshold(conf: Tensor, thresholds: Tensor | Sequence[float]) -> Ten
         running &= conf[k] < thresholds[..., k, None]
         exits += running
     return exits
+
+
+# ----------------------------------------------------------------------------- other exit rules
+
+
+def check_exit_rule(rule: str) -> str:
+    """Return ``rule`` after checking it is one of :data:`EXIT_RULES`."""
+    if rule not in EXIT_RULES:
+        raise ValueError(f"unknown exit rule {rule!r}: use one of {', '.join(map(repr, EXIT_RULES))}")
+    return rule
+
+
+def predictive_entropy(logits: Tensor) -> Tensor:
+    """Entropy (nats, float32) of the softmax of ``[..., C]`` logits, over the last dimension."""
+    logp = torch.log_softmax(logits.detach().float(), dim=-1)
+    return (-(logp.exp() * logp).sum(dim=-1)).clamp_(min=0)
+
+
+def calibrate_entropy_thresholds_batch(entropies: Tensor, distributions: Tensor | Sequence[Sequence[float]]) -> Tensor:
+    """Entropy thresholds ``[B, K]`` for the exit distributions (exit k takes samples with ``H <= T_k``).
+
+    :func:`calibrate_thresholds_batch` on the score ``-H``: the ``floor(n * p_k)`` not-yet-exited
+    held-out samples with the lowest entropy at exit k leave there. ``-inf``: nobody leaves; ``T_K = +inf``.
+    """
+    _check_confidences(entropies, "held-out entropies")
+    return -calibrate_thresholds_batch(-entropies, distributions)
+
+
+def exit_by_entropy(entropies: Tensor, thresholds: Tensor | Sequence[float]) -> Tensor:
+    """Exit of every sample: the first k with ``entropies[i, k] <= T_k`` (``[K]`` -> ``[N]``, ``[B, K]`` -> ``[B, N]``)."""
+    _check_confidences(entropies, "entropies")
+    thresholds = torch.as_tensor(thresholds, dtype=torch.float64)
+    return exit_by_threshold(-entropies, -thresholds)
+
+
+def agreement_run_lengths(predictions: Tensor) -> Tensor:
+    """``[N, K]`` long: how many consecutive exits up to and including k predict what exit k predicts."""
+    if not isinstance(predictions, Tensor) or predictions.ndim != 2 or predictions.shape[0] == 0:
+        shape = tuple(predictions.shape) if isinstance(predictions, Tensor) else type(predictions).__name__
+        raise ValueError(f"predictions must be a non-empty [num_samples, num_exits] tensor, got {shape}")
+    runs = torch.ones(predictions.shape, dtype=torch.long, device=predictions.device)
+    for k in range(1, predictions.shape[1]):
+        runs[:, k] += (predictions[:, k] == predictions[:, k - 1]) * runs[:, k - 1]
+    return runs
+
+
+def _check_patience(patience: int | Sequence[int] | Tensor) -> Tensor:
+    p = torch.as_tensor(patience)
+    if p.is_floating_point() or p.dtype == torch.bool or p.ndim > 1 or p.numel() == 0 or (p < 1).any():
+        raise ValueError(f"patience must be an integer >= 1 (or a list of them), got {patience!r}")
+    return p.long()
+
+
+def exit_by_patience(predictions: Tensor, patience: int | Sequence[int] | Tensor) -> Tensor:
+    """Exit of every sample: the first k where the argmax has been the same at ``patience`` consecutive
+    exits (``patience=1``: the first exit); the last exit takes the rest.
+
+    ``predictions`` is ``[N, K]`` (argmax per exit). An int ``patience`` returns ``[N]`` long, a list
+    of ``B`` values ``[B, N]``.
+    """
+    p = _check_patience(patience)
+    runs = agreement_run_lengths(predictions).T  # [K, N]
+    num_exits = runs.shape[0]
+    ps = p.reshape(-1).to(runs.device)
+    running = torch.ones(ps.shape[0], runs.shape[1], dtype=torch.bool, device=runs.device)
+    exits = torch.zeros(running.shape, dtype=torch.long, device=runs.device)
+    for k in range(num_exits - 1):
+        running &= runs[k][None] < ps[:, None]
+        exits += running
+    return exits[0] if p.ndim == 0 else exits

@@ -5,7 +5,11 @@ A sample leaves at the first exit k whose confidence (max softmax) reaches ``thr
 last exit takes the rest. This is exactly :func:`timm_l2w.exits.exit_by_threshold` applied to the
 confidences of every exit (``model.forward_exits``), but the later stages of a sample that left are
 never computed: after every stage the state is cut down to the remaining samples with
-:func:`timm_l2w.select_samples`.
+:func:`timm_l2w.select_samples`. The other exit rules work the same way: ``rule='entropy'`` leaves
+when the predictive entropy is at most ``thresholds[k]`` (:func:`timm_l2w.exits.exit_by_entropy`),
+``rule='patience'`` when the prediction has been the same at ``patience`` consecutive exits
+(:func:`timm_l2w.exits.exit_by_patience`; the previous prediction and the run length of every
+running sample travel with the state).
 """
 from __future__ import annotations
 
@@ -16,7 +20,15 @@ import torch
 from torch import Tensor, nn
 
 from .evaluate import ExitOutputs, budgeted_evaluation, check_flops, exit_confidence
-from .exits import calibrate_thresholds, check_distribution, exit_distribution
+from .exits import (
+    _check_patience,
+    calibrate_entropy_thresholds_batch,
+    calibrate_thresholds,
+    check_distribution,
+    check_exit_rule,
+    exit_distribution,
+    predictive_entropy,
+)
 from .models.base import select_samples, unwrap_model
 
 __all__ = ["EarlyExitPrediction", "EarlyExitPredictor"]
@@ -40,9 +52,12 @@ class EarlyExitPredictor:
 
     The model is put in eval mode. ``thresholds`` holds one confidence threshold per exit
     (``+inf``: nobody leaves there; the last entry is ignored, the last exit takes every sample left).
+    ``rule='entropy'``: ``thresholds`` are entropy thresholds (leave when ``H <= T_k``; ``-inf``: nobody
+    leaves). ``rule='patience'``: no thresholds; leave once ``patience`` consecutive exits agree.
     """
 
-    def __init__(self, model: nn.Module, thresholds: Tensor | Sequence[float]):
+    def __init__(self, model: nn.Module, thresholds: Tensor | Sequence[float] | None = None,
+                 rule: str = "confidence", patience: Optional[int] = None):
         self.model = unwrap_model(model)
         if not hasattr(self.model, "forward_stage") or not hasattr(self.model, "num_exits"):
             raise TypeError(
@@ -50,6 +65,22 @@ class EarlyExitPredictor:
                 "(needs num_exits and forward_stage): use a timm_l2w model"
             )
         self.num_exits = int(self.model.num_exits)
+        self.rule = check_exit_rule(rule)
+        self.patience: Optional[int] = None
+        if rule == "patience":
+            if patience is None or thresholds is not None:
+                raise ValueError("rule='patience' takes patience=p (consecutive agreeing exits) and no thresholds")
+            p = _check_patience(patience)
+            if p.ndim != 0:
+                raise ValueError(f"patience must be one integer >= 1, got {patience!r}")
+            self.patience = int(p)
+            self.thresholds = None
+            self.model.eval()
+            return
+        if patience is not None:
+            raise ValueError(f"patience= is for rule='patience', not {rule!r}")
+        if thresholds is None:
+            raise ValueError(f"rule={rule!r} needs one threshold per exit: use EarlyExitPredictor.from_distribution")
         t = torch.as_tensor(thresholds, dtype=torch.float64).detach().cpu()
         if t.ndim != 1 or t.numel() != self.num_exits:
             raise ValueError(
@@ -63,17 +94,27 @@ class EarlyExitPredictor:
 
     @classmethod
     def from_distribution(
-        cls, model: nn.Module, calibration: ExitOutputs, distribution: Tensor | Sequence[float] | float
+        cls, model: nn.Module, calibration: ExitOutputs, distribution: Tensor | Sequence[float] | float,
+        rule: str = "confidence",
     ) -> "EarlyExitPredictor":
         """Thresholds calibrated on ``calibration`` (held-out outputs) for an exit distribution.
 
         ``distribution`` is a per-exit share ``[K]`` or a float q (``p_k ∝ q**k``, the paper's family).
+        ``rule``: ``'confidence'`` or ``'entropy'`` (``'patience'`` has no thresholds: pass ``patience=``).
         """
+        if check_exit_rule(rule) == "patience":
+            raise ValueError("the 'patience' rule has no thresholds to calibrate: use EarlyExitPredictor(model, "
+                             "rule='patience', patience=p) or from_flops_budget(..., rule='patience')")
         num_exits = calibration.num_exits
         if isinstance(distribution, (int, float)):
             p = exit_distribution(float(distribution), num_exits)
         else:
             p = check_distribution(distribution, num_exits)
+        if rule == "entropy":
+            from .evaluate import _entropies
+
+            return cls(model, calibrate_entropy_thresholds_batch(_entropies(calibration, "calibration"), p[None])[0],
+                       rule="entropy")
         return cls(model, calibrate_thresholds(calibration.confidences, p))
 
     @classmethod
@@ -84,11 +125,13 @@ class EarlyExitPredictor:
         flops: Sequence[float] | Tensor,
         budget: float,
         distributions: Tensor | Sequence[Sequence[float]] | None = None,
+        rule: str = "confidence",
     ) -> "EarlyExitPredictor":
         """The most accurate candidate distribution (paper's 39 by default) whose expected FLOPs on
-        ``calibration`` stay within ``budget`` (same unit as ``flops``)."""
+        ``calibration`` stay within ``budget`` (same unit as ``flops``). ``rule='patience'``: the most
+        accurate patience ``1..K`` within the budget."""
         f = check_flops(flops, calibration.num_exits)
-        res = budgeted_evaluation(calibration, calibration, f, distributions)
+        res = budgeted_evaluation(calibration, calibration, f, distributions, rule=rule)
         fits = res.heldout_expected_flops <= float(budget)
         if not fits.any():
             raise ValueError(
@@ -96,7 +139,10 @@ class EarlyExitPredictor:
                 f"{float(res.heldout_expected_flops.min()):g} (exit 1 alone costs {float(f[0]):g}); raise the budget"
             )
         score = torch.where(fits, res.heldout_top1, torch.full_like(res.heldout_top1, -1.0))
-        return cls(model, res.thresholds[int(score.argmax())])
+        best = int(score.argmax())
+        if rule == "patience":
+            return cls(model, rule="patience", patience=int(res.patience[best]))
+        return cls(model, res.thresholds[best], rule=rule)
 
     @torch.inference_mode()
     def _predict_batch(self, x: Tensor) -> EarlyExitPrediction:
@@ -105,13 +151,24 @@ class EarlyExitPredictor:
         confidences = torch.empty(n, dtype=torch.float32, device=device)
         exit_index = torch.empty(n, dtype=torch.long, device=device)
         active = torch.arange(n, device=device)  # input positions of the samples still running
-        thresholds = self.thresholds.tolist()
+        thresholds = self.thresholds.tolist() if self.thresholds is not None else None
+        previous = run = None  # patience: each running sample's last prediction and its agreement run length
         state = x
         for k in range(self.num_exits):
             state, logits = self.model.forward_stage(k, state)
             conf, pred = exit_confidence(logits)
             last = k == self.num_exits - 1
-            leave = torch.ones_like(conf, dtype=torch.bool) if last else conf.double() >= thresholds[k]
+            if self.rule == "patience":
+                run = torch.ones_like(pred) if previous is None else 1 + (pred == previous) * run
+                previous = pred
+            if last:
+                leave = torch.ones_like(conf, dtype=torch.bool)
+            elif self.rule == "patience":
+                leave = run >= self.patience
+            elif self.rule == "entropy":
+                leave = predictive_entropy(logits).double() <= thresholds[k]
+            else:
+                leave = conf.double() >= thresholds[k]
             idx = active[leave]
             predictions[idx], confidences[idx], exit_index[idx] = pred[leave], conf[leave], k
             if last:
@@ -122,6 +179,8 @@ class EarlyExitPredictor:
                 break
             if num_stay < stay.numel():
                 state, active = select_samples(state, stay), active[stay]
+                if previous is not None:
+                    previous, run = previous[stay], run[stay]
         return EarlyExitPrediction(predictions, confidences, exit_index)
 
     def predict(self, x: Tensor, batch_size: Optional[int] = None) -> EarlyExitPrediction:
