@@ -45,6 +45,7 @@ from .weighting import (
 
 __all__ = [
     "BACKENDS",
+    "META_PRECISIONS",
     "SGDSlot",
     "sgd_slots",
     "virtual_sgd_step",
@@ -57,6 +58,7 @@ __all__ = [
 ]
 
 BACKENDS = ("higher", "func")
+META_PRECISIONS = ("fp32", "amp")  # the meta step's arithmetic under mixed precision (L2W(meta_precision=...))
 Batch = Tuple[Tensor, Tensor]
 
 
@@ -168,11 +170,15 @@ def meta_loss(outputs: Sequence[Tensor], target: Tensor, p: Tensor | Sequence[fl
     """Sum over exits (with at least one sample) of the mean CE of the samples assigned to that exit.
 
     The assignment is :func:`timm_l2w.exits.assign_exits` on the detached confidences with the
-    training distribution ``p`` (selection without gradient).
+    training distribution ``p`` (selection without gradient). Non-finite outputs (a virtual step that
+    overflowed, e.g. under fp16) give a NaN meta loss, which :class:`L2W` skips, instead of an error.
     """
     outputs = check_multi_exit_output(outputs)
     losses = exit_losses(outputs, target)
-    assigned = assign_exits(exit_confidences(outputs), p)
+    conf = exit_confidences(outputs)
+    if not bool(torch.isfinite(conf).all()):
+        return losses.sum() * float("nan")
+    assigned = assign_exits(conf, p)
     mask = F.one_hot(assigned, losses.shape[1]).to(losses.dtype)
     return ((losses * mask).sum(dim=0) / mask.sum(dim=0).clamp(min=1)).sum()
 
@@ -222,9 +228,14 @@ class FuncBackend(_Backend):
         state.update(zip(self.names, params))
         was_training = self.model.training
         self.model.train()  # the meta step runs in train mode (docs/method.md §5): forward returns every exit
+        # an instance-level forward (accelerate's autocast wrapper) would override the meta step's own
+        # precision: call the class's forward (as the 'higher' backend does)
+        wrapper = self.model.__dict__.pop("forward", None)
         try:
             return torch.func.functional_call(self.model, state, (x,))
         finally:
+            if wrapper is not None:
+                self.model.forward = wrapper
             if not was_training:
                 self.model.train(False)
 
@@ -321,6 +332,7 @@ def meta_step(
     train_outputs: Optional[Sequence[Tensor]] = None,
     train_rng: Optional[Tuple[Tensor, Optional[Tensor]]] = None,
     autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+    loss_scale: float = 1.0,
 ) -> MetaStepResult:
     """Steps 1-2 of the training step (docs/method.md §5) and the meta gradient of step 3.
 
@@ -336,16 +348,22 @@ def meta_step(
     virtual step is affine in the weights: ``d meta / d W[i, k] = <c * v, grad_theta L[i, k]> / B``
     with ``v = d meta / d theta'`` and ``c = d theta' / d g`` per parameter, i.e. one forward-mode
     Jacobian-vector product of the training losses, which is cheaper.
+
+    ``autocast`` wraps every forward of the model (e.g. ``accelerator.autocast``). ``loss_scale``
+    multiplies the virtual loss and the meta loss before they are differentiated, so that fp16
+    gradients do not flush to zero; the virtual step divides it out again, and the returned
+    ``grads`` (and ``.grad``) are ``loss_scale * d meta_loss / d phi``, as ``torch.amp.GradScaler``
+    expects (``GradScaler.unscale_`` / ``step`` then divide it out and skip on overflow).
     """
     # enable_grad: also works when called under torch.no_grad(). The math attention kernel: the fused
     # scaled_dot_product_attention kernels have no second-order / forward-mode derivatives.
     with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
         return _meta_step(model, optimizer, weight_net, train_batch, meta_batch, p, eps, constraint, backend,
-                          label_smoothing, train_outputs, train_rng, autocast)
+                          label_smoothing, train_outputs, train_rng, autocast, float(loss_scale))
 
 
 def _meta_step(model, optimizer, weight_net, train_batch, meta_batch, p, eps, constraint, backend,
-               label_smoothing, train_outputs, train_rng, autocast) -> MetaStepResult:
+               label_smoothing, train_outputs, train_rng, autocast, scale) -> MetaStepResult:
     eps = _check_eps(eps)
     _check_choice(constraint, CONSTRAINTS, "constraint")
     x_train, y_train = _check_batch(train_batch, "train_batch")
@@ -376,21 +394,21 @@ def _meta_step(model, optimizer, weight_net, train_batch, meta_batch, p, eps, co
         grads: List[Optional[Tensor]] = [None] * len(phi)
     elif runner.name == "higher":
         virtual_loss = (weights * losses).mean(dim=0).sum()
-        grads_theta = torch.autograd.grad(
-            virtual_loss, [params[i] for i in trainable], create_graph=True, retain_graph=True, allow_unused=True
-        )
+        grads_theta = _unscale(torch.autograd.grad(
+            virtual_loss * scale, [params[i] for i in trainable], create_graph=True, retain_graph=True, allow_unused=True
+        ), scale)
         new_params = virtual_sgd_step(params, _scatter(grads_theta, trainable, len(params)), slots)
         # 2. meta loss of the virtually updated model on the meta half
         with autocast():
             meta_outputs = runner.forward(new_params, x_meta)
         value = meta_loss(check_multi_exit_output(meta_outputs, num_exits), y_meta, p)
         # 3. second-order gradient into the predictor (through the virtual step)
-        grads = list(torch.autograd.grad(value, phi, allow_unused=True))
+        grads = list(torch.autograd.grad(value * scale, phi, allow_unused=True))
     else:
         virtual_loss = (weights.detach() * losses).mean(dim=0).sum()
-        grads_theta = torch.autograd.grad(
-            virtual_loss, [params[i] for i in trainable], retain_graph=shared, allow_unused=True
-        )
+        grads_theta = _unscale(torch.autograd.grad(
+            virtual_loss * scale, [params[i] for i in trainable], retain_graph=shared, allow_unused=True
+        ), scale)
         full_grads = _scatter(grads_theta, trainable, len(params))
         with torch.no_grad():
             new_params = virtual_sgd_step([t.detach() for t in params], full_grads, slots)
@@ -401,8 +419,8 @@ def _meta_step(model, optimizer, weight_net, train_batch, meta_batch, p, eps, co
         with autocast():
             meta_outputs = runner.forward(new_params, x_meta)
         value = meta_loss(check_multi_exit_output(meta_outputs, num_exits), y_meta, p)
-        v = torch.autograd.grad(value, [new_params[i] for i in moved], allow_unused=True)
-        # 3. d meta / d W = J_L (c * v) / B by forward mode, then into the predictor
+        v = torch.autograd.grad(value * scale, [new_params[i] for i in moved], allow_unused=True)  # scaled
+        # 3. d meta / d W = J_L (c * v) / B by forward mode (scaled like v), then into the predictor
         tangents = {i: _grad_coefficient(slots[i]) * g for i, g in zip(moved, v) if g is not None}
         with fwAD.dual_level(), torch.no_grad(), _replay_rng(train_rng, device), autocast(), warnings.catch_warnings():
             # torch's forward AD scripts its decompositions on first use (a jit deprecation warning)
@@ -420,6 +438,11 @@ def _meta_step(model, optimizer, weight_net, train_batch, meta_batch, p, eps, co
     for t, g in zip(phi, grads_out):
         t.grad = g.clone()
     return MetaStepResult(meta_loss=value.detach(), grads=grads_out, weights=weights.detach())
+
+
+def _unscale(grads: Sequence[Optional[Tensor]], scale: float) -> Sequence[Optional[Tensor]]:
+    """``grads / scale`` (differentiably; as they are for ``scale == 1``)."""
+    return grads if scale == 1.0 else [None if g is None else g / scale for g in grads]
 
 
 def _scatter(values: Sequence[Optional[Tensor]], index: Sequence[int], size: int) -> List[Optional[Tensor]]:
@@ -467,6 +490,16 @@ class L2W:
     meta learning rate; ``None`` keeps it constant. ``target_p_index`` j picks the training
     distribution ``p_k ∝ (j/20)**k``; ``target_p`` gives it directly instead. Calling :meth:`loss`
     outside :meth:`split` gives the weighted loss without a meta step.
+
+    ``meta_precision`` is the meta step's arithmetic when the real step runs in mixed precision.
+    ``'fp32'`` (default): autocast off for the whole meta step, so it runs in the parameters' dtype
+    while the real step keeps bf16/fp16 (the training half's outputs are reused only when they are
+    in that dtype, else recomputed). ``'amp'``: the meta step's forwards run under the real step's
+    autocast (``accelerator.autocast()``, or the autocast around :meth:`loss` without an accelerator),
+    with a dynamic loss scale (``torch.amp.GradScaler``, :attr:`meta_scaler`) under fp16. Under bf16
+    the ``'amp'`` meta gradient is mostly rounding noise early in training (docs/precision.md).
+    Either way a meta step with a non-finite meta loss or gradient is skipped and counted in
+    :attr:`meta_skipped` (under ``'amp'`` + fp16 that also lowers the loss scale).
     """
 
     def __init__(
@@ -489,6 +522,7 @@ class L2W:
         accelerator: Any = None,
         weight_net: Optional[WeightPredictor] = None,
         share_forward: bool = True,
+        meta_precision: str = "fp32",
     ):
         net = unwrap_model(model)
         model_exits = getattr(net, "num_exits", None)
@@ -526,10 +560,14 @@ class L2W:
         self.meta_interval, self.total_steps = meta_interval, total_steps
         self.label_smoothing = check_label_smoothing(label_smoothing)
         self.share_forward = share_forward
+        self.meta_precision = _check_choice(meta_precision, META_PRECISIONS, "meta_precision")
+        self.meta_scaler: Optional[torch.amp.GradScaler] = None  # 'amp' under fp16 autocast: created on first use
+        self._meta_scaler_state: Optional[Dict[str, Any]] = None
         self._fused_attention = any(getattr(m, "fused_attn", False) for m in unwrap_model(model).modules())
         self._backend = make_backend(backend, net)
         ref = next(net.parameters())
         dtype = ref.dtype if ref.is_floating_point() else None
+        self._dtype = dtype
         if weight_net is None:
             weight_net = WeightPredictor(num_exits, input_type, hidden_sizes)
         self.weight_net = weight_net.to(device=ref.device, dtype=dtype)
@@ -573,6 +611,36 @@ class L2W:
     def _autocast(self) -> ContextManager:
         return self.accelerator.autocast() if self.accelerator is not None else contextlib.nullcontext()
 
+    def _meta_autocast(self, device: torch.device) -> Tuple[ContextManager, Callable[[], ContextManager]]:
+        """(context around the whole meta step, autocast for its forwards) of :attr:`meta_precision`."""
+        if self.meta_precision == "fp32":
+            return torch.autocast(device.type, enabled=False), contextlib.nullcontext
+        return contextlib.nullcontext(), self._autocast
+
+    def _scaler(self, device: torch.device) -> Optional[torch.amp.GradScaler]:
+        """The meta step's loss scaler: only for ``'amp'`` when the real step's autocast is fp16."""
+        if self.meta_precision != "amp":
+            return None
+        if self.meta_scaler is None:
+            with self._autocast():
+                fp16 = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.float16
+            if not fp16:
+                return None
+            self.meta_scaler = torch.amp.GradScaler(device.type)
+            if self._meta_scaler_state:
+                self.meta_scaler.load_state_dict(self._meta_scaler_state)
+        return self.meta_scaler
+
+    def _reusable(self, outputs: Sequence[Tensor]) -> bool:
+        """Whether the user's training-half outputs fit the meta step's precision: always under ``'amp'``;
+        under ``'fp32'`` only when no autocast produced them (accelerate casts autocast outputs back to
+        fp32, so its ``mixed_precision`` is checked, not just the dtype)."""
+        if self.meta_precision == "amp":
+            return True
+        mixed = getattr(self.accelerator, "mixed_precision", "no") not in (None, "no")
+        return (not mixed and not torch.is_autocast_enabled(outputs[0].device.type)
+                and all(o.dtype == self._dtype for o in outputs))
+
     def meta_update(
         self,
         train_batch: Batch,
@@ -581,23 +649,36 @@ class L2W:
         train_rng: Optional[Tuple[Tensor, Optional[Tensor]]] = None,
     ) -> float:
         """One meta step and meta optimizer step (gradients averaged across ranks); returns the meta loss."""
-        result = meta_step(
-            self.model, self.optimizer, self.weight_net, train_batch, meta_batch, self.p,
-            eps=self.eps, constraint=self.constraint, backend=self._backend, label_smoothing=self.label_smoothing,
-            train_outputs=train_outputs, train_rng=train_rng, autocast=self._autocast,
-        )
+        device = train_batch[0].device if isinstance(train_batch[0], Tensor) else torch.device("cpu")
+        scaler = self._scaler(device)
+        outer, autocast = self._meta_autocast(device)
+        with outer:
+            result = meta_step(
+                self.model, self.optimizer, self.weight_net, train_batch, meta_batch, self.p,
+                eps=self.eps, constraint=self.constraint, backend=self._backend, label_smoothing=self.label_smoothing,
+                train_outputs=train_outputs, train_rng=train_rng, autocast=autocast,
+                # scaler.scale(1) is the current scale (and creates it on the first step)
+                loss_scale=float(scaler.scale(torch.ones((), device=device))) if scaler is not None else 1.0,
+            )
         grads = [t.grad for t in self.weight_net.parameters()]
         # a non-finite meta loss on any rank rides along in the all-reduce, so every rank decides alike
         bad = (~torch.isfinite(result.meta_loss.detach())).to(grads[0].dtype).reshape(1)
         _all_reduce_mean_(grads + [bad])
+        if scaler is not None:
+            scaler.unscale_(self.meta_optimizer)  # in place: the grads are now d meta / d phi
         self.last_meta_grads = [g.detach().clone() for g in grads]
         self.last_meta_loss = float(result.meta_loss)
         if bool(torch.stack([torch.isfinite(g).all() for g in grads]).all() & (bad[0] == 0)):  # one sync
             self.last_meta_skipped = False
-            self.meta_optimizer.step()
+            if scaler is not None:
+                scaler.step(self.meta_optimizer)
+            else:
+                self.meta_optimizer.step()
         else:  # non-finite meta loss or gradient: skip, predictor and meta optimizer state untouched
             self.last_meta_skipped = True
             self.meta_skipped += 1
+        if scaler is not None:
+            scaler.update()  # halves the scale after an overflow, doubles it after a run of finite steps
         self.meta_optimizer.zero_grad(set_to_none=True)
         return self.last_meta_loss
 
@@ -610,8 +691,8 @@ class L2W:
             meta_batch = self._halves[1 - self._current]
             # the virtual step reuses the user's forward when it ran on the plain module with a graph
             # (not through fused attention kernels: they cannot be differentiated twice)
-            shared = (self.share_forward and unwrap_model(self.model) is self.model
-                      and not self._fused_attention and all(o.requires_grad for o in outputs))
+            shared = (self.share_forward and unwrap_model(self.model) is self.model and not self._fused_attention
+                      and all(o.requires_grad for o in outputs) and self._reusable(outputs))
             self.meta_update(train_batch, meta_batch, outputs if shared else None, self._rng if shared else None)
         loss, weights = weighted_multi_exit_loss(
             outputs, target, self.weight_net, self.eps, self.constraint, self.label_smoothing
@@ -636,11 +717,12 @@ class L2W:
 
     # -- resume ------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
-        """Predictor, meta optimizer and step counter (the meta lr follows from it), for resume."""
+        """Predictor, meta optimizer, step counter (the meta lr follows from it) and meta loss scaler, for resume."""
         return {
             "weight_net": self.weight_net.state_dict(),
             "meta_optimizer": self.meta_optimizer.state_dict(),
             "step": self.step,
+            "meta_scaler": None if self.meta_scaler is None else self.meta_scaler.state_dict(),
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -652,3 +734,6 @@ class L2W:
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
         self.step = int(state["step"])
         self._set_meta_lr()  # (states saved with a "meta_scheduler" entry load too: it is not needed)
+        self._meta_scaler_state = state.get("meta_scaler")
+        if self.meta_scaler is not None and self._meta_scaler_state:
+            self.meta_scaler.load_state_dict(self._meta_scaler_state)

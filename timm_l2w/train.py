@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=_preset_help("Adam weight decay of the weight predictor", "meta_weight_decay"))
     g.add_argument("--hidden", type=int, default=None, help=_preset_help("hidden size of the weight predictor", "hidden"))
     g.add_argument("--backend", choices=["higher", "func"], default="higher", help="virtual-step backend")
+    g.add_argument("--meta-precision", choices=["fp32", "amp"], default="fp32",
+                   help="meta step under --mixed-precision bf16/fp16: fp32 (autocast off; the bf16 meta gradient is "
+                        "mostly rounding noise early on) or amp (the real step's autocast; fp16 with its own loss "
+                        "scale); docs/precision.md")
 
     g = p.add_argument_group("output")
     g.add_argument("--output", default="output/train", help="folder for checkpoints, logs and results")
@@ -282,6 +286,9 @@ class _Run:
         AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu, log_with=log_with,
                                        project_dir=args.output)
+        if args.mixed_precision == "fp16" and self.accelerator.scaler is None:
+            raise ValueError(f"--mixed-precision fp16 needs a GPU: accelerate has no fp16 autocast or loss scaling on "
+                             f"{self.accelerator.device.type} and would train in fp32; use --mixed-precision bf16 there")
         self.per_rank = _check_args(args, self.accelerator.num_processes)
         set_seed(args.seed)
         self.output = Path(args.output)
@@ -333,7 +340,8 @@ class _Run:
                            target_p_index=args.target_p_index, hidden_sizes=(args.hidden,),
                            meta_interval=args.meta_interval, meta_lr=args.meta_lr,
                            meta_weight_decay=args.meta_weight_decay, total_steps=self.total_updates,
-                           backend=args.backend, label_smoothing=args.label_smoothing, accelerator=acc)
+                           backend=args.backend, label_smoothing=args.label_smoothing, accelerator=acc,
+                           meta_precision=args.meta_precision)
         self.model, self.optimizer = acc.prepare(self.model, optimizer)
         if self.l2w is not None:
             self.l2w.model, self.l2w.optimizer = self.model, self.optimizer
@@ -447,8 +455,11 @@ class _Run:
         finite = acc.gather(torch.isfinite(loss.detach()).reshape(1)).all()
         if finite:
             self.optimizer.zero_grad(set_to_none=True)
-            acc.backward(loss)
-            self.optimizer.step()
+            acc.backward(loss)  # fp16: accelerate's GradScaler scales the loss ...
+            self.optimizer.step()  # ... and skips the step when the gradients overflowed (then lowers the scale)
+            if self.optimizer.step_was_skipped:
+                self._restore_buffers(kept)
+                stats["skipped"] += 1
         else:  # skip this update everywhere; the model (BN statistics too) and optimizer states are untouched
             self.optimizer.zero_grad(set_to_none=True)
             self._restore_buffers(kept)
