@@ -42,7 +42,11 @@ def test_finetune_loads_backbone_and_gets_new_heads(tmp_path):
     proc = _run("finetune_pretrained.py", "--checkpoint", str(ckpt), "--model", "msdnet_l2w_cifar_tiny",
                 "--steps", "2", "--batch-size", "8", "--lr", "0.001", "--output", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "100 -> 10 classes, exit classifiers start fresh" in proc.stdout
     tuned, before = load_file(out), pretrained.state_dict()
+    back = timm.create_model("msdnet_l2w_cifar_tiny", pretrained=True, num_classes=10,  # the README's route
+                             pretrained_cfg_overlay=dict(file=str(out), num_classes=10))
+    assert all(torch.equal(v, tuned[k]) for k, v in back.state_dict().items())
     heads = [k for k, v in tuned.items() if v.shape != before[k].shape]
     assert heads and all(tuned[k].shape[0] == 10 for k in heads)  # digits: 10 classes
     body = [k for k in tuned if k not in heads and tuned[k].is_floating_point() and "running" not in k]
