@@ -39,7 +39,9 @@ from .weighting import (
     _check_eps,
     exit_confidences,
     exit_losses,
+    Distillation,
     sample_weights,
+    training_losses,
     weighted_multi_exit_loss,
 )
 
@@ -281,6 +283,8 @@ class HigherBackend(_Backend):
                 "build a new L2W / backend after changing the model"
             )
         self._higher.patch.buffer_sync(self.model, self.fmodel)
+        if hasattr(self.model, "gradient_equilibrium"):  # attributes were copied when patching: follow the model
+            self.fmodel.gradient_equilibrium = self.model.gradient_equilibrium
         try:
             return self.fmodel(x, params=list(params))
         finally:
@@ -333,6 +337,7 @@ def meta_step(
     train_rng: Optional[Tuple[Tensor, Optional[Tensor]]] = None,
     autocast: Callable[[], ContextManager] = contextlib.nullcontext,
     loss_scale: float = 1.0,
+    distill: Optional[Distillation] = None,
 ) -> MetaStepResult:
     """Steps 1-2 of the training step (docs/method.md §5) and the meta gradient of step 3.
 
@@ -359,11 +364,11 @@ def meta_step(
     # scaled_dot_product_attention kernels have no second-order / forward-mode derivatives.
     with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
         return _meta_step(model, optimizer, weight_net, train_batch, meta_batch, p, eps, constraint, backend,
-                          label_smoothing, train_outputs, train_rng, autocast, float(loss_scale))
+                          label_smoothing, train_outputs, train_rng, autocast, float(loss_scale), distill)
 
 
 def _meta_step(model, optimizer, weight_net, train_batch, meta_batch, p, eps, constraint, backend,
-               label_smoothing, train_outputs, train_rng, autocast, scale) -> MetaStepResult:
+               label_smoothing, train_outputs, train_rng, autocast, scale, distill=None) -> MetaStepResult:
     eps = _check_eps(eps)
     _check_choice(constraint, CONSTRAINTS, "constraint")
     x_train, y_train = _check_batch(train_batch, "train_batch")
@@ -386,14 +391,15 @@ def _meta_step(model, optimizer, weight_net, train_batch, meta_batch, p, eps, co
         with autocast():
             train_outputs = runner.forward(params, x_train)
     train_outputs = check_multi_exit_output(train_outputs, num_exits)
-    losses = exit_losses(train_outputs, y_train, label_smoothing)
+    losses = exit_losses(train_outputs, y_train, label_smoothing)  # CE: the predictor's input
+    train_losses = training_losses(train_outputs, y_train, label_smoothing, distill, ce=losses)  # what W multiplies
     weights = sample_weights(weight_net, losses, train_outputs, eps, constraint)
     if eps == 0:  # weights do not depend on phi: the meta gradient is zero
         with torch.no_grad(), autocast():
             value = meta_loss(runner.forward(params, x_meta), y_meta, p)
         grads: List[Optional[Tensor]] = [None] * len(phi)
     elif runner.name == "higher":
-        virtual_loss = (weights * losses).mean(dim=0).sum()
+        virtual_loss = (weights * train_losses).mean(dim=0).sum()
         grads_theta = _unscale(torch.autograd.grad(
             virtual_loss * scale, [params[i] for i in trainable], create_graph=True, retain_graph=True, allow_unused=True
         ), scale)
@@ -405,7 +411,7 @@ def _meta_step(model, optimizer, weight_net, train_batch, meta_batch, p, eps, co
         # 3. second-order gradient into the predictor (through the virtual step)
         grads = list(torch.autograd.grad(value * scale, phi, allow_unused=True))
     else:
-        virtual_loss = (weights.detach() * losses).mean(dim=0).sum()
+        virtual_loss = (weights.detach() * train_losses).mean(dim=0).sum()
         grads_theta = _unscale(torch.autograd.grad(
             virtual_loss * scale, [params[i] for i in trainable], retain_graph=shared, allow_unused=True
         ), scale)
@@ -427,7 +433,8 @@ def _meta_step(model, optimizer, weight_net, train_batch, meta_batch, p, eps, co
             warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
             duals = [fwAD.make_dual(t.detach(), tangents[i]) if i in tangents else t.detach()
                      for i, t in enumerate(params)]
-            tangent = fwAD.unpack_dual(exit_losses(runner.forward(duals, x_train), y_train, label_smoothing)).tangent
+            tangent = fwAD.unpack_dual(training_losses(runner.forward(duals, x_train), y_train, label_smoothing,
+                                                       distill)).tangent
         if tangent is None:  # no parameter moved: nothing depends on phi
             grads = [None] * len(phi)
         else:
@@ -500,6 +507,11 @@ class L2W:
     the ``'amp'`` meta gradient is mostly rounding noise early in training (docs/precision.md).
     Either way a meta step with a non-finite meta loss or gradient is skipped and counted in
     :attr:`meta_skipped` (under ``'amp'`` + fp16 that also lowers the loss scale).
+
+    ``distill`` (:class:`timm_l2w.Distillation`) adds IMTA's one-for-all knowledge distillation to
+    every exit's loss, in the real step and in the virtual step alike (the predictor still reads the
+    CE losses; the meta loss stays CE). IMTA's gradient equilibrium is a model setting
+    (``model.set_gradient_equilibrium()``), followed by both backends.
     """
 
     def __init__(
@@ -523,6 +535,7 @@ class L2W:
         weight_net: Optional[WeightPredictor] = None,
         share_forward: bool = True,
         meta_precision: str = "fp32",
+        distill: Optional[Distillation] = None,
     ):
         net = unwrap_model(model)
         model_exits = getattr(net, "num_exits", None)
@@ -561,6 +574,9 @@ class L2W:
         self.label_smoothing = check_label_smoothing(label_smoothing)
         self.share_forward = share_forward
         self.meta_precision = _check_choice(meta_precision, META_PRECISIONS, "meta_precision")
+        if distill is not None and not isinstance(distill, Distillation):
+            raise TypeError(f"distill must be a timm_l2w.Distillation(temperature, alpha) or None, got {distill!r}")
+        self.distill = distill
         self.meta_scaler: Optional[torch.amp.GradScaler] = None  # 'amp' under fp16 autocast: created on first use
         self._meta_scaler_state: Optional[Dict[str, Any]] = None
         self._fused_attention = any(getattr(m, "fused_attn", False) for m in unwrap_model(model).modules())
@@ -656,7 +672,7 @@ class L2W:
             result = meta_step(
                 self.model, self.optimizer, self.weight_net, train_batch, meta_batch, self.p,
                 eps=self.eps, constraint=self.constraint, backend=self._backend, label_smoothing=self.label_smoothing,
-                train_outputs=train_outputs, train_rng=train_rng, autocast=autocast,
+                train_outputs=train_outputs, train_rng=train_rng, autocast=autocast, distill=self.distill,
                 # scaler.scale(1) is the current scale (and creates it on the first step)
                 loss_scale=float(scaler.scale(torch.ones((), device=device))) if scaler is not None else 1.0,
             )
@@ -695,7 +711,7 @@ class L2W:
                       and all(o.requires_grad for o in outputs) and self._reusable(outputs))
             self.meta_update(train_batch, meta_batch, outputs if shared else None, self._rng if shared else None)
         loss, weights = weighted_multi_exit_loss(
-            outputs, target, self.weight_net, self.eps, self.constraint, self.label_smoothing
+            outputs, target, self.weight_net, self.eps, self.constraint, self.label_smoothing, self.distill
         )
         self.last_weights = weights.detach()
         if in_split:

@@ -129,6 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "mostly rounding noise early on) or amp (the real step's autocast; fp16 with its own loss "
                         "scale); docs/precision.md")
 
+    g = p.add_argument_group("IMTA's training methods (Li et al., ICCV 2019), with L2W or uniform weighting")
+    g.add_argument("--distill", action="store_true",
+                   help="one-for-all knowledge distillation: the last exit teaches every earlier exit, "
+                        "(1 - alpha) CE + alpha T^2 KL(last || exit k)")
+    g.add_argument("--distill-temperature", type=float, default=1.0, help="distillation temperature T (with --distill)")
+    g.add_argument("--distill-alpha", type=float, default=0.1, help="distillation weight alpha (with --distill)")
+    g.add_argument("--gradient-equilibrium", action="store_true",
+                   help="rescale the gradients into the shared trunk: each block gets the mean of the gradients of "
+                        "the exits after it (forward unchanged)")
+
     g = p.add_argument_group("output")
     g.add_argument("--output", default="output/train", help="folder for checkpoints, logs and results")
     g.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0: epochs only)")
@@ -329,6 +339,11 @@ class _Run:
         self.model.to(acc.device)
         optimizer = create_optimizer_v2(self.model, opt="momentum", lr=args.lr, momentum=args.momentum,
                                         weight_decay=args.weight_decay, filter_bias_and_bn=False)
+        from .weighting import Distillation
+
+        self.distill = Distillation(args.distill_temperature, args.distill_alpha) if args.distill else None
+        if args.gradient_equilibrium:
+            self.model.set_gradient_equilibrium(True)
         self.l2w = None
         if args.weighting == "l2w":
             from .meta import L2W
@@ -341,7 +356,7 @@ class _Run:
                            meta_interval=args.meta_interval, meta_lr=args.meta_lr,
                            meta_weight_decay=args.meta_weight_decay, total_steps=self.total_updates,
                            backend=args.backend, label_smoothing=args.label_smoothing, accelerator=acc,
-                           meta_precision=args.meta_precision)
+                           meta_precision=args.meta_precision, distill=self.distill)
         self.model, self.optimizer = acc.prepare(self.model, optimizer)
         if self.l2w is not None:
             self.l2w.model, self.l2w.optimizer = self.model, self.optimizer
@@ -436,7 +451,7 @@ class _Run:
     # -- one update ----------------------------------------------------------------------------
     def update(self, x: Tensor, y: Tensor, stats: Dict[str, Tensor]) -> Tensor:
         """Forward, (meta step,) weighted loss, backward, optimizer step; returns the detached loss."""
-        from .weighting import exit_losses
+        from .weighting import exit_losses, training_losses
 
         acc, model = self.accelerator, self.model
         kept = self._snapshot_buffers()  # BN running stats, restored if this update is skipped
@@ -446,7 +461,7 @@ class _Run:
         if self.l2w is not None:
             loss = self.l2w.loss(outputs, y)
         else:
-            loss = exit_losses(outputs, y, self.args.label_smoothing).mean(dim=0).sum()
+            loss = training_losses(outputs, y, self.args.label_smoothing, self.distill).mean(dim=0).sum()
         # L2W skipped its meta update (non-finite meta loss or meta gradient, same on every rank)
         meta_skipped = meta_due and self.l2w.last_meta_skipped
         if meta_skipped:

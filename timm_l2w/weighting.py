@@ -5,9 +5,14 @@ row (losses, confidences or both) to ``G in (-1, 1)^K``; weights ``W = 1 + eps *
 with the mean taken along the constraint axis; the loss is ``sum_k mean_i W[i, k] * L[i, k]``.
 Everything here is pure and vectorised; the meta step that trains ``g_phi`` lives in
 :mod:`timm_l2w.meta`.
+
+IMTA's one-for-all knowledge distillation (Li et al., ICCV 2019) composes with it
+(:class:`Distillation`, :func:`training_losses`): the last exit's softened prediction teaches every
+earlier exit, and the weights multiply each exit's whole training loss.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -23,6 +28,9 @@ __all__ = [
     "WeightPredictor",
     "normalize_weights",
     "exit_losses",
+    "Distillation",
+    "distillation_losses",
+    "training_losses",
     "exit_confidences",
     "predictor_inputs",
     "sample_weights",
@@ -132,6 +140,53 @@ def exit_losses(outputs: Sequence[Tensor], target: Tensor, label_smoothing: floa
     return losses.view(batch, num_exits)
 
 
+@dataclass(frozen=True)
+class Distillation:
+    """IMTA's one-for-all knowledge distillation: exit k < K trains on
+    ``(1 - alpha) * CE_k + alpha * T**2 * KL(softmax(z_K / T) || softmax(z_k / T))`` with the last exit's
+    logits ``z_K`` detached (the teacher); the last exit keeps its plain CE. Defaults: IMTA's released
+    ImageNet setting (T = 1, alpha = 0.1). The KL is summed over classes per sample (the paper's
+    equation; an element-wise mean would also divide by the number of classes).
+    """
+
+    temperature: float = 1.0
+    alpha: float = 0.1
+
+    def __post_init__(self) -> None:
+        check_number(self.temperature, "distillation temperature", Range(0, low_open=True, hint="IMTA: 1"))
+        check_number(self.alpha, "distillation alpha", Range(0, 1, hint="0 = no distillation; IMTA: 0.1"))
+
+
+def distillation_losses(outputs: Sequence[Tensor], temperature: float = 1.0) -> Tensor:
+    """``T**2 * KL(softmax(z_K / T).detach() || softmax(z_k / T))`` per sample and exit, ``[B, K]``
+    (the last column is 0: the last exit is the teacher)."""
+    outputs = check_multi_exit_output(outputs)
+    logits = torch.stack(outputs, dim=1)  # [B, K, C]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    t = float(temperature)
+    teacher = F.log_softmax(logits[:, -1:].detach() / t, dim=-1)  # [B, 1, C]
+    student = F.log_softmax(logits / t, dim=-1)
+    kl = (teacher.exp() * (teacher - student)).sum(dim=-1) * t * t
+    return torch.cat([kl[:, :-1], torch.zeros_like(kl[:, -1:])], dim=1)
+
+
+def training_losses(
+    outputs: Sequence[Tensor], target: Tensor, label_smoothing: float = 0.0, distill: Optional[Distillation] = None,
+    ce: Optional[Tensor] = None,
+) -> Tensor:
+    """Each exit's per-sample training loss ``[B, K]``: the CE (:func:`exit_losses`, or ``ce`` when already
+    computed), or with ``distill`` the mix ``(1 - alpha) CE + alpha T**2 KL`` on every exit but the last."""
+    if ce is None:
+        ce = exit_losses(outputs, target, label_smoothing)
+    if distill is None or distill.alpha == 0:
+        return ce
+    kd = distillation_losses(outputs, distill.temperature).to(ce.dtype)
+    mix = torch.full((ce.shape[1],), 1.0 - distill.alpha, dtype=ce.dtype, device=ce.device)
+    mix[-1] = 1.0
+    return ce * mix + kd * distill.alpha
+
+
 def exit_confidences(outputs: Sequence[Tensor]) -> Tensor:
     """Max softmax probability of every sample at every exit, ``[B, K]`` (detached)."""
     outputs = check_multi_exit_output(outputs)
@@ -183,15 +238,18 @@ def weighted_multi_exit_loss(
     eps: float = 0.8,
     constraint: str = "col",
     label_smoothing: float = 0.0,
+    distill: Optional[Distillation] = None,
 ) -> Tuple[Tensor, Tensor]:
     """``sum_k mean_i W[i, k] * L[i, k]`` with weights from the predictor (no gradient into it).
 
     Returns ``(loss, W)``. ``weight_net=None`` or ``eps=0`` is exactly the equal-weight baseline
-    ``sum_k mean_i CE``.
+    ``sum_k mean_i CE``. With ``distill``, ``L`` is :func:`training_losses` (CE mixed with the
+    distillation term); the predictor still reads the CE losses.
     """
-    losses = exit_losses(outputs, target, label_smoothing)
+    ce = exit_losses(outputs, target, label_smoothing)
+    losses = training_losses(outputs, target, label_smoothing, distill, ce=ce)
     with torch.no_grad():
-        weights = sample_weights(weight_net, losses, outputs, eps, constraint)
+        weights = sample_weights(weight_net, ce, outputs, eps, constraint)
     if weight_net is None or eps == 0:
         return losses.mean(dim=0).sum(), weights
     return (weights * losses).mean(dim=0).sum(), weights
@@ -206,9 +264,11 @@ class WeightedMultiExitLoss(nn.Module):
         eps: float = 0.8,
         constraint: str = "col",
         label_smoothing: float = 0.0,
+        distill: Optional[Distillation] = None,
     ):
         super().__init__()
         self.weight_net = weight_net
+        self.distill = distill
         self.eps = _check_eps(eps)
         self.constraint = _check_choice(constraint, CONSTRAINTS, "constraint")
         self.label_smoothing = check_label_smoothing(label_smoothing)
@@ -216,6 +276,6 @@ class WeightedMultiExitLoss(nn.Module):
 
     def forward(self, outputs: Sequence[Tensor], target: Tensor) -> Tensor:  # type: ignore[override]
         loss, self.last_weights = weighted_multi_exit_loss(
-            outputs, target, self.weight_net, self.eps, self.constraint, self.label_smoothing
+            outputs, target, self.weight_net, self.eps, self.constraint, self.label_smoothing, self.distill
         )
         return loss

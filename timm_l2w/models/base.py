@@ -19,16 +19,74 @@ stages called in order, so the staged run and ``forward_exits`` agree exactly by
 from __future__ import annotations
 
 import typing
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 from timm.models import checkpoint
 
 from .layers import is_symbolic
 
-__all__ = ["MultiExitModel", "select_samples", "unwrap_model", "check_multi_exit_output"]
+__all__ = ["MultiExitModel", "select_samples", "unwrap_model", "check_multi_exit_output", "equilibrium_split"]
+
+
+class _GradientEquilibrium(torch.autograd.Function):
+    """Identity forward, two copies out (exit path, onward path); backward ``a * g_exit + b * g_onward``.
+
+    Forward-mode AD gets the adjoint (tangents ``a * t`` and ``b * t``), so a Jacobian-vector product
+    through the model equals the inner product with the rescaled gradient (the ``'func'`` meta backend).
+    The outputs are views of ``x`` (no copy), or copies when ``x`` carries a forward-mode tangent.
+    """
+
+    @staticmethod
+    def forward(x: Tensor, a: float, b: float, copy: bool) -> Tuple[Tensor, Tensor]:  # type: ignore[override]
+        return (x.clone(), x.clone()) if copy else (x.view_as(x), x.view_as(x))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Any) -> None:
+        ctx.a, ctx.b = inputs[1], inputs[2]
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx: Any, g_exit: Optional[Tensor], g_onward: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+        if g_exit is None and g_onward is None:
+            return None, None, None, None
+        if g_exit is None:
+            return ctx.b * g_onward, None, None, None
+        if g_onward is None:
+            return ctx.a * g_exit, None, None, None
+        return ctx.a * g_exit + ctx.b * g_onward, None, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, t: Tensor, *_: Any) -> Tuple[Tensor, Tensor]:
+        return ctx.a * t, ctx.b * t
+
+
+def equilibrium_split(state: Any, read: Sequence[Tensor], index: int, num_exits: int) -> Tuple[Any, Any]:
+    """IMTA's gradient equilibrium (Li et al., ICCV 2019, §3.2) at stage ``index`` (0-based) of K.
+
+    Returns ``(exit_state, onward_state)``, both equal to ``state`` in value. For every tensor of
+    ``state`` in ``read`` (what exit ``index`` reads), the gradient reaching it becomes
+    ``g_exit / (K - index) + g_onward * (K - index - 1) / (K - index)``: the exit's own loss counts
+    ``1 / (K - k + 1)`` and the later exits together ``(K - k) / (K - k + 1)`` for 1-based k. Other
+    tensors pass unchanged (the exit does not read them).
+    """
+    remaining = num_exits - index
+    a, b = 1.0 / remaining, (remaining - 1) / remaining
+    ids = {id(t) for t in read}
+    pairs: Dict[int, Tuple[Tensor, Tensor]] = {}
+
+    def split(t: Any) -> Any:
+        if isinstance(t, Tensor) and id(t) in ids and id(t) not in pairs:
+            pairs[id(t)] = _GradientEquilibrium.apply(t, a, b, fwAD.unpack_dual(t).tangent is not None)
+        return t
+
+    tree_map(split, state)
+    exit_state = tree_map(lambda t: pairs[id(t)][0] if isinstance(t, Tensor) and id(t) in pairs else t, state)
+    onward = tree_map(lambda t: pairs[id(t)][1] if isinstance(t, Tensor) and id(t) in pairs else t, state)
+    return exit_state, onward
 
 
 class MultiExitModel(nn.Module):
@@ -41,6 +99,7 @@ class MultiExitModel(nn.Module):
 
     num_exits: int
     grad_checkpointing: bool = False
+    gradient_equilibrium: bool = False  # IMTA's gradient rescaling between stages (set_gradient_equilibrium)
     exit_heads_pruned: bool = False  # set by prune_intermediate_layers (a features_only trunk)
 
     def forward_stage(self, index: int, state: Any) -> Tuple[Any, Tensor]:
@@ -57,7 +116,27 @@ class MultiExitModel(nn.Module):
         if not 0 <= index < self.num_exits:
             raise ValueError(f"stage index {index} out of range: this model has {self.num_exits} exits")
         state = self._run_block(index, state)
-        return state, self.forward_exit_head(index, self.forward_exit_features(index, state))
+        exit_state = state
+        if self.gradient_equilibrium and not torch.is_inference_mode_enabled():
+            exit_state, state = equilibrium_split(state, self.exit_reads(index, state), index, self.num_exits)
+        return state, self.forward_exit_head(index, self.forward_exit_features(index, exit_state))
+
+    def exit_reads(self, index: int, state: Any) -> List[Tensor]:
+        """The tensors of ``state`` (after block ``index``) that exit ``index``'s features read.
+
+        Default: every tensor of the state; a model whose exits read part of a multi-tensor state
+        (MSDNet's coarsest scale, RANet's last output) overrides it. Used by gradient equilibrium.
+        """
+        return [t for t in tree_leaves(state) if isinstance(t, Tensor)]
+
+    def set_gradient_equilibrium(self, enable: bool = True) -> None:
+        """IMTA's gradient equilibrium (:func:`equilibrium_split`) in every training forward; forward values
+        are unchanged, only the gradients into the shared trunk are rescaled. Off in inference mode."""
+        if enable and type(self).forward_stage is not MultiExitModel.forward_stage:
+            raise TypeError(
+                f"{type(self).__name__} overrides forward_stage: gradient equilibrium needs the default stage "
+                "(forward_block, forward_exit_features and forward_exit_head) to rescale between block and exit")
+        self.gradient_equilibrium = bool(enable)
 
     def forward_block(self, index: int, state: Any) -> Any:
         """Block ``index`` alone (no exit head): the state after it."""

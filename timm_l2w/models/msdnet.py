@@ -360,6 +360,10 @@ class MSDNet(MultiExitModel):
     def forward_exit_features(self, index: int, state: List[Tensor]) -> Tensor:
         return self.classifier[index].forward_features(state)
 
+    def exit_reads(self, index: int, state: List[Tensor]) -> List[Tensor]:
+        """Exit ``index`` reads the coarsest scale only (its classifier's input)."""
+        return [state[-1]]
+
     def forward_exit_head(self, index: int, x: Tensor, pre_logits: bool = False) -> Tensor:
         return self.classifier[index].forward_head(x, pre_logits)
 

@@ -364,6 +364,10 @@ class RANet(MultiExitModel):
     def forward_exit_features(self, index: int, state: Dict[str, Any]) -> Tensor:
         return self.heads[index].features(state["outs"][-1])
 
+    def exit_reads(self, index: int, state: Dict[str, Any]) -> List[Tensor]:
+        """Exit ``index`` reads the last output of the current flow."""
+        return [state["outs"][-1]]
+
     def forward_exit_head(self, index: int, x: Tensor, pre_logits: bool = False) -> Tensor:
         return self.heads[index].forward_head(x, pre_logits)
 
