@@ -271,3 +271,32 @@ def test_train_cli_method_errors(tmp_path, capsys):
     assert main(["--model", STAGED, "--distill", "--distill-alpha", "2"] + base) == 2
     err = capsys.readouterr().err
     assert "alpha" in err and "Traceback" not in err
+
+
+def test_resume_with_other_method_flags_is_refused(tmp_path, capsys):
+    from timm_l2w.train import main
+
+    base = ["--model", STAGED, "--no-progress", "--batch-size", "16", "--max-steps", "2", "--held-out", "100",
+            "--no-eval", "--output", str(tmp_path), "--weighting", "uniform", "--distill"]
+    assert main(base + ["--stop-after-steps", "1"]) == 0
+    assert main([a for a in base if a != "--distill"] + ["--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert "--distill True (now False)" in err and "Traceback" not in err
+    assert main(base + ["--resume", "auto"]) == 0  # the same flags resume
+
+
+def test_l2w_split_swaps_the_halves():
+    """Each half of a loader batch is the training half of one update and the meta half of the other."""
+    model, opt, _, _, _ = _l2w_setup()
+    l2w = L2W(model, opt, hidden_sizes=(4,), backend="func")
+    seen = []
+    l2w.meta_update = lambda train, meta, *a, **k: seen.append((train, meta)) or 0.0
+    x, y = torch.randn(10, 1, 6, 6, dtype=torch.float64), torch.arange(10) % 4
+    halves = []
+    for xt, yt in l2w.split(x, y):
+        halves.append((xt, yt))
+        l2w.loss(model(xt), yt)
+    assert torch.equal(halves[0][0], x[:5]) and torch.equal(halves[1][0], x[5:])
+    (t0, m0), (t1, m1) = seen
+    assert torch.equal(t0[0], x[:5]) and torch.equal(t0[1], y[:5]) and torch.equal(m0[0], x[5:]) and torch.equal(m0[1], y[5:])
+    assert torch.equal(t1[0], x[5:]) and torch.equal(t1[1], y[5:]) and torch.equal(m1[0], x[:5]) and torch.equal(m1[1], y[:5])

@@ -422,7 +422,8 @@ class _Run:
 
         acc = self.accelerator
         try:
-            same = {k: getattr(self.args, k) for k in ("model", "weighting", "input_type", "hidden")}
+            same = {k: getattr(self.args, k) for k in ("model", "weighting", "input_type", "hidden", "distill",
+                                                        "distill_temperature", "distill_alpha", "gradient_equilibrium")}
             state = check_resume_checkpoint(path, acc.unwrap_model(self.model), self.optimizer, self.l2w,
                                             acc.process_index, settings=same)
         except Exception as err:  # noqa: BLE001 - whatever is wrong with a file, the answer is the same
