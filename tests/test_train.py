@@ -107,20 +107,6 @@ def test_two_ddp_ranks_stay_identical_on_different_data(tmp_path):
     assert proc.returncode == 0 and "DDP_OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
-def test_demo_trains_both_weightings_and_prints_them_side_by_side(tmp_path, capsys):
-    from timm_l2w.demo import main as demo_main
-
-    code = demo_main(["--model", TINY, "--max-steps", "4", "--batch-size", "16", "--output", str(tmp_path),
-                      "--no-progress"])
-    out = capsys.readouterr().out
-    assert code == 0 and "L2W" in out and "equal weighting" in out
-    table = (tmp_path / "comparison.csv").read_text().splitlines()
-    assert table[0] == "mflops,L2W,equal weighting" and len(table) == 9
-    assert (tmp_path / "l2w_vs_uniform.png").stat().st_size > 1000
-    assert (tmp_path / "l2w" / "weight_predictor.safetensors").is_file()
-    assert not (tmp_path / "uniform" / "weight_predictor.safetensors").exists()
-
-
 def test_non_finite_losses_are_skipped_then_stop_with_a_clear_error(tmp_path, capsys):
     code = main(BASE + ["--weighting", "uniform", "--lr", "1e30", "--max-nonfinite", "3", "--max-steps", "30",
                         "--output", str(tmp_path), "--no-eval"])

@@ -5,6 +5,10 @@ budgeted-evaluation thresholds on it), so one call gives the three sets the prot
 
 - ``digits``: scikit-learn's 1,797 handwritten 8x8 digits (ships inside the wheel: fully offline),
   upscaled to the model input and repeated to 3 channels, fixed seeded split.
+- ``digits-affine``: the same digits, each randomly rotated (up to 30 degrees), scaled (up to 25%)
+  and shifted (up to 18% of the side) on a 16x16 canvas: a harder task where deeper exits pay off.
+  The transforms are fixed by seed: :data:`DIGITS_AFFINE_COPIES` transformed copies of every training
+  image, one of every held-out and test image (so resumed runs see exactly the same data).
 - ``fashion-mnist``: Fashion-MNIST from its IDX files (plain or gzipped), by default where Debian's
   ``dataset-fashion-mnist`` package puts them, 28x28 resized to the model input.
 - ``torch/cifar10``, ``torch/cifar100`` and ImageFolder trees (any other name, with ``data_dir``)
@@ -16,6 +20,7 @@ normalisation run once per batch in the collate function (vectorised), so loader
 from __future__ import annotations
 
 import gzip
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +44,8 @@ __all__ = [
     "read_idx",
 ]
 
-BUILTIN_DATASETS = ("digits", "fashion-mnist", "torch/cifar10", "torch/cifar100")
+BUILTIN_DATASETS = ("digits", "digits-affine", "fashion-mnist", "torch/cifar10", "torch/cifar100")
+DIGITS_AFFINE_COPIES = 6  # transformed copies of each training image in ``digits-affine``
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist package
 SPLIT_SEED = 0  # the train / held-out / test split is fixed, independent of the training seed
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -139,7 +145,20 @@ def _load_digits() -> Tuple[np.ndarray, np.ndarray]:
     return bunch.images.astype(np.float32), bunch.target.astype(np.int64)
 
 
-def _digits(size: int, in_chans: int, held_out: Optional[int]) -> DataSplits:
+def random_affine(images: Tensor, generator: torch.Generator, rotate: float = math.pi / 6, scale: float = 0.25,
+                  shift: float = 0.35) -> Tensor:
+    """Each image of ``[N, C, H, W]`` rotated by up to ``rotate`` radians, scaled by up to ``1 +- scale``
+    and shifted by up to ``shift`` (in units of half the side), uniformly at random; zero padding."""
+    n = images.shape[0]
+    u = torch.rand(n, 4, generator=generator) * 2 - 1
+    angle, zoom = u[:, 0] * rotate, 1 + u[:, 1] * scale
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, u[:, 2] * shift], 1), torch.stack([sin, cos, u[:, 3] * shift], 1)], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, align_corners=False, padding_mode="zeros")
+
+
+def _digits(size: int, in_chans: int, held_out: Optional[int], affine: bool = False) -> DataSplits:
     raw_images, raw_labels = _load_digits()
     images = torch.from_numpy(raw_images / 16.0)[:, None]  # [1797, 1, 8, 8]
     labels = torch.from_numpy(raw_labels)
@@ -148,10 +167,16 @@ def _digits(size: int, in_chans: int, held_out: Optional[int]) -> DataSplits:
     held_out = 300 if held_out is None else held_out
     _check_held_out(held_out, n - n_test, "digits")
     test_idx, held_idx, train_idx = _split_indices(n, [n_test, held_out, n - n_test - held_out])
-    mean = float(images[train_idx].mean())
-    std = float(images[train_idx].std())
+    splits = [(images[i], labels[i]) for i in (train_idx, held_idx, test_idx)]
+    if affine:
+        gen = torch.Generator().manual_seed(SPLIT_SEED)
+        canvas = [F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False) for x, _ in splits]
+        copies = (DIGITS_AFFINE_COPIES, 1, 1)
+        splits = [(random_affine(x.repeat(c, 1, 1, 1), gen), y.repeat(c)) for x, (_, y), c in zip(canvas, splits, copies)]
+    mean = float(splits[0][0].mean())
+    std = float(splits[0][0].std())
     collate = BatchTransform(size, in_chans, [mean] * in_chans, [std] * in_chans)
-    sets = [InMemoryImages(images[i], labels[i]) for i in (train_idx, held_idx, test_idx)]
+    sets = [InMemoryImages(x, y) for x, y in splits]
     return DataSplits(*sets, num_classes=10, input_size=(in_chans, size, size), collate_fn=collate,
                       train_collate_fn=collate)
 
@@ -291,8 +316,8 @@ def create_datasets(name: str, data_dir: Optional[str] = None, input_size: int =
     if not isinstance(input_size, int) or input_size < 1:
         raise ValueError(f"input_size must be a positive int (image side in pixels), got {input_size!r}")
     key = name.lower()
-    if key == "digits":
-        return _digits(input_size, in_chans, held_out)
+    if key in ("digits", "digits-affine"):
+        return _digits(input_size, in_chans, held_out, affine=key == "digits-affine")
     if key in ("fashion-mnist", "fashion_mnist", "fmnist"):
         return _fashion_mnist(data_dir, input_size, in_chans, held_out)
     if key in ("torch/cifar10", "torch/cifar100") or (data_dir is not None and "/" not in key):

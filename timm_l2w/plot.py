@@ -13,6 +13,7 @@ from typing import Any, Mapping, Optional, Sequence, Tuple
 __all__ = ["plot_curves", "plot_budgeted"]
 
 Series = Tuple[Sequence[float], Sequence[float]]
+Band = Tuple[Sequence[float], Sequence[float], Sequence[float]]
 
 
 def plot_curves(
@@ -23,10 +24,13 @@ def plot_curves(
     points: Optional[Mapping[str, Series]] = None,
     title: Optional[str] = None,
     point_suffix: str = "",
+    bands: Optional[Mapping[str, Band]] = None,
 ) -> Path:
     """Save a PNG with one line per ``curves[name] = (x, y)`` and markers for ``points[name]``.
 
     Points share the colour of the curve of the same name; their legend label is ``name + point_suffix``.
+    ``bands[name] = (x, low, high)`` shades an uncertainty band around that curve. The legend sits
+    outside the axes, so it never covers data.
     """
     import matplotlib
 
@@ -45,6 +49,10 @@ def plot_curves(
             order = sorted(range(len(x)), key=lambda i: x[i])
             (line,) = ax.plot([x[i] for i in order], [y[i] for i in order], marker=".", label=name)
             colors[name] = line.get_color()
+        for name, (x, low, high) in (bands or {}).items():
+            order = sorted(range(len(x)), key=lambda i: x[i])
+            ax.fill_between([x[i] for i in order], [low[i] for i in order], [high[i] for i in order],
+                            color=colors.get(name), alpha=0.2, linewidth=0)
         for name, (x, y) in (points or {}).items():
             ax.scatter(x, y, marker="*", s=80, zorder=3, color=colors.get(name), label=f"{name}{point_suffix}")
         ax.set_xlabel(xlabel)
@@ -52,10 +60,9 @@ def plot_curves(
         if title:
             ax.set_title(title)
         ax.grid(True, alpha=0.3)
-        ax.legend(loc="lower right")
-        fig.tight_layout()
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize="small")
         buf = io.BytesIO()
-        fig.savefig(buf, format="png")
+        fig.savefig(buf, format="png", bbox_inches="tight")  # the figure grows to hold the legend
     finally:
         plt.close(fig)
     from .files import write_bytes_atomic
@@ -74,11 +81,13 @@ def plot_budgeted(
     anytime: Optional[Mapping[str, Sequence[Mapping[str, float]]]] = None,
     flops_scale: float = 1e6,
     title: Optional[str] = "Budgeted evaluation",
+    bands: Optional[Mapping[str, Band]] = None,
 ) -> Path:
     """Accuracy vs average FLOPs for each ``curves[name]`` (BudgetedResults or its rows).
 
     ``anytime[name]`` (rows of :func:`timm_l2w.evaluate.anytime_metrics` with ``flops``) adds that
     model's per-exit points. FLOPs are divided by ``flops_scale`` (default: MFLOPs).
+    ``bands[name] = (flops, low, high)`` (FLOPs already scaled) shades an interval around a curve.
     """
     unit = {1.0: "FLOPs", 1e6: "MFLOPs", 1e9: "GFLOPs"}.get(flops_scale, f"FLOPs / {flops_scale:g}")
     series = {name: _budget_series(result, flops_scale) for name, result in curves.items()}
@@ -88,4 +97,4 @@ def plot_budgeted(
             raise ValueError(f"anytime rows of '{name}' have no 'flops': pass flops to anytime_metrics")
         points[name] = ([r["flops"] / flops_scale for r in rows], [r["top1"] for r in rows])
     return plot_curves(series, path, f"average {unit} per image", "top-1 accuracy (%)", points, title,
-                       point_suffix=" (exits)")
+                       point_suffix=" (exits)", bands=bands)
