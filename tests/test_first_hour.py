@@ -269,3 +269,13 @@ def test_readme_save_load_finetune_flow_works_as_written(tmp_path, monkeypatch):
     heads = [k for k in tuned if tuned[k].shape != ref[k].shape]
     assert len(heads) == 10 and all(tuned[k].shape[0] == 5 for k in heads)  # 5 exits x (weight, bias)
     assert all(torch.equal(ref[k], tuned[k]) for k in ref if k not in heads)
+
+
+def test_early_exit_budget_refuses_flops_counted_at_another_size():
+    model = timm.create_model("resnet18_l2w", num_classes=10)
+    calibration = _outputs(model, 32)
+    with pytest.raises(ValueError, match=r"exit_flops\(model, input_size=\(3, 32, 32\)\)"):
+        timm_l2w.EarlyExitPredictor.from_flops_budget(model, calibration, timm_l2w.exit_flops(model), 30e6)
+    predictor = timm_l2w.EarlyExitPredictor.from_flops_budget(
+        model, calibration, timm_l2w.exit_flops(model, calibration.input_size), 30e6)
+    assert predictor is not None

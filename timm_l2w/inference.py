@@ -131,7 +131,7 @@ class EarlyExitPredictor:
         ``calibration`` stay within ``budget`` (same unit as ``flops``). ``rule='patience'``: the most
         accurate patience ``1..K`` within the budget."""
         f = check_flops(flops, calibration.num_exits)
-        res = budgeted_evaluation(calibration, calibration, f, distributions, rule=rule)
+        res = budgeted_evaluation(calibration, calibration, flops, distributions, rule=rule)  # checks the image size
         fits = res.heldout_expected_flops <= float(budget)
         if not fits.any():
             raise ValueError(
