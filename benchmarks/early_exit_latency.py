@@ -30,13 +30,14 @@ from timm_l2w.plot import plot_curves
 from timm_l2w.weighting import exit_losses
 
 
-def short_training(model: torch.nn.Module, loader, seconds: float) -> int:
+def short_training(model: torch.nn.Module, loader, seconds: float, device: str = "cpu") -> int:
     """Equal-weight multi-exit training (sum of the exits' mean CE) for about ``seconds``; returns steps."""
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     model.train()
     steps, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         for x, y in loader:
+            x, y = x.to(device), y.to(device)
             loss = exit_losses(model(x), y).mean(dim=0).sum()  # train mode: every exit
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -49,9 +50,12 @@ def short_training(model: torch.nn.Module, loader, seconds: float) -> int:
 
 
 def timed(fn, x):
-    """(wall seconds, CPU seconds of this process) of ``fn(x)``."""
+    """(wall seconds, CPU seconds of this process) of ``fn(x)`` (CUDA: synchronised before and after)."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    sync()
     wall, cpu = time.perf_counter(), time.process_time()
     fn(x)
+    sync()
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -64,6 +68,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--qs", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0, 1.5])
     parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -77,14 +82,14 @@ def main() -> None:
         model.load_state_dict(load_state_dict(args.checkpoint))
         steps = 0
     else:
-        steps = short_training(model, train_loader, args.train_seconds)
-    model.eval()
+        steps = short_training(model.to(args.device), train_loader, args.train_seconds, args.device)
+    model.to(args.device).eval()
     flops = torch.tensor(timm_l2w.exit_flops(model, (3, 32, 32)), dtype=torch.float64)
     heldout = collect_exit_outputs(model, held_loader)
     test = collect_exit_outputs(model, test_loader)
     anytime = anytime_metrics(test, flops)
-    x = torch.cat([b[0] for b in test_loader])[: args.batch_size]
-    y = torch.cat([b[1] for b in test_loader])[: args.batch_size]
+    x = torch.cat([b[0] for b in test_loader])[: args.batch_size].to(args.device)
+    y = torch.cat([b[1] for b in test_loader])[: args.batch_size].to(args.device)
     if x.shape[0] < args.batch_size:
         raise SystemExit(f"the test split has only {x.shape[0]} images: pass --batch-size {x.shape[0]} or less")
 
@@ -128,7 +133,7 @@ def main() -> None:
               f"top1 {rows[-1]['top1']:.1f}%")
 
     out_dir = Path(args.out_dir)
-    report = {"model": args.model, "checkpoint": args.checkpoint, "train_steps": steps, "batch_size": len(x),
+    report = {"model": args.model, "device": args.device, "checkpoint": args.checkpoint, "train_steps": steps, "batch_size": len(x),
               "threads": 1, "flops": flops.tolist(), "anytime": anytime, "budgets": rows,
               "min_efficiency": min(r["efficiency"] for r in rows)}
     write_text_atomic(out_dir / "early_exit_latency.json", json.dumps(report, indent=2) + "\n")
@@ -137,7 +142,7 @@ def main() -> None:
         out_dir / "early_exit_latency.png", "measured latency (ms per image, batch %d, 1 thread)" % len(x),
         "top-1 accuracy (%)",
         points={"full network": ([rows[0]["full_latency_ms_per_image"]], [rows[0]["full_top1"]])},
-        title=f"{args.model}: real early exit on CPU",
+        title=f"{args.model}: real early exit on {args.device}",
     )
     print(f"model {args.model}, {'checkpoint' if args.checkpoint else f'{steps} training steps on digits'}, "
           f"anytime top1 {[round(r['top1'], 1) for r in anytime]}")

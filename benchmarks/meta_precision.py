@@ -421,12 +421,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     result = run(args)
     print(report(result))
-    if args.out:
+    write_result(args.out, result)
+    return 0
+
+
+def write_result(out: Optional[str], result: Dict[str, Any]) -> None:
+    """Write ``result`` as JSON to ``out`` (atomically; nothing without ``out``)."""
+    if out:
         from timm_l2w.files import write_json_atomic
 
-        write_json_atomic(Path(args.out), result)
-        print(f"wrote {args.out}")
-    return 0
+        write_json_atomic(Path(out), result)
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":
