@@ -139,9 +139,9 @@ if path.is_file():
               "| model | px | weighting | meta interval | images/s | time / equal weighting | peak MiB |",
               "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
+        memory = f"{r['peak_memory_mib']:.0f}" if "peak_memory_mib" in r else "-"
         lines.append(f"| {r['model']} | {r['size']} | {r['weighting']} | {r['meta_interval'] or '-'} | "
-                     f"{r['images_per_s']:.1f} | {r.get('time_over_uniform', 1.0):.2f} | "
-                     f"{r.get('peak_memory_mib', float('nan')):.0f} |")
+                     f"{r['images_per_s']:.1f} | {r.get('time_over_uniform', 1.0):.2f} | {memory} |")
 (out / "summary.md").write_text("\n".join(lines) + "\n")
 (out / "gpu_check.json").write_text(json.dumps({"mode": mode, "device": device, "seconds": seconds,
                                                 "steps": steps}, indent=2) + "\n")
