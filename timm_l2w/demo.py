@@ -72,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
                                                          "6 transformed copies of every training image)")
     p.add_argument("--max-steps", type=int, default=None, help="loader batches per run (overrides --epochs)")
     p.add_argument("--batch-size", type=int, default=64, help="loader batch (two updates on its halves)")
-    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate of the cosine schedule")
+    p.add_argument("--lr", type=float, default=0.2, help="peak learning rate of the cosine schedule (chosen on "
+                   "equal-weighting runs only, as the one where their exits separate)")
     p.add_argument("--warmup-steps", type=int, default=10, help="linear warmup, in updates")
     p.add_argument("--backend", choices=["higher", "func"], default="func",
                    help="L2W virtual-step backend (both give the same step; func is faster on CPU)")
