@@ -55,7 +55,13 @@ WEIGHTINGS = ("l2w", "uniform")
 LABELS = {"l2w": "L2W", "uniform": "equal weighting"}
 # a run variant: (weighting, extra `timm-l2w train` flags); "l2w" is the preset's meta interval (1, CIFAR)
 VARIANTS = {"l2w": ("l2w", []), "uniform": ("uniform", []),
-            "l2w_int10": ("l2w", ["--meta-interval", "10"]), "l2w_int100": ("l2w", ["--meta-interval", "100"])}
+            "l2w_int10": ("l2w", ["--meta-interval", "10"]), "l2w_int100": ("l2w", ["--meta-interval", "100"]),
+            # the field's other training methods (IMTA's gradient equilibrium and one-for-all distillation)
+            "uniform_ge_kd": ("uniform", ["--gradient-equilibrium", "--distill"]),
+            "l2w_kd": ("l2w", ["--distill"])}
+METHOD_LABELS = {"uniform_ge_kd": "equal weighting + GE + KD", "l2w_kd": "L2W + KD"}
+# exit rules evaluated on every run besides the paper's max-softmax confidence (same exit outputs)
+EXTRA_RULES = ("entropy", "patience")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=50, help="L2W runs: checkpoint every N steps for "
                    "the weights-over-training analysis (0: off)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the runs train and evaluate (cuda: every run on the one visible GPU)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="further `timm-l2w train` flags for both weightings (e.g. --eps 0.4); put it last")
     p.add_argument("--summarize-only", action="store_true", help="only aggregate the result files present")
@@ -109,7 +117,8 @@ def _code_version() -> Dict[str, Any]:
             return ""
 
     diff = git("diff", "HEAD", "--", "timm_l2w")
-    return {"commit": git("rev-parse", "HEAD").strip() or None,
+    # a copy of the tree without git history (e.g. on a lent GPU machine) names its commit in STUDY_COMMIT
+    return {"commit": git("rev-parse", "HEAD").strip() or os.environ.get("STUDY_COMMIT") or None,
             "timm_l2w_uncommitted_sha1": hashlib.sha1(diff.encode()).hexdigest()[:12] if diff else None}
 
 
@@ -135,7 +144,9 @@ def _train_argv(args: argparse.Namespace, variant: str, seed: int, output: Path)
     argv = ["--model", args.model, "--dataset", "fashion-mnist", "--input-size", "32", *length,
             "--batch-size", str(args.batch_size), "--lr", str(args.lr),
             "--warmup-steps", str(args.warmup_steps), "--weighting", weighting, "--seed", str(seed),
-            "--output", str(output), "--log-with", "none", "--no-progress", "--cpu"]
+            "--output", str(output), "--log-with", "none", "--no-progress"]
+    if getattr(args, "device", "cpu") == "cpu":
+        argv.append("--cpu")
     if args.data_dir:
         argv += ["--data-dir", args.data_dir]
     if args.checkpoint_every:  # every run can resume; L2W runs keep them all for the weights analysis
@@ -186,6 +197,17 @@ def weights_over_training(run_dir: Path, model_name: str, train_args: argparse.N
     return rows
 
 
+def exit_rule_rows(ev: Dict[str, Any]) -> Dict[str, List[Dict[str, Any]]]:
+    """Budgeted rows of the other exit rules on the run's own held-out and test outputs.
+
+    ``ev`` is ``timm_l2w.train``'s evaluation (confidence rule, in ``record["budgeted"]``); entropy is
+    calibrated like confidence (the 39 distributions), patience has one budget per p = 1..K.
+    """
+    from timm_l2w.evaluate import budgeted_evaluation
+
+    return {rule: budgeted_evaluation(ev["heldout"], ev["test"], ev["flops"], rule=rule).rows() for rule in EXTRA_RULES}
+
+
 def run_one(args: argparse.Namespace, variant: str, seed: int) -> Path:
     """Train + evaluate one (variant, seed) in this process; write its result file.
 
@@ -218,6 +240,8 @@ def run_one(args: argparse.Namespace, variant: str, seed: int) -> Path:
         "flops": [float(f) for f in ev["flops"]],
         "anytime": ev["anytime"], "budgeted": ev["budgeted"].rows(), "history": result["history"],
     }
+    record["device"] = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    record["budgeted_rules"] = exit_rule_rows(ev)
     if weighting == "l2w" and args.checkpoint_every:
         record["weights_over_training"] = weights_over_training(run_dir, args.model, targs)
     path = _result_path(out, variant, seed)
@@ -242,7 +266,8 @@ def launch_all(args: argparse.Namespace) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     passthrough = ["--out", str(out), "--model", args.model, "--steps", str(args.steps),
                    "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-                   "--warmup-steps", str(args.warmup_steps), "--checkpoint-every", str(args.checkpoint_every)]
+                   "--warmup-steps", str(args.warmup_steps), "--checkpoint-every", str(args.checkpoint_every),
+                   "--device", args.device]
     if args.epochs:
         passthrough += ["--epochs", str(args.epochs)]
     if args.data_dir:
@@ -280,6 +305,8 @@ _Q_STEP = 20
 
 def variant_label(variant: str, settings: Optional[Dict[str, Any]] = None) -> str:
     """How a variant is named in tables and plots (L2W variants by their meta interval)."""
+    if variant in METHOD_LABELS:
+        return METHOD_LABELS[variant]
     if VARIANTS.get(variant, (variant,))[0] != "l2w":
         return LABELS.get(variant, variant)
     interval = (settings or {}).get("meta_interval")
@@ -490,23 +517,24 @@ def compare_variant(runs: Dict[int, Dict[str, Any]], reference: Dict[int, Dict[s
 
 
 def summarize_records(records: Dict[str, Dict[int, Dict[str, Any]]], points: int = 39) -> Dict[str, Any]:
-    """The study's summary from ``{variant: {seed: record}}`` (needs equal weighting and one L2W variant).
+    """The study's summary from ``{variant: {seed: record}}`` (needs equal weighting and one other variant).
 
     Every budgeted curve goes on one grid of ``points`` FLOPs values over the range all curves cover
-    (linear interpolation); per variant: mean and std over its seeds. Per L2W variant, against equal
+    (linear interpolation); per variant: mean and std over its seeds. Per other variant, against equal
     weighting: the gain of the seed-mean curves on the grid, its mean and share of grid points ahead;
     the same per seed (pairs of runs with the same seed) with t and bootstrap intervals over seeds; the
     gain budget by budget (same q, no interpolation); gain at the training q; anytime gain per exit;
-    peak; cost ratios (CPU and wall seconds, resumed runs left out); the predictor analysis.
+    peak; cost ratios (CPU and wall seconds, resumed runs left out); the predictor analysis. Where the
+    result files hold them, ``exit_rules``: every variant's curves under the other exit rules.
     """
-    if REFERENCE not in records or not any(VARIANTS[v][0] == "l2w" for v in records):
-        raise ValueError("the summary needs equal-weighting runs and at least one L2W variant's runs")
+    if REFERENCE not in records or len(records) < 2:
+        raise ValueError("the summary needs equal-weighting runs and the runs of at least one other variant")
     models = {r["model"] for runs in records.values() for r in runs.values()}
     if len(models) > 1:
         raise ValueError(f"the result files mix models {sorted(models)}: summarize one model per --out folder")
-    # equal weighting first, then the L2W variants by meta interval
-    l2w_variants = sorted((v for v in records if VARIANTS[v][0] == "l2w"),
-                          key=lambda v: (_interval(records[v]), v))
+    # equal weighting first, then the L2W variants by meta interval, then the other methods
+    l2w_variants = sorted((v for v in records if v != REFERENCE),
+                          key=lambda v: (v in METHOD_LABELS, _interval(records[v]), v))
     variants = [REFERENCE, *l2w_variants]
     curves = {v: {s: _curve(r) for s, r in records[v].items()} for v in variants}
     every = [c for v in variants for c in curves[v].values()]
@@ -542,7 +570,45 @@ def summarize_records(records: Dict[str, Dict[int, Dict[str, Any]]], points: int
         "cost": {v: run_costs(records[v]) for v in variants},
         "comparisons": {v: compare_variant(records[v], records[REFERENCE], on_grid[v], on_grid[REFERENCE])
                         for v in l2w_variants},
+        "exit_rules": exit_rule_summary({v: records[v] for v in variants}, [f / 1e6 for f in first["flops"]], grid),
     }
+
+
+def _rule_curve(record: Dict[str, Any], rule: str) -> Optional[tuple]:
+    rows = record["budgeted"] if rule == "confidence" else (record.get("budgeted_rules") or {}).get(rule)
+    if not rows:
+        return None
+    return _curve({"budgeted": rows})
+
+
+def exit_rule_summary(records: Dict[str, Dict[int, Dict[str, Any]]], exit_mflops: Sequence[float],
+                      grid: np.ndarray) -> Optional[Dict[str, Any]]:
+    """Every variant under every exit rule: test top-1 (mean ± std over seeds) at the FLOPs of each exit.
+
+    A curve is read at a FLOPs value by linear interpolation only inside the FLOPs range it covers
+    (None outside). ``mean_on_grid``: the curve's mean over the comparison grid, for the rules whose
+    curves cover it (confidence and entropy); patience has only K budgets and is read at the exits.
+    Returns None when no result file holds the other rules.
+    """
+    rules = ["confidence", *EXTRA_RULES]
+    if not any(r.get("budgeted_rules") for runs in records.values() for r in runs.values()):
+        return None
+    table: Dict[str, Dict[str, Any]] = {}
+    for v, runs in records.items():
+        for rule in rules:
+            curves = [c for c in (_rule_curve(r, rule) for r in runs.values()) if c is not None]
+            if not curves:
+                continue
+            at_exit = []
+            for mf in exit_mflops:
+                vals = [float(np.interp(mf, f, a)) for f, a in curves if f.min() - 1e-9 <= mf <= f.max() + 1e-9]
+                at_exit.append(_ms(vals) if len(vals) == len(curves) else None)
+            covers = all(f.min() <= grid[0] + 1e-9 and f.max() >= grid[-1] - 1e-9 for f, _ in curves)
+            table.setdefault(v, {})[rule] = {
+                "seeds": len(curves), "at_exit_mflops": at_exit,
+                "mean_on_grid": _ms([float(np.interp(grid, f, a).mean()) for f, a in curves]) if covers else None,
+                "mflops_range": [min(float(f.min()) for f, _ in curves), max(float(f.max()) for f, _ in curves)]}
+    return {"rules": rules, "exit_mflops": list(exit_mflops), "table": table}
 
 
 def _interval(runs: Dict[int, Dict[str, Any]]) -> float:
@@ -695,6 +761,7 @@ def _markdown(s: Dict[str, Any]) -> str:
     for k, mf in enumerate(s["exit_mflops"]):
         lines.append(f"| {k + 1} | {mf:.2f} | " + " | ".join(_pm(s["anytime_top1"][v][k]) for v in shown) + " | "
                      + " | ".join(_pm(s["comparisons"][v]["anytime_gain"][k], 2, True) for v in l2w) + " |")
+    lines += _exit_rules_markdown(s)
     lines += ["", "## Cost", "",
               "CPU s: process CPU time of the run's `timm_l2w.train` call (training and the final evaluation, "
               "one thread); wall s: its wall-clock time (when runs share the machine it includes waiting); "
@@ -737,7 +804,29 @@ def _markdown(s: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-_COLORS = {"uniform": "tab:blue", "l2w": "tab:red", "l2w_int10": "tab:orange", "l2w_int100": "tab:green"}
+def _exit_rules_markdown(s: Dict[str, Any]) -> List[str]:
+    rules = s.get("exit_rules")
+    if not rules:
+        return []
+    lab, mf = s["labels"], rules["exit_mflops"]
+    lines = ["", "## Exit rules (test top-1 %, mean ± std over seeds)", "",
+             "Every run's own held-out and test outputs under each exit rule: *confidence* (max softmax, the "
+             "paper's) and *entropy* are calibrated on the held-out split for the 39 distributions; *patience* "
+             "exits once the prediction has stayed the same for p consecutive exits (p = 1..K, no calibration). "
+             "Each curve is read at the FLOPs of every exit (linear interpolation, only inside the FLOPs range the "
+             "curve covers; n/a outside). Mean on grid: the curve's mean over the comparison grid above "
+             "(n/a where the curve does not cover the whole grid).", "",
+             "| variant | rule | mean on grid | " + " | ".join(f"at exit {k + 1} ({m:.2f} MFLOPs)" for k, m in enumerate(mf))
+             + " |", "|---|---|---|" + "---|" * len(mf)]
+    for v in s["variants"]:
+        for rule, row in rules["table"].get(v, {}).items():
+            lines.append(f"| {lab[v]} | {rule} | {_pm(row['mean_on_grid'])} | "
+                         + " | ".join(_pm(x) for x in row["at_exit_mflops"]) + " |")
+    return lines
+
+
+_COLORS = {"uniform": "tab:blue", "l2w": "tab:red", "l2w_int10": "tab:orange", "l2w_int100": "tab:green",
+           "uniform_ge_kd": "tab:purple", "l2w_kd": "tab:brown"}
 
 
 def _save(fig: Any, path: Path) -> None:

@@ -219,3 +219,29 @@ def test_variant_without_a_paired_seed_gets_no_paired_numbers(tmp_path):
     assert s["missing"] == {"l2w": {"seeds": [0], "checkpoint_step": {}},
                             "uniform": {"seeds": [1], "checkpoint_step": {}}}
     assert "| L2W, meta interval 1 | 0 | +0.500 | 100% | n/a | n/a | n/a |" in (out / "summary.md").read_text()
+
+
+def test_method_variants_and_exit_rules_are_summarized():
+    """Issue 15's runs: the method variants are compared with equal weighting like the L2W variants, and
+    each variant's other exit rules are read at the FLOPs of every exit inside the range they cover."""
+    recs = []
+    for s in (0, 1):
+        recs.append(_record("uniform", s))
+        method = _record("uniform_ge_kd", s, gain=0.5 + s)
+        method["weighting"] = "uniform"
+        # patience: one budget per p, 3.0 MFLOPs (p = 1) .. 12.0 MFLOPs (p = 5), accuracy 70 + MFLOPs
+        method["budgeted_rules"] = {"patience": [{"patience": p, "expected_flops": (3.0 + 2.25 * (p - 1)) * 1e6,
+                                                  "test_top1": 70.0 + 3.0 + 2.25 * (p - 1) + s} for p in range(1, 6)]}
+        recs.append(method)
+    s = fidelity.summarize_records(_by_variant(recs))
+    assert s["labels"]["uniform_ge_kd"] == "equal weighting + GE + KD"
+    assert s["comparisons"]["uniform_ge_kd"]["paired_mean_gain"]["mean"] == pytest.approx(1.0)
+    table = s["exit_rules"]["table"]
+    assert set(table["uniform"]) == {"confidence"}  # no other rules in its files
+    pat = table["uniform_ge_kd"]["patience"]
+    at = pat["at_exit_mflops"]  # exits at 2, 4, 8, 12, 16 MFLOPs; the curve covers 3-12
+    assert at[0] is None and at[4] is None
+    assert at[1]["mean"] == pytest.approx(70 + 4 + 0.5) and at[3]["mean"] == pytest.approx(70 + 12 + 0.5)
+    assert pat["mean_on_grid"] is None  # the grid starts at 2 MFLOPs, below the patience curve
+    md = fidelity._markdown({**s, "missing": {}})
+    assert "| equal weighting + GE + KD | patience | n/a | n/a | 74.50 ± 0.71 |" in md

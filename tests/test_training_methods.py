@@ -268,9 +268,10 @@ def test_train_cli_method_errors(tmp_path, capsys):
     assert main(["--model", register_tiny(), "--gradient-equilibrium"] + base) == 2
     err = capsys.readouterr().err
     assert "overrides forward_stage" in err and "Traceback" not in err
-    assert main(["--model", STAGED, "--distill", "--distill-alpha", "2"] + base) == 2
-    err = capsys.readouterr().err
-    assert "alpha" in err and "Traceback" not in err
+    for flag, value in (("--distill-alpha", "2"), ("--distill-temperature", "0"), ("--distill-temperature", "nan")):
+        assert main(["--model", STAGED, "--distill", flag, value] + base) == 2
+        err = capsys.readouterr().err
+        assert flag in err and "Traceback" not in err, err  # named as the flag the user typed
 
 
 def test_resume_with_other_method_flags_is_refused(tmp_path, capsys):

@@ -177,6 +177,8 @@ TRAIN_SETTINGS: Dict[str, Range] = {
     "meta_lr": Range(0, low_open=True, hint="paper: 1e-4"),
     "meta_weight_decay": Range(0, hint="paper: 1e-4"),
     "hidden": Range(1, integer=True, hint="paper: 500"),
+    "distill_temperature": Range(0, low_open=True, hint="IMTA: 1"),
+    "distill_alpha": Range(0, 1, hint="0 = no distillation; IMTA: 0.1"),
     "input_size": Range(1, integer=True),
     "held_out": Range(1, integer=True),
     "workers": Range(0, integer=True),
