@@ -116,9 +116,14 @@ def _code_version() -> Dict[str, Any]:
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    diff = git("diff", "HEAD", "--", "timm_l2w")
-    # a copy of the tree without git history (e.g. on a lent GPU machine) names its commit in STUDY_COMMIT
-    return {"commit": git("rev-parse", "HEAD").strip() or os.environ.get("STUDY_COMMIT") or None,
+    # a copy of the tree whose git metadata may be missing or stale (e.g. on a lent GPU machine) names
+    # its commit in STUDY_COMMIT; the uncommitted hash is then taken against that commit when git has it
+    named = os.environ.get("STUDY_COMMIT")
+    if named and git("cat-file", "-t", named).strip() == "commit":
+        diff = git("diff", named, "--", "timm_l2w")
+    else:
+        diff = git("diff", "HEAD", "--", "timm_l2w")
+    return {"commit": named or git("rev-parse", "HEAD").strip() or None,
             "timm_l2w_uncommitted_sha1": hashlib.sha1(diff.encode()).hexdigest()[:12] if diff else None}
 
 

@@ -76,8 +76,10 @@ if [ "$DEVICE" = cuda ]; then
     timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py > "$RESULTS/cuda_tests.log" 2>&1 &
 fi
 wait $STUDY $METHODS
-pkill -INT -f "fidelity.py --run-one" 2>/dev/null && sleep 5
-pkill -KILL -f "fidelity.py --run-one" 2>/dev/null
+# stop this study's runs that are still going (only runs writing to $RESULTS: other studies on the machine live on)
+MINE="--run-one [a-z0-9_]+ [0-9]+ --out $RESULTS --"
+pkill -INT -f -- "$MINE" 2>/dev/null && sleep 5
+pkill -KILL -f -- "$MINE" 2>/dev/null
 wait
 echo "gpu_study: study ended after $(( $(date +%s) - T0 ))s: $(ls "$RESULTS"/*_seed*.json 2>/dev/null | wc -l) result files"
 tail -3 "$RESULTS/cuda_tests.log" 2>/dev/null
