@@ -85,6 +85,9 @@ def test_chunked_equals_whole_batch(tiny_model):
     predictor = EarlyExitPredictor(tiny_model, T)
     whole, chunked = predictor.predict(x), predictor.predict(x, batch_size=4)
     assert torch.equal(whole.exit_index, chunked.exit_index) and torch.equal(whole.predictions, chunked.predictions)
+    for bad in (0, float("nan"), 2.5, True):  # a clear error naming the argument, not a failure inside split
+        with pytest.raises(ValueError, match="batch_size"):
+            predictor.predict(x, batch_size=bad)
 
 
 def test_from_flops_budget(tiny_model):

@@ -65,6 +65,34 @@ def test_train_tuple_eval_last_exit_and_staged_run(name, kwargs, size):
     assert not model.training  # forward_exits does not change the mode
 
 
+@pytest.mark.parametrize("name", ["msdnet_l2w_cifar_tiny", "ranet_l2w_cifar", "resnet18_l2w"])
+def test_eval_forward_runs_only_the_last_exit_head(name, monkeypatch):
+    """Eval mode skips the earlier exits' heads (block-API models); train mode runs every head."""
+    model = timm.create_model(name, num_classes=3)
+    heads = []
+    original = type(model).forward_exit_head
+
+    def counting(self, index, x, pre_logits=False):
+        heads.append(index)
+        return original(self, index, x, pre_logits)
+
+    monkeypatch.setattr(type(model), "forward_exit_head", counting)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model.eval()(x)
+        assert heads == [model.num_exits - 1]
+        heads.clear()
+        model.train()(x)
+    assert heads == list(range(model.num_exits))
+
+
+def test_eval_forward_of_a_stage_only_model_keeps_the_last_exit(tiny_model):
+    """A model that overrides forward_stage (no block API) still gets its last exit in eval mode."""
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(tiny_model.eval()(x), tiny_model.forward_exits(x)[-1])
+
+
 def test_forward_exits_in_train_mode_equals_train_forward(tiny_model):
     x = torch.randn(6, 1, 8, 8)
     tiny_model.train()

@@ -30,6 +30,7 @@ from .exits import (
     predictive_entropy,
 )
 from .models.base import select_samples, unwrap_model
+from .validation import Range, check_number
 
 __all__ = ["EarlyExitPrediction", "EarlyExitPredictor"]
 
@@ -189,8 +190,8 @@ class EarlyExitPredictor:
             self.model.check_input(x)
         if x.shape[0] == 0:
             raise ValueError("empty batch: pass at least one image")
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size is not None:
+            batch_size = check_number(batch_size, "batch_size", Range(1, integer=True, hint="images per chunk"))
         if batch_size is None or batch_size >= x.shape[0]:
             return self._predict_batch(x)
         parts = [self._predict_batch(chunk) for chunk in x.split(batch_size)]

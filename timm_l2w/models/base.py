@@ -232,10 +232,14 @@ class MultiExitModel(nn.Module):
     def forward(self, x: Tensor) -> Union[Tuple[Tensor, ...], Tensor]:
         """Train mode: the tuple of all K exit logits. Eval mode: the last exit's logits only.
 
-        Use :meth:`forward_exits` for every exit in eval mode.
+        Use :meth:`forward_exits` for every exit in eval mode. In eval mode a model with the block API
+        (the default :meth:`forward_stage`) runs only the blocks and the last exit's head, skipping the
+        earlier exit heads; one that overrides ``forward_stage`` runs every stage and keeps the last.
         """
-        outputs = self.forward_exits(x)
-        return outputs if self.training else outputs[-1]
+        if self.training or type(self).forward_stage is not MultiExitModel.forward_stage:
+            outputs = self.forward_exits(x)
+            return outputs if self.training else outputs[-1]
+        return self.forward_head(self.forward_features(x))
 
     def reset_classifier(self, num_classes: int) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
