@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check of issue 12: one prepared script, at most 8 minutes on one H100.
+# The GPU check of issue 12: one prepared script, at most about 9 minutes on one H100 or H200.
+# (On an H200 the precision steps' 100-step L2W training alone took about 50 s: they train 40 steps.)
 #
 #   bash benchmarks/gpu_check.sh            # writes benchmarks/results/gpu/ (JSON, logs, summary.md)
 #
@@ -66,11 +67,11 @@ if [ "$MODE" = cuda ]; then
     step tests 80 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_precision.py tests/test_meta.py
     step meta_step 60 "$PY" benchmarks/meta_step.py --device cuda --backend func --compare --rounds 5
     step early_exit 60 "$PY" benchmarks/early_exit_latency.py --device cuda --train-seconds 15 --out-dir "$OUT"
-    step precision_higher 90 "$PY" benchmarks/meta_precision.py --device cuda --dataset "$DATASET" \
-        --precisions bf16 fp16 --batches 5 --train-steps 100 --rounds 5 --backend higher \
+    step precision_higher 120 "$PY" benchmarks/meta_precision.py --device cuda --dataset "$DATASET" \
+        --precisions bf16 fp16 --batches 5 --train-steps 40 --rounds 5 --backend higher \
         --out "$OUT/meta_precision_higher.json"
-    step precision_func 60 "$PY" benchmarks/meta_precision.py --device cuda --dataset "$DATASET" \
-        --precisions bf16 fp16 --batches 5 --train-steps 100 --rounds 5 --backend func \
+    step precision_func 100 "$PY" benchmarks/meta_precision.py --device cuda --dataset "$DATASET" \
+        --precisions bf16 fp16 --batches 5 --train-steps 40 --rounds 5 --backend func \
         --out "$OUT/meta_precision_func.json"
     step throughput 100 "$PY" benchmarks/train_throughput.py --device cuda --precision bf16 \
         --models msdnet_l2w_cifar msdnet_l2w --sizes 32 224 --batch 64 --steps 50 --intervals 1 100 \
