@@ -15,9 +15,16 @@ L2W runs also checkpoint every ``--checkpoint-every`` steps; after the run the p
 checkpoint is applied to that checkpoint's exit losses on 1,000 held-out images to show how the
 predicted weights evolve during training.
 
+Variants besides L2W and equal weighting: L2W at meta interval 10 and 100 (issue 14), and IMTA's
+methods (issue 15): equal weighting with gradient equilibrium and one-for-all distillation
+(``uniform_ge_kd``) and L2W with distillation (``l2w_kd``). Every run's result file also holds its
+budgeted curves under the entropy and patience exit rules (``budgeted_rules``), computed from the same
+exit outputs. ``--device cuda`` trains and evaluates every run on the visible GPU
+(``benchmarks/gpu_study.sh`` runs the study that way in one prepared script).
+
 The summary (``summary.json``, ``summary.md``, ``l2w_vs_uniform.png``, ``gain_vs_cost.png``) works on
-whatever result files exist (it says which are missing) and compares every L2W variant present with
-equal weighting of the same seeds (issue 14). Every budgeted curve goes on one common grid of 39 FLOPs
+whatever result files exist (it says which are missing) and compares every variant present with
+equal weighting of the same seeds. Every budgeted curve goes on one common grid of 39 FLOPs
 values (linear interpolation over the range all curves cover). Per L2W variant: the gain of the
 seed-mean curves on the grid (mean, share of grid points ahead); the paired gain per seed with a 95%
 Student t interval and a percentile bootstrap interval over seeds (the result files hold no per-sample
@@ -538,9 +545,9 @@ def summarize_records(records: Dict[str, Dict[int, Dict[str, Any]]], points: int
     if len(models) > 1:
         raise ValueError(f"the result files mix models {sorted(models)}: summarize one model per --out folder")
     # equal weighting first, then the L2W variants by meta interval, then the other methods
-    l2w_variants = sorted((v for v in records if v != REFERENCE),
-                          key=lambda v: (v in METHOD_LABELS, _interval(records[v]), v))
-    variants = [REFERENCE, *l2w_variants]
+    compared = sorted((v for v in records if v != REFERENCE),
+                      key=lambda v: (v in METHOD_LABELS, _interval(records[v]), v))
+    variants = [REFERENCE, *compared]
     curves = {v: {s: _curve(r) for s, r in records[v].items()} for v in variants}
     every = [c for v in variants for c in curves[v].values()]
     lo, hi = max(f.min() for f, _ in every), min(f.max() for f, _ in every)
@@ -574,7 +581,7 @@ def summarize_records(records: Dict[str, Dict[int, Dict[str, Any]]], points: int
                                for v in variants},
         "cost": {v: run_costs(records[v]) for v in variants},
         "comparisons": {v: compare_variant(records[v], records[REFERENCE], on_grid[v], on_grid[REFERENCE])
-                        for v in l2w_variants},
+                        for v in compared},
         "exit_rules": exit_rule_summary({v: records[v] for v in variants}, [f / 1e6 for f in first["flops"]], grid),
     }
 
@@ -741,7 +748,7 @@ def _markdown(s: Dict[str, Any]) -> str:
     lines += ["", "Same comparison budget by budget (same q, thresholds from the held-out split, no "
               "interpolation; paired by seed), at the training distribution's q, and at each curve's peak:", "",
               "| variant | gain by budget index | 95% t-interval | ahead (seed-mean gain > 0) | at training q: "
-              "L2W / equal (MFLOPs) | gain at training q | peak: L2W / equal | peak gain |", "|---|---|---|---|---|---|---|---|"]
+              "variant / equal (MFLOPs) | gain at training q | peak: variant / equal | peak gain |", "|---|---|---|---|---|---|---|---|"]
     for v in l2w:
         c = s["comparisons"][v]
         bi, tq = c["mean_gain_by_budget_index"], c["gain_at_training_q"]
