@@ -421,8 +421,8 @@ def run_costs(runs: Dict[int, Dict[str, Any]]) -> Dict[str, Any]:
     return cost
 
 
-def _curve(record: Dict[str, Any]) -> tuple:
-    rows = record["budgeted"]
+def _curve(rows: Sequence[Dict[str, Any]]) -> tuple:
+    """A budgeted curve's (MFLOPs, test top-1) arrays, sorted by FLOPs."""
     f = np.array([r["expected_flops"] for r in rows], dtype=np.float64) / 1e6
     a = np.array([r["test_top1"] for r in rows], dtype=np.float64)
     order = np.argsort(f, kind="stable")
@@ -548,7 +548,7 @@ def summarize_records(records: Dict[str, Dict[int, Dict[str, Any]]], points: int
     compared = sorted((v for v in records if v != REFERENCE),
                       key=lambda v: (v in METHOD_LABELS, _interval(records[v]), v))
     variants = [REFERENCE, *compared]
-    curves = {v: {s: _curve(r) for s, r in records[v].items()} for v in variants}
+    curves = {v: {s: _curve(r["budgeted"]) for s, r in records[v].items()} for v in variants}
     every = [c for v in variants for c in curves[v].values()]
     lo, hi = max(f.min() for f, _ in every), min(f.max() for f, _ in every)
     if not lo < hi:
@@ -590,7 +590,7 @@ def _rule_curve(record: Dict[str, Any], rule: str) -> Optional[tuple]:
     rows = record["budgeted"] if rule == "confidence" else (record.get("budgeted_rules") or {}).get(rule)
     if not rows:
         return None
-    return _curve({"budgeted": rows})
+    return _curve(rows)
 
 
 def exit_rule_summary(records: Dict[str, Dict[int, Dict[str, Any]]], exit_mflops: Sequence[float],

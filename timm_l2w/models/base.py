@@ -121,6 +121,10 @@ class MultiExitModel(nn.Module):
             exit_state, state = equilibrium_split(state, self.exit_reads(index, state), index, self.num_exits)
         return state, self.forward_exit_head(index, self.forward_exit_features(index, exit_state))
 
+    def _has_default_stage(self) -> bool:
+        """True when stages are block + exit head (the block API), not a subclass's own forward_stage."""
+        return type(self).forward_stage is MultiExitModel.forward_stage
+
     def exit_reads(self, index: int, state: Any) -> List[Tensor]:
         """The tensors of ``state`` (after block ``index``) that exit ``index``'s features read.
 
@@ -132,7 +136,7 @@ class MultiExitModel(nn.Module):
     def set_gradient_equilibrium(self, enable: bool = True) -> None:
         """IMTA's gradient equilibrium (:func:`equilibrium_split`) in every training forward; forward values
         are unchanged, only the gradients into the shared trunk are rescaled. Off in inference mode."""
-        if enable and type(self).forward_stage is not MultiExitModel.forward_stage:
+        if enable and not self._has_default_stage():
             raise TypeError(
                 f"{type(self).__name__} overrides forward_stage: gradient equilibrium needs the default stage "
                 "(forward_block, forward_exit_features and forward_exit_head) to rescale between block and exit")
@@ -236,7 +240,7 @@ class MultiExitModel(nn.Module):
         (the default :meth:`forward_stage`) runs only the blocks and the last exit's head, skipping the
         earlier exit heads; one that overrides ``forward_stage`` runs every stage and keeps the last.
         """
-        if self.training or type(self).forward_stage is not MultiExitModel.forward_stage:
+        if self.training or not self._has_default_stage():
             outputs = self.forward_exits(x)
             return outputs if self.training else outputs[-1]
         return self.forward_head(self.forward_features(x))
