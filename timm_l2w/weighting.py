@@ -6,27 +6,34 @@ with the mean taken along the constraint axis; the loss is ``sum_k mean_i W[i, k
 Everything here is pure and vectorised; the meta step that trains ``g_phi`` lives in
 :mod:`timm_l2w.meta`.
 
+Targets are class indices ``[B]`` or class probabilities ``[B, C]`` (timm's Mixup / CutMix, soft
+labels). The per-sample loss is cross-entropy by default; :class:`ExitCriterion` also takes the loss
+module of a timm training loop (``nn.CrossEntropyLoss``, timm's ``LabelSmoothingCrossEntropy``,
+``SoftTargetCrossEntropy`` or ``BinaryCrossEntropy``) and computes the same loss per sample.
+
 IMTA's one-for-all knowledge distillation (Li et al., ICCV 2019) composes with it
 (:class:`Distillation`, :func:`training_losses`): the last exit's softened prediction teaches every
 earlier exit, and the weights multiply each exit's whole training loss.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, replace
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .models.base import check_multi_exit_output
-from .validation import Range, check_label_smoothing, check_labels, check_number
+from .validation import LabelError, Range, check_label_smoothing, check_labels, check_number
 
 __all__ = [
     "INPUT_TYPES",
     "CONSTRAINTS",
     "WeightPredictor",
     "normalize_weights",
+    "ExitCriterion",
+    "check_targets",
     "exit_losses",
     "Distillation",
     "distillation_losses",
@@ -120,23 +127,125 @@ def normalize_weights(G: Tensor, eps: float, constraint: str = "col") -> Tensor:
     return 1 + eps * (G - mean)
 
 
-def exit_losses(outputs: Sequence[Tensor], target: Tensor, label_smoothing: float = 0.0) -> Tensor:
-    """Per-sample, per-exit cross-entropy ``L [B, K]`` (with optional label smoothing)."""
+def check_targets(target: Any, num_classes: int, batch: int) -> Tensor:
+    """Class indices ``[batch]`` (checked by :func:`~timm_l2w.validation.check_labels`) as int64, or class
+    probabilities ``[batch, num_classes]`` (Mixup / CutMix / soft labels) as they are, after checking they
+    are floating point, finite and in ``[0, 1]``."""
+    if isinstance(target, Tensor) and target.ndim == 2 and target.dtype.is_floating_point:
+        if tuple(target.shape) != (batch, num_classes):
+            raise LabelError(f"soft targets must be [batch, num_classes] = [{batch}, {num_classes}] class "
+                             f"probabilities, got shape {tuple(target.shape)}: build them for the model's "
+                             f"{num_classes} classes (timm's Mixup(num_classes={num_classes}))")
+        if not bool(((target >= 0) & (target <= 1)).all()):  # also false for NaN
+            raise LabelError("soft targets must be probabilities in [0, 1] (no NaN/inf): pass the targets "
+                             "timm's Mixup returns, or one-hot / smoothed labels")
+        return target
+    return check_labels(target, num_classes, batch)
+
+
+_LOSS_KINDS = ("ce", "bce")
+
+
+@dataclass(frozen=True)
+class ExitCriterion:
+    """The per-sample loss of one exit, ``[N, C]`` logits and targets -> ``[N]``.
+
+    ``'ce'``: cross-entropy with ``label_smoothing`` (class-index or class-probability targets; with
+    probabilities it is timm's ``SoftTargetCrossEntropy`` per sample). ``'bce'``: timm's
+    ``BinaryCrossEntropy`` per sample (index targets one-hot encoded with ``smoothing / C`` off and
+    ``1 - smoothing + smoothing / C`` on, dense targets moved towards 0.5 by ``smooth_dense``, then
+    binarised above ``target_threshold``; the element-wise loss is averaged over classes, or summed with
+    ``sum_classes``), so that the mean over the batch is timm's loss. :meth:`from_module` builds it from
+    a timm training loop's loss module.
+    """
+
+    kind: str = "ce"
+    label_smoothing: float = 0.0
+    target_threshold: Optional[float] = None
+    sum_classes: bool = False
+    smooth_dense: bool = False
+    class_weight: Optional[Tensor] = None
+    pos_weight: Optional[Tensor] = None
+
+    def __post_init__(self) -> None:
+        _check_choice(self.kind, _LOSS_KINDS, "loss kind")
+        object.__setattr__(self, "label_smoothing", check_label_smoothing(self.label_smoothing))
+
+    @classmethod
+    def from_module(cls, module: Any, label_smoothing: float = 0.0) -> "ExitCriterion":
+        """The criterion a loss module computes: ``None`` (cross-entropy with ``label_smoothing``), an
+        :class:`ExitCriterion`, ``nn.CrossEntropyLoss``, or timm's ``LabelSmoothingCrossEntropy``,
+        ``SoftTargetCrossEntropy`` and ``BinaryCrossEntropy``."""
+        if module is None:
+            return cls("ce", label_smoothing)
+        if label_smoothing:
+            raise ValueError(f"label_smoothing={label_smoothing} and a loss module ({type(module).__name__}) were both "
+                             "given: set the smoothing in one place (the loss module's, or label_smoothing= with "
+                             "criterion=None)")
+        if isinstance(module, cls):
+            return module
+        from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+        if isinstance(module, SoftTargetCrossEntropy):
+            return cls("ce")
+        if isinstance(module, LabelSmoothingCrossEntropy):
+            return cls("ce", module.smoothing)
+        if isinstance(module, nn.CrossEntropyLoss):
+            if module.weight is not None or module.ignore_index != -100:
+                raise ValueError("nn.CrossEntropyLoss with class weights or an ignore_index has no per-sample form "
+                                 "here: pass nn.CrossEntropyLoss(label_smoothing=...) or a timm_l2w.ExitCriterion")
+            return cls("ce", module.label_smoothing)
+        if isinstance(module, BinaryCrossEntropy):
+            if module.reduction not in ("mean", "none"):
+                raise ValueError(f"BinaryCrossEntropy(reduction={module.reduction!r}): the multi-exit loss averages "
+                                 "each exit's per-sample losses over the batch; use reduction='mean'")
+            return cls("bce", module.smoothing, module.target_threshold, module.sum_classes,
+                       getattr(module, "smooth_dense", False), module.weight, module.pos_weight)
+        raise TypeError(
+            f"unsupported loss {type(module).__name__}: the multi-exit loss needs a per-sample loss; pass None "
+            "(cross-entropy), nn.CrossEntropyLoss, timm.loss.LabelSmoothingCrossEntropy, SoftTargetCrossEntropy, "
+            "BinaryCrossEntropy or a timm_l2w.ExitCriterion")
+
+    def unsmoothed(self) -> "ExitCriterion":
+        """The same loss without label smoothing (the meta loss scores the plain loss)."""
+        return replace(self, label_smoothing=0.0) if self.label_smoothing else self
+
+    def __call__(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Per-sample losses ``[N]`` of logits ``[N, C]`` for targets ``[N]`` (indices) or ``[N, C]``."""
+        if self.kind == "ce":
+            return F.cross_entropy(logits, target, reduction="none", label_smoothing=self.label_smoothing)
+        num_classes = logits.shape[-1]
+        if target.ndim == 1:
+            off = self.label_smoothing / num_classes
+            target = torch.full_like(logits, off).scatter_(1, target.view(-1, 1), 1.0 - self.label_smoothing + off)
+        elif self.smooth_dense and self.label_smoothing:
+            target = target * (1.0 - self.label_smoothing) + 0.5 * self.label_smoothing
+        if self.target_threshold is not None:
+            target = target.gt(self.target_threshold).to(logits.dtype)
+        weight = None if self.class_weight is None else self.class_weight.to(logits)
+        pos_weight = None if self.pos_weight is None else self.pos_weight.to(logits)
+        loss = F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), weight, reduction="none",
+                                                  pos_weight=pos_weight)
+        return loss.sum(dim=-1) if self.sum_classes else loss.mean(dim=-1)
+
+
+def exit_losses(outputs: Sequence[Tensor], target: Tensor, label_smoothing: float = 0.0,
+                criterion: Any = None) -> Tensor:
+    """Per-sample, per-exit losses ``L [B, K]``: cross-entropy with optional label smoothing, or the
+    ``criterion`` (:meth:`ExitCriterion.from_module`). ``target``: class indices ``[B]`` or class
+    probabilities ``[B, C]`` (Mixup / CutMix)."""
     outputs = check_multi_exit_output(outputs)
     logits = torch.stack(outputs, dim=1)  # [B, K, C]
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     batch, num_exits, num_classes = logits.shape
     # any integer dtype, in range: a clear LabelError here instead of a dtype RuntimeError, an IndexError
-    # or a CUDA device assert from cross_entropy
-    target = check_labels(target, num_classes, batch)
-    label_smoothing = check_label_smoothing(label_smoothing)
-    losses = F.cross_entropy(
-        logits.reshape(batch * num_exits, num_classes),
-        target.repeat_interleave(num_exits),
-        reduction="none",
-        label_smoothing=label_smoothing,
-    )
+    # or a CUDA device assert from the loss
+    target = check_targets(target, num_classes, batch)
+    criterion = ExitCriterion.from_module(criterion, label_smoothing)
+    if target.dtype.is_floating_point:
+        target = target.to(logits.dtype)
+    losses = criterion(logits.reshape(batch * num_exits, num_classes), target.repeat_interleave(num_exits, dim=0))
     return losses.view(batch, num_exits)
 
 
@@ -173,12 +282,13 @@ def distillation_losses(outputs: Sequence[Tensor], temperature: float = 1.0) -> 
 
 def training_losses(
     outputs: Sequence[Tensor], target: Tensor, label_smoothing: float = 0.0, distill: Optional[Distillation] = None,
-    ce: Optional[Tensor] = None,
+    ce: Optional[Tensor] = None, criterion: Any = None,
 ) -> Tensor:
-    """Each exit's per-sample training loss ``[B, K]``: the CE (:func:`exit_losses`, or ``ce`` when already
-    computed), or with ``distill`` the mix ``(1 - alpha) CE + alpha T**2 KL`` on every exit but the last."""
+    """Each exit's per-sample training loss ``[B, K]``: the CE (:func:`exit_losses` with ``criterion``, or
+    ``ce`` when already computed), or with ``distill`` the mix ``(1 - alpha) CE + alpha T**2 KL`` on every
+    exit but the last."""
     if ce is None:
-        ce = exit_losses(outputs, target, label_smoothing)
+        ce = exit_losses(outputs, target, label_smoothing, criterion)
     if distill is None or distill.alpha == 0:
         return ce
     kd = distillation_losses(outputs, distill.temperature).to(ce.dtype)
@@ -239,14 +349,16 @@ def weighted_multi_exit_loss(
     constraint: str = "col",
     label_smoothing: float = 0.0,
     distill: Optional[Distillation] = None,
+    criterion: Any = None,
 ) -> Tuple[Tensor, Tensor]:
     """``sum_k mean_i W[i, k] * L[i, k]`` with weights from the predictor (no gradient into it).
 
     Returns ``(loss, W)``. ``weight_net=None`` or ``eps=0`` is exactly the equal-weight baseline
-    ``sum_k mean_i CE``. With ``distill``, ``L`` is :func:`training_losses` (CE mixed with the
-    distillation term); the predictor still reads the CE losses.
+    ``sum_k mean_i CE`` (with Mixup targets and ``criterion=SoftTargetCrossEntropy()``: timm's loss summed
+    over the exits). With ``distill``, ``L`` is :func:`training_losses` (CE mixed with the distillation
+    term); the predictor still reads the CE losses.
     """
-    ce = exit_losses(outputs, target, label_smoothing)
+    ce = exit_losses(outputs, target, label_smoothing, criterion)
     losses = training_losses(outputs, target, label_smoothing, distill, ce=ce)
     with torch.no_grad():
         weights = sample_weights(weight_net, ce, outputs, eps, constraint)
@@ -265,10 +377,12 @@ class WeightedMultiExitLoss(nn.Module):
         constraint: str = "col",
         label_smoothing: float = 0.0,
         distill: Optional[Distillation] = None,
+        criterion: Any = None,
     ):
         super().__init__()
         self.weight_net = weight_net
         self.distill = distill
+        self.criterion = ExitCriterion.from_module(criterion, label_smoothing)
         self.eps = _check_eps(eps)
         self.constraint = _check_choice(constraint, CONSTRAINTS, "constraint")
         self.label_smoothing = check_label_smoothing(label_smoothing)
@@ -276,6 +390,7 @@ class WeightedMultiExitLoss(nn.Module):
 
     def forward(self, outputs: Sequence[Tensor], target: Tensor) -> Tensor:  # type: ignore[override]
         loss, self.last_weights = weighted_multi_exit_loss(
-            outputs, target, self.weight_net, self.eps, self.constraint, self.label_smoothing, self.distill
+            outputs, target, self.weight_net, self.eps, self.constraint, self.label_smoothing, self.distill,
+            self.criterion,
         )
         return loss
