@@ -85,3 +85,29 @@ def test_bad_soft_targets_and_losses_give_clear_errors():
         exit_losses(outputs, y, label_smoothing=0.1, criterion=SoftTargetCrossEntropy())
     with pytest.raises(ValueError, match="class weights"):
         exit_losses(outputs, torch.zeros(8, dtype=torch.long), criterion=nn.CrossEntropyLoss(weight=torch.ones(5)))
+
+
+@pytest.mark.parametrize("criterion", [SoftTargetCrossEntropy(), BinaryCrossEntropy(smoothing=0.1)])
+def test_mixup_targets_through_l2w_both_backends_agree(tiny_model, criterion):
+    from timm_l2w import L2W
+
+    model = tiny_model.double()
+    num_classes = model.num_classes
+    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=num_classes)
+    x, y = mixup(torch.randn(8, 1, 8, 8, dtype=torch.float64), torch.randint(0, num_classes, (8,)))
+    y = y.double()
+    grads, losses = {}, {}
+    for backend in ("higher", "func"):
+        torch.manual_seed(3)
+        net = WeightPredictor(model.num_exits, hidden_sizes=(6,)).double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        l2w = L2W(model, opt, eps=0.8, backend=backend, weight_net=net, meta_lr=1e-2, criterion=criterion)
+        (xt, yt), (xm, ym) = list(l2w.split(x, y))[0], (x[4:], y[4:])
+        result_loss = l2w.meta_update((xt, yt), (xm, ym))
+        grads[backend] = torch.cat([g.reshape(-1) for g in l2w.last_meta_grads])
+        losses[backend] = result_loss
+        assert grads[backend].abs().sum() > 0
+        loss = l2w.loss(model(xt), yt)
+        assert torch.isfinite(loss)
+    torch.testing.assert_close(grads["higher"], grads["func"], rtol=1e-9, atol=1e-12)
+    assert losses["higher"] == pytest.approx(losses["func"], rel=1e-12)

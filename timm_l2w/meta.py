@@ -40,6 +40,7 @@ from .weighting import (
     exit_confidences,
     exit_losses,
     Distillation,
+    ExitCriterion,
     sample_weights,
     training_losses,
     weighted_multi_exit_loss,
@@ -168,15 +169,20 @@ def _replay_rng(state: Optional[Tuple[Tensor, Optional[Tensor]]], device: torch.
 # --------------------------------------------------------------------------------------------
 # The meta loss
 # --------------------------------------------------------------------------------------------
-def meta_loss(outputs: Sequence[Tensor], target: Tensor, p: Tensor | Sequence[float]) -> Tensor:
+def meta_loss(outputs: Sequence[Tensor], target: Tensor, p: Tensor | Sequence[float], criterion: Any = None) -> Tensor:
     """Sum over exits (with at least one sample) of the mean CE of the samples assigned to that exit.
+
+    ``target``: class indices or class probabilities (Mixup); ``criterion``: the training loss
+    (:class:`~timm_l2w.weighting.ExitCriterion`, e.g. timm's BinaryCrossEntropy), scored without its
+    label smoothing (CE by default).
 
     The assignment is :func:`timm_l2w.exits.assign_exits` on the detached confidences with the
     training distribution ``p`` (selection without gradient). Non-finite outputs (a virtual step that
     overflowed, e.g. under fp16) give a NaN meta loss, which :class:`L2W` skips, instead of an error.
     """
     outputs = check_multi_exit_output(outputs)
-    losses = exit_losses(outputs, target)
+    losses = exit_losses(outputs, target, criterion=None if criterion is None else
+                         ExitCriterion.from_module(criterion).unsmoothed())
     conf = exit_confidences(outputs)
     if not bool(torch.isfinite(conf).all()):
         return losses.sum() * float("nan")
@@ -338,6 +344,7 @@ def meta_step(
     autocast: Callable[[], ContextManager] = contextlib.nullcontext,
     loss_scale: float = 1.0,
     distill: Optional[Distillation] = None,
+    criterion: Any = None,
 ) -> MetaStepResult:
     """Steps 1-2 of the training step (docs/method.md §5) and the meta gradient of step 3.
 
@@ -359,16 +366,22 @@ def meta_step(
     gradients do not flush to zero; the virtual step divides it out again, and the returned
     ``grads`` (and ``.grad``) are ``loss_scale * d meta_loss / d phi``, as ``torch.amp.GradScaler``
     expects (``GradScaler.unscale_`` / ``step`` then divide it out and skip on overflow).
+
+    ``criterion`` (:meth:`~timm_l2w.weighting.ExitCriterion.from_module`: e.g. timm's
+    ``SoftTargetCrossEntropy`` or ``BinaryCrossEntropy``) is the per-sample training loss; targets may be
+    class probabilities (Mixup / CutMix) on both halves.
     """
     # enable_grad: also works when called under torch.no_grad(). The math attention kernel: the fused
     # scaled_dot_product_attention kernels have no second-order / forward-mode derivatives.
     with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
         return _meta_step(model, optimizer, weight_net, train_batch, meta_batch, p, eps, constraint, backend,
-                          label_smoothing, train_outputs, train_rng, autocast, float(loss_scale), distill)
+                          label_smoothing, train_outputs, train_rng, autocast, float(loss_scale), distill,
+                          ExitCriterion.from_module(criterion, label_smoothing))
 
 
 def _meta_step(model, optimizer, weight_net, train_batch, meta_batch, p, eps, constraint, backend,
-               label_smoothing, train_outputs, train_rng, autocast, scale, distill=None) -> MetaStepResult:
+               label_smoothing, train_outputs, train_rng, autocast, scale, distill=None,
+               criterion: Optional[ExitCriterion] = None) -> MetaStepResult:
     eps = _check_eps(eps)
     _check_choice(constraint, CONSTRAINTS, "constraint")
     x_train, y_train = _check_batch(train_batch, "train_batch")
@@ -391,12 +404,12 @@ def _meta_step(model, optimizer, weight_net, train_batch, meta_batch, p, eps, co
         with autocast():
             train_outputs = runner.forward(params, x_train)
     train_outputs = check_multi_exit_output(train_outputs, num_exits)
-    losses = exit_losses(train_outputs, y_train, label_smoothing)  # CE: the predictor's input
-    train_losses = training_losses(train_outputs, y_train, label_smoothing, distill, ce=losses)  # what W multiplies
+    losses = exit_losses(train_outputs, y_train, criterion=criterion)  # CE: the predictor's input
+    train_losses = training_losses(train_outputs, y_train, distill=distill, ce=losses)  # what W multiplies
     weights = sample_weights(weight_net, losses, train_outputs, eps, constraint)
     if eps == 0:  # weights do not depend on phi: the meta gradient is zero
         with torch.no_grad(), autocast():
-            value = meta_loss(runner.forward(params, x_meta), y_meta, p)
+            value = meta_loss(runner.forward(params, x_meta), y_meta, p, criterion)
         grads: List[Optional[Tensor]] = [None] * len(phi)
     elif runner.name == "higher":
         virtual_loss = (weights * train_losses).mean(dim=0).sum()
@@ -407,7 +420,7 @@ def _meta_step(model, optimizer, weight_net, train_batch, meta_batch, p, eps, co
         # 2. meta loss of the virtually updated model on the meta half
         with autocast():
             meta_outputs = runner.forward(new_params, x_meta)
-        value = meta_loss(check_multi_exit_output(meta_outputs, num_exits), y_meta, p)
+        value = meta_loss(check_multi_exit_output(meta_outputs, num_exits), y_meta, p, criterion)
         # 3. second-order gradient into the predictor (through the virtual step)
         grads = list(torch.autograd.grad(value * scale, phi, allow_unused=True))
     else:
@@ -424,7 +437,7 @@ def _meta_step(model, optimizer, weight_net, train_batch, meta_batch, p, eps, co
         # 2. meta loss of the virtually updated model on the meta half, and v = d meta / d theta'
         with autocast():
             meta_outputs = runner.forward(new_params, x_meta)
-        value = meta_loss(check_multi_exit_output(meta_outputs, num_exits), y_meta, p)
+        value = meta_loss(check_multi_exit_output(meta_outputs, num_exits), y_meta, p, criterion)
         v = torch.autograd.grad(value * scale, [new_params[i] for i in moved], allow_unused=True)  # scaled
         # 3. d meta / d W = J_L (c * v) / B by forward mode (scaled like v), then into the predictor
         tangents = {i: _grad_coefficient(slots[i]) * g for i, g in zip(moved, v) if g is not None}
@@ -433,8 +446,8 @@ def _meta_step(model, optimizer, weight_net, train_batch, meta_batch, p, eps, co
             warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
             duals = [fwAD.make_dual(t.detach(), tangents[i]) if i in tangents else t.detach()
                      for i, t in enumerate(params)]
-            tangent = fwAD.unpack_dual(training_losses(runner.forward(duals, x_train), y_train, label_smoothing,
-                                                       distill)).tangent
+            tangent = fwAD.unpack_dual(training_losses(runner.forward(duals, x_train), y_train, distill=distill,
+                                                       criterion=criterion)).tangent
         if tangent is None:  # no parameter moved: nothing depends on phi
             grads = [None] * len(phi)
         else:
@@ -508,6 +521,11 @@ class L2W:
     Either way a meta step with a non-finite meta loss or gradient is skipped and counted in
     :attr:`meta_skipped` (under ``'amp'`` + fp16 that also lowers the loss scale).
 
+    ``criterion`` is the training loop's loss module (``None``: cross-entropy with ``label_smoothing``;
+    timm's ``SoftTargetCrossEntropy`` for Mixup / CutMix targets, ``BinaryCrossEntropy``, ...:
+    :meth:`timm_l2w.ExitCriterion.from_module`): the weighted loss, the predictor's input and the meta
+    loss (without label smoothing) all use it, and the targets may be class probabilities.
+
     ``distill`` (:class:`timm_l2w.Distillation`) adds IMTA's one-for-all knowledge distillation to
     every exit's loss, in the real step and in the virtual step alike (the predictor still reads the
     CE losses; the meta loss stays CE). IMTA's gradient equilibrium is a model setting
@@ -536,6 +554,7 @@ class L2W:
         share_forward: bool = True,
         meta_precision: str = "fp32",
         distill: Optional[Distillation] = None,
+        criterion: Any = None,
     ):
         net = unwrap_model(model)
         model_exits = getattr(net, "num_exits", None)
@@ -572,6 +591,7 @@ class L2W:
         self.p = check_distribution(target_p, num_exits)
         self.meta_interval, self.total_steps = meta_interval, total_steps
         self.label_smoothing = check_label_smoothing(label_smoothing)
+        self.criterion = ExitCriterion.from_module(criterion, self.label_smoothing)
         self.share_forward = share_forward
         self.meta_precision = _check_choice(meta_precision, META_PRECISIONS, "meta_precision")
         if distill is not None and not isinstance(distill, Distillation):
@@ -671,7 +691,7 @@ class L2W:
         with outer:
             result = meta_step(
                 self.model, self.optimizer, self.weight_net, train_batch, meta_batch, self.p,
-                eps=self.eps, constraint=self.constraint, backend=self._backend, label_smoothing=self.label_smoothing,
+                eps=self.eps, constraint=self.constraint, backend=self._backend, criterion=self.criterion,
                 train_outputs=train_outputs, train_rng=train_rng, autocast=autocast, distill=self.distill,
                 # scaler.scale(1) is the current scale (and creates it on the first step)
                 loss_scale=float(scaler.scale(torch.ones((), device=device))) if scaler is not None else 1.0,
@@ -711,7 +731,7 @@ class L2W:
                       and all(o.requires_grad for o in outputs) and self._reusable(outputs))
             self.meta_update(train_batch, meta_batch, outputs if shared else None, self._rng if shared else None)
         loss, weights = weighted_multi_exit_loss(
-            outputs, target, self.weight_net, self.eps, self.constraint, self.label_smoothing, self.distill
+            outputs, target, self.weight_net, self.eps, self.constraint, distill=self.distill, criterion=self.criterion
         )
         self.last_weights = weights.detach()
         if in_split:
