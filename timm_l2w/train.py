@@ -36,6 +36,7 @@ from .files import csv_text, write_json_atomic, write_text_atomic
 __all__ = ["PRESETS", "build_parser", "parse_args", "train", "main", "find_checkpoint", "TrainingStopped"]
 
 CHECKPOINT_PREFIX = "step_"
+EMA_FILE = "model_ema.safetensors"  # --model-ema: the averaged weights, beside model.safetensors
 COMPLETE_MARKER = "COMPLETE"
 
 # The paper's hyperparameters (docs/method.md §8). "cifar" is the default; "imagenet" changes these keys.
@@ -95,16 +96,42 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=300, help="passes over the training set (the paper: 300 on CIFAR)")
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many loader batches (overrides --epochs)")
     g.add_argument("--batch-size", type=int, default=64, help="global batch; each rank gets batch/world_size")
-    g.add_argument("--lr", type=float, default=0.1, help="peak learning rate of SGD (cosine schedule)")
+    g.add_argument("--lr", type=float, default=0.1, help="peak learning rate (cosine schedule)")
     g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine schedule")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
+    g.add_argument("--momentum", type=float, default=0.9, help="momentum of SGD-type optimizers (--opt)")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay")
     g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup, in updates")
     g.add_argument("--warmup-lr", type=float, default=1e-5, help="learning rate at the start of the warmup")
     g.add_argument("--label-smoothing", type=float, default=None, help=_preset_help("label smoothing", "label_smoothing"))
     g.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no", help="autocast precision")
     g.add_argument("--seed", type=int, default=0, help="seed of the model initialisation and data order")
     g.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is there")
+
+    g = p.add_argument_group("timm's recipe pieces (flags named as timm's train.py names them)")
+    g.add_argument("--opt", default="momentum", help="timm optimizer (timm.optim.create_optimizer_v2 names: momentum "
+                   "(SGD + momentum, the paper's), sgd, nesterov, adamw, adam, lamb, ...; README: which L2W supports)")
+    g.add_argument("--opt-eps", type=float, default=None, help="optimizer epsilon (default: the optimizer's)")
+    g.add_argument("--opt-betas", type=float, nargs="+", default=None, metavar="BETA",
+                   help="optimizer betas (default: the optimizer's)")
+    g.add_argument("--layer-decay", type=float, default=None, help="layer-wise lr decay (timm's param groups)")
+    g.add_argument("--filter-bias-and-bn", action="store_true",
+                   help="no weight decay on biases and norm layers (timm's recipes; the paper decays every tensor)")
+    g.add_argument("--clip-grad", type=float, default=None, help="clip gradients at this norm / value / AGC factor")
+    g.add_argument("--clip-mode", choices=["norm", "value", "agc"], default="norm", help="gradient clipping mode")
+    g.add_argument("--grad-accum-steps", type=int, default=1,
+                   help="micro-batches (halves of a loader batch) accumulated into each optimizer update")
+    g.add_argument("--mixup", type=float, default=0.0, help="Mixup alpha (0: off)")
+    g.add_argument("--cutmix", type=float, default=0.0, help="CutMix alpha (0: off)")
+    g.add_argument("--mixup-prob", type=float, default=1.0, help="probability of mixing a loader batch")
+    g.add_argument("--mixup-switch-prob", type=float, default=0.5, help="probability of CutMix when both are on")
+    g.add_argument("--mixup-mode", choices=["batch", "pair", "elem"], default="batch", help="how Mixup pairs samples")
+    g.add_argument("--bce-loss", action="store_true", help="binary cross-entropy (timm's BinaryCrossEntropy) per exit")
+    g.add_argument("--bce-target-thresh", type=float, default=None, help="binarise BCE targets above this value")
+    g.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights (timm's ModelEmaV3); "
+                   "the final evaluation and model_ema.safetensors use it")
+    g.add_argument("--model-ema-decay", type=float, default=0.9998, help="EMA decay per update")
+    g.add_argument("--model-ema-warmup", action="store_true", help="EMA decay warmup (ModelEmaV3's use_warmup)")
+    g.add_argument("--channels-last", action="store_true", help="channels_last memory format for model and inputs")
 
     g = p.add_argument_group("L2W (defaults: the paper's CIFAR settings, see --preset)")
     g.add_argument("--weighting", choices=["l2w", "uniform"], default="l2w",
@@ -337,11 +364,13 @@ class _Run:
         self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.total_updates = 2 * self.total_steps
         self.model.to(acc.device)
-        optimizer = create_optimizer_v2(self.model, opt="momentum", lr=args.lr, momentum=args.momentum,
-                                        weight_decay=args.weight_decay, filter_bias_and_bn=False)
+        if args.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        optimizer = _create_optimizer(self.model, args)
         from .weighting import Distillation
 
         self.distill = Distillation(args.distill_temperature, args.distill_alpha) if args.distill else None
+        self.mixup, self.criterion = _mixup_and_criterion(args, self.splits.num_classes)
         if args.gradient_equilibrium:
             self.model.set_gradient_equilibrium(True)
         self.l2w = None
@@ -355,15 +384,22 @@ class _Run:
                            target_p_index=args.target_p_index, hidden_sizes=(args.hidden,),
                            meta_interval=args.meta_interval, meta_lr=args.meta_lr,
                            meta_weight_decay=args.meta_weight_decay, total_steps=self.total_updates,
-                           backend=args.backend, label_smoothing=args.label_smoothing, accelerator=acc,
-                           meta_precision=args.meta_precision, distill=self.distill)
+                           backend=args.backend, accelerator=acc, meta_precision=args.meta_precision,
+                           distill=self.distill, criterion=self.criterion, **_l2w_step_kwargs(args))
         self.model, self.optimizer = acc.prepare(self.model, optimizer)
         if self.l2w is not None:
             self.l2w.model, self.l2w.optimizer = self.model, self.optimizer
         self.scheduler = CosineLRScheduler(optimizer, t_initial=self.total_updates, lr_min=args.min_lr,
                                            warmup_t=args.warmup_steps, warmup_lr_init=args.warmup_lr,
                                            t_in_epochs=False)
+        self.ema = None
+        if args.model_ema:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(acc.unwrap_model(self.model), decay=args.model_ema_decay,
+                                  use_warmup=args.model_ema_warmup)
         self.step = 0
+        self.updates_done = 0  # update() calls so far (the scheduler's and the EMA's count)
         self.history: List[Dict[str, Any]] = []
         self.epoch_stats = self._zero_stats()
         self.nonfinite_run = 0
@@ -394,6 +430,8 @@ class _Run:
                          "hidden": str(self.args.hidden)}
                 _save_tensors(self.l2w.weight_net.state_dict(), tmp / "weight_predictor.safetensors", wmeta)
                 torch.save(self.l2w.state_dict(), tmp / "l2w_state.pt")
+            if self.ema is not None:
+                _save_tensors(self.ema.module.state_dict(), tmp / EMA_FILE, meta)
             write_json_atomic(tmp / "train_state.json", {"step": self.step, "epoch_stats": self.epoch_stats,
                                                    "history": self.history, "nonfinite_run": self.nonfinite_run,
                                                    "args": vars(self.args)})
@@ -447,7 +485,10 @@ class _Run:
         self.history = list(state["history"])
         self.epoch_stats = state["epoch_stats"]
         self.nonfinite_run = int(state.get("nonfinite_run", 0))
-        self.scheduler.step_update(num_updates=2 * self.step)
+        self.updates_done = 2 * self.step
+        self.scheduler.step_update(num_updates=self.updates_done)
+        if self.ema is not None:
+            self.ema.module.load_state_dict(_load_ema(path, self.ema.module))
 
     # -- one update ----------------------------------------------------------------------------
     def update(self, x: Tensor, y: Tensor, stats: Dict[str, Tensor]) -> Tensor:
@@ -455,6 +496,9 @@ class _Run:
         from .weighting import exit_losses, training_losses
 
         acc, model = self.accelerator, self.model
+        self.updates_done += 1
+        if self.args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         kept = self._snapshot_buffers()  # BN running stats, restored if this update is skipped
         with acc.autocast():
             outputs = model(x)  # train mode: the tuple of every exit's logits (through DDP for gradient sync)
@@ -462,7 +506,7 @@ class _Run:
         if self.l2w is not None:
             loss = self.l2w.loss(outputs, y)
         else:
-            loss = training_losses(outputs, y, self.args.label_smoothing, self.distill).mean(dim=0).sum()
+            loss = training_losses(outputs, y, distill=self.distill, criterion=self.criterion).mean(dim=0).sum()
         # L2W skipped its meta update (non-finite meta loss or meta gradient, same on every rank)
         meta_skipped = meta_due and self.l2w.last_meta_skipped
         if meta_skipped:
@@ -472,10 +516,13 @@ class _Run:
         if finite:
             self.optimizer.zero_grad(set_to_none=True)
             acc.backward(loss)  # fp16: accelerate's GradScaler scales the loss ...
+            self._clip_gradients()
             self.optimizer.step()  # ... and skips the step when the gradients overflowed (then lowers the scale)
             if self.optimizer.step_was_skipped:
                 self._restore_buffers(kept)
                 stats["skipped"] += 1
+            elif self.ema is not None:
+                self.ema.update(acc.unwrap_model(model), step=self.updates_done)
         else:  # skip this update everywhere; the model (BN statistics too) and optimizer states are untouched
             self.optimizer.zero_grad(set_to_none=True)
             self._restore_buffers(kept)
@@ -491,14 +538,30 @@ class _Run:
                     f"lower --lr (or --meta-lr), use --mixed-precision bf16/no, or check the data; "
                     f"raise --max-nonfinite to tolerate more", 3)
         with torch.no_grad():
-            per_exit = exit_losses([o.detach() for o in outputs], y)
+            per_exit = exit_losses([o.detach() for o in outputs], y, criterion=self.criterion)
             stats["loss_sum"] += per_exit.sum(dim=0).double()
-            stats["correct"] += torch.stack([o.detach().argmax(dim=1).eq(y) for o in outputs], 1).sum(0).double()
+            labels = y.argmax(dim=1) if y.ndim == 2 else y  # Mixup: the dominant class
+            stats["correct"] += torch.stack([o.detach().argmax(dim=1).eq(labels) for o in outputs], 1).sum(0).double()
             stats["seen"] += y.shape[0]
         if meta_due and not meta_skipped and self.l2w.last_meta_loss is not None:
             stats["meta_sum"] += self.l2w.last_meta_loss
             stats["meta_count"] += 1
         return loss.detach()
+
+    def _clip_gradients(self) -> None:
+        """``--clip-grad`` on the real step, as timm's dispatch_clip_grad does it (after unscaling fp16)."""
+        args, acc = self.args, self.accelerator
+        if args.clip_grad is None:
+            return
+        if args.clip_mode == "norm":
+            acc.clip_grad_norm_(self.model.parameters(), args.clip_grad)
+        elif args.clip_mode == "value":
+            acc.clip_grad_value_(self.model.parameters(), args.clip_grad)
+        else:
+            from timm.utils import adaptive_clip_grad
+
+            acc.unscale_gradients()
+            adaptive_clip_grad(self.model.parameters(), args.clip_grad)
 
     def _snapshot_buffers(self) -> List[Tensor]:
         """The model's buffers, one flat copy per dtype (a few kernels, not one per BN layer)."""
@@ -565,6 +628,20 @@ class _Run:
         return row
 
 
+def _load_ema(path: Path, module: nn.Module) -> Dict[str, Tensor]:
+    """The EMA weights of checkpoint ``path`` (a clear error when a --model-ema run's file is missing)."""
+    from .checkpoint import check_state_dict, load_state_dict
+    from .validation import ResumeError
+
+    file = path / EMA_FILE
+    if not file.is_file():
+        raise ResumeError(path, f"it has no {EMA_FILE} (it was written without --model-ema)",
+                          fix="resume it without --model-ema, or start a fresh --output")
+    state = load_state_dict(file)
+    check_state_dict(module, state)
+    return state
+
+
 def _kwargs_meta(args: argparse.Namespace) -> Dict[str, str]:
     """``--model-kwargs`` for a checkpoint's metadata (``timm-l2w eval`` rebuilds the model from it)."""
     return {"model_kwargs": json.dumps(args.model_kwargs)} if args.model_kwargs else {}
@@ -580,6 +657,57 @@ def _check_input_size(model: nn.Module, input_size: Sequence[int]) -> None:
         if "img_size" not in str(err):
             raise
         raise ValueError(f"{err} -- on the command line: --model-kwargs img_size={input_size[-1]}") from None
+
+
+def _create_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """timm's optimizer from the ``--opt`` flags (``create_optimizer_v2``: param groups, layer decay)."""
+    from timm.optim import create_optimizer_v2
+
+    extra: Dict[str, Any] = {}
+    if args.opt_eps is not None:
+        extra["eps"] = args.opt_eps
+    if args.opt_betas is not None:
+        extra["betas"] = tuple(args.opt_betas)
+    try:
+        return create_optimizer_v2(model, opt=args.opt, lr=args.lr, momentum=args.momentum,
+                                   weight_decay=args.weight_decay, filter_bias_and_bn=args.filter_bias_and_bn,
+                                   layer_decay=args.layer_decay, **extra)
+    except (AssertionError, KeyError, TypeError) as err:  # timm asserts on an unknown name
+        from timm.optim import list_optimizers
+
+        raise ValueError(f"--opt {args.opt} with these settings is refused by timm ({err or type(err).__name__}): "
+                         f"choose one of {', '.join(list_optimizers())}") from None
+
+
+def _mixup_and_criterion(args: argparse.Namespace, num_classes: int) -> tuple:
+    """timm's Mixup / CutMix (or None) and the per-exit training loss, chosen as timm's train.py chooses them:
+    with mixing, soft-target CE (smoothing inside Mixup) or BCE; without, CE or BCE with label smoothing."""
+    from timm.data import Mixup
+    from timm.loss import BinaryCrossEntropy
+
+    from .weighting import ExitCriterion
+
+    smoothing = args.label_smoothing
+    mixup = None
+    if args.mixup > 0 or args.cutmix > 0:
+        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
+                      switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=smoothing,
+                      num_classes=num_classes)
+        smoothing = 0.0  # already in the mixed targets
+    if args.bce_loss:
+        return mixup, ExitCriterion.from_module(BinaryCrossEntropy(smoothing=smoothing,
+                                                                   target_threshold=args.bce_target_thresh))
+    return mixup, ExitCriterion("ce", smoothing)
+
+
+def _l2w_step_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    """What L2W needs to model the real update: clipping and accumulation (only when used)."""
+    kwargs: Dict[str, Any] = {}
+    if args.clip_grad is not None:
+        kwargs.update(clip_grad=args.clip_grad, clip_mode=args.clip_mode)
+    if args.grad_accum_steps > 1:
+        kwargs["grad_accum_steps"] = args.grad_accum_steps
+    return kwargs
 
 
 def create_multi_exit_model(name: str, **kwargs: Any) -> nn.Module:
@@ -680,10 +808,12 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             stats = run._new_stats(device)
             t0 = time.perf_counter()
             for x, y in loader:
+                if run.mixup is not None:  # the whole loader batch, before it is split (soft targets on both halves)
+                    x, y = run.mixup(x, y)
                 halves = run.l2w.split(x, y) if run.l2w is not None else _halves(x, y)
-                for i, (xt, yt) in enumerate(halves):
+                for xt, yt in halves:
                     loss = run.update(xt, yt, stats)
-                    run.scheduler.step_update(num_updates=2 * run.step + i + 1)
+                    run.scheduler.step_update(num_updates=run.updates_done)
                 run.step += 1
                 if show:
                     post = {"loss": f"{float(loss):.3f}", "lr": f"{run.optimizer.param_groups[0]['lr']:.3g}"}
@@ -726,13 +856,19 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         if run.l2w is not None:
             _save_tensors(run.l2w.weight_net.state_dict(), run.output / "weight_predictor.safetensors",
                           {"num_exits": str(run.num_exits), "input_type": args.input_type, "hidden": str(args.hidden)})
+        if run.ema is not None:
+            _save_tensors(run.ema.module.state_dict(), run.output / EMA_FILE, meta)
         if not args.no_eval:
             from .evaluate import evaluate_checkpoint
 
-            result["eval"] = evaluate_checkpoint(model, run.held_loader, run.test_loader, out_dir=run.output,
+            if run.ema is not None:
+                print(f"timm-l2w train: evaluating the EMA weights ({EMA_FILE})", flush=True)
+            evaluated = run.ema.module if run.ema is not None else model
+            result["eval"] = evaluate_checkpoint(evaluated, run.held_loader, run.test_loader, out_dir=run.output,
                                                  name=results_name, device=device,
                                                  input_size=run.splits.input_size)
     result["model"] = model
+    result["model_ema"] = run.ema.module if run.ema is not None else None
     result["weight_net"] = run.l2w.weight_net if run.l2w is not None else None
     acc.wait_for_everyone()
     for tracker in acc.trackers:  # not end_training(): that also tears down the process group

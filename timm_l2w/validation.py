@@ -187,6 +187,16 @@ TRAIN_SETTINGS: Dict[str, Range] = {
     "stop_after_steps": Range(1, integer=True),
     "max_nonfinite": Range(1, integer=True),
     "eval_batch_size": Range(1, integer=True),
+    "opt_eps": Range(0, low_open=True),
+    "layer_decay": Range(0, 1, low_open=True, hint="timm's ViT recipes: 0.65-0.75"),
+    "clip_grad": Range(0, low_open=True),
+    "grad_accum_steps": Range(1, integer=True),
+    "mixup": Range(0, hint="timm's recipes: 0.8"),
+    "cutmix": Range(0, hint="timm's recipes: 1.0"),
+    "mixup_prob": Range(0, 1),
+    "mixup_switch_prob": Range(0, 1),
+    "bce_target_thresh": Range(0, 1),
+    "model_ema_decay": Range(0, 1, high_open=True, hint="timm's recipes: 0.9998"),
 }
 EVAL_SETTINGS: Dict[str, Range] = {
     "num_classes": Range(1, integer=True), "in_chans": Range(1, integer=True), "img_size": Range(1, integer=True),
