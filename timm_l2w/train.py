@@ -661,8 +661,11 @@ def _check_input_size(model: nn.Module, input_size: Sequence[int]) -> None:
 
 def _create_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
     """timm's optimizer from the ``--opt`` flags (``create_optimizer_v2``: param groups, layer decay)."""
-    from timm.optim import create_optimizer_v2
+    from timm.optim import create_optimizer_v2, list_optimizers
 
+    known = list_optimizers()
+    if args.opt.lower() not in known:
+        raise ValueError(f"--opt {args.opt} is not a timm optimizer: choose one of {', '.join(known)}")
     extra: Dict[str, Any] = {}
     if args.opt_eps is not None:
         extra["eps"] = args.opt_eps
@@ -672,11 +675,9 @@ def _create_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim
         return create_optimizer_v2(model, opt=args.opt, lr=args.lr, momentum=args.momentum,
                                    weight_decay=args.weight_decay, filter_bias_and_bn=args.filter_bias_and_bn,
                                    layer_decay=args.layer_decay, **extra)
-    except (AssertionError, KeyError, TypeError) as err:  # timm asserts on an unknown name
-        from timm.optim import list_optimizers
-
+    except (AssertionError, KeyError, TypeError, ValueError) as err:
         raise ValueError(f"--opt {args.opt} with these settings is refused by timm ({err or type(err).__name__}): "
-                         f"choose one of {', '.join(list_optimizers())}") from None
+                         f"check --opt-eps / --opt-betas / --momentum for this optimizer") from None
 
 
 def _mixup_and_criterion(args: argparse.Namespace, num_classes: int) -> tuple:
