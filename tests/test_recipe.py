@@ -80,3 +80,31 @@ def test_recipe_flags_use_timms_names():
     assert (args.opt, args.opt_eps, args.opt_betas, args.layer_decay, args.clip_mode) == (
         "lamb", 1e-6, [0.9, 0.99], 0.7, "agc")
     assert (args.grad_accum_steps, args.mixup, args.cutmix, args.model_ema, args.model_ema_decay) == (2, 0.8, 1, True, 0.99)
+
+
+def test_gradient_accumulation_updates_once_per_window_and_resumes_exactly(tmp_path):
+    args = ["--weighting", "uniform", "--max-steps", "6", "--no-eval", "--grad-accum-steps", "4", "--batch-size", "30"]
+    assert _run(tmp_path / "straight", *args) == 0
+    log = json.loads((tmp_path / "straight" / "log.json").read_text())[-1]
+    assert log["step"] == 6
+    again = tmp_path / "resumed"
+    assert _run(again, *args, "--stop-after-steps", "2") == 0
+    assert _run(again, *args, "--resume", "auto") == 0
+    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(again / "model.safetensors")
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    # one update per window: 12 halves / 4 = 3 updates (the cosine schedule's length), not 12
+    from timm_l2w.train import _Run
+
+    run = _Run(parse_args(BASE + args + ["--output", str(tmp_path / "probe")]))
+    run.build()
+    assert run.total_updates == 3
+
+
+def test_gradient_accumulation_windows_must_fit_the_checkpoints(tmp_path, capsys):
+    for extra, message in [(["--grad-accum-steps", "3"], "even number"),
+                           (["--grad-accum-steps", "4", "--max-steps", "3", "--batch-size", "30"], "--max-steps (3 loader batches"),
+                           (["--grad-accum-steps", "4"], "an epoch (9 loader batches")]:
+        code = _run(tmp_path / "bad", "--no-eval", *(["--max-steps", "2"] if "--max-steps" not in extra else []),
+                    *extra)
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, (extra, err)

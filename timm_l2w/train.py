@@ -321,8 +321,12 @@ class _Run:
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state(reset_partial_state=False)
+        from accelerate.utils import GradientAccumulationPlugin
+
+        # windows of exactly --grad-accum-steps halves, across epoch ends (no flush at the end of the loader)
+        accumulation = GradientAccumulationPlugin(num_steps=args.grad_accum_steps, sync_with_dataloader=False)
         self.accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu, log_with=log_with,
-                                       project_dir=args.output)
+                                       project_dir=args.output, gradient_accumulation_plugin=accumulation)
         if args.mixed_precision == "fp16" and self.accelerator.scaler is None:
             raise ValueError(f"--mixed-precision fp16 needs a GPU: accelerate has no fp16 autocast or loss scaling on "
                              f"{self.accelerator.device.type} and would train in fp32; use --mixed-precision bf16 there")
@@ -362,7 +366,8 @@ class _Run:
                              f"{args.batch_size}: pass a smaller --batch-size")
         self.total_steps = args.max_steps or args.epochs * self.steps_per_epoch
         self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-        self.total_updates = 2 * self.total_steps
+        _check_accumulation(args, self.steps_per_epoch)
+        self.total_updates = 2 * self.total_steps // args.grad_accum_steps  # optimizer updates
         self.model.to(acc.device)
         if args.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -399,7 +404,7 @@ class _Run:
             self.ema = ModelEmaV3(acc.unwrap_model(self.model), decay=args.model_ema_decay,
                                   use_warmup=args.model_ema_warmup)
         self.step = 0
-        self.updates_done = 0  # update() calls so far (the scheduler's and the EMA's count)
+        self.updates_done = 0  # optimizer updates so far (the scheduler's and the EMA's count)
         self.history: List[Dict[str, Any]] = []
         self.epoch_stats = self._zero_stats()
         self.nonfinite_run = 0
@@ -485,7 +490,7 @@ class _Run:
         self.history = list(state["history"])
         self.epoch_stats = state["epoch_stats"]
         self.nonfinite_run = int(state.get("nonfinite_run", 0))
-        self.updates_done = 2 * self.step
+        self.updates_done = 2 * self.step // self.args.grad_accum_steps
         self.scheduler.step_update(num_updates=self.updates_done)
         if self.ema is not None:
             self.ema.module.load_state_dict(_load_ema(path, self.ema.module))
@@ -493,10 +498,13 @@ class _Run:
     # -- one update ----------------------------------------------------------------------------
     def update(self, x: Tensor, y: Tensor, stats: Dict[str, Tensor]) -> Tensor:
         """Forward, (meta step,) weighted loss, backward, optimizer step; returns the detached loss."""
+        with self.accelerator.accumulate(self.model):  # --grad-accum-steps: the step ends the window
+            return self._update(x, y, stats)
+
+    def _update(self, x: Tensor, y: Tensor, stats: Dict[str, Tensor]) -> Tensor:
         from .weighting import exit_losses, training_losses
 
         acc, model = self.accelerator, self.model
-        self.updates_done += 1
         if self.args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         kept = self._snapshot_buffers()  # BN running stats, restored if this update is skipped
@@ -513,15 +521,18 @@ class _Run:
             stats["meta_skipped"] += 1
         _fault_point("update", self.step)
         finite = acc.gather(torch.isfinite(loss.detach()).reshape(1)).all()
+        if acc.sync_gradients:
+            self.updates_done += 1
         if finite:
-            self.optimizer.zero_grad(set_to_none=True)
-            acc.backward(loss)  # fp16: accelerate's GradScaler scales the loss ...
-            self._clip_gradients()
-            self.optimizer.step()  # ... and skips the step when the gradients overflowed (then lowers the scale)
+            acc.backward(loss)  # fp16: accelerate's GradScaler scales the loss ... (and divides it by --grad-accum-steps)
+            if acc.sync_gradients:
+                self._clip_gradients()
+            self.optimizer.step()  # ... and skips the step when the gradients overflowed (then lowers the scale);
+            self.optimizer.zero_grad(set_to_none=True)  # both only at the end of an accumulation window
             if self.optimizer.step_was_skipped:
                 self._restore_buffers(kept)
                 stats["skipped"] += 1
-            elif self.ema is not None:
+            elif self.ema is not None and acc.sync_gradients:
                 self.ema.update(acc.unwrap_model(model), step=self.updates_done)
         else:  # skip this update everywhere; the model (BN statistics too) and optimizer states are untouched
             self.optimizer.zero_grad(set_to_none=True)
@@ -702,13 +713,25 @@ def _mixup_and_criterion(args: argparse.Namespace, num_classes: int) -> tuple:
 
 
 def _l2w_step_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
-    """What L2W needs to model the real update: clipping and accumulation (only when used)."""
-    kwargs: Dict[str, Any] = {}
-    if args.clip_grad is not None:
-        kwargs.update(clip_grad=args.clip_grad, clip_mode=args.clip_mode)
-    if args.grad_accum_steps > 1:
-        kwargs["grad_accum_steps"] = args.grad_accum_steps
-    return kwargs
+    """What L2W needs to model the real update beyond the optimizer: the clipping (only when used; the
+    accumulation it reads from the accelerator)."""
+    return {} if args.clip_grad is None else dict(clip_grad=args.clip_grad, clip_mode=args.clip_mode)
+
+
+def _check_accumulation(args: argparse.Namespace, steps_per_epoch: int) -> None:
+    """Accumulation windows (``--grad-accum-steps`` halves) must end where checkpoints are taken (epoch ends,
+    ``--checkpoint-every``, ``--stop-after-steps``), so that a resumed run continues exactly."""
+    n = args.grad_accum_steps
+    if n == 1:
+        return
+    if n % 2:
+        raise ValueError(f"--grad-accum-steps {n}: every loader batch gives two halves (two micro-batches), so a "
+                         f"window must hold an even number of them: use {n + 1} or {max(n - 1, 2)}")
+    for what, steps in (("an epoch", steps_per_epoch), ("--max-steps", args.max_steps),
+                        ("--checkpoint-every", args.checkpoint_every), ("--stop-after-steps", args.stop_after_steps)):
+        if steps and (2 * steps) % n:
+            raise ValueError(f"--grad-accum-steps {n} needs {what} ({steps} loader batches = {2 * steps} halves) to "
+                             f"be a whole number of windows: pick a --grad-accum-steps that divides {2 * steps}")
 
 
 def create_multi_exit_model(name: str, **kwargs: Any) -> nn.Module:
@@ -826,7 +849,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
                 pause = bool(args.stop_after_steps) and run.step == args.stop_after_steps < run.total_steps
                 mid_epoch_ckpt = bool(args.checkpoint_every) and run.step % args.checkpoint_every == 0
                 boundary = run.step % run.steps_per_epoch == 0 or run.step >= run.total_steps
-                if (stop or pause or mid_epoch_ckpt) and not boundary:  # at a boundary the epoch ends first
+                window_ends = (2 * run.step) % args.grad_accum_steps == 0  # a signal waits for the window's update
+                if (stop and window_ends or pause or mid_epoch_ckpt) and not boundary:  # at a boundary the epoch ends first
                     run.epoch_stats["time"] += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     run._flush_stats(stats, device)

@@ -382,15 +382,14 @@ class WeightedMultiExitLoss(nn.Module):
         super().__init__()
         self.weight_net = weight_net
         self.distill = distill
-        self.criterion = ExitCriterion.from_module(criterion, label_smoothing)
         self.eps = _check_eps(eps)
         self.constraint = _check_choice(constraint, CONSTRAINTS, "constraint")
         self.label_smoothing = check_label_smoothing(label_smoothing)
+        self.criterion = ExitCriterion.from_module(criterion, self.label_smoothing)  # carries the smoothing
         self.last_weights: Optional[Tensor] = None
 
     def forward(self, outputs: Sequence[Tensor], target: Tensor) -> Tensor:  # type: ignore[override]
         loss, self.last_weights = weighted_multi_exit_loss(
-            outputs, target, self.weight_net, self.eps, self.constraint, self.label_smoothing, self.distill,
-            self.criterion,
+            outputs, target, self.weight_net, self.eps, self.constraint, distill=self.distill, criterion=self.criterion
         )
         return loss
