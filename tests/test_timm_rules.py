@@ -179,8 +179,7 @@ def _check_against_step(model: nn.Module, opt: torch.optim.Optimizer, grads: Seq
     _real_step(model_copy, opt_copy, grads)
     for new, real in zip(got, model_copy.parameters()):
         assert new.dtype == real.dtype
-        rtol = 1e-5 if isinstance(opt, timm.optim.RAdamLegacy) else 1e-12  # computes in float32 by design
-        torch.testing.assert_close(new, real, rtol=rtol, atol=rtol * 1e-2)
+        torch.testing.assert_close(new, real, rtol=1e-12, atol=1e-14)
 
 
 def _gradcheck(model: nn.Module, opt: torch.optim.Optimizer, grads: Sequence[Tensor]) -> None:
@@ -292,6 +291,24 @@ def test_every_factory_name_is_covered_refused_or_listed():
             assert name in tested, name
     assert not set(RULES) & set(REFUSED)
     assert not set(RULES) & NOT_COVERED
+
+
+@pytest.mark.parametrize("name,dtype", [("adabelief", torch.bfloat16), ("radabelief", torch.float16),
+                                        ("radamlegacy", torch.float64)])
+def test_classes_that_compute_in_float32(name, dtype):
+    """AdaBelief steps low-precision parameters in float32, RAdamLegacy every parameter (float64 too):
+    the rules do the same, to the bit."""
+    model = _tiny_model().to(dtype)
+    opt = create_optimizer_v2(model, name, lr=LR, weight_decay=0.05)
+    params = list(model.parameters())
+    torch.manual_seed(4)
+    for i in range(6):
+        _real_step(model, opt, _random_grads(params))
+    grads = _random_grads(params)
+    model_copy, opt_copy = copy.deepcopy((model, opt))
+    _real_step(model_copy, opt_copy, grads)
+    for new, real in zip(_virtual(model, opt, grads), model_copy.parameters()):
+        assert new.dtype == real.dtype and torch.equal(new, real)
 
 
 def test_lion_is_refused_with_the_reason():

@@ -17,12 +17,18 @@ parameter of every group that has one); the caller merges that dict into each gr
 rule. Only :class:`timm.optim.Lamb` needs it (its global gradient-norm clipping, ``max_grad_norm``).
 
 Differentiability at points the real step does hit: ``sqrt`` of a second moment that is exactly 0
-(a fresh state and a zero gradient entry) has an infinite derivative; the rules use a square root
-that is exact in value and has derivative 0 where its argument is 0 (the one-sided limit of
-``sqrt((1 - beta2) g**2) = c |g|`` averaged over both sides). Trust ratios (LAMB, LARS) divide by a
-norm only where timm uses the ratio (both norms positive), so a zero norm gives derivative 0, never
-NaN. Caution masks, clamps and ``max`` are piecewise: the rules differentiate the branch the real
-step takes (ties: torch's convention). Everything works in reverse and forward mode.
+(a fresh state and a zero gradient entry) has an infinite derivative, and inf * 0 = NaN would spoil
+the whole meta gradient; the rules use a square root that is exact in value and has derivative 0
+where its argument is 0 (``sqrt((1 - beta2) g**2) = c |g|`` has slopes -c and c either side of
+g = 0; 0 is their mean, what a central difference sees). Trust ratios (LAMB, LARS) divide by a norm
+only where timm uses the ratio (both norms positive), so a zero norm gives derivative 0, never NaN.
+Caution masks, clamps and ``max`` are piecewise: the rules differentiate the branch the real step
+takes (ties: torch's convention). Everything works in reverse and in forward mode.
+
+The Jacobian of theta' in the gradient is diagonal for SGDW, NAdamW, AdamWLegacy, NAdamLegacy,
+RAdamLegacy, RMSpropTF, Adan, Adopt, LaProp and AdaBelief (caution's rescaling is piecewise
+constant); per tensor with NAdamW's / AdamWLegacy's ``clipping_threshold`` and for Lars and Lamb's
+trust ratios; Lamb's global clipping couples all the optimizer's parameters.
 
 timm classes covered, with the ``create_optimizer_v2`` names that build them:
 SGDW (sgdw, nesterovw, sgdc, csgdw, csgdc), NAdamW (nadamw, nadamc, cnadamw, cnadamc), RMSpropTF
@@ -547,10 +553,10 @@ RULES: Dict[type, Rule] = {
 
 REFUSED: Dict[type, str] = {
     Lion: (
-        "Lion (timm 'lion', 'lionc', 'clion', 'clionc') updates each weight by the sign of its momentum; a "
-        "sign update has zero derivative in the gradient almost everywhere, so the meta gradient through "
-        "the virtual step would be zero and L2W would learn nothing. Train with an optimizer whose update is "
-        "differentiable in the gradient, e.g. 'adamw', 'lamb' or 'momentum'"
+        "its update is the sign of a momentum (timm's 'lion', 'lionc', 'clion', 'clionc'), and sign updates "
+        "have zero derivative in the gradient almost everywhere: the meta gradient through the virtual step "
+        "would be zero and the weight predictor would never learn. Train with an optimizer whose update is "
+        "differentiable in the gradient, e.g. timm's 'adamw', 'nadamw', 'lamb' or 'momentum'"
     ),
 }
 
