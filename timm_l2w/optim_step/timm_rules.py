@@ -372,7 +372,7 @@ def adopt_rule(params: List[Tensor], grads: List[Tensor], states: List[Dict[str,
         if wd != 0 and not decoupled:
             g = g.add(p, alpha=wd)
         if len(state) == 0:
-            out.append(p)
+            out.append(p.clone())  # a new tensor, like every rule's result, with no dependence on g
             continue
         step = _number(state["step"]) + 1
         if wd != 0 and decoupled:
