@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    packages=find_packages(include=["timm_l2w", "timm_l2w.*"]),
+    packages=find_packages(include=["timm_l2w", "timm_l2w.*", "timm_l2w_runtime", "timm_l2w_runtime.*"]),
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.1",
@@ -19,6 +19,10 @@ setup(
         "matplotlib",
         "scikit-learn",
     ],
-    extras_require={"dev": ["pytest", "pytest-timeout", "hypothesis"]},
+    extras_require={
+        "dev": ["pytest", "pytest-timeout", "hypothesis"],
+        # timm-l2w export / predict: the ONNX exporter (onnx + onnxscript) and the runtime (onnxruntime)
+        "deploy": ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.17", "numpy", "pillow"],
+    },
     entry_points={"console_scripts": ["timm-l2w=timm_l2w.cli:main"]},
 )

@@ -1,4 +1,4 @@
-"""The ``timm-l2w`` command: ``timm-l2w {train,eval,convert,demo} ...``.
+"""The ``timm-l2w`` command: ``timm-l2w {train,eval,convert,demo,export,predict} ...``.
 
 Each subcommand lives in its own module as ``main(argv) -> int``; this file only dispatches, so
 ``timm-l2w --help`` stays fast (nothing heavy is imported until a subcommand runs).
@@ -14,6 +14,8 @@ SUBCOMMANDS = {
     "eval": ("timm_l2w.evaluate", "anytime and budgeted evaluation of a checkpoint, with plot"),
     "convert": ("timm_l2w.checkpoint", "convert a released .pth.tar checkpoint to .safetensors"),
     "demo": ("timm_l2w.demo", "the README's demo on built-in data"),
+    "export": ("timm_l2w.deploy.export", "an early-exit package: per-stage ONNX + torch.export, manifest, policy"),
+    "predict": ("timm_l2w_runtime.predict", "early-exit predictions for images with a package (onnxruntime)"),
 }
 
 

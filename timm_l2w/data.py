@@ -47,6 +47,8 @@ __all__ = [
 BUILTIN_DATASETS = ("digits", "digits-affine", "fashion-mnist", "torch/cifar10", "torch/cifar100")
 DIGITS_AFFINE_COPIES = 6  # transformed copies of each training image in ``digits-affine``
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist package
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
 SPLIT_SEED = 0  # the train / held-out / test split is fixed, independent of the training seed
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -62,6 +64,7 @@ class DataSplits:
     input_size: Tuple[int, int, int]
     collate_fn: Optional[Callable] = None
     train_collate_fn: Optional[Callable] = None
+    class_names: Optional[Tuple[str, ...]] = None  # one name per class index, when the data set has them
 
 
 class InMemoryImages(Dataset):
@@ -178,7 +181,7 @@ def _digits(size: int, in_chans: int, held_out: Optional[int], affine: bool = Fa
     collate = BatchTransform(size, in_chans, [mean] * in_chans, [std] * in_chans)
     sets = [InMemoryImages(x, y) for x, y in splits]
     return DataSplits(*sets, num_classes=10, input_size=(in_chans, size, size), collate_fn=collate,
-                      train_collate_fn=collate)
+                      train_collate_fn=collate, class_names=tuple(str(d) for d in range(10)))
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -235,7 +238,7 @@ def _fashion_mnist(data_dir: Optional[str], size: int, in_chans: int, held_out: 
     sets = [InMemoryImages(train_x[train_idx], train_y[train_idx]),
             InMemoryImages(train_x[held_idx], train_y[held_idx]), InMemoryImages(test_x, test_y)]
     return DataSplits(*sets, num_classes=10, input_size=(in_chans, size, size), collate_fn=collate,
-                      train_collate_fn=collate)
+                      train_collate_fn=collate, class_names=FASHION_MNIST_CLASSES)
 
 
 def _timm_dataset(name: str, data_dir: Optional[str], size: int, in_chans: int, held_out: Optional[int],
@@ -279,8 +282,11 @@ def _timm_dataset(name: str, data_dir: Optional[str], size: int, in_chans: int, 
         num_classes = 100
     else:
         num_classes = len(train_full.reader.class_to_idx)
+    mapping = getattr(getattr(train_full, "reader", None), "class_to_idx", None)
+    names = sorted(mapping, key=mapping.get) if mapping else getattr(train_full, "classes", None)
     return DataSplits(Subset(train_full, train_idx.tolist()), Subset(held_full, held_idx.tolist()), test,
-                      num_classes=num_classes, input_size=(3, size, size))
+                      num_classes=num_classes, input_size=(3, size, size),
+                      class_names=tuple(map(str, names)) if names and len(names) == num_classes else None)
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -359,5 +365,6 @@ def create_eval_loaders(name: str, data_dir: Optional[str] = None, batch_size: i
     """Held-out and test loaders of ``name`` plus ``{"num_classes", "in_chans", "input_size"}``."""
     splits = create_datasets(name, data_dir=data_dir, input_size=input_size, in_chans=in_chans, held_out=held_out)
     _, held, test = create_loaders(splits, batch_size, seed=0, num_workers=num_workers, drop_last=False)
-    info = {"num_classes": splits.num_classes, "in_chans": splits.input_size[0], "input_size": splits.input_size}
+    info = {"num_classes": splits.num_classes, "in_chans": splits.input_size[0], "input_size": splits.input_size,
+            "class_names": splits.class_names}
     return held, test, info

@@ -492,6 +492,12 @@ def _parser() -> argparse.ArgumentParser:
                         "(the prediction unchanged at p consecutive exits; one budget per p = 1..K)")
     p.add_argument("--output", default="eval_results", help="folder for the CSV/JSON tables and the plot")
     p.add_argument("--name", default=None, help="file name stem and curve label (default: the model name)")
+    p.add_argument("--q", type=float, default=None,
+                   help="also write <name>_policy.json, the exit policy for timm-l2w export: thresholds calibrated on "
+                        "the held-out set for the paper's exit distribution p_k ∝ q**k")
+    p.add_argument("--flops-budget", type=float, default=None,
+                   help="also write <name>_policy.json for the most accurate exit distribution (patience: patience "
+                        "value) whose expected FLOPs per image on the held-out set stay within this budget")
     p.add_argument("--no-progress", action="store_true",
                    help="hide the progress bar (it is off anyway when stderr is not a terminal)")
     return p
@@ -536,6 +542,10 @@ def _run(args: argparse.Namespace, timm: Any) -> int:
     import timm_l2w  # noqa: F401  (registers the models)
 
     check_settings(args, EVAL_SETTINGS)  # numbers in range before any data or model is built
+    if args.q is not None or args.flops_budget is not None:
+        from .deploy.policy import check_policy_request
+
+        check_policy_request(args.q, args.flops_budget, args.exit_rule)
     heldout_loader, test_loader, info = create_eval_loaders(
         args.dataset, data_dir=args.data_dir, batch_size=args.batch_size, input_size=args.img_size,
         in_chans=args.in_chans or 3, held_out=args.held_out,
@@ -569,6 +579,10 @@ def _run(args: argparse.Namespace, timm: Any) -> int:
     best = max(result["budgeted"].rows(), key=lambda r: r["test_top1"])
     print(f"budgeted: best test top1 {best['test_top1']:.2f}% at {best['expected_flops'] / 1e6:.2f} MFLOPs "
           f"(exit rule: {args.exit_rule})")
+    if args.q is not None or args.flops_budget is not None:  # the exit policy timm-l2w export reads
+        from .deploy.policy import eval_policy_file
+
+        result["files"]["policy"] = eval_policy_file(args, model, result, test_loader, info, name)
     for kind, path in result["files"].items():
         print(f"wrote {kind}: {path}")
     return 0

@@ -10,11 +10,17 @@ when the predictive entropy is at most ``thresholds[k]`` (:func:`timm_l2w.exits.
 ``rule='patience'`` when the prediction has been the same at ``patience`` consecutive exits
 (:func:`timm_l2w.exits.exit_by_patience`; the previous prediction and the run length of every
 running sample travel with the state).
+
+A predictor saves as an exit policy file (:meth:`EarlyExitPredictor.save`, JSON: the rule, its
+thresholds or patience, the FLOPs per exit, the budget, class names and preprocessing; format in
+:mod:`timm_l2w_runtime.policy`) that :meth:`EarlyExitPredictor.load` and the ONNX runtime of
+``timm-l2w export`` packages read back (docs/deploy.md).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +32,8 @@ from .exits import (
     calibrate_thresholds,
     check_distribution,
     check_exit_rule,
+    exit_by_entropy,
+    exit_by_threshold,
     exit_distribution,
     predictive_entropy,
 )
@@ -67,6 +75,13 @@ class EarlyExitPredictor:
             )
         self.num_exits = int(self.model.num_exits)
         self.rule = check_exit_rule(rule)
+        # what a saved policy records besides the rule (set by the constructors below or by the caller)
+        self.budget: Dict[str, Any] = {}  # what it was calibrated for: {"q": q}, {"flops": F}, {"distribution": p}
+        self.calibration_fractions: Optional[List[float]] = None  # share of calibration samples per exit
+        self.flops: Optional[List[float]] = None  # cumulative FLOPs per exit at flops_input_size
+        self.flops_input_size: Optional[Tuple[int, ...]] = None
+        self.class_names: Optional[List[str]] = None
+        self.preprocess: Optional[Dict[str, Any]] = None  # see timm_l2w_runtime.policy.check_preprocess
         self.patience: Optional[int] = None
         if rule == "patience":
             if patience is None or thresholds is not None:
@@ -114,9 +129,15 @@ class EarlyExitPredictor:
         if rule == "entropy":
             from .evaluate import _entropies
 
-            return cls(model, calibrate_entropy_thresholds_batch(_entropies(calibration, "calibration"), p[None])[0],
-                       rule="entropy")
-        return cls(model, calibrate_thresholds(calibration.confidences, p))
+            entropies = _entropies(calibration, "calibration")
+            predictor = cls(model, calibrate_entropy_thresholds_batch(entropies, p[None])[0], rule="entropy")
+            exits = exit_by_entropy(entropies, predictor.thresholds)
+        else:
+            predictor = cls(model, calibrate_thresholds(calibration.confidences, p))
+            exits = exit_by_threshold(calibration.confidences, predictor.thresholds)
+        predictor.budget = {"q": float(distribution)} if isinstance(distribution, (int, float)) else {"distribution": p.tolist()}
+        predictor.calibration_fractions = (torch.bincount(exits, minlength=num_exits).double() / len(exits)).tolist()
+        return predictor
 
     @classmethod
     def from_flops_budget(
@@ -142,8 +163,76 @@ class EarlyExitPredictor:
         score = torch.where(fits, res.heldout_top1, torch.full_like(res.heldout_top1, -1.0))
         best = int(score.argmax())
         if rule == "patience":
-            return cls(model, rule="patience", patience=int(res.patience[best]))
-        return cls(model, res.thresholds[best], rule=rule)
+            predictor = cls(model, rule="patience", patience=int(res.patience[best]))
+        else:
+            predictor = cls(model, res.thresholds[best], rule=rule)
+        predictor.budget = {"flops": float(budget)}
+        predictor.calibration_fractions = res.heldout_exit_fractions[best].tolist()
+        predictor.record_flops(f.tolist(), getattr(flops, "input_size", None) or calibration.input_size)
+        return predictor
+
+    def record_flops(self, flops: Sequence[float], input_size: Optional[Sequence[int]] = None) -> None:
+        """Remember the cumulative FLOPs per exit (for :meth:`save`) and the image size they were counted at."""
+        self.flops = check_flops(flops, self.num_exits).tolist()
+        size = input_size if input_size is not None else getattr(flops, "input_size", None)
+        self.flops_input_size = tuple(int(v) for v in size) if size is not None else None
+
+    def to_policy(self, input_size: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+        """The policy document :meth:`save` writes (see :mod:`timm_l2w_runtime.policy`).
+
+        ``preprocess`` defaults to timm's eval transform of the model's ``pretrained_cfg`` (at
+        ``input_size``, else the size the FLOPs were counted at); the FLOPs are counted at the
+        preprocessing's input size unless recorded at that size.
+        """
+        from timm_l2w_runtime.policy import POLICY_FORMAT, POLICY_VERSION, check_policy
+
+        from .deploy.policy import model_name, preprocess_from_model
+        from .flops import exit_flops
+
+        pre = self.preprocess or preprocess_from_model(self.model, input_size or self.flops_input_size)
+        size = tuple(pre["input_size"])
+        flops = self.flops
+        if flops is None or (self.flops_input_size is not None and tuple(self.flops_input_size) != size):
+            flops = list(exit_flops(self.model, size))
+        fractions = self.calibration_fractions
+        num_classes = getattr(self.model, "num_classes", None)
+        return check_policy({
+            "format": POLICY_FORMAT, "version": POLICY_VERSION, "model": model_name(self.model),
+            "num_exits": self.num_exits, "num_classes": num_classes, "rule": self.rule,
+            "thresholds": None if self.thresholds is None else self.thresholds.tolist(), "patience": self.patience,
+            "flops": [float(v) for v in flops], "flops_input_size": list(size), "budget": dict(self.budget),
+            "expected_flops": None if fractions is None else float(sum(p * f for p, f in zip(fractions, flops))),
+            "calibration_exit_fractions": fractions, "class_names": self.class_names, "preprocess": pre,
+        }, "the policy")
+
+    def save(self, path: Path | str, input_size: Optional[Sequence[int]] = None) -> Path:
+        """Write the exit policy to ``path`` as JSON (see :meth:`to_policy`); returns the path."""
+        from timm_l2w_runtime.policy import write_policy
+
+        return write_policy(path, self.to_policy(input_size))
+
+    @classmethod
+    def load(cls, path: Path | str, model: nn.Module) -> "EarlyExitPredictor":
+        """The predictor a policy file describes, for ``model``; a policy saved for another model
+        (name, number of exits or classes) is a :class:`timm_l2w_runtime.PolicyError` (a ``ValueError``)."""
+        from timm_l2w_runtime.policy import check_policy_fits, read_policy
+
+        from .deploy.policy import model_name
+
+        policy = read_policy(path)
+        net = unwrap_model(model)
+        check_policy_fits(policy, model_name(net), int(getattr(net, "num_exits", 0)), getattr(net, "num_classes", None),
+                          source=str(path))
+        if policy["rule"] == "patience":
+            predictor = cls(model, rule="patience", patience=policy["patience"])
+        else:
+            predictor = cls(model, policy["thresholds"], rule=policy["rule"])
+        predictor.budget = dict(policy["budget"])
+        predictor.calibration_fractions = policy.get("calibration_exit_fractions")
+        if policy["flops"] is not None:
+            predictor.record_flops(policy["flops"], policy.get("flops_input_size"))
+        predictor.class_names, predictor.preprocess = policy["class_names"], policy["preprocess"]
+        return predictor
 
     @torch.inference_mode()
     def _predict_batch(self, x: Tensor) -> EarlyExitPrediction:

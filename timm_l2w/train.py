@@ -428,7 +428,8 @@ class _Run:
         acc.save_state(str(tmp / "state"))
         if acc.is_main_process:
             meta = {"model": self.args.model, **_kwargs_meta(self.args), "num_classes": str(self.splits.num_classes),
-                    "num_exits": str(self.num_exits), "step": str(self.step), "format": "timm_l2w"}
+                    "num_exits": str(self.num_exits), "step": str(self.step), "format": "timm_l2w",
+                    **_class_names_meta(self.splits)}
             _save_tensors(acc.unwrap_model(self.model).state_dict(), tmp / "model.safetensors", meta)
             if self.l2w is not None:
                 wmeta = {"num_exits": str(self.num_exits), "input_type": self.args.input_type,
@@ -658,6 +659,12 @@ def _kwargs_meta(args: argparse.Namespace) -> Dict[str, str]:
     return {"model_kwargs": json.dumps(args.model_kwargs)} if args.model_kwargs else {}
 
 
+def _class_names_meta(splits: Any) -> Dict[str, str]:
+    """The data set's class names (a JSON list) for a checkpoint's metadata (exit policies and exports read them)."""
+    names = getattr(splits, "class_names", None)
+    return {"class_names": json.dumps(list(names))} if names else {}
+
+
 def _check_input_size(model: nn.Module, input_size: Sequence[int]) -> None:
     """Fail before training when the images cannot go through ``model``, naming the command-line fix."""
     check = getattr(model, "check_input", None)
@@ -876,7 +883,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     model = acc.unwrap_model(run.model)
     if acc.is_main_process:
         meta = {"model": args.model, **_kwargs_meta(args), "num_classes": str(run.splits.num_classes),
-                "num_exits": str(run.num_exits)}
+                "num_exits": str(run.num_exits), **_class_names_meta(run.splits)}
         _save_tensors(model.state_dict(), run.output / "model.safetensors", meta)  # atomic
         if run.l2w is not None:
             _save_tensors(run.l2w.weight_net.state_dict(), run.output / "weight_predictor.safetensors",

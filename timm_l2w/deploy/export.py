@@ -1,0 +1,314 @@
+"""Export a multi-exit model as an early-exit package: one ONNX graph and one torch.export program per stage.
+
+Only the multi-exit contract is used (``num_exits`` and ``forward_stage(k, state)``, the state being
+any pytree of tensors whose first dimension is the batch), so every timm_l2w model and any
+``MultiExitModel`` exports the same way. For stage ``k`` the state it receives is flattened with
+torch's pytree (leaf order) into tensors; the stage graph takes those tensors and returns the
+tensors of its new state that it computed, then exit ``k``'s logits. A state tensor a stage passes
+on unchanged (RANet's image pyramid) is not a graph output: the manifest names it as the same
+tensor, and the runtime keeps it. The batch size is dynamic in every graph.
+
+``DIR`` (see docs/deploy.md): ``manifest.json`` (tensor names, shapes and order per stage),
+``policy.json`` (the exit policy), ``stage_K.onnx`` and, unless ``pt2=False``, ``stage_K.pt2``.
+The export runs the ONNX graphs with onnxruntime on a random batch of another size and compares
+every exit's logits with PyTorch before writing the manifest.
+
+Command line: ``timm-l2w export CHECKPOINT --policy POLICY.json --output DIR``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from contextlib import contextmanager, redirect_stdout
+import io
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_unflatten
+
+from timm_l2w_runtime.policy import check_policy, check_policy_fits, read_policy, write_policy
+from timm_l2w_runtime.runtime import MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, POLICY_FILE
+
+from ..files import write_json_atomic
+from ..models.base import unwrap_model
+from .policy import model_name
+
+__all__ = ["export_package", "main"]
+
+IMAGE_INPUT = "image"
+EXAMPLE_BATCH = 2  # export traces with this batch size (dynamic: any size works afterwards)
+VERIFY_BATCH = 3  # and checks the graphs at another size
+
+
+class _Stage(nn.Module):
+    """Stage ``index`` of ``model`` as a function of the state's tensors: ``(*new_state_tensors, logits)``."""
+
+    def __init__(self, model: nn.Module, index: int, spec: Any, constants: Dict[int, Any], tensor_positions: List[int],
+                 new_positions: Optional[List[int]]):
+        super().__init__()
+        self.model, self.index, self.spec = model, index, spec
+        self.constants, self.tensor_positions, self.new_positions = constants, tensor_positions, new_positions
+
+    def forward(self, *tensors: Tensor) -> Tuple[Tensor, ...]:
+        leaves = [self.constants.get(i) for i in range(self.spec.num_leaves)]
+        for position, t in zip(self.tensor_positions, tensors):
+            leaves[position] = t
+        state, logits = self.model.forward_stage(self.index, tree_unflatten(leaves, self.spec))
+        if self.new_positions is None:  # last stage: the exit's logits only
+            return (logits,)
+        out = tree_flatten(state)[0]
+        return (*[out[i] for i in self.new_positions], logits)
+
+
+def _require_onnx() -> None:
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if not _importable(m)]
+    if missing:
+        raise ImportError(f"exporting needs {', '.join(missing)}: pip install timm_l2w[deploy] "
+                          "(onnx, onnxscript and onnxruntime)")
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+@contextmanager
+def _export_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode, gradient equilibrium off (it only rescales gradients), both restored afterwards."""
+    was_training, equilibrium = model.training, getattr(model, "gradient_equilibrium", False)
+    model.eval()
+    if equilibrium:
+        model.gradient_equilibrium = False
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        if equilibrium:
+            model.gradient_equilibrium = True
+
+
+def _tensor_info(t: Tensor, path: str) -> Dict[str, Any]:
+    return {"shape": ["batch", *map(int, t.shape[1:])], "dtype": str(t.dtype).replace("torch.", ""), "path": path}
+
+
+def _onnx_export(program: Any, path: Path, input_names: List[str], output_names: List[str]) -> List[str]:
+    """Write ``program`` as ONNX (dynamo exporter, weights inside the file); return the graph's input names."""
+    import onnx
+
+    with warnings.catch_warnings(), redirect_stdout(io.StringIO()):  # the exporter's progress lines
+        warnings.simplefilter("ignore")
+        torch.onnx.export(program, f=str(path), input_names=input_names, output_names=output_names, dynamo=True,
+                          external_data=False, verbose=False)
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inputs = [i.name for i in graph.input]
+    outputs = [o.name for o in graph.output]
+    if outputs != output_names:
+        raise RuntimeError(f"the ONNX exporter named the outputs of {path.name} {outputs}, expected {output_names}")
+    return inputs
+
+
+def _export_stage(net: nn.Module, k: int, state: Any, names: List[Optional[str]], root: Path, pt2: bool,
+                  tensors: Dict[str, Dict[str, Any]]) -> Tuple[Dict[str, Any], Any, List[Optional[str]]]:
+    """Export stage ``k`` given its input ``state`` (example batch) and the names of its leaves.
+
+    Returns the manifest entry, the state after the stage and the names of its leaves.
+    """
+    leaves, spec = tree_flatten(state)
+    positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
+    constants = {i: leaf for i, leaf in enumerate(leaves) if not isinstance(leaf, Tensor)}
+    inputs = [leaves[i] for i in positions]
+    input_names = [names[i] for i in positions]
+    last = k == net.num_exits - 1
+    with torch.no_grad():
+        new_state, logits = net.forward_stage(k, state)
+    entry: Dict[str, Any] = {"index": k, "onnx": f"stage_{k}.onnx"}
+    new_positions: Optional[List[int]] = None
+    out_names: List[Optional[str]] = []
+    new_names: List[str] = []
+    if not last:
+        known = {id(t): n for t, n in zip(inputs, input_names)}
+        new_positions = []
+        for i, (path, leaf) in enumerate(tree_flatten_with_path(new_state)[0]):
+            if not isinstance(leaf, Tensor):
+                out_names.append(None)
+            elif id(leaf) in known:  # passed on unchanged (or twice in the state): the same tensor
+                out_names.append(known[id(leaf)])
+            else:
+                name = f"state{k}_{len(new_names)}"
+                known[id(leaf)] = name
+                new_positions.append(i)
+                new_names.append(name)
+                out_names.append(name)
+                tensors[name] = _tensor_info(leaf, keystr(path))
+        entry["state"] = [n for n in out_names if n is not None]
+    logits_name = f"logits{k}"
+    tensors[logits_name] = _tensor_info(logits, f"exit {k} logits")
+    stage = _Stage(net, k, spec, constants, positions, new_positions)
+    batch = torch.export.Dim("batch", min=1)
+    try:
+        program = torch.export.export(stage, tuple(inputs), dynamic_shapes=(tuple({0: batch} for _ in inputs),),
+                                      strict=False)
+    except Exception as err:  # noqa: BLE001 - torch.export raises many error types
+        raise RuntimeError(f"stage {k} of {type(net).__name__} could not be exported with a dynamic batch size "
+                           f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}): its forward_stage "
+                           "must keep the batch as the first dimension of every state tensor and not depend on it") from err
+    if pt2:
+        torch.export.save(program, str(root / f"stage_{k}.pt2"))
+        entry["pt2"] = f"stage_{k}.pt2"
+        entry["pt2_inputs"] = list(input_names)
+    graph_inputs = _onnx_export(program, root / entry["onnx"], list(input_names), new_names + [logits_name])
+    entry["inputs"] = [n for n in input_names if n in graph_inputs]  # a graph drops the inputs it does not read
+    entry["outputs"] = new_names + [logits_name]
+    entry["logits"] = logits_name
+    return entry, new_state, out_names
+
+
+def _verify(net: nn.Module, root: Path, manifest: Mapping[str, Any], input_size: Sequence[int],
+            tolerance: float = 1e-3) -> float:
+    """Run the ONNX stages on a random batch (another size than the traced one) and compare every
+    exit's logits with PyTorch; return the largest difference relative to the logits' scale."""
+    import numpy as np
+    import onnxruntime as ort
+
+    x = torch.randn(VERIFY_BATCH, *input_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = net.forward_exits(x)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    state: Dict[str, Any] = {IMAGE_INPUT: x.numpy()}
+    worst = 0.0
+    for k, stage in enumerate(manifest["stages"]):
+        session = ort.InferenceSession(str(root / stage["onnx"]), sess_options=options,
+                                       providers=["CPUExecutionProvider"])
+        outputs = dict(zip(stage["outputs"], session.run(stage["outputs"], {n: state[n] for n in stage["inputs"]})))
+        ref = expected[k].float().numpy()
+        diff = float(np.abs(outputs[stage["logits"]] - ref).max() / max(1.0, float(np.abs(ref).max())))
+        if not diff <= tolerance:
+            raise RuntimeError(f"the ONNX graph of stage {k} differs from PyTorch by {diff:.3g} (relative) on a batch of "
+                               f"{VERIFY_BATCH}: the export is wrong; please report it with the model name")
+        worst = max(worst, diff)
+        state = {n: outputs[n] if n in outputs else state[n] for n in stage.get("state", [])}
+    return worst
+
+
+def export_package(model: nn.Module, output: Union[str, Path], policy: Union[Mapping[str, Any], Any],
+                   input_size: Optional[Sequence[int]] = None, pt2: bool = True, verify: bool = True) -> Path:
+    """Write the early-exit package of ``model`` to the folder ``output``; returns its path.
+
+    ``policy``: an :class:`timm_l2w.EarlyExitPredictor` (saved with
+    :meth:`~timm_l2w.EarlyExitPredictor.to_policy` at ``input_size``) or a policy document; its
+    ``preprocess.input_size`` (C, H, W) is the exported input size (the graphs take that size only).
+    ``pt2``: also write torch.export programs. ``verify``: compare the ONNX graphs with PyTorch (onnxruntime).
+    """
+    _require_onnx()
+    net = unwrap_model(model)
+    if not hasattr(net, "forward_stage") or not hasattr(net, "num_exits"):
+        raise TypeError(f"{type(net).__name__} does not follow the multi-exit contract (needs num_exits and "
+                        "forward_stage): use a timm_l2w model")
+    doc = check_policy(policy.to_policy(input_size) if hasattr(policy, "to_policy") else policy, "the policy")
+    check_policy_fits(doc, model_name(net), int(net.num_exits), getattr(net, "num_classes", None))
+    size = (doc["preprocess"] or {}).get("input_size") or doc.get("flops_input_size")
+    if not size:
+        raise ValueError("the policy records no input size (preprocess.input_size or flops_input_size): save it with "
+                         "EarlyExitPredictor.save, which records both")
+    size = tuple(int(v) for v in size)
+    if input_size is not None and tuple(int(v) for v in input_size) != size:
+        raise ValueError(f"input_size {tuple(input_size)} differs from the policy's {size}: calibrate the policy at the "
+                         "size you export (its FLOPs and preprocessing depend on it)")
+    root = Path(output)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MANIFEST_FILE).unlink(missing_ok=True)  # a failed export leaves no manifest, not a stale one
+    x = torch.randn(EXAMPLE_BATCH, *size, generator=torch.Generator().manual_seed(0))
+    if hasattr(net, "check_input"):
+        net.check_input(x)
+    tensors: Dict[str, Dict[str, Any]] = {IMAGE_INPUT: _tensor_info(x, "the image batch")}
+    stages = []
+    with _export_mode(net):
+        state: Any = x
+        names: List[Optional[str]] = [IMAGE_INPUT]
+        for k in range(net.num_exits):
+            entry, state, names = _export_stage(net, k, state, names, root, pt2, tensors)
+            stages.append(entry)
+        num_classes = int(tensors[f"logits{net.num_exits - 1}"]["shape"][1])
+        manifest = {
+            "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "model": model_name(net),
+            "num_exits": int(net.num_exits), "num_classes": num_classes, "input_size": list(size),
+            "input": IMAGE_INPUT, "policy": POLICY_FILE, "tensors": tensors, "stages": stages,
+            "exporter": {"torch": torch.__version__, "timm_l2w": _version()},
+        }
+        if verify:
+            manifest["verified_max_relative_difference"] = _verify(net, root, manifest, size)
+    write_policy(root / POLICY_FILE, doc)
+    write_json_atomic(root / MANIFEST_FILE, manifest)
+    return root
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    from timm.utils import ParseKwargs
+
+    p = argparse.ArgumentParser(
+        prog="timm-l2w export",
+        description="Export a multi-exit checkpoint as an early-exit package: one ONNX graph (and torch.export "
+                    "program) per stage, a manifest and the exit policy. Run it with timm-l2w predict.")
+    p.add_argument("checkpoint", nargs="?", default=None, help=".safetensors (or .pth) weights; omit for random init")
+    p.add_argument("--policy", required=True,
+                   help="exit policy JSON (timm-l2w eval CHECKPOINT --q Q or --flops-budget F writes one)")
+    p.add_argument("--output", required=True, help="package folder to write")
+    p.add_argument("--model", default=None, help="timm model name (default: the checkpoint's metadata, else the policy's)")
+    p.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
+                   help="extra timm.create_model arguments (default: those recorded in the checkpoint's metadata)")
+    p.add_argument("--no-pt2", action="store_true", help="skip the torch.export .pt2 programs (ONNX only)")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``timm-l2w export``: writes DIR/manifest.json, DIR/policy.json and DIR/stage_K.onnx (+ .pt2)."""
+    args = _parser().parse_args(argv)
+    try:
+        out = _run(args)
+    except (ValueError, OSError, TypeError, RuntimeError, ImportError) as err:
+        print(f"timm-l2w export: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> Path:
+    import timm
+
+    import timm_l2w  # noqa: F401  (registers the models)
+    from ..checkpoint import read_metadata
+    from ..evaluate import _load_weights, _model_from_metadata
+
+    policy = read_policy(args.policy)
+    args.num_classes = None
+    if args.model is None and not (args.checkpoint and read_metadata(args.checkpoint).get("model")):
+        args.model = policy.get("model")
+    name, kwargs = _model_from_metadata(args)
+    kwargs.setdefault("num_classes", policy["num_classes"])
+    if policy.get("preprocess"):
+        kwargs.setdefault("in_chans", policy["preprocess"]["input_size"][0])
+    if not timm.is_model(name):
+        raise ValueError(f"unknown model '{name}': choose a registered multi-exit model "
+                         f"({', '.join(timm.list_models('*l2w*'))})")
+    model = timm.create_model(name, **kwargs)
+    if args.checkpoint:
+        _load_weights(model, args.checkpoint)
+        saved = read_metadata(args.checkpoint).get("class_names")
+        if policy.get("class_names") is None and saved:
+            policy["class_names"] = json.loads(saved)
+    return export_package(model, args.output, policy, pt2=not args.no_pt2)

@@ -1,0 +1,23 @@
+"""Run an exported timm_l2w early-exit model with numpy and onnxruntime only (no PyTorch).
+
+``timm-l2w export`` writes a package folder (one ONNX graph per stage, ``manifest.json``,
+``policy.json``); :class:`EarlyExitRuntime` loads it, prepares image files as the model expects and
+runs per-sample early exit at any batch size::
+
+    from timm_l2w_runtime import EarlyExitRuntime
+    runtime = EarlyExitRuntime("exported/")
+    files, result = runtime.predict_files(["cat.png", "dog.png"])
+    result.predictions, result.confidences, result.exit_index
+
+This package imports neither torch nor ``timm_l2w``; see docs/deploy.md for the package layout and
+the loop a runtime in another language would write.
+"""
+from .images import find_images, preprocess_files, preprocess_image, resize_bilinear
+from .policy import PolicyError, check_policy, read_policy, write_policy
+from .runtime import EarlyExitRuntime, PackageError, RuntimePrediction, exit_confidence, predictive_entropy, read_manifest
+
+__all__ = [
+    "EarlyExitRuntime", "RuntimePrediction", "PackageError", "PolicyError", "read_manifest", "read_policy",
+    "write_policy", "check_policy", "exit_confidence", "predictive_entropy", "preprocess_files", "preprocess_image",
+    "resize_bilinear", "find_images",
+]

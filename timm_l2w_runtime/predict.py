@@ -1,0 +1,68 @@
+"""``timm-l2w predict DIR IMAGES... --output predictions.csv``: early-exit predictions for image files.
+
+Runs the exported package in ``DIR`` with onnxruntime (no PyTorch; also ``python -m timm_l2w_runtime``)
+and writes one CSV row per image: ``file``, ``prediction`` (class index), ``label`` (class name, or
+the index when the policy has none), ``confidence`` (max softmax at the exit taken) and ``exit``
+(1-based, cheapest first, as in the ``timm-l2w eval`` tables).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="timm-l2w predict",
+        description="Early-exit predictions for image files with an exported package (numpy + onnxruntime).")
+    p.add_argument("package", help="folder written by timm-l2w export")
+    p.add_argument("images", nargs="+", help="image files, or folders searched for them")
+    p.add_argument("--output", default="predictions.csv", help="CSV file to write (default: predictions.csv)")
+    p.add_argument("--policy", default=None, help="another policy file for the same model (default: DIR/policy.json)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
+    p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: its choice)")
+    return p
+
+
+def _write_csv(path: Path, rows: List[dict]) -> None:
+    from .policy import write_text_atomic
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    from .runtime import EarlyExitRuntime
+
+    try:
+        if args.batch_size < 1 or (args.threads is not None and args.threads < 1):
+            raise ValueError("--batch-size and --threads must be integers >= 1")
+        runtime = EarlyExitRuntime(args.package, policy=args.policy, threads=args.threads)
+        files, result = runtime.predict_files(args.images, batch_size=args.batch_size)
+    except (ValueError, OSError, ImportError) as err:
+        print(f"timm-l2w predict: error: {err}", file=sys.stderr)
+        return 2
+    rows = [{"file": str(f), "prediction": int(p), "label": runtime.label(int(p)), "confidence": f"{float(c):.6g}",
+             "exit": int(e) + 1} for f, p, c, e in zip(files, result.predictions, result.confidences, result.exit_index)]
+    _write_csv(Path(args.output), rows)
+    shares = ", ".join(f"{100 * s:.0f}%" for s in result.exit_fractions(runtime.num_exits))
+    flops = runtime.expected_flops(result)
+    full = (runtime.policy.get("flops") or [None])[-1]
+    cost = f"; {flops / 1e6:.3g} MFLOPs per image ({flops / full:.2f}x the last exit)" if flops and full else ""
+    print(f"{len(files)} images, rule {runtime.policy['rule']}: exits {shares}{cost}")
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

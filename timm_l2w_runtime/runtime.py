@@ -1,0 +1,248 @@
+"""Per-sample early exit with numpy and onnxruntime: run an exported package stage by stage.
+
+A package (``timm-l2w export``) holds one ONNX graph per stage, ``manifest.json`` naming the
+tensors each graph takes and gives, and ``policy.json`` (the exit rule). Stage ``k`` reads the state
+left by stage ``k - 1`` (the image batch for ``k = 0``) and returns its new state tensors and exit
+``k``'s logits. After every stage the samples whose exit rule fires take that exit; the state is cut
+down to the remaining samples (the rows of every state tensor) before the next stage runs, so no
+later stage is computed for a sample that left. The decisions are those of
+``timm_l2w.EarlyExitPredictor``: max softmax ``>= thresholds[k]`` (``'confidence'``), predictive
+entropy ``<= thresholds[k]`` (``'entropy'``), or the same prediction at ``patience`` consecutive
+exits (``'patience'``); the last exit takes every sample left.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .images import find_images, preprocess_files
+from .policy import PolicyError, check_policy_fits, read_json, read_policy
+
+__all__ = [
+    "MANIFEST_FORMAT", "MANIFEST_VERSION", "MANIFEST_FILE", "POLICY_FILE", "PackageError",
+    "RuntimePrediction", "EarlyExitRuntime", "exit_confidence", "predictive_entropy", "read_manifest",
+]
+
+MANIFEST_FORMAT = "timm_l2w.early_exit_package"
+MANIFEST_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+POLICY_FILE = "policy.json"
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class PackageError(ValueError):
+    """An exported package that is incomplete, damaged, or does not fit its policy."""
+
+
+def exit_confidence(logits: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Max softmax probability (float32) and predicted class of ``[B, C]`` logits."""
+    z = logits.astype(np.float32, copy=False)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    p = e / e.sum(axis=1, keepdims=True)
+    pred = p.argmax(axis=1)
+    return p[np.arange(len(p)), pred], pred.astype(np.int64)
+
+
+def predictive_entropy(logits: np.ndarray) -> np.ndarray:
+    """Entropy (nats, float32) of the softmax of ``[B, C]`` logits."""
+    z = logits.astype(np.float32, copy=False)
+    z = z - z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return np.maximum(-(np.exp(logp) * logp).sum(axis=1), 0).astype(np.float32)
+
+
+@dataclass
+class RuntimePrediction:
+    """Per sample, in input order: predicted class, its confidence, and the 0-based exit it left at."""
+
+    predictions: np.ndarray  # [N] int64
+    confidences: np.ndarray  # [N] float32
+    exit_index: np.ndarray  # [N] int64
+
+    def exit_fractions(self, num_exits: int) -> np.ndarray:
+        """Share of the samples leaving at each exit, ``[K]`` float64."""
+        return np.bincount(self.exit_index, minlength=num_exits) / max(len(self.exit_index), 1)
+
+
+def read_manifest(package: PathLike) -> Dict[str, Any]:
+    """Read and check ``DIR/manifest.json``: every stage file present, every tensor name resolvable."""
+    root = Path(package)
+    path = root / MANIFEST_FILE
+    if not root.is_dir():
+        raise PackageError(f"package folder {root} does not exist: pass the --output folder of timm-l2w export")
+    manifest = read_json(path, PackageError, f"{root} holds no {MANIFEST_FILE}: it is not a package written by "
+                         "timm-l2w export (or the export did not finish); export it again", "export the package again")
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise PackageError(f"{path} is not a timm_l2w early-exit manifest: export the package with timm-l2w export")
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise PackageError(f"{path} has manifest version {manifest.get('version')!r}, this runtime reads "
+                           f"{MANIFEST_VERSION}: export the package again with this timm_l2w")
+    stages = manifest.get("stages")
+    if not isinstance(stages, list) or len(stages) != manifest.get("num_exits"):
+        raise PackageError(f"{path} lists {len(stages) if isinstance(stages, list) else 'no'} stages for "
+                           f"{manifest.get('num_exits')} exits: the package is damaged; export it again")
+    available = {manifest["input"]}
+    for k, stage in enumerate(stages):
+        file = root / stage["onnx"]
+        if not file.is_file():
+            raise PackageError(f"stage {k} is missing: {file} does not exist (the package is incomplete); copy the "
+                               "whole folder or export it again")
+        unknown = [n for n in stage["inputs"] if n not in available]
+        if unknown:
+            raise PackageError(f"{path}: stage {k} reads {unknown}, which no earlier stage produces: the manifest is "
+                               "damaged; export the package again")
+        produced = set(stage["outputs"])
+        state = stage.get("state", [])
+        lost = [n for n in state if n not in produced and n not in available]
+        if lost or stage["logits"] not in produced:
+            raise PackageError(f"{path}: stage {k}'s state or logits name unknown tensors: the manifest is damaged; "
+                               "export the package again")
+        available = set(state)
+    return manifest
+
+
+def _onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ImportError("the early-exit runtime needs onnxruntime: pip install onnxruntime "
+                          "(or pip install timm_l2w[deploy])") from None
+    return onnxruntime
+
+
+class EarlyExitRuntime:
+    """Load a package folder and run per-sample early exit on image batches.
+
+    ``policy``: another policy file for the same model (default: the package's ``policy.json``).
+    ``threads``: onnxruntime intra-op threads (default: onnxruntime's choice).
+    ``providers``: onnxruntime execution providers (default: ``['CPUExecutionProvider']``).
+    """
+
+    def __init__(self, package: PathLike, policy: Optional[PathLike] = None, threads: Optional[int] = None,
+                 providers: Optional[Sequence[Any]] = None):
+        self.root = Path(package)
+        self.manifest = read_manifest(self.root)
+        policy_path = Path(policy) if policy is not None else self.root / self.manifest.get("policy", POLICY_FILE)
+        try:
+            self.policy = read_policy(policy_path)
+        except PolicyError as err:
+            raise PackageError(str(err)) from None
+        check_policy_fits(self.policy, self.manifest.get("model"), self.manifest["num_exits"],
+                          self.manifest["num_classes"], source=str(policy_path))
+        ort = _onnxruntime()
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = int(threads)
+            options.inter_op_num_threads = 1
+        providers = list(providers) if providers is not None else ["CPUExecutionProvider"]
+        self.sessions = []
+        for k, stage in enumerate(self.manifest["stages"]):
+            try:
+                session = ort.InferenceSession(str(self.root / stage["onnx"]), sess_options=options, providers=providers)
+            except Exception as err:  # noqa: BLE001 - InvalidProtobuf, Fail, ...: whatever a damaged graph raises
+                raise PackageError(f"stage {k} ({self.root / stage['onnx']}) is not a loadable ONNX graph "
+                                   f"({type(err).__name__}: {err}): the file is damaged; export the package again") from None
+            names = {i.name for i in session.get_inputs()}
+            if names != set(stage["inputs"]) or not set(stage["outputs"]) <= {o.name for o in session.get_outputs()}:
+                raise PackageError(f"stage {k} ({stage['onnx']}) does not have the inputs/outputs its manifest lists: "
+                                   "the files come from different exports; export the package again")
+            self.sessions.append(session)
+        self.num_exits = int(self.manifest["num_exits"])
+        self.num_classes = int(self.manifest["num_classes"])
+        self.input_size = tuple(int(v) for v in self.manifest["input_size"])
+        self.class_names: Optional[List[str]] = self.policy.get("class_names")
+
+    def _leave(self, k: int, logits: np.ndarray, conf: np.ndarray, run: Optional[np.ndarray]) -> np.ndarray:
+        rule = self.policy["rule"]
+        if rule == "patience":
+            return run >= self.policy["patience"]
+        if rule == "entropy":
+            return predictive_entropy(logits).astype(np.float64) <= self.policy["thresholds"][k]
+        return conf.astype(np.float64) >= self.policy["thresholds"][k]
+
+    def _predict_batch(self, x: np.ndarray) -> RuntimePrediction:
+        n = x.shape[0]
+        predictions = np.empty(n, dtype=np.int64)
+        confidences = np.empty(n, dtype=np.float32)
+        exit_index = np.empty(n, dtype=np.int64)
+        active = np.arange(n)  # input positions of the samples still running
+        state: Dict[str, np.ndarray] = {self.manifest["input"]: x}
+        previous = run = None  # patience: each running sample's last prediction and its agreement run length
+        for k, (stage, session) in enumerate(zip(self.manifest["stages"], self.sessions)):
+            outputs = dict(zip(stage["outputs"], session.run(stage["outputs"], {n_: state[n_] for n_ in stage["inputs"]})))
+            logits = outputs[stage["logits"]]
+            conf, pred = exit_confidence(logits)
+            last = k == self.num_exits - 1
+            if self.policy["rule"] == "patience":
+                run = np.ones_like(pred) if previous is None else 1 + (pred == previous) * run
+                previous = pred
+            leave = np.ones(len(pred), dtype=bool) if last else self._leave(k, logits, conf, run)
+            idx = active[leave]
+            predictions[idx], confidences[idx], exit_index[idx] = pred[leave], conf[leave], k
+            if last:
+                break
+            keep = np.flatnonzero(~leave)
+            if keep.size == 0:
+                break
+            state = {name: outputs[name] if name in outputs else state[name] for name in stage["state"]}
+            if keep.size < leave.size:  # drop the samples that left from every state tensor
+                state = {name: np.take(t, keep, axis=0) for name, t in state.items()}
+                active = active[keep]
+                if previous is not None:
+                    previous, run = previous[keep], run[keep]
+        return RuntimePrediction(predictions, confidences, exit_index)
+
+    def check_input(self, x: Any) -> np.ndarray:
+        """``x`` as a C-contiguous float32 ``[N, C, H, W]`` batch of this package's input size (else a ValueError)."""
+        x = np.asarray(x)
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.input_size or x.shape[0] == 0:
+            raise ValueError(f"expected a non-empty image batch [N, {', '.join(map(str, self.input_size))}], got shape "
+                             f"{tuple(x.shape)}: prepare images with EarlyExitRuntime.preprocess")
+        if not np.issubdtype(x.dtype, np.floating) or not np.isfinite(x).all():
+            raise ValueError(f"expected finite floating point images, got dtype {x.dtype}")
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def predict(self, x: Any, batch_size: Optional[int] = None) -> RuntimePrediction:
+        """Early-exit predictions for the normalised batch ``x`` ``[N, C, H, W]`` (in chunks of ``batch_size``)."""
+        x = self.check_input(x)
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+                                       or batch_size < 1):
+            raise ValueError(f"batch_size must be an integer >= 1 (images per chunk), got {batch_size!r}")
+        if batch_size is None or batch_size >= len(x):
+            return self._predict_batch(x)
+        parts = [self._predict_batch(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+        return RuntimePrediction(*(np.concatenate([getattr(p, f) for p in parts])
+                                   for f in ("predictions", "confidences", "exit_index")))
+
+    __call__ = predict
+
+    def preprocess(self, paths: Sequence[PathLike]) -> np.ndarray:
+        """Image files to the normalised ``[N, C, H, W]`` batch the model expects (the policy's ``preprocess``)."""
+        pre = self.policy.get("preprocess")
+        if pre is None:
+            raise PackageError("the policy has no 'preprocess' entry, so image files cannot be prepared: pass "
+                               "normalised arrays to predict(), or export with a policy that records it")
+        if tuple(pre["input_size"]) != self.input_size:
+            raise PackageError(f"the policy prepares {pre['input_size']} images but the package takes "
+                               f"{list(self.input_size)}: use a policy calibrated at the package's input size")
+        return preprocess_files(list(paths), pre)
+
+    def predict_files(self, paths: Sequence[PathLike], batch_size: int = 64) -> Tuple[List[Path], RuntimePrediction]:
+        """Image files (folders are searched for images) to ``(files, predictions)``, ``batch_size`` images at a time."""
+        files = find_images(paths)
+        parts = [self.predict(self.preprocess(files[i:i + batch_size])) for i in range(0, len(files), batch_size)]
+        return files, RuntimePrediction(*(np.concatenate([getattr(p, f) for p in parts])
+                                          for f in ("predictions", "confidences", "exit_index")))
+
+    def label(self, prediction: int) -> str:
+        """The class name of ``prediction`` (its number when the policy has no class names)."""
+        return self.class_names[prediction] if self.class_names else str(prediction)
+
+    def expected_flops(self, result: RuntimePrediction) -> Optional[float]:
+        """Mean FLOPs per image of ``result`` (the policy's per-exit FLOPs), or ``None`` when not recorded."""
+        flops = self.policy.get("flops")
+        return None if flops is None else float(np.mean(np.asarray(flops)[result.exit_index]))
