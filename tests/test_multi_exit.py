@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 import timm_l2w
-from timm_l2w.flops import _counter_for
-from timm_l2w.models.multi_exit import MultiExitWrapper
+from timm_l2w.flops import _paper_mapping
+from timm_l2w.models.multi_exit import MultiExitWrapper, SplitError
 
 from test_ranet import assert_staged_matches_forward
 
@@ -18,21 +18,13 @@ FAMILIES = [
 ]
 
 
-def _count(modules, run) -> float:
-    """FLOPs (paper convention, same counters as exit_flops) of ``modules`` during ``run()``."""
-    total = [0.0]
+def _count(run) -> float:
+    """FLOPs of ``run()`` in exit_flops' convention (FlopCounterMode with the paper's ReLU/pooling/bias ops)."""
+    from torch.utils.flop_counter import FlopCounterMode
 
-    def hook(m, i, o):
-        total[0] += float(_counter_for(m)(m, i, o))
-
-    handles = [m.register_forward_hook(hook) for m in modules if _counter_for(m) is not None]
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for h in handles:
-            h.remove()
-    return total[0]
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_paper_mapping()) as counter:
+        run()
+    return counter.get_total_flops() / 2
 
 
 @pytest.mark.parametrize("name,kwargs,size", FAMILIES)
@@ -49,17 +41,27 @@ def test_flops_increasing_and_last_is_backbone_plus_heads(name, kwargs, size):
     flops = timm_l2w.exit_flops(model, (3, size, size))
     assert all(b > a for a, b in zip(flops, flops[1:]))
     x = torch.zeros(1, 3, size, size)
-    backbone = _count(model.backbone.modules(), lambda: model.backbone(x))  # plain timm forward, num_classes=0
-    heads = _count(model.heads.modules(), lambda: model.forward_exits(x))
+    backbone = _count(lambda: model.backbone(x))  # plain timm forward (num_classes=0): forward_head(forward_features)
+    state, heads = x, 0.0
+    with torch.no_grad():
+        for k in range(model.num_exits):
+            state = model.forward_block(k, state)
+            feats = model._exit_value(k, state)
+            if k < model.num_exits - 1:
+                heads += _count(lambda: model.heads[k](feats))
+        pooled = model.backbone.forward_head(feats, pre_logits=True)
+    heads += _count(lambda: model.heads[-1].fc(pooled))
     assert heads > 0
     assert flops[-1] == pytest.approx(backbone + heads, rel=1e-9)
+    # each exit counts only what its stages run: exit k + the next stage and head = exit k + 1
+    assert flops[0] == pytest.approx(_count(lambda: model.forward_stage(0, x)), rel=1e-9)
 
 
 def test_attention_flops_counted():
     model = timm.create_model("vit_tiny_l2w", img_size=32, num_classes=5)
     attn = model.backbone.blocks[0].attn
     x = torch.zeros(1, 5, 192)  # 4 patches + class token
-    assert _count(attn.modules(), lambda: attn(x)) == 2 * 5 * 5 * 192 + 5 * (192 * 576 + 576) + 5 * (192 * 192 + 192)
+    assert _count(lambda: attn(x)) == 2 * 5 * 5 * 192 + 5 * (192 * 576 + 576) + 5 * (192 * 192 + 192)
 
 
 @pytest.mark.parametrize("name,kwargs", [("resnet18", {}), ("convnext_atto", {}), ("vit_tiny_patch16_224", {"img_size": 32})])
@@ -95,6 +97,26 @@ def test_wrapper_trains():
     assert all(h.weight.grad is not None for h in model.modules() if isinstance(h, nn.Linear))
 
 
+class _DataDependent(nn.Module):
+    """A timm-style model whose forward_features branches on the values of its input (FX cannot trace it)."""
+
+    feature_info = [dict(num_chs=4, reduction=1, module="conv"), dict(num_chs=4, reduction=1, module="conv2")]
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.conv2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward_features(self, x):
+        x = self.conv(x)
+        return self.conv2(x) if x.mean() > 0 else x
+
+    def forward_head(self, x, pre_logits=False):
+        return x.mean((2, 3))
+
+    def get_classifier(self):
+        return nn.Identity()
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match="out of range.*0..4"):
         MultiExitWrapper("resnet18", exit_indices=(1, 5))
@@ -104,8 +126,8 @@ def test_bad_inputs():
         MultiExitWrapper("resnet18", head="mlp")
     with pytest.raises(TypeError, match="no timm feature API"):
         MultiExitWrapper(nn.Sequential(nn.Conv2d(3, 4, 3)))
-    with pytest.raises(TypeError, match="no staged feature API"):
-        MultiExitWrapper("efficientnet_b0")
+    with pytest.raises(SplitError, match=r"cannot trace its forward_features.*MultiExitModel subclass"):
+        MultiExitWrapper(_DataDependent(), num_classes=3)
     vit = timm.create_model("vit_tiny_l2w", img_size=32, num_classes=3)
     with pytest.raises(ValueError, match="img_size=64"):
         vit(torch.randn(1, 3, 64, 64))

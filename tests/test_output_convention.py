@@ -23,6 +23,7 @@ REGISTERED = {
     "resnet18_l2w": ({}, 32),
     "convnext_atto_l2w": ({}, 32),
     "vit_tiny_l2w": ({"img_size": 32}, 32),
+    "multi_exit_l2w": ({"backbone": "test_efficientnet"}, 32),  # any timm backbone
     "msdnet_l2w": ({}, 129),  # the ImageNet stem's minimum input
     "msdnet_l2w_step6": None,
     "msdnet_l2w_step7": None,

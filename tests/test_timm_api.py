@@ -25,6 +25,7 @@ SMALL = {
     "resnet18_l2w": (dict(num_classes=10), 64),
     "convnext_atto_l2w": (dict(dims=(8, 16, 32, 64), num_classes=10), 64),
     "vit_tiny_l2w": (dict(img_size=32, depth=4, embed_dim=32, num_heads=2, exit_indices=(0, 1, 2, 3)), 32),
+    "multi_exit_l2w": (dict(backbone="test_efficientnet", exit_indices=(1, 3, 4), num_classes=10), 64),
 }
 # one small model per family: MSDNet, RANet, the wrapper (a ViT: tokens, class token, patch grid)
 FAMILIES = ["msdnet_l2w_cifar_tiny", "ranet_l2w_cifar", "vit_tiny_l2w"]

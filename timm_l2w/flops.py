@@ -6,13 +6,21 @@ adds one op per output), one op per ReLU output element, and one op per pooled i
 Other module types contribute through :data:`MODULE_FLOP_COUNTERS`, which backbones may extend
 (e.g. attention matmuls of transformer blocks).
 
+Models that set ``flop_counting = "aten"`` (:class:`timm_l2w.MultiExitWrapper`: any timm backbone)
+are counted on the ops each stage really runs, with torch's ``FlopCounterMode``: its matmul,
+convolution and attention (``scaled_dot_product_attention``) formulas, halved to multiply-accumulates,
+plus the same convention for what it does not count: linear biases (one op per output), ReLU (one per
+output element) and pooling (max/average pool windows, adaptive pools and spatial or token means:
+one per input element). Normalisation, other activations and additions count zero, as above. For a
+ResNet the two counters agree exactly; MSDNet and RANet keep the hook counter (the release's numbers).
+
 FLOPs depend on the image size, so :func:`exit_flops` returns an :class:`ExitFlops` list that
 remembers the size it was counted at; budgeted evaluation refuses outputs collected at another size
 instead of giving a curve that is off by the ratio of the image areas.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence, Tuple, Type
+from typing import Any, Callable, Dict, List, Sequence, Tuple, Type
 
 import torch
 from timm.models import get_model_input_config
@@ -112,6 +120,8 @@ def exit_flops(model: nn.Module, input_size: Sequence[int] | None = None) -> Exi
         shown = input_size if isinstance(input_size, int) else tuple(input_size)
         raise ValueError(f"input_size must be (channels, height, width), got {shown}")
 
+    if getattr(model, "flop_counting", None) == "aten":
+        return ExitFlops(_aten_stage_flops(model, input_size), input_size)
     total = [0.0]
 
     def hook(module, inputs, output):
@@ -120,7 +130,85 @@ def exit_flops(model: nn.Module, input_size: Sequence[int] | None = None) -> Exi
             total[0] += float(counter(module, inputs, output))
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if _counter_for(m) is not None]
+    try:
+        flops = _stage_totals(model, input_size, lambda: total[0])
+    finally:
+        for h in handles:
+            h.remove()
+    return ExitFlops(flops, input_size)
 
+
+# ----------------------------------------------------------------------------- FlopCounterMode (any timm model)
+# FlopCounterMode counts 2 FLOPs per multiply-accumulate; the total is halved, so the entries added here
+# count 2 per paper op.
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _first_shape(out_shape: Any) -> Sequence[int]:
+    return out_shape[0] if isinstance(out_shape, (tuple, list)) and out_shape and isinstance(out_shape[0], (tuple, list, torch.Size)) else out_shape
+
+
+def _addmm_with_bias(bias_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1] + 2 * _numel(out_shape)
+
+
+def _per_output(x_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _numel(_first_shape(out_shape))
+
+
+def _per_input(x_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _numel(x_shape)
+
+
+def _pool_window(x_shape, kernel_size, *args, out_shape=None, **kwargs) -> int:
+    kh, kw = _pair(kernel_size if not isinstance(kernel_size, (list, tuple)) or len(kernel_size) > 1 else kernel_size[0])
+    return 2 * _numel(_first_shape(out_shape)) * kh * kw
+
+
+def _spatial_mean(x_shape, dim=None, *args, out_shape=None, **kwargs) -> int:
+    """Means over the spatial dims of a 4-d map or the tokens of a 3-d sequence are pooling; others count 0."""
+    if dim is None:
+        return 0
+    dims = {d % len(x_shape) for d in ([dim] if isinstance(dim, int) else dim)}
+    pooling = (len(x_shape) == 4 and dims in ({2, 3}, {1, 2})) or (len(x_shape) == 3 and dims == {1})
+    return 2 * _numel(x_shape) if pooling else 0
+
+
+def _sdpa_cpu(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _paper_mapping() -> Dict[Any, Callable[..., int]]:
+    aten = torch.ops.aten
+    mapping = {
+        aten.addmm: _addmm_with_bias,
+        aten.relu: _per_output, aten.relu_: _per_output,
+        aten.max_pool2d: _pool_window, aten.max_pool2d_with_indices: _pool_window, aten.avg_pool2d: _pool_window,
+        aten._adaptive_avg_pool2d: _per_input, aten.adaptive_max_pool2d: _per_input, aten.mean: _spatial_mean,
+    }
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):  # not in torch's own table
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_cpu
+    return mapping
+
+
+def _aten_stage_flops(model: nn.Module, input_size: Sequence[int]) -> List[float]:
+    """Cumulative paper-convention FLOPs after each stage, counted by FlopCounterMode on one image."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False, custom_mapping=_paper_mapping()) as counter:
+        return _stage_totals(model, input_size, lambda: counter.get_total_flops() / 2)
+
+
+def _stage_totals(model: nn.Module, input_size: Sequence[int], total: Callable[[], float]) -> List[float]:
+    """Run every stage on one zero image in eval mode; ``total()`` after each stage."""
     was_training = model.training
     model.eval()
     try:
@@ -131,11 +219,10 @@ def exit_flops(model: nn.Module, input_size: Sequence[int] | None = None) -> Exi
         if hasattr(model, "check_input"):
             model.check_input(state)
         flops = []
-        for k in range(model.num_exits):
-            state, _ = model.forward_stage(k, state)
-            flops.append(total[0])
+        with torch.no_grad():
+            for k in range(model.num_exits):
+                state, _ = model.forward_stage(k, state)
+                flops.append(float(total()))
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
-    return ExitFlops(flops, input_size)
+    return flops

@@ -1,80 +1,69 @@
-"""Any timm backbone as a staged multi-exit model: exit heads on chosen intermediate outputs.
+"""Any timm backbone as a staged multi-exit model: exit heads on its ``feature_info`` points.
 
 The trunk is the timm model itself (``wrapper.backbone``, created with ``num_classes=0``), so its
-pretrained weights load through timm and a plain timm state_dict loads into it unchanged. The
-backbone is run piecewise along the same intermediate points as timm's ``feature_info`` /
-``forward_intermediates`` (ResNet: the stem activation and ``layer1..4``; ConvNeXt and other
-``stem`` + ``stages`` models: each stage; ViT-style models: each transformer block). Stage ``k``
-runs the backbone from the point of exit ``k - 1`` to the point of exit ``k``, then head ``k``,
-so early-exit inference stops computing after the stage of the exit a sample takes.
+pretrained weights load through timm and a plain timm state_dict loads into it unchanged.
 
-Heads: ``'linear'`` is pooling + linear (tokens: LayerNorm, the backbone's token pooling, linear);
-an exit on the backbone's final point uses the backbone's own pooling/norm (``forward_head`` with
-``pre_logits=True``) and a new linear layer, so the last exit is exactly the backbone as a
-classifier. ``'conv'`` is two 3x3 stride-2 conv-BN-ReLU, global average pooling and linear
-(tokens are reshaped to their patch grid first). Every head keeps its classifier in ``fc``.
+**How the backbone is split.** ``forward_features`` is traced with torch.fx under timm's own FX rules
+(the leaf modules and autowrapped functions timm registers for its feature extraction) and the graph
+is cut at the outputs of the ``feature_info`` modules chosen as exits (:mod:`.fx_stages`). Stage ``k``
+is the code between cut ``k - 1`` and cut ``k``, the state between stages is exactly the values that
+cross the cut, and the stages call the backbone's own modules at run time. Why FX and not
+``forward_intermediates``: ``forward_intermediates(x, indices=k)`` always starts from the image, so
+early-exit inference would recompute the trunk for every exit (or need each family's loop
+re-implemented to resume from a stage), and families differ in what they return between stages
+(Swin and MambaOut NHWC maps, ViT tokens with class tokens, HRNet lists of branches, LeViT tokens
+with their grid). The traced graph has one generic answer for all of them: what crosses the cut.
+The price is that a family must trace with FX, which timm tests for its models; a family that does
+not gets a clear :class:`~timm_l2w.models.fx_stages.SplitError` naming the reason and the
+alternative (a :class:`~timm_l2w.models.base.MultiExitModel` subclass).
+
+**Heads.** ``'linear'`` is pooling + linear: NCHW and NHWC maps (the layout is read from the traced
+shapes and ``feature_info`` widths) through timm's ``SelectAdaptivePool2d``, tokens ``[B, N, C]``
+through LayerNorm and timm's token pooling (class token or the average of the patch tokens). An
+exit on the backbone's last feature point uses the backbone's own head (``forward_head`` with
+``pre_logits=True``: its pooling, norm, pre-logits layers) and a new linear layer, so in eval mode
+the last exit is exactly ``fc(backbone.forward_head(backbone.forward_features(x)))``, bit for bit.
+``'conv'`` is two 3x3 stride-2 conv-BN-ReLU, global average pooling and linear (tokens go to their
+patch grid, NHWC maps to NCHW first). Every head keeps its classifier in ``fc``.
 
 timm's model API: ``forward_features`` is the trunk up to the last exit and that exit's unpooled
 features (with the default heads: the backbone's own ``forward_features``), ``forward_head`` that
 exit's pooling and classifier. ``feature_info`` is the backbone's, and ``features_only=True`` gives
 the backbone's maps at the exit points (``forward_intermediates`` of the backbone).
+
+**Files.** ``timm.create_model('multi_exit_l2w', backbone=NAME, exit_indices=..., head=...)`` is the
+registered form of the wrapper; it records its arguments, so ``save_for_hf`` / ``local-dir:``,
+:func:`timm_l2w.save_safetensors` (metadata ``model`` and ``model_kwargs``), ``timm-l2w eval FILE``
+and ``timm.create_model('multi_exit_l2w', pretrained=True, pretrained_cfg_overlay=dict(file=FILE))``
+rebuild it exactly. ``pretrained=True`` with ``pretrained_cfg_overlay=dict(file=...)`` pointing at
+a plain timm checkpoint of the backbone loads that file into the backbone through timm.
 """
 from __future__ import annotations
 
+import json
 from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
 from torch import Tensor, nn
-from timm.layers import Attention, SelectAdaptivePool2d, global_pool_nlc
+from torch.utils._pytree import tree_leaves, tree_map
+from timm.layers import SelectAdaptivePool2d, global_pool_nlc
 from timm.models import (
-    build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model, register_notrace_function,
-    resolve_pretrained_cfg,
+    build_model_with_cfg, generate_default_cfgs, get_model_input_config, get_pretrained_cfg, register_model,
+    register_notrace_function, resolve_pretrained_cfg,
 )
 
-from ..flops import register_flop_counter
 from .base import MultiExitModel
+from .fx_stages import BackboneStages, SplitError, TensorSpec
 from .layers import exit_classifier, is_symbolic
 
-__all__ = ["MultiExitWrapper", "multi_exit_model"]
+__all__ = ["MultiExitWrapper", "multi_exit_model", "SplitError", "GENERIC_NAME"]
 
+GENERIC_NAME = "multi_exit_l2w"  # the registered wrapper of any backbone: create_model(GENERIC_NAME, backbone=...)
 
-def _attention_flops(m: nn.Module, inputs: Tuple[Tensor, ...], out: Tensor) -> float:
-    """Attention matmuls (q k^T and attn v): 2 * N^2 * dim MACs per image (projections are Linear layers)."""
-    b, n = inputs[0].shape[:2]
-    dim = m.num_heads * m.head_dim
-    return 2.0 * b * n * n * dim
-
-
-register_flop_counter(Attention, _attention_flops)
-
-
-def _trunk_plan(backbone: nn.Module) -> Tuple[str, List[List[str]], List[str]]:
-    """How to run ``backbone`` piecewise: (layout, ops per intermediate point, ops that finish the features)."""
-    if all(hasattr(backbone, a) for a in ("conv1", "bn1", "act1", "maxpool", "layer1", "layer4")):
-        layers = [n for n in ("layer1", "layer2", "layer3", "layer4")]
-        return "nchw", [["conv1", "bn1", "act1"], ["maxpool", "layer1"]] + [[n] for n in layers[1:]], []
-    if isinstance(getattr(backbone, "stages", None), nn.Sequential) and hasattr(backbone, "stem"):
-        points = [[f"stages.{i}"] for i in range(len(backbone.stages))]
-        points[0].insert(0, "stem")
-        return "nchw", points, ["norm_pre"] if hasattr(backbone, "norm_pre") else []
-    if hasattr(backbone, "patch_embed") and isinstance(getattr(backbone, "blocks", None), nn.Sequential):
-        points = [[f"blocks.{i}"] for i in range(len(backbone.blocks))]
-        points[0][:0] = [a for a in ("patch_embed", "_pos_embed", "patch_drop", "norm_pre") if hasattr(backbone, a)]
-        return "nlc", points, ["norm"] if hasattr(backbone, "norm") else []
-    raise TypeError(
-        f"{type(backbone).__name__} exposes no staged feature API that MultiExitWrapper can split "
-        "(needs feature_info and ResNet layers, stem + stages, or patch_embed + blocks): use a resnet, "
-        "convnext, vit (or similar) timm model, or write a MultiExitModel subclass"
-    )
-
-
-def _resolve(root: nn.Module, path: str):
-    obj = root
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
+_ALTERNATIVE = ("pick other exit_indices, another model of the family, or write a timm_l2w.MultiExitModel "
+                "subclass (forward_block / forward_exit_features / forward_exit_head) for this architecture")
 
 
 class _ExitHead(nn.Module):
@@ -95,16 +84,16 @@ class _ExitHead(nn.Module):
 
 
 class _PoolHead(_ExitHead):
-    """Global pooling (timm's ``SelectAdaptivePool2d``) and linear, on a [B, C, H, W] map."""
+    """Global pooling (timm's ``SelectAdaptivePool2d``) and linear, on a [B, C, H, W] or [B, H, W, C] map."""
 
-    def __init__(self, chs: int, num_classes: int, pool_type: str = "avg"):
+    def __init__(self, chs: int, num_classes: int, pool_type: str = "avg", input_fmt: str = "NCHW"):
         super().__init__()
-        self.num_features = chs
+        self.num_features, self.input_fmt = chs, input_fmt
         self.reset(num_classes, pool_type)
 
     def reset(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         if global_pool is not None:
-            self.pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
+            self.pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool), input_fmt=self.input_fmt)
         self.head_hidden_size = self.num_features * self.pool.feat_mult()
         self.fc = exit_classifier(self.head_hidden_size, num_classes, bool(self.pool.pool_type))
 
@@ -144,18 +133,20 @@ def tokens_to_grid(x: Tensor, num_prefix_tokens: int) -> Tensor:
 class _ConvHead(_PoolHead):
     """Two 3x3 stride-2 conv-BN-ReLU, global pooling, linear (tokens go to their patch grid first)."""
 
-    def __init__(self, in_chs: int, width: int, num_classes: int, num_prefix_tokens: Optional[int] = None,
-                 pool_type: str = "avg"):
+    def __init__(self, in_chs: int, width: int, num_classes: int, layout: str = "nchw",
+                 num_prefix_tokens: int = 0, pool_type: str = "avg"):
         super().__init__(width, num_classes, pool_type)
-        self.num_prefix_tokens = num_prefix_tokens
+        self.layout, self.num_prefix_tokens = layout, num_prefix_tokens
         layers: List[nn.Module] = []
         for c in (in_chs, width):
             layers += [nn.Conv2d(c, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
         self.features = nn.Sequential(*layers)
 
     def forward_features(self, x: Tensor) -> Tensor:
-        if self.num_prefix_tokens is not None:
+        if self.layout == "nlc":
             x = tokens_to_grid(x, self.num_prefix_tokens)
+        elif self.layout == "nhwc":
+            x = x.permute(0, 3, 1, 2)
         return self.features(x)
 
 
@@ -180,29 +171,67 @@ def _pool_type(model: nn.Module) -> Optional[str]:
     return None
 
 
-def _pool_feat_mult(model: nn.Module) -> int:
-    pool = getattr(model, "global_pool", None) or getattr(getattr(model, "head", None), "global_pool", None)
-    return pool.feat_mult() if isinstance(pool, SelectAdaptivePool2d) else 1
+def _layout(shape: Tuple[int, ...], chs: int, output_fmt: str) -> Tuple[str, int]:
+    """(layout, channels) of a feature value of ``shape`` (batch dropped) whose ``feature_info`` width is ``chs``."""
+    if len(shape) == 2:
+        return "nlc", shape[-1]
+    if len(shape) != 3:
+        raise SplitError(f"a feature point gives a value of shape {shape} (no batch): neither a map nor tokens")
+    first, last = shape[0] == chs, shape[2] == chs
+    if first != last:
+        return ("nchw", shape[0]) if first else ("nhwc", shape[2])
+    return ("nhwc", shape[2]) if str(output_fmt).upper() == "NHWC" else ("nchw", shape[0])
+
+
+def _input_size(backbone: nn.Module, in_chans: int) -> Tuple[int, int, int]:
+    try:
+        size = tuple(get_model_input_config(backbone)["input_size"])
+    except Exception:  # noqa: BLE001 - models without a timm input config
+        size = tuple((getattr(backbone, "pretrained_cfg", None) or {}).get("input_size", (in_chans, 224, 224)))
+    return (in_chans, int(size[-2]), int(size[-1]))
+
+
+def _default_exits(info: Sequence[Dict[str, Any]]) -> List[int]:
+    """Four evenly spaced points ending at the last for block-wise points (ViTs), else every stage but a
+    stride-2 stem point (ResNet: ``layer1..4``)."""
+    n = len(info)
+    if n > 5:
+        return [(t + 1) * n // 4 - 1 for t in range(4)]
+    if n >= 4 and info[0].get("reduction", 4) <= 2:
+        return list(range(1, n))
+    return list(range(n))
+
+
+def _json_ready(value: Any) -> Any:
+    json.dumps(value)
+    return value
 
 
 class MultiExitWrapper(MultiExitModel):
-    """A timm backbone with exit heads after chosen intermediate points (see the module docstring).
+    """A timm backbone with exit heads after chosen ``feature_info`` points (see the module docstring).
 
     Args:
         backbone: a timm model name (created with ``timm.create_model(name, num_classes=0, ...)``)
             or an already built timm model (its classifier is reset to ``num_classes=0``).
-        exit_indices: increasing indices into the backbone's intermediate points (``feature_info``
-            order; ViT: block indices). Default: ResNet ``layer1..4``; every stage; four evenly
-            spaced ViT blocks ending at the last.
+        exit_indices: increasing indices into the backbone's ``feature_info`` (ViT: block indices).
+            Default: every stage but a stride-2 stem point (ResNet ``layer1..4``); four evenly spaced
+            points ending at the last when the backbone lists more than five (one per block).
         head: ``'linear'`` (pooling + linear) or ``'conv'`` (small conv head).
         num_classes: classes of every exit (0: exits return pooled features).
-        pretrained: load the backbone's pretrained weights through timm.
+        pretrained: load the backbone's pretrained weights through timm (``pretrained_cfg_overlay=
+            dict(file=...)`` among ``timm_kwargs`` names a local timm checkpoint of the backbone).
         head_width: conv head width.
         global_pool: pooling of every exit (timm's values; ``None``: the backbone's own, ``'avg'`` for
             map heads); the backbone is created or reset with it.
         **timm_kwargs: passed to ``timm.create_model`` (``img_size``, ``dynamic_img_size``, ``in_chans``,
             ``drop_path_rate``...).
+
+    Raises:
+        SplitError (a ``TypeError``): the backbone cannot be cut at those points; the message says why
+        and what to use instead.
     """
+
+    flop_counting = "aten"  # timm_l2w.exit_flops counts what each stage runs with torch's FlopCounterMode
 
     def __init__(
         self,
@@ -218,6 +247,7 @@ class MultiExitWrapper(MultiExitModel):
         super().__init__()
         if head not in ("linear", "conv"):
             raise ValueError(f"head must be 'linear' or 'conv', got {head!r}")
+        backbone_name = backbone if isinstance(backbone, str) else None
         if isinstance(backbone, str):
             if global_pool is not None:
                 timm_kwargs["global_pool"] = global_pool
@@ -236,24 +266,14 @@ class MultiExitWrapper(MultiExitModel):
         elif not isinstance(backbone.get_classifier(), nn.Identity):
             backbone.reset_classifier(0)
         self.backbone = backbone
-        self.layout, self._points, self._finish = _trunk_plan(backbone)
-        info = list(backbone.feature_info)
-        n_points = len(self._points)
-        if len(info) != n_points:
-            raise TypeError(
-                f"{type(backbone).__name__}: feature_info lists {len(info)} outputs but the trunk splits into "
-                f"{n_points} points; this model family is not supported by MultiExitWrapper"
-            )
-        if exit_indices is None:
-            if self.layout == "nlc":
-                exit_indices = [(t + 1) * n_points // 4 - 1 for t in range(min(4, n_points))]
-            else:
-                exit_indices = list(range(1 if n_points == 5 and hasattr(backbone, "layer1") else 0, n_points))
-        exit_indices = [int(i) for i in exit_indices]
+        info = [dict(d) for d in backbone.feature_info]
+        n_points = len(info)
+        name = backbone_name or (getattr(backbone, "pretrained_cfg", None) or {}).get("architecture") or type(backbone).__name__
+        exit_indices = _default_exits(info) if exit_indices is None else [int(i) for i in exit_indices]
         if not exit_indices or any(not 0 <= i < n_points for i in exit_indices):
             raise ValueError(
-                f"exit_indices {exit_indices} out of range: {type(backbone).__name__} has {n_points} "
-                f"intermediate outputs, pass indices in 0..{n_points - 1}"
+                f"exit_indices {exit_indices} out of range: {name} has {n_points} feature_info points "
+                f"({', '.join(d['module'] for d in info)}), pass indices in 0..{n_points - 1}"
             )
         if any(b <= a for a, b in zip(exit_indices, exit_indices[1:])):
             raise ValueError(f"exit_indices must be strictly increasing (cheapest exit first), got {exit_indices}")
@@ -263,21 +283,88 @@ class MultiExitWrapper(MultiExitModel):
         self.num_classes = num_classes
         self.in_chans = timm_kwargs.get("in_chans", getattr(backbone, "in_chans", 3))
         self.head_type, self.head_width = head, head_width
-        self.exit_channels = [info[i]["num_chs"] for i in exit_indices]
-        self.num_prefix_tokens = getattr(backbone, "num_prefix_tokens", 0)
+        self._rebuild = dict(backbone=name, exit_indices=list(exit_indices), head=head, head_width=head_width,
+                             **({"global_pool": global_pool} if global_pool is not None else {}),
+                             **self._backbone_kwargs(backbone, backbone_name, timm_kwargs))
+        example = torch.zeros(1, *_input_size(backbone, self.in_chans))
+        through_end = head == "linear" and exit_indices[-1] == n_points - 1
+        try:
+            self._stages = BackboneStages(backbone, [info[i]["module"] for i in exit_indices], through_end, example)
+        except SplitError as err:
+            raise SplitError(f"{name} cannot be split into exits at {exit_indices}: {err}; {_ALTERNATIVE}") from None
+        except Exception as err:  # noqa: BLE001 - FX tracing fails in many ways; the reason is in the message
+            reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+            raise SplitError(f"{name} cannot be split into exits: torch.fx cannot trace its forward_features "
+                             f"({type(err).__name__}: {reason}); {_ALTERNATIVE}") from None
+        fmt = getattr(backbone, "output_fmt", "NCHW")
+        layouts = [_layout(shape, info[i]["num_chs"], fmt) for shape, i in zip(self._stages.feature_shapes, exit_indices)]
+        self.exit_layouts = [lay for lay, _ in layouts]
+        self.exit_channels = [chs for _, chs in layouts]
+        self.exit_grid = [self._grid(shape, lay) for shape, lay in zip(self._stages.feature_shapes, self.exit_layouts)]
+        self.layout = self.exit_layouts[-1]
+        self.num_prefix_tokens = self._prefix_tokens(backbone, info, example)
         self.global_pool = _pool_type(backbone) if global_pool is None else global_pool
         self.heads = nn.ModuleList(self._make_head(k) for k in range(self.num_exits))
         self._set_feature_sizes()
         # features_only: the backbone's intermediate points (module names inside this wrapper)
         self.feature_info = [dict(d, module=f"backbone.{d['module']}") for d in info]
-        cfg = dict(getattr(backbone, "pretrained_cfg", None) or {})
-        img_size = getattr(getattr(backbone, "patch_embed", None), "img_size", None)
-        if img_size is not None:
-            cfg["input_size"] = (self.in_chans, *img_size)
+        self.pretrained_cfg = self.default_cfg = self._own_cfg()  # registered variants get theirs from build_model_with_cfg
+        self._model_args = dict(self._rebuild)  # timm's save_for_hf records these (model_args in config.json)
+
+    # -- construction helpers ------------------------------------------------------------------
+    @staticmethod
+    def _backbone_kwargs(backbone: nn.Module, backbone_name: Optional[str], timm_kwargs: Dict[str, Any]) -> Dict[str, Any]:
+        """The timm arguments that rebuild the backbone (JSON values only; weights come from checkpoints)."""
+        given = dict(timm_kwargs) if backbone_name else dict(getattr(backbone, "_model_args", {}) or {})
+        skip = {"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "num_classes", "global_pool", "cache_dir",
+                "device", "dtype", "pretrained_model_args"}
+        kept = {}
+        for key, value in given.items():
+            if key in skip:
+                continue
+            try:
+                kept[key] = _json_ready(list(value) if isinstance(value, tuple) else value)
+            except TypeError:
+                continue
+        return kept
+
+    def _grid(self, shape: Tuple[int, ...], layout: str) -> Optional[Tuple[int, int]]:
+        return tuple(shape[1:3]) if layout == "nchw" else tuple(shape[0:2]) if layout == "nhwc" else None
+
+    def _prefix_tokens(self, backbone: nn.Module, info: Sequence[Dict[str, Any]], example: Tensor) -> int:
+        prefix = getattr(backbone, "num_prefix_tokens", None)
+        if isinstance(prefix, int):
+            return prefix
+        for shape, i, lay in zip(self._stages.feature_shapes, self.exit_indices, self.exit_layouts):
+            red = info[i].get("reduction")
+            if lay == "nlc" and red:
+                grid = -(-example.shape[-2] // red) * -(-example.shape[-1] // red)
+                return max(shape[0] - grid, 0)
+        return 0
+
+    def _own_cfg(self) -> Dict[str, Any]:
+        cfg = dict(getattr(self.backbone, "pretrained_cfg", None) or {})
+        for key in ("url", "hf_hub_id", "file", "state_dict", "tag", "source", "license", "origin_url", "paper_ids",
+                    "paper_name", "notes", "test_input_size", "test_crop_pct", "label_names", "label_descriptions"):
+            cfg.pop(key, None)
+        cfg["input_size"] = _input_size(self.backbone, self.in_chans)
+        cfg["architecture"] = GENERIC_NAME
+        cfg["num_classes"] = self.num_classes
         cfg["classifier"] = tuple(f"heads.{k}.fc" for k in range(self.num_exits))
         if isinstance(cfg.get("first_conv"), str):
             cfg["first_conv"] = f"backbone.{cfg['first_conv']}"
-        self.pretrained_cfg = self.default_cfg = cfg  # registered variants get theirs from build_model_with_cfg
+        return cfg
+
+    def rebuild_kwargs(self) -> Dict[str, Any]:
+        """``timm.create_model(GENERIC_NAME, **rebuild_kwargs(), num_classes=...)`` builds this model again."""
+        return dict(self._rebuild)
+
+    def checkpoint_metadata(self) -> Dict[str, str]:
+        """What a checkpoint records to rebuild this model (``model``, ``model_kwargs``)."""
+        arch = (self.pretrained_cfg or {}).get("architecture", GENERIC_NAME)
+        if arch != GENERIC_NAME:  # a registered variant (resnet18_l2w...): its name rebuilds it
+            return {"model": arch}
+        return {"model": GENERIC_NAME, "model_kwargs": json.dumps(self.rebuild_kwargs())}
 
     def _set_feature_sizes(self) -> None:
         if self._uses_backbone_head(self.num_exits - 1):
@@ -287,28 +374,43 @@ class MultiExitWrapper(MultiExitModel):
             self.num_features, self.head_hidden_size = self.heads[-1].num_features, self.heads[-1].head_hidden_size
 
     def _uses_backbone_head(self, k: int) -> bool:
-        return self.head_type == "linear" and self.exit_indices[k] == len(self._points) - 1
+        return self._stages.through_end and k == self.num_exits - 1
 
-    def _head_pool(self) -> str:
+    def _head_pool(self, k: int) -> str:
         """Pooling of the exits with heads of their own: the backbone's where that head can do it, else 'avg'."""
         pool = self.global_pool
-        if self.layout == "nlc" and self.head_type == "linear":  # timm's token pooling
+        if self.exit_layouts[k] == "nlc" and self.head_type == "linear":  # timm's token pooling
             usable = ("avg", "max", "avgmax", "") + (("token",) if self.num_prefix_tokens else ())
             return pool if pool in usable else "avg"
-        return "avg" if pool in (None, "token") else pool
+        return pool if pool in ("avg", "max", "avgmax", "catavgmax", "") else "avg"
+
+    def _backbone_head_width(self) -> Tuple[int, bool]:
+        """Width of ``backbone.forward_head(features, pre_logits=True)`` and whether it is pooled (fake tensors)."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        was_training = self.backbone.training
+        self.backbone.eval()
+        try:
+            with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+                feats = tree_map(lambda t: torch.empty(2, *t.shape, dtype=t.dtype) if isinstance(t, TensorSpec) else t,
+                                 self._stages.output_value)
+                pooled = self.backbone.forward_head(feats, pre_logits=True)
+        finally:
+            self.backbone.train(was_training)
+        return int(pooled.shape[-1]), pooled.ndim == 2
 
     def _make_head(self, k: int) -> nn.Module:
-        chs, n = self.exit_channels[k], self.num_classes
+        chs, n, layout = self.exit_channels[k], self.num_classes, self.exit_layouts[k]
         if self._uses_backbone_head(k):
-            dim = getattr(self.backbone, "head_hidden_size", self.backbone.num_features) * _pool_feat_mult(self.backbone)
-            return _LinearHead(dim, n, pooled=self.global_pool != "")
+            dim, pooled = self._backbone_head_width()
+            return _LinearHead(dim, n, pooled=pooled and self.global_pool != "")
         if self.head_type == "conv":
-            prefix = self.num_prefix_tokens if self.layout == "nlc" else None
-            return _ConvHead(chs, self.head_width, n, prefix, self._head_pool())
-        if self.layout == "nlc":
-            return _TokenHead(chs, n, self._head_pool(), self.num_prefix_tokens)
-        return _PoolHead(chs, n, self._head_pool())
+            return _ConvHead(chs, self.head_width, n, layout, self.num_prefix_tokens, self._head_pool(k))
+        if layout == "nlc":
+            return _TokenHead(chs, n, self._head_pool(k), self.num_prefix_tokens)
+        return _PoolHead(chs, n, self._head_pool(k), input_fmt="NHWC" if layout == "nhwc" else "NCHW")
 
+    # -- the multi-exit contract -----------------------------------------------------------------
     def check_input(self, x: Tensor) -> None:
         super().check_input(x)
         if is_symbolic(x):
@@ -317,27 +419,26 @@ class MultiExitWrapper(MultiExitModel):
         img_size = getattr(patch_embed, "img_size", None)
         if img_size is not None and getattr(patch_embed, "strict_img_size", False) and tuple(x.shape[-2:]) != tuple(img_size):
             raise ValueError(
-                f"input is {tuple(x.shape[-2:])}, this ViT expects {tuple(img_size)}: pass img_size="
-                f"{x.shape[-1]} (or dynamic_img_size=True) when creating the model, or resize the images"
+                f"input is {tuple(x.shape[-2:])}, this model expects {tuple(img_size)}: pass img_size="
+                f"{x.shape[-1]} (or dynamic_img_size=True where the family has it) when creating the model, "
+                "or resize the images"
             )
 
-    def _run(self, ops: List[str], x: Tensor) -> Tensor:
-        for name in ops:
-            x = _resolve(self.backbone, name)(x)
-        return x
+    def forward_block(self, index: int, state: Any) -> Any:
+        """The backbone's code from exit ``index - 1``'s point to exit ``index``'s (the image for ``index=0``)."""
+        return self._stages.run(self.backbone, index, state)
 
-    def forward_block(self, index: int, state: Any) -> Tensor:
-        """The backbone from the point after exit ``index - 1`` to exit ``index``'s point."""
-        start = self.exit_indices[index - 1] + 1 if index > 0 else 0
-        x = state
-        for point in range(start, self.exit_indices[index] + 1):
-            x = self._run(self._points[point], x)
-        return x
+    def _exit_value(self, index: int, state: Any) -> Any:
+        return self._stages.feature(index, state, self.backbone.training)
 
-    def forward_exit_features(self, index: int, state: Tensor) -> Tensor:
+    def exit_reads(self, index: int, state: Any) -> List[Tensor]:
+        return [t for t in tree_leaves(self._exit_value(index, state)) if isinstance(t, Tensor)]
+
+    def forward_exit_features(self, index: int, state: Any) -> Tensor:
+        x = self._exit_value(index, state)
         if self._uses_backbone_head(index):
-            return self._run(self._finish, state)  # the backbone's final norm: its forward_features output
-        return self.heads[index].forward_features(state)
+            return x  # the backbone's forward_features output
+        return self.heads[index].forward_features(x)
 
     def forward_exit_head(self, index: int, x: Tensor, pre_logits: bool = False) -> Tensor:
         if self._uses_backbone_head(index):
@@ -358,11 +459,18 @@ class MultiExitWrapper(MultiExitModel):
         self.exit_heads_pruned = True
         return take
 
-    def trunk_features(self, x: Tensor) -> Tensor:
-        """The backbone's ``forward_features`` output computed by the staged trunk (all points)."""
-        for ops in self._points:
-            x = self._run(ops, x)
-        return self._run(self._finish, x)
+    def trunk_features(self, x: Tensor) -> Any:
+        """The backbone's ``forward_features`` output computed by the stages (the last exit on its head)."""
+        if not self._stages.through_end:
+            raise RuntimeError("the last exit has a head of its own: the stages stop before the end of forward_features")
+        state: Any = x
+        for k in range(self.num_exits):
+            state = self.forward_block(k, state)
+        return self._exit_value(self.num_exits - 1, state)
+
+    def stage_source(self, index: int) -> str:
+        """The Python code stage ``index`` runs in the current mode (generated from the traced graph)."""
+        return self._stages.stage_source(index, self.backbone.training)
 
     def load_backbone_state_dict(self, state_dict: Dict[str, Tensor], strict: bool = True):
         """Load a plain timm state_dict into the trunk, dropping the classifier it had (``fc``, ``head``...)."""
@@ -390,8 +498,10 @@ class MultiExitWrapper(MultiExitModel):
             if self._uses_backbone_head(k):  # the backbone's pooled width may have changed
                 self.heads[k] = self._make_head(k)
             else:
-                head.reset(num_classes, None if global_pool is None else self._head_pool())
+                head.reset(num_classes, None if global_pool is None else self._head_pool(k))
         self._set_feature_sizes()
+        if isinstance(self.pretrained_cfg, dict):
+            self.pretrained_cfg["num_classes"] = num_classes
 
 
 def multi_exit_model(model_name: str, **kwargs: Any) -> MultiExitWrapper:
@@ -399,31 +509,99 @@ def multi_exit_model(model_name: str, **kwargs: Any) -> MultiExitWrapper:
     return MultiExitWrapper(model_name, **kwargs)
 
 
-def _create_multi_exit(variant: str, backbone: str, pretrained: bool = False, **kwargs: Any) -> MultiExitWrapper:
-    """timm's builder; ``pretrained=True`` loads the variant's own checkpoint when its cfg names one (a hub
-    repo, a file, ``local-dir:``), else the backbone's timm weights (never both: no backbone download
+# ----------------------------------------------------------------------------- timm's registry
+
+
+def _checkpoint_keys(path: str) -> List[str]:
+    """State-dict keys of a checkpoint file without loading its tensors where the format allows."""
+    if str(path).endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    from ..checkpoint import load_state_dict
+
+    return list(load_state_dict(path))
+
+
+def _names_wrapper_checkpoint(cfg: Dict[str, Any]) -> bool:
+    """True when the resolved cfg points at a multi-exit checkpoint (hub repo, url, ``local-dir:``, or a
+    file whose keys are ``backbone.*``); a file of plain timm keys is the backbone's checkpoint."""
+    if cfg.get("state_dict") is not None:
+        return any(str(k).startswith("backbone.") for k in cfg["state_dict"])
+    if cfg.get("file") and cfg.get("source") != "local-dir":
+        try:
+            return any(k.startswith("backbone.") for k in _checkpoint_keys(cfg["file"]))
+        except Exception:  # noqa: BLE001 - unreadable: let timm's loader report it
+            return True
+    return any(cfg.get(key) for key in ("url", "file", "hf_hub_id"))
+
+
+def _saved_kwargs(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The wrapper arguments a checkpoint file's metadata records (``{}`` when none)."""
+    from ..checkpoint import read_metadata
+
+    file = cfg.get("file")
+    meta = read_metadata(file) if file else {}
+    if meta.get("model") != GENERIC_NAME or not meta.get("model_kwargs"):
+        return {}
+    saved = json.loads(meta["model_kwargs"])
+    if str(meta.get("num_classes", "")).isdigit():
+        saved.setdefault("num_classes", int(meta["num_classes"]))
+    return saved
+
+
+def _create_multi_exit(variant: str, backbone_name: Optional[str], pretrained: bool = False,
+                       **kwargs: Any) -> MultiExitWrapper:
+    """timm's builder. ``pretrained=True`` loads the variant's own checkpoint when its cfg names one (a hub
+    repo, a multi-exit file, ``local-dir:``), else the backbone's timm weights: its hub weights, or a plain
+    timm checkpoint given as ``pretrained_cfg_overlay=dict(file=...)`` (never both: no backbone download
     when a full multi-exit checkpoint is loaded)."""
-    n_exits = len(kwargs["exit_indices"])
-    overlay = {"classifier": tuple(f"heads.{k}.fc" for k in range(n_exits)),
-               **(kwargs.pop("pretrained_cfg_overlay", None) or {})}
+    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
     cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), overlay).to_dict()
-    full_checkpoint = any(cfg.get(key) for key in ("url", "file", "state_dict", "hf_hub_id"))
-    return build_model_with_cfg(
-        partial(MultiExitWrapper, backbone, pretrained=pretrained and not full_checkpoint),
+    full_checkpoint = _names_wrapper_checkpoint(cfg)
+    if variant == GENERIC_NAME:
+        for key, value in (_saved_kwargs(cfg) if full_checkpoint else {}).items():
+            kwargs.setdefault(key, value)  # create_model('multi_exit_l2w', pretrained=True, overlay=dict(file=...))
+        backbone_name = kwargs.pop("backbone", None)
+        if not isinstance(backbone_name, str):
+            raise ValueError(f"{GENERIC_NAME} wraps a timm backbone: pass backbone='<timm model name>', e.g. "
+                             f"timm.create_model('{GENERIC_NAME}', backbone='efficientnet_b0', num_classes=10)")
+    if pretrained and not full_checkpoint and (overlay.get("file") or overlay.get("state_dict") is not None):
+        kwargs["pretrained_cfg_overlay"] = {k: overlay[k] for k in ("file", "state_dict") if k in overlay}
+        overlay = {k: v for k, v in overlay.items() if k not in ("file", "state_dict")}  # the backbone's file
+    n_exits = len(kwargs["exit_indices"]) if kwargs.get("exit_indices") is not None else None
+    if n_exits is not None:
+        overlay.setdefault("classifier", tuple(f"heads.{k}.fc" for k in range(n_exits)))
+    feature_cfg = dict(feature_cls="getter")
+    if kwargs.get("exit_indices") is not None:
+        feature_cfg["out_indices"] = tuple(kwargs["exit_indices"])
+    model = build_model_with_cfg(
+        partial(MultiExitWrapper, backbone_name, pretrained=pretrained and not full_checkpoint),
         variant,
         pretrained and full_checkpoint,
         pretrained_cfg_overlay=overlay,
-        feature_cfg=dict(feature_cls="getter", out_indices=tuple(kwargs["exit_indices"])),
+        feature_cfg=feature_cfg,
         **kwargs,
     )
+    if isinstance(model, MultiExitWrapper):
+        if variant == GENERIC_NAME:  # the backbone's input settings, the source of the weights it was given
+            resolved = dict(model.pretrained_cfg)
+            model.pretrained_cfg = model.default_cfg = {
+                **model._own_cfg(), **{k: resolved[k] for k in ("file", "source", "hf_hub_id", "url", "tag") if resolved.get(k)}}
+        else:
+            model._model_args = {}  # the variant's name rebuilds it; create_model adds the arguments it was given
+    return model
 
 
 _BACKBONE_CFG_KEYS = ("input_size", "pool_size", "crop_pct", "interpolation", "mean", "std", "fixed_input_size",
                       "min_input_size")
 
 
-def _cfg(backbone: str, n_exits: int = 4) -> Dict[str, Any]:
+def _cfg(backbone: Optional[str], n_exits: int = 4) -> Dict[str, Any]:
     """The backbone's input and preprocessing settings; no weights of its own (``untrained``)."""
+    if backbone is None:  # the generic wrapper: the backbone's settings are filled in when it is built
+        return {"url": "", "num_classes": 1000, "first_conv": "backbone.conv1", "classifier": "heads.0.fc"}
     src = get_pretrained_cfg(backbone).to_dict()
     return {
         "url": "", "num_classes": 1000, **{k: src[k] for k in _BACKBONE_CFG_KEYS if src.get(k) is not None},
@@ -432,10 +610,17 @@ def _cfg(backbone: str, n_exits: int = 4) -> Dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs({
+    f"{GENERIC_NAME}.untrained": _cfg(None),
     "resnet18_l2w.untrained": _cfg("resnet18"),
     "convnext_atto_l2w.untrained": _cfg("convnext_atto"),
     "vit_tiny_l2w.untrained": _cfg("vit_tiny_patch16_224"),
 })
+
+
+@register_model
+def multi_exit_l2w(pretrained: bool = False, **kwargs: Any) -> MultiExitWrapper:
+    """Any timm backbone as a multi-exit model: ``backbone='<timm name>'``, ``exit_indices``, ``head``..."""
+    return _create_multi_exit(GENERIC_NAME, None, pretrained, **kwargs)
 
 
 @register_model

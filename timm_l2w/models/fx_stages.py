@@ -1,0 +1,410 @@
+"""A timm backbone's ``forward_features`` cut into stages at its feature points (torch.fx).
+
+The backbone is traced with timm's FX rules (its leaf modules and autowrapped functions, the same
+tracer settings as timm's ``create_feature_extractor``), once in train mode and once in eval mode.
+Each chosen feature point is the output of a ``feature_info`` module in that graph. The nodes are
+split by their position in the graph: stage ``k`` holds the nodes after cut ``k - 1`` up to cut ``k``
+(the last stage may run on to the end of ``forward_features``), so the stages run every op of the
+backbone exactly once, in the backbone's own order (in-place ops stay correct), and together they
+compute ``forward_features`` bit for bit.
+
+The state between stages is the values that cross the cut. Values that do not depend on the input
+(parameters, buffers, embeddings computed from them) are not carried: each stage that reads one
+recomputes it from the live module. Values that depend on the input but not on the batch (a grid
+size, a mask computed from the image size) travel wrapped in :class:`Shared`, which
+:func:`~timm_l2w.select_samples` leaves alone; batch-size integers (``x.shape[0]``) are re-read from
+the batch at each stage. Which is which is found by running the graph on fake tensors
+(``FakeTensorMode``: shapes only, no compute) with two batch sizes.
+
+Each stage is Python code generated from its sub-graph (``Graph.python_code``) and called with the
+backbone as ``self`` at run time, so every module, parameter and buffer is looked up on the module
+tree the call goes through: the stages hold no modules or tensors of their own, ``state_dict`` keys
+stay timm's, and re-bound parameters (``torch.func.functional_call``, the ``higher`` monkeypatch,
+accelerate's wrappers) are what the stages use.
+"""
+from __future__ import annotations
+
+import inspect
+import linecache
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, fx, nn
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
+
+__all__ = ["BackboneStages", "Shared", "SplitError"]
+
+
+class SplitError(TypeError):
+    """The backbone cannot be cut into stages (the message says why and what to use instead)."""
+
+
+class Shared:
+    """A value every sample shares (no batch dimension): carried between stages as it is."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"Shared({type(self.value).__name__})"
+
+
+class TensorSpec:
+    """Shape (batch dropped) and dtype of a traced tensor value."""
+
+    __slots__ = ("shape", "dtype")
+
+    def __init__(self, t: Tensor):
+        self.shape, self.dtype = tuple(t.shape[1:]), t.dtype
+
+    def __repr__(self) -> str:
+        return f"TensorSpec({self.shape}, {self.dtype})"
+
+
+class _BatchSized:
+    """A Python value that holds the batch size (e.g. ``x.shape[:2]``): rebuilt from the batch at each stage."""
+
+    __slots__ = ("spec", "leaves", "batch_slots")
+
+    def __init__(self, value: Any, batch_slots: Sequence[int]):
+        self.leaves, self.spec = tree_flatten(value)
+        self.batch_slots = tuple(batch_slots)
+
+    def rebuild(self, batch: int) -> Any:
+        leaves = list(self.leaves)
+        for i in self.batch_slots:
+            leaves[i] = batch
+        return tree_unflatten(leaves, self.spec)
+
+
+def _tracer_kwargs() -> Dict[str, Any]:
+    from timm.layers import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import _set_default_tracer_kwargs
+
+    return _set_default_tracer_kwargs({"leaf_modules": get_notrace_modules(),
+                                       "autowrap_functions": get_notrace_functions()})
+
+
+def _module_output_tracer():
+    from torchvision.models.feature_extraction import NodePathTracer
+
+    class ModuleOutputTracer(NodePathTracer):
+        """timm's FX tracer that also records what every module call returned (proxies)."""
+
+        def __init__(self, **kwargs: Any):
+            super().__init__(**kwargs)
+            self.module_outputs: Dict[str, Any] = {}
+
+        def call_module(self, m: nn.Module, forward: Callable, args: Any, kwargs: Any) -> Any:
+            out = super().call_module(m, forward, args, kwargs)
+            self.module_outputs[self.path_of_module(m)] = out
+            return out
+
+    return ModuleOutputTracer(**_tracer_kwargs())
+
+
+def trace_forward_features(backbone: nn.Module, training: bool) -> Tuple[fx.Graph, Dict[str, Any]]:
+    """``backbone.forward_features`` as an FX graph (``self`` = the backbone) and each module's traced output.
+
+    The backbone is traced as a subclass whose ``forward`` is its ``forward_features``, so FX patches the
+    functions timm marks as leaves in the backbone's own module (as when timm traces ``forward``).
+    """
+    cls = type(backbone)
+    traced_cls = type(cls.__name__, (cls,), {"forward": cls.forward_features, "__module__": cls.__module__})
+    # optional arguments (hiera's mask, return_intermediates...) keep their defaults
+    params = list(inspect.signature(cls.forward_features).parameters.values())[2:]
+    concrete = {p.name: p.default for p in params
+                if p.default is not inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD}
+    was_training = backbone.training
+    tracer = _module_output_tracer()
+    backbone.train(training)
+    backbone.__class__ = traced_cls
+    try:
+        graph = tracer.trace(backbone, concrete_args=concrete or None)
+    finally:
+        backbone.__class__ = cls
+        backbone.train(was_training)
+    _drop_specialised_arguments(graph)
+    _register_traced_constants(backbone, graph)
+    return graph, tracer.module_outputs
+
+
+def _drop_specialised_arguments(graph: fx.Graph) -> None:
+    """Remove the placeholders of arguments traced at their defaults, with the checks FX added for them."""
+    extra = [n for n in graph.nodes if n.op == "placeholder"][1:]
+    doomed: List[fx.Node] = []
+    seen: set = set()
+    stack = list(extra)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            doomed.append(n)
+            stack.extend(n.users)
+    if any(n.op == "output" for n in doomed):
+        raise SplitError("forward_features uses its optional arguments in what it returns")
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for n in sorted(doomed, key=order.get, reverse=True):
+        graph.erase_node(n)
+
+
+def _register_traced_constants(backbone: nn.Module, graph: fx.Graph) -> None:
+    """Tensors FX stored on the backbone while tracing (``_tensor_constant0``...) become non-persistent
+    buffers, so they follow ``.to(device)`` and stay out of the state_dict."""
+    for node in graph.nodes:
+        if node.op == "get_attr" and "." not in node.target and node.target.startswith("_tensor_constant"):
+            value = backbone.__dict__.get(node.target)
+            if isinstance(value, Tensor):
+                delattr(backbone, node.target)
+                backbone.register_buffer(node.target, value, persistent=False)
+
+
+class _Recorder(fx.Interpreter):
+    """Runs a graph and keeps every node's value."""
+
+    def __init__(self, module: nn.Module, graph: fx.Graph):
+        super().__init__(module, graph=graph)
+        self.values: Dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        self.values[n] = value
+        return value
+
+
+def record_values(backbone: nn.Module, graph: fx.Graph, x: Tensor, fake: bool = True) -> Dict[fx.Node, Any]:
+    """Every node's value for input ``x``: on fake tensors (shapes only) when ``fake``, else computed."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            if not fake:
+                recorder = _Recorder(backbone, graph)
+                recorder.run(x)
+                return recorder.values
+            with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                recorder = _Recorder(backbone, graph)
+                recorder.run(mode.from_tensor(x))
+                return recorder.values
+    finally:
+        backbone.train(was_training)
+
+
+def _input_independent(graph: fx.Graph) -> set:
+    """Nodes no placeholder feeds (parameters, buffers and what is computed from them alone)."""
+    dependent: set = set()
+    for n in graph.nodes:
+        if n.op == "placeholder" or any(a in dependent for a in n.all_input_nodes):
+            dependent.add(n)
+    return {n for n in graph.nodes if n not in dependent and n.op != "output"}
+
+
+def _compile(graph: fx.Graph, name: str) -> Callable[..., Any]:
+    """Python code of ``graph`` as a function ``forward(self, *inputs)``."""
+    code = graph.python_code(root_module="self")
+    key = f"<timm_l2w stage {name} {id(graph):x}>"
+    linecache.cache[key] = (len(code.src), None, code.src.splitlines(True), key)  # readable tracebacks
+    namespace = dict(code.globals)
+    exec(compile(code.src, key, "exec", dont_inherit=True), namespace)  # noqa: S102 - code generated by torch.fx
+    return namespace["forward"]
+
+
+# how a value crossing a cut travels: as it is (batched tensors), wrapped (shared), or rebuilt (batch-sized)
+_BATCHED, _SHARED, _BATCH_SIZED = "batched", "shared", "batch_sized"
+
+
+def _crossing_kind(v2: Any, v3: Any) -> Tuple[str, Any]:
+    """How a value that is ``v2`` for a batch of 2 and ``v3`` for a batch of 3 crosses a cut."""
+    l2, s2 = tree_flatten(v2)
+    l3, s3 = tree_flatten(v3)
+    if s2 != s3 or len(l2) != len(l3):
+        return "unsupported", None
+    tensors = [isinstance(a, Tensor) for a in l2]
+    if all(tensors):
+        if all(a.ndim > 0 and a.shape[0] == 2 and b.shape[0] == 3 and a.shape[1:] == b.shape[1:] for a, b in zip(l2, l3)):
+            return _BATCHED, None
+        if all(a.shape == b.shape for a, b in zip(l2, l3)):
+            return _SHARED, None
+        return "unsupported", None
+    if any(tensors):
+        return "unsupported", None
+    slots = [i for i, (a, b) in enumerate(zip(l2, l3)) if a != b]
+    if not slots:
+        return _SHARED, None
+    if all(l2[i] == 2 and l3[i] == 3 for i in slots):
+        return _BATCH_SIZED, slots
+    return "unsupported", None
+
+
+@dataclass
+class _Stage:
+    fn: Callable[..., Any]
+    in_kinds: List[Tuple[str, Any]]  # one per state entry it reads
+    out_kinds: List[Tuple[str, Any]]  # one per state entry it leaves
+    feature: int  # position of the exit's features in the state it leaves
+    source: str
+
+
+class _ModePlan:
+    """The stages of one graph (train or eval mode)."""
+
+    def __init__(self, graph: fx.Graph, cuts: Sequence[fx.Node], through_end: bool,
+                 values2: Dict[fx.Node, Any], values3: Dict[fx.Node, Any], describe: Callable[[fx.Node], str]):
+        nodes = list(graph.nodes)
+        position = {n: i for i, n in enumerate(nodes)}
+        output = next(n for n in reversed(nodes) if n.op == "output")
+        cut_pos = [position[c] for c in cuts]
+        if any(b <= a for a, b in zip(cut_pos, cut_pos[1:])):
+            raise SplitError("the feature points do not come one after another in the traced graph")
+        constant = _input_independent(graph)
+        last = len(cuts) - 1
+        end_pos = position[output] if through_end else cut_pos[-1]
+
+        def stage_of(n: fx.Node) -> Optional[int]:
+            p = position[n]
+            if n.op == "placeholder":
+                return -1
+            if p > end_pos or n in constant:
+                return None
+            for k, cp in enumerate(cut_pos):
+                if p <= cp:
+                    return k
+            return last
+
+        stage = {n: stage_of(n) for n in nodes}
+        if through_end:
+            stage[output] = last
+        members: List[List[fx.Node]] = [[] for _ in cuts]
+        for n in nodes:
+            if stage[n] is not None and stage[n] >= 0 and n.op != "output":
+                members[stage[n]].append(n)
+        # values made at stage <= k that a later stage reads (the output counts as the last stage's reader)
+        crossing: List[List[fx.Node]] = []
+        for k in range(len(cuts)):
+            carried = [n for n in nodes if stage[n] is not None and stage[n] <= k
+                       and any(stage.get(u) is not None and stage[u] > k for u in n.users)]
+            crossing.append(carried)
+        self.stages: List[_Stage] = []
+        for k in range(len(cuts)):
+            inputs = [n for n in nodes if n.op == "placeholder"] if k == 0 else crossing[k - 1]
+            if k == last and through_end:
+                outs: List[Any] = [output.args[0]]
+                feature = 0
+            else:
+                outs = list(crossing[k]) if k < last else []
+                if cuts[k] not in outs:
+                    outs.append(cuts[k])
+                feature = outs.index(cuts[k])
+            in_kinds = [self._kind(n, values2, values3, describe) for n in inputs]
+            out_kinds = [self._kind(n, values2, values3, describe) if isinstance(n, fx.Node) else (_BATCHED, None)
+                         for n in outs]
+            if k == last and through_end:
+                out_kinds = [(_BATCHED, None)]
+            g = self._stage_graph(inputs, members[k], outs, constant)
+            self.stages.append(_Stage(_compile(g, str(k)), in_kinds, out_kinds, feature, g.python_code("self").src))
+
+    @staticmethod
+    def _kind(n: fx.Node, values2: Dict[fx.Node, Any], values3: Dict[fx.Node, Any],
+              describe: Callable[[fx.Node], str]) -> Tuple[str, Any]:
+        kind = _crossing_kind(values2[n], values3[n])
+        if kind[0] == "unsupported":
+            raise SplitError(f"the value of {describe(n)} crosses a stage boundary, and its batch dimension is "
+                             "not its first one (samples cannot be dropped from it between stages)")
+        return kind
+
+    @staticmethod
+    def _stage_graph(inputs: Sequence[fx.Node], members: Sequence[fx.Node], outs: Sequence[Any],
+                     constant: set) -> fx.Graph:
+        g = fx.Graph()
+        env: Dict[fx.Node, fx.Node] = {}
+        for i, n in enumerate(inputs):
+            env[n] = g.placeholder(f"state_{i}")
+
+        def get(n: fx.Node) -> fx.Node:
+            if n not in env:
+                if n not in constant:
+                    raise SplitError(f"internal: {n.name} is needed before it is computed")
+                env[n] = g.node_copy(n, get)  # parameters and what depends on them alone: recomputed here
+            return env[n]
+
+        for n in members:
+            env[n] = g.node_copy(n, get)
+        g.output(tuple(fx.node.map_arg(o, get) for o in outs))
+        return g
+
+
+class BackboneStages:
+    """``backbone.forward_features`` as stages ending at ``cut_modules`` (see the module docstring).
+
+    Args:
+        backbone: the timm model (its ``forward_features`` is traced in both modes).
+        cut_modules: module names inside the backbone, in forward order; stage ``k`` ends at the output
+            of ``cut_modules[k]`` (an ``int`` selects that element when the module returns several values).
+        through_end: the last stage runs on to the end of ``forward_features`` (its output is the state).
+        example_input: a batch of 1 at the size the shapes are recorded at (fake tensors: not computed).
+    """
+
+    def __init__(self, backbone: nn.Module, cut_modules: Sequence[str], through_end: bool, example_input: Tensor):
+        self.cut_modules = list(cut_modules)
+        self.through_end = through_end
+        self.plans: Dict[bool, _ModePlan] = {}
+        self.feature_shapes: List[Tuple[int, ...]] = []
+        for training in (False, True):
+            graph, module_outputs = trace_forward_features(backbone, training)
+            x = example_input
+            values2 = record_values(backbone, graph, x.expand(2, *x.shape[1:]).contiguous())
+            values3 = record_values(backbone, graph, x.expand(3, *x.shape[1:]).contiguous())
+            cuts = [self._cut_node(module_outputs, name, values2) for name in self.cut_modules]
+            if not training:
+                self.feature_shapes = [tuple(values2[c].shape[1:]) for c in cuts]
+                out = next(n for n in reversed(graph.nodes) if n.op == "output").args[0]
+                out_value = fx.node.map_arg(out, lambda n: values2[n])
+                self.output_value = tree_map(lambda t: TensorSpec(t) if isinstance(t, Tensor) else t, out_value)
+            self.plans[training] = _ModePlan(graph, cuts, through_end, values2, values3, self._describe)
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "BackboneStages":
+        return self  # holds no modules or tensors: the stages run on the module tree they are given
+
+    @staticmethod
+    def _describe(n: fx.Node) -> str:
+        return f"node '{n.name}' ({n.op} {n.target})"
+
+    @staticmethod
+    def _cut_node(module_outputs: Dict[str, Any], name: str, values: Dict[fx.Node, Any]) -> fx.Node:
+        if name not in module_outputs:
+            raise SplitError(f"feature_info names module '{name}', which forward_features does not call")
+        out = module_outputs[name]
+        proxies = [p for p in tree_leaves(out) if isinstance(p, fx.Proxy)]
+        tensors = [p.node for p in proxies if isinstance(values.get(p.node), Tensor) and values[p.node].ndim >= 3]
+        if not tensors:
+            raise SplitError(f"module '{name}' (a feature_info point) returns no feature map or tokens")
+        return tensors[0]
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.cut_modules)
+
+    def stage_source(self, index: int, training: bool = False) -> str:
+        """The generated code of stage ``index`` (for reading and debugging)."""
+        return self.plans[training].stages[index].source
+
+    def run(self, backbone: nn.Module, index: int, state: Any) -> Tuple[Any, ...]:
+        """Stage ``index`` on ``state`` (the image for stage 0), with ``backbone`` as the module tree."""
+        stage = self.plans[bool(backbone.training)].stages[index]
+        inputs = (state,) if index == 0 else tuple(state)
+        batch = next(t for (kind, _), t in zip(stage.in_kinds, inputs) if kind == _BATCHED)
+        batch_size = tree_leaves(batch)[0].shape[0]
+        args = [v.value if kind == _SHARED else v.rebuild(batch_size) if kind == _BATCH_SIZED else v
+                for (kind, _), v in zip(stage.in_kinds, inputs)]
+        outs = stage.fn(backbone, *args)
+        return tuple(Shared(v) if kind == _SHARED else _BatchSized(v, slots) if kind == _BATCH_SIZED else v
+                     for (kind, slots), v in zip(stage.out_kinds, outs))
+
+    def feature(self, index: int, state: Tuple[Any, ...], training: bool = False) -> Any:
+        """The features exit ``index`` reads from the state stage ``index`` left."""
+        return state[self.plans[training].stages[index].feature]
