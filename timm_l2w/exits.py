@@ -11,7 +11,8 @@ the argmax prediction has been the same at p consecutive exits; no threshold, th
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+import math
+from typing import List, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -24,6 +25,8 @@ __all__ = [
     "paper_qs",
     "check_distribution",
     "assign_exits",
+    "assign_exits_static",
+    "exit_counts",
     "check_distributions",
     "calibrate_thresholds",
     "calibrate_thresholds_batch",
@@ -81,16 +84,51 @@ def _check_confidences(conf: Tensor, name: str = "confidences") -> None:
         raise ValueError(f"{name} contains NaN or inf: check the model outputs")
 
 
-def _exit_counts(n: int, p: Tensor) -> List[int]:
-    """floor(n * p_k) for every exit (the last entry is unused: the last exit takes the rest)."""
-    return [int(c) for c in torch.floor(n * p).tolist()]
+def _distribution_values(p: Tensor | Sequence[float], num_exits: int) -> Tuple[float, ...]:
+    """``p`` as a tuple of Python floats after the checks of :func:`check_distribution`; a tuple of floats is
+    checked in Python (no tensor, so a hot loop that keeps ``p`` as a tuple reads nothing from a device)."""
+    if isinstance(p, tuple) and all(type(v) is float for v in p):
+        if len(p) != num_exits:
+            raise ValueError(f"exit distribution must have one entry per exit ({num_exits}), got shape ({len(p)},)")
+        if not all(math.isfinite(v) and v >= 0 for v in p):
+            raise ValueError(f"exit distribution must be finite and non-negative, got {list(p)}")
+        if abs(math.fsum(p) - 1.0) > 1e-6:
+            raise ValueError(f"exit distribution must sum to 1, got sum {math.fsum(p):.6g}: normalise it first")
+        return p
+    return tuple(check_distribution(p, num_exits).tolist())
 
 
-def _top_remaining(conf_k: Tensor, remaining: Tensor) -> Tensor:
-    """Indices of the still-remaining samples ordered by descending confidence (stable)."""
-    masked = torch.where(remaining, conf_k, torch.full_like(conf_k, -torch.inf))
-    order = torch.sort(masked, descending=True, stable=True).indices
-    return order[: int(remaining.sum())]
+def exit_counts(n: int, p: Tensor | Sequence[float]) -> Tuple[int, ...]:
+    """``floor(n * p_k)`` for every exit (the last entry is unused: the last exit takes the rest).
+
+    Computed on the host from ``n`` and ``p`` alone (float64, as ``torch.floor(n * p)``), so it is known
+    before any confidence is: the exit assignment has static shapes. ``p`` is checked as
+    :func:`check_distribution` checks it (a tuple of floats without building a tensor).
+    """
+    values = _distribution_values(p, len(p))
+    return tuple(int(math.floor(n * v)) for v in values)
+
+
+def assign_exits_static(conf: Tensor, counts: Sequence[int]) -> Tensor:
+    """:func:`assign_exits` with the counts given (:func:`exit_counts`): no check, no host read.
+
+    Static shapes: for exit k the samples already assigned are masked to ``-inf``, one stable descending
+    sort orders the rest, and the first ``counts[k]`` go to exit k (a fixed-size slice; the counts of
+    the earlier exits leave at least that many unassigned, since they sum to at most ``n``). The
+    assignment is scattered into the result without data-dependent indexing. ``conf`` must be finite.
+    """
+    n, num_exits = conf.shape
+    conf = conf.detach()
+    exit_index = torch.full((n,), num_exits - 1, dtype=torch.long, device=conf.device)
+    remaining = torch.ones(n, dtype=torch.bool, device=conf.device)
+    for k, count in enumerate(counts[: num_exits - 1]):
+        if count == 0:
+            continue
+        masked = torch.where(remaining, conf[:, k], torch.full_like(conf[:, k], -torch.inf))
+        chosen = torch.sort(masked, descending=True, stable=True).indices[:count]
+        exit_index.scatter_(0, chosen, k)
+        remaining.scatter_(0, chosen, False)
+    return exit_index
 
 
 def assign_exits(conf: Tensor, p: Tensor | Sequence[float]) -> Tensor:
@@ -98,20 +136,11 @@ def assign_exits(conf: Tensor, p: Tensor | Sequence[float]) -> Tensor:
 
     For k = 1..K-1 in order, the ``floor(n * p_k)`` not-yet-assigned samples with the highest
     confidence at exit k go to exit k; the last exit takes every sample left. Returns ``[N]`` long.
+    (Checks ``conf`` and ``p``, then :func:`assign_exits_static`.)
     """
     _check_confidences(conf)
     n, num_exits = conf.shape
-    p = check_distribution(p, num_exits)
-    conf = conf.detach()
-    exit_index = torch.full((n,), num_exits - 1, dtype=torch.long, device=conf.device)
-    remaining = torch.ones(n, dtype=torch.bool, device=conf.device)
-    for k, count in enumerate(_exit_counts(n, p)[:-1]):
-        if count == 0:
-            continue
-        chosen = _top_remaining(conf[:, k], remaining)[:count]
-        exit_index[chosen] = k
-        remaining[chosen] = False
-    return exit_index
+    return assign_exits_static(conf, exit_counts(n, _distribution_values(p, num_exits)))
 
 
 def check_distributions(distributions: Tensor | Sequence[Sequence[float]], num_exits: int) -> Tensor:

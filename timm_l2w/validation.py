@@ -34,7 +34,7 @@ __all__ = [
     "SettingError", "LabelError", "CheckpointError", "ResumeError",
     "Range", "check_number", "check_settings", "check_train_settings", "check_label_smoothing",
     "TRAIN_SETTINGS", "EVAL_SETTINGS", "CONVERT_SETTINGS", "PAPER_P_INDICES",
-    "check_labels", "check_weights", "check_optimizer_state",
+    "check_labels", "assert_on_device", "check_weights", "check_optimizer_state",
     "CHECKSUMS_FILE", "write_checksums", "verify_checksums", "check_resume_checkpoint",
 ]
 
@@ -228,6 +228,18 @@ def check_train_settings(args: Any) -> None:
 # ----------------------------------------------------------------------------- labels
 
 
+def assert_on_device(ok: Tensor, message: str) -> bool:
+    """Check a 0-dim bool tensor without a host read in Python (``torch._assert_async``): True when it
+    holds. On the CPU the check is immediate and False means it failed (the caller raises the clear
+    error); on an accelerator it is queued on the device (no host sync: the hot path of the L2W update
+    stays sync-free) and a failure surfaces later as a device-side assertion naming ``message``."""
+    try:
+        torch._assert_async(ok, message)
+    except RuntimeError:
+        return False
+    return True
+
+
 def check_labels(labels: Any, num_classes: Optional[int] = None, batch: Optional[int] = None,
                  name: str = "labels") -> Tensor:
     """Return ``labels`` as an int64 ``[batch]`` tensor after checking they are integer class indices
@@ -249,7 +261,12 @@ def check_labels(labels: Any, num_classes: Optional[int] = None, batch: Optional
                          f"shape {tuple(labels.shape)} (one-hot or mixup targets are not supported here)")
     labels = labels.long()
     if labels.numel():
-        low, high = (int(v) for v in torch.stack([labels.min(), labels.max()]).tolist())  # one sync
+        in_range = labels.min() >= 0
+        if num_classes is not None:
+            in_range &= labels.max() < num_classes
+        if assert_on_device(in_range, f"{name} must be class indices in [0, {'inf' if num_classes is None else num_classes - 1}]"):
+            return labels
+        low, high = (int(v) for v in torch.stack([labels.min(), labels.max()]).tolist())
         if low < 0 or (num_classes is not None and high >= num_classes):
             if num_classes is None:
                 raise LabelError(f"{name} must be class indices >= 0, got values from {low} to {high}: remap them")

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .models.base import check_multi_exit_output
-from .validation import LabelError, Range, check_label_smoothing, check_labels, check_number
+from .validation import LabelError, Range, assert_on_device, check_label_smoothing, check_labels, check_number
 
 __all__ = [
     "INPUT_TYPES",
@@ -136,7 +136,8 @@ def check_targets(target: Any, num_classes: int, batch: int) -> Tensor:
             raise LabelError(f"soft targets must be [batch, num_classes] = [{batch}, {num_classes}] class "
                              f"probabilities, got shape {tuple(target.shape)}: build them for the model's "
                              f"{num_classes} classes (timm's Mixup(num_classes={num_classes}))")
-        if not bool(((target >= 0) & (target <= 1)).all()):  # also false for NaN
+        if not assert_on_device(((target >= 0) & (target <= 1)).all(),  # also false for NaN; no host sync
+                                "soft targets must be probabilities in [0, 1]"):
             raise LabelError("soft targets must be probabilities in [0, 1] (no NaN/inf): pass the targets "
                              "timm's Mixup returns, or one-hot / smoothed labels")
         return target
