@@ -1,8 +1,9 @@
 """The L2W meta step and the hook that adds it to an existing training loop.
 
-docs/method.md §5 (one training step): a virtual SGD step of the model with the weighted loss on the
-training half (kept differentiable w.r.t. the weight predictor), the meta loss of the virtually
-updated model on the meta half with the confidence-based exit assignment, the second-order
+docs/method.md §5 (one training step): a virtual step of the model with the weighted loss on the
+training half (the real optimizer's update, :func:`timm_l2w.optim_step.virtual_step`, after the
+loop's gradient clipping and accumulation; kept differentiable w.r.t. the weight predictor), the meta
+loss of the virtually updated model on the meta half with the confidence-based exit assignment, the second-order
 gradient of that meta loss w.r.t. the predictor, and the meta optimizer's step. Then the real step
 uses the updated predictor's weights.
 
@@ -30,6 +31,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .exits import assign_exits, check_distribution, exit_distribution
 from .models.base import check_multi_exit_output, unwrap_model
+from .optim_step import CLIP_MODES, check_optimizer, clip_gradients, grad_coefficients, in_optimizer, unwrap_optimizer, virtual_step
+from .optim_step.torch_rules import SGDSlot, sgd_update
+from .optim_step.torch_rules import sgd_slots as _sgd_slots
 from .validation import PAPER_P_INDICES, Range, check_label_smoothing, check_number
 from .weighting import (
     CONSTRAINTS,
@@ -52,6 +56,7 @@ __all__ = [
     "SGDSlot",
     "sgd_slots",
     "virtual_sgd_step",
+    "virtual_step",
     "meta_loss",
     "make_backend",
     "rng_state",
@@ -66,84 +71,63 @@ Batch = Tuple[Tensor, Tensor]
 
 
 # --------------------------------------------------------------------------------------------
-# The virtual SGD step
+# The virtual step: timm_l2w.optim_step (every supported optimizer); the SGD-only names stay
 # --------------------------------------------------------------------------------------------
-@dataclass
-class SGDSlot:
-    """What ``torch.optim.SGD`` would use to update one parameter (its group's settings + buffer)."""
-
-    lr: float
-    momentum: float
-    dampening: float
-    nesterov: bool
-    weight_decay: float
-    maximize: bool
-    buffer: Optional[Tensor]
-
-
-def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """Strip accelerate's ``AcceleratedOptimizer`` (and similar ``.optimizer`` wrappers)."""
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
-    if not isinstance(optimizer, torch.optim.SGD):
-        raise TypeError(
-            f"the L2W virtual step reproduces torch.optim.SGD, got {type(optimizer).__name__}: train the "
-            "model with torch.optim.SGD (the paper's optimizer, e.g. timm's create_optimizer_v2(model, 'momentum'))"
-        )
-    return optimizer
-
-
 def sgd_slots(optimizer: Any, params: Sequence[Tensor]) -> List[Optional[SGDSlot]]:
-    """The SGD settings and momentum buffer of every parameter (``None``: not in the optimizer)."""
-    optimizer = _unwrap_optimizer(optimizer)
-    by_id: Dict[int, SGDSlot] = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            state = optimizer.state.get(p, {})
-            by_id[id(p)] = SGDSlot(
-                lr=float(group["lr"]),
-                momentum=float(group.get("momentum", 0.0)),
-                dampening=float(group.get("dampening", 0.0)),
-                nesterov=bool(group.get("nesterov", False)),
-                weight_decay=float(group.get("weight_decay", 0.0)),
-                maximize=bool(group.get("maximize", False)),
-                buffer=state.get("momentum_buffer"),
-            )
-    return [by_id.get(id(p)) if p.requires_grad else None for p in params]
+    """The SGD settings and momentum buffer of every parameter (``None``: not in the optimizer), for
+    :func:`virtual_sgd_step`; the general form is :func:`timm_l2w.optim_step.virtual_step`."""
+    optimizer = unwrap_optimizer(optimizer)
+    if not isinstance(optimizer, torch.optim.SGD):
+        raise TypeError(f"sgd_slots reads torch.optim.SGD, got {type(optimizer).__name__}: use "
+                        "timm_l2w.optim_step.virtual_step(optimizer, params, grads) for any supported optimizer")
+    return _sgd_slots(optimizer, params)
 
 
 def virtual_sgd_step(
     params: Sequence[Tensor], grads: Sequence[Optional[Tensor]], slots: Sequence[Optional[SGDSlot]]
 ) -> List[Tensor]:
-    """``theta'`` exactly as ``torch.optim.SGD.step`` would compute it, out of place and differentiable.
-
-    ``d = g + wd * theta``; with momentum ``b = m * buf + (1 - dampening) * d`` (``b = d`` when no
-    buffer exists yet), ``d = d + m * b`` (nesterov) or ``d = b``; ``theta' = theta - lr * d``.
-    Parameters without a slot or a gradient stay as they are (SGD skips them).
-    """
-    new_params = []
-    for p, g, s in zip(params, grads, slots):
-        if s is None or g is None:
-            new_params.append(p)
-            continue
-        d = -g if s.maximize else g
-        if s.weight_decay:
-            d = d + s.weight_decay * p
-        if s.momentum:
-            b = d if s.buffer is None else s.buffer * s.momentum + (1 - s.dampening) * d
-            d = d + s.momentum * b if s.nesterov else b
-        new_params.append(p - s.lr * d)
-    return new_params
+    """``theta'`` exactly as ``torch.optim.SGD.step`` would compute it, out of place and differentiable
+    (:func:`timm_l2w.optim_step.torch_rules.sgd_update`). Parameters without a slot or a gradient stay
+    as they are (SGD skips them)."""
+    return [p if s is None or g is None else sgd_update(p, g, s) for p, g, s in zip(params, grads, slots)]
 
 
-def _grad_coefficient(slot: SGDSlot) -> float:
-    """``d theta' / d g`` of :func:`virtual_sgd_step` (a scalar per parameter: the step is affine in g)."""
-    if not slot.momentum:
-        c = 1.0
-    else:
-        a = 1.0 if slot.buffer is None else 1.0 - slot.dampening
-        c = 1.0 + slot.momentum * a if slot.nesterov else a
-    return -slot.lr * c * (-1.0 if slot.maximize else 1.0)
+@dataclass
+class _RealUpdate:
+    """How the real update turns the training half's gradient ``g`` into theta': the optimizer input is
+    ``accumulated + g / accum_steps`` (gradient accumulation), clipped as the loop clips, then the
+    optimizer's rule. Every step is differentiable in ``g``."""
+
+    optimizer: Any
+    params: List[Tensor]  # the model's parameters, in backend order
+    accumulated: Optional[List[Optional[Tensor]]] = None  # .grad of the window's earlier micro-batches
+    accum_steps: int = 1
+    clip_grad: Optional[float] = None
+    clip_mode: str = "norm"
+
+    def gradients(self, grads: Sequence[Optional[Tensor]]) -> List[Optional[Tensor]]:
+        """What the optimizer sees: (accumulated +) this micro-batch's gradient / accum_steps, (clipped)."""
+        grads = list(grads)
+        if self.accum_steps != 1:
+            grads = [None if g is None else g / self.accum_steps for g in grads]
+        if self.accumulated is not None:
+            grads = [a if g is None else g if a is None else a + g for a, g in zip(self.accumulated, grads)]
+        if self.clip_grad is not None:
+            grads = clip_gradients(grads, self.params, self.clip_grad, self.clip_mode)
+        return grads
+
+    def step(self, grads: Sequence[Optional[Tensor]], values: Optional[Sequence[Tensor]] = None) -> List[Tensor]:
+        """theta' (from ``values``, default the parameters) for this micro-batch's gradient ``grads``."""
+        return virtual_step(self.optimizer, self.params, self.gradients(grads), values)
+
+    def coefficients(self) -> Optional[List[Optional[float]]]:
+        """``d theta' / d g`` per parameter when it is one number (SGD without clipping), else None."""
+        if self.clip_grad is not None:
+            return None
+        coefficients = grad_coefficients(self.optimizer, self.params)
+        if coefficients is None or self.accum_steps == 1:
+            return coefficients
+        return [None if c is None else c / self.accum_steps for c in coefficients]
 
 
 def rng_state(device: torch.device | str | None = None) -> Tuple[Tensor, Optional[Tensor]]:
@@ -345,6 +329,10 @@ def meta_step(
     loss_scale: float = 1.0,
     distill: Optional[Distillation] = None,
     criterion: Any = None,
+    clip_grad: Optional[float] = None,
+    clip_mode: str = "norm",
+    accumulated_grads: Optional[Sequence[Optional[Tensor]]] = None,
+    grad_accum_steps: int = 1,
 ) -> MetaStepResult:
     """Steps 1-2 of the training step (docs/method.md §5) and the meta gradient of step 3.
 
@@ -355,11 +343,21 @@ def meta_step(
     (:func:`rng_state` taken right before that forward) lets the ``'func'`` backend replay its
     dropout masks.
 
+    The virtual step is the real update (docs/method.md §5, "The virtual step of any optimizer"):
+    the optimizer's input is ``accumulated_grads + g / grad_accum_steps`` (``g`` the weighted-loss
+    gradient of the training half; ``accumulated_grads``, in ``model.named_parameters()`` order, what
+    the window's earlier micro-batches left in ``.grad``), clipped as timm's
+    ``dispatch_clip_grad(model.parameters(), clip_grad, clip_mode)`` would clip it (``clip_grad=None``:
+    no clipping; modes ``'norm'``, ``'value'``, ``'agc'``), then ``optimizer``'s own update rule
+    (:func:`timm_l2w.optim_step.virtual_step`: SGD, AdamW, LAMB, ...).
+
     Both backends compute the same exact second-order gradient. ``'higher'`` differentiates
-    through the virtual step (``create_graph``, reverse over reverse). ``'func'`` uses that the
-    virtual step is affine in the weights: ``d meta / d W[i, k] = <c * v, grad_theta L[i, k]> / B``
-    with ``v = d meta / d theta'`` and ``c = d theta' / d g`` per parameter, i.e. one forward-mode
-    Jacobian-vector product of the training losses, which is cheaper.
+    through the virtual step (``create_graph``, reverse over reverse). ``'func'`` uses that ``g`` is
+    linear in the weights: ``d meta / d W[i, k] = <u, grad_theta L[i, k]> / B`` with
+    ``u = (d theta' / d g)^T v`` and ``v = d meta / d theta'``; ``u`` is one reverse-mode product
+    through the update alone (no model forward; for SGD without clipping ``d theta' / d g`` is a
+    number per parameter), then one forward-mode Jacobian-vector product of the training losses,
+    which is cheaper.
 
     ``autocast`` wraps every forward of the model (e.g. ``accelerator.autocast``). ``loss_scale``
     multiplies the virtual loss and the meta loss before they are differentiated, so that fp16
@@ -373,25 +371,44 @@ def meta_step(
     """
     # enable_grad: also works when called under torch.no_grad(). The math attention kernel: the fused
     # scaled_dot_product_attention kernels have no second-order / forward-mode derivatives.
+    clip_grad, clip_mode = _check_clip(clip_grad, clip_mode)
+    grad_accum_steps = check_number(grad_accum_steps, "grad_accum_steps", Range(1, integer=True))
     with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
         return _meta_step(model, optimizer, weight_net, train_batch, meta_batch, p, eps, constraint, backend,
                           label_smoothing, train_outputs, train_rng, autocast, float(loss_scale), distill,
-                          ExitCriterion.from_module(criterion, label_smoothing))
+                          ExitCriterion.from_module(criterion, label_smoothing),
+                          (clip_grad, clip_mode, accumulated_grads, grad_accum_steps))
+
+
+def _check_clip(clip_grad: Optional[float], clip_mode: str) -> Tuple[Optional[float], str]:
+    clip_mode = _check_choice(clip_mode, CLIP_MODES, "clip_mode")
+    if clip_grad is not None:
+        clip_grad = check_number(clip_grad, "clip_grad", Range(0, low_open=True, hint=(
+            "the max norm ('norm'), max |value| ('value') or clip factor ('agc'), as timm's --clip-grad; None: no clipping")))
+    return clip_grad, clip_mode
 
 
 def _meta_step(model, optimizer, weight_net, train_batch, meta_batch, p, eps, constraint, backend,
                label_smoothing, train_outputs, train_rng, autocast, scale, distill=None,
-               criterion: Optional[ExitCriterion] = None) -> MetaStepResult:
+               criterion: Optional[ExitCriterion] = None, real_update: Tuple = (None, "norm", None, 1)) -> MetaStepResult:
     eps = _check_eps(eps)
     _check_choice(constraint, CONSTRAINTS, "constraint")
     x_train, y_train = _check_batch(train_batch, "train_batch")
     x_meta, y_meta = _check_batch(meta_batch, "meta_batch")
     runner = make_backend(backend, model)
     params = runner.params()
-    slots = sgd_slots(optimizer, params)
-    trainable = [i for i, s in enumerate(slots) if s is not None]
+    trainable = [i for i, inside in enumerate(in_optimizer(optimizer, params)) if inside]
     if not trainable:
         raise ValueError("no model parameter is in the optimizer: pass the optimizer that trains this model")
+    clip_grad, clip_mode, accumulated, accum_steps = real_update
+    if accumulated is not None:
+        accumulated = list(accumulated)
+        if len(accumulated) != len(params):
+            raise ValueError(f"accumulated_grads needs one entry (or None) per model parameter ({len(params)}), "
+                             f"got {len(accumulated)}")
+        steps = set(trainable)
+        accumulated = [a.detach() if a is not None and i in steps else None for i, a in enumerate(accumulated)]
+    update = _RealUpdate(optimizer, params, accumulated, accum_steps, clip_grad, clip_mode)
     num_exits = weight_net.num_exits
     p = check_distribution(p, num_exits)
     phi = list(weight_net.parameters())
@@ -416,7 +433,7 @@ def _meta_step(model, optimizer, weight_net, train_batch, meta_batch, p, eps, co
         grads_theta = _unscale(torch.autograd.grad(
             virtual_loss * scale, [params[i] for i in trainable], create_graph=True, retain_graph=True, allow_unused=True
         ), scale)
-        new_params = virtual_sgd_step(params, _scatter(grads_theta, trainable, len(params)), slots)
+        new_params = update.step(_scatter(grads_theta, trainable, len(params)))
         # 2. meta loss of the virtually updated model on the meta half
         with autocast():
             meta_outputs = runner.forward(new_params, x_meta)
@@ -429,18 +446,31 @@ def _meta_step(model, optimizer, weight_net, train_batch, meta_batch, p, eps, co
             virtual_loss * scale, [params[i] for i in trainable], retain_graph=shared, allow_unused=True
         ), scale)
         full_grads = _scatter(grads_theta, trainable, len(params))
-        with torch.no_grad():
-            new_params = virtual_sgd_step([t.detach() for t in params], full_grads, slots)
-        moved = [i for i in trainable if full_grads[i] is not None]
-        for i in moved:
-            new_params[i].requires_grad_(True)
+        values = [t.detach() for t in params]
+        coefficients = update.coefficients()
+        if coefficients is not None:  # SGD: d theta' / d g is one number per parameter
+            with torch.no_grad():
+                new_params = update.step(full_grads, values)
+            moved = [i for i in trainable if full_grads[i] is not None]
+            for i in moved:
+                new_params[i].requires_grad_(True)
+        else:  # keep the update's graph in g (the update alone: no model forward in it)
+            leaves = [None if g is None else g.detach().requires_grad_(True) for g in full_grads]
+            stepped_graph = update.step(leaves, values)
+            moved = [i for i in range(len(params)) if stepped_graph[i] is not values[i]]  # theta' != theta
+            new_params = list(values)
+            for i in moved:
+                new_params[i] = stepped_graph[i].detach().requires_grad_(True)
         # 2. meta loss of the virtually updated model on the meta half, and v = d meta / d theta'
         with autocast():
             meta_outputs = runner.forward(new_params, x_meta)
         value = meta_loss(check_multi_exit_output(meta_outputs, num_exits), y_meta, p, criterion)
         v = torch.autograd.grad(value * scale, [new_params[i] for i in moved], allow_unused=True)  # scaled
-        # 3. d meta / d W = J_L (c * v) / B by forward mode (scaled like v), then into the predictor
-        tangents = {i: _grad_coefficient(slots[i]) * g for i, g in zip(moved, v) if g is not None}
+        # 3. u = (d theta' / d g)^T v, then d meta / d W = J_L u / B by forward mode (scaled like v)
+        if coefficients is not None:
+            tangents = {i: coefficients[i] * g for i, g in zip(moved, v) if g is not None}
+        else:
+            tangents = _vjp_through_update(stepped_graph, moved, v, leaves)
         with fwAD.dual_level(), torch.no_grad(), _replay_rng(train_rng, device), autocast(), warnings.catch_warnings():
             # torch's forward AD scripts its decompositions on first use (a jit deprecation warning)
             warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
@@ -470,6 +500,19 @@ def _scatter(values: Sequence[Optional[Tensor]], index: Sequence[int], size: int
     for i, v in zip(index, values):
         full[i] = v
     return full
+
+
+def _vjp_through_update(stepped: Sequence[Tensor], moved: Sequence[int], v: Sequence[Optional[Tensor]],
+                        leaves: Sequence[Optional[Tensor]]) -> Dict[int, Tensor]:
+    """``u = (d theta' / d g)^T v`` by one reverse-mode pass through the update's graph: ``stepped`` theta'
+    (a graph in the gradient ``leaves``), ``v`` = d meta / d theta' for the ``moved`` parameters."""
+    pairs = [(stepped[i], g) for i, g in zip(moved, v) if g is not None and stepped[i].requires_grad]
+    inputs = [i for i, leaf in enumerate(leaves) if leaf is not None]
+    if not pairs or not inputs:
+        return {}
+    u = torch.autograd.grad([t for t, _ in pairs], [leaves[i] for i in inputs], grad_outputs=[g for _, g in pairs],
+                            allow_unused=True)
+    return {i: g for i, g in zip(inputs, u) if g is not None}
 
 
 # --------------------------------------------------------------------------------------------
@@ -555,6 +598,9 @@ class L2W:
         meta_precision: str = "fp32",
         distill: Optional[Distillation] = None,
         criterion: Any = None,
+        clip_grad: Optional[float] = None,
+        clip_mode: str = "norm",
+        grad_accum_steps: Optional[int] = None,
     ):
         net = unwrap_model(model)
         model_exits = getattr(net, "num_exits", None)
@@ -580,7 +626,19 @@ class L2W:
         meta_weight_decay = check_number(meta_weight_decay, "meta_weight_decay", Range(0, hint="paper: 1e-4"))
         _check_choice(backend, BACKENDS, "backend")
         self.model, self.optimizer, self.accelerator = model, optimizer, accelerator
-        _unwrap_optimizer(optimizer)  # fail early on a non-SGD optimizer
+        check_optimizer(optimizer)  # fail early on an optimizer the virtual step cannot reproduce
+        self.clip_grad, self.clip_mode = _check_clip(clip_grad, clip_mode)
+        accelerate_steps = self._accelerate_accum_steps()
+        if grad_accum_steps is not None:
+            grad_accum_steps = check_number(grad_accum_steps, "grad_accum_steps", Range(1, integer=True, hint=(
+                "micro-batches (calls of loss() inside split()) per optimizer update")))
+            if accelerate_steps > 1 and grad_accum_steps != accelerate_steps:
+                raise ValueError(
+                    f"grad_accum_steps={grad_accum_steps} but the accelerator accumulates {accelerate_steps} "
+                    "micro-batches: give the number once, as Accelerator(gradient_accumulation_steps=...)")
+        self.grad_accum_steps = accelerate_steps if accelerate_steps > 1 else (grad_accum_steps or 1)
+        self._micro = 0  # micro-batches since the last real update
+        self.meta_step_ran = False  # whether the last loss() call ran a meta step
         self.num_exits = num_exits
         self.eps = _check_eps(eps)
         self.constraint = _check_choice(constraint, CONSTRAINTS, "constraint")
@@ -683,8 +741,10 @@ class L2W:
         meta_batch: Batch,
         train_outputs: Optional[Sequence[Tensor]] = None,
         train_rng: Optional[Tuple[Tensor, Optional[Tensor]]] = None,
+        accumulated_grads: Optional[Sequence[Optional[Tensor]]] = None,
     ) -> float:
-        """One meta step and meta optimizer step (gradients averaged across ranks); returns the meta loss."""
+        """One meta step and meta optimizer step (gradients averaged across ranks); returns the meta loss.
+        ``accumulated_grads``: what the accumulation window's earlier micro-batches left in ``.grad``."""
         device = train_batch[0].device if isinstance(train_batch[0], Tensor) else torch.device("cpu")
         scaler = self._scaler(device)
         outer, autocast = self._meta_autocast(device)
@@ -695,6 +755,8 @@ class L2W:
                 train_outputs=train_outputs, train_rng=train_rng, autocast=autocast, distill=self.distill,
                 # scaler.scale(1) is the current scale (and creates it on the first step)
                 loss_scale=float(scaler.scale(torch.ones((), device=device))) if scaler is not None else 1.0,
+                clip_grad=self.clip_grad, clip_mode=self.clip_mode, accumulated_grads=accumulated_grads,
+                grad_accum_steps=self.grad_accum_steps,
             )
         grads = [t.grad for t in self.weight_net.parameters()]
         # a non-finite meta loss on any rank rides along in the all-reduce, so every rank decides alike
@@ -719,25 +781,65 @@ class L2W:
         return self.last_meta_loss
 
     def loss(self, outputs: Sequence[Tensor], target: Tensor) -> Tensor:
-        """The weighted loss for the real step; inside :meth:`split` the meta step runs first when due."""
+        """The weighted loss for the real step; inside :meth:`split` the meta step runs first when due
+        (on a micro-batch after whose backward the optimizer steps, every ``meta_interval`` updates)."""
         outputs = check_multi_exit_output(outputs, self.num_exits)
         in_split = self._halves is not None and self._current in (0, 1)
-        if in_split and self.step % self.meta_interval == 0:
+        updates = in_split and self._updates_now()
+        if in_split and self.grad_accum_steps > 1 and self._micro == 0:
+            self._check_window_start()
+        self.meta_step_ran = updates and self.step % self.meta_interval == 0
+        if self.meta_step_ran:
             train_batch = (self._halves[self._current][0], target)
             meta_batch = self._halves[1 - self._current]
             # the virtual step reuses the user's forward when it ran on the plain module with a graph
             # (not through fused attention kernels: they cannot be differentiated twice)
             shared = (self.share_forward and unwrap_model(self.model) is self.model and not self._fused_attention
                       and all(o.requires_grad for o in outputs) and self._reusable(outputs))
-            self.meta_update(train_batch, meta_batch, outputs if shared else None, self._rng if shared else None)
+            self.meta_update(train_batch, meta_batch, outputs if shared else None, self._rng if shared else None,
+                             self._accumulated_grads() if self.grad_accum_steps > 1 else None)
         loss, weights = weighted_multi_exit_loss(
             outputs, target, self.weight_net, self.eps, self.constraint, distill=self.distill, criterion=self.criterion
         )
         self.last_weights = weights.detach()
         if in_split:
+            self._micro = 0 if updates else self._micro + 1
+        if updates:
             self.step += 1
             self._set_meta_lr()
         return loss
+
+    # -- accumulation ------------------------------------------------------------------------
+    def _accelerate_accum_steps(self) -> int:
+        return int(getattr(self.accelerator, "gradient_accumulation_steps", 1) or 1) if self.accelerator is not None else 1
+
+    def _updates_now(self) -> bool:
+        """Whether the optimizer steps after this micro-batch's backward: accelerate's ``sync_gradients``
+        under its accumulation, else every ``grad_accum_steps``-th micro-batch."""
+        if self._accelerate_accum_steps() > 1:
+            return bool(self.accelerator.sync_gradients)
+        return self._micro + 1 >= self.grad_accum_steps
+
+    def _accumulated_grads(self) -> List[Optional[Tensor]]:
+        """The gradients the window's earlier micro-batches left in ``.grad`` (unscaled from accelerate's fp16
+        loss scale), in the backend's parameter order."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        grads = [p.grad for p in self._backend.params()]
+        return [None if g is None else g.detach() / scale if scale != 1.0 else g.detach() for g in grads]
+
+    def _check_window_start(self) -> None:
+        """At the first micro-batch of an accumulation window ``.grad`` must be empty (or zero): whatever is
+        there joins the update, and a ``zero_grad()`` between this loss and its backward would drop what the
+        virtual step counted."""
+        grads = [p.grad for p in self._backend.params() if p.grad is not None]
+        if grads and bool(torch.stack([g.ne(0).any() for g in grads]).any()):
+            raise RuntimeError(
+                "gradient accumulation: the model's .grad is not zero at the first micro-batch of an "
+                "accumulation window, so the update would include gradients from before it (and a zero_grad() "
+                "between loss and backward would drop the micro-batches the meta step counted). Call "
+                "optimizer.zero_grad() right after optimizer.step(), as accelerate's accumulate() loop does "
+                "(backward, step, zero_grad), not before backward")
 
     def _set_meta_lr(self) -> None:
         """Cosine annealing of the meta learning rate over ``total_steps`` model updates, computed from the
@@ -758,6 +860,7 @@ class L2W:
             "weight_net": self.weight_net.state_dict(),
             "meta_optimizer": self.meta_optimizer.state_dict(),
             "step": self.step,
+            "micro_step": self._micro,
             "meta_scaler": None if self.meta_scaler is None else self.meta_scaler.state_dict(),
         }
 
@@ -769,6 +872,7 @@ class L2W:
         self.weight_net.load_state_dict(state["weight_net"])
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
         self.step = int(state["step"])
+        self._micro = int(state.get("micro_step", 0))
         self._set_meta_lr()  # (states saved with a "meta_scheduler" entry load too: it is not needed)
         self._meta_scaler_state = state.get("meta_scaler")
         if self.meta_scaler is not None and self._meta_scaler_state:
