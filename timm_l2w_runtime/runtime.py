@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .images import find_images, preprocess_files
-from .policy import PolicyError, check_policy_fits, read_json, read_policy
+from .policy import check_policy_fits, read_json, read_policy
 
 __all__ = [
     "MANIFEST_FORMAT", "MANIFEST_VERSION", "MANIFEST_FILE", "POLICY_FILE", "PackageError",
@@ -127,10 +127,7 @@ class EarlyExitRuntime:
         self.root = Path(package)
         self.manifest = read_manifest(self.root)
         policy_path = Path(policy) if policy is not None else self.root / self.manifest.get("policy", POLICY_FILE)
-        try:
-            self.policy = read_policy(policy_path)
-        except PolicyError as err:
-            raise PackageError(str(err)) from None
+        self.policy = read_policy(policy_path)  # a PolicyError says what is wrong with it
         check_policy_fits(self.policy, self.manifest.get("model"), self.manifest["num_exits"],
                           self.manifest["num_classes"], source=str(policy_path))
         ort = _onnxruntime()
