@@ -67,7 +67,8 @@ def save_safetensors(
     """Write a model's state dict (or a plain dict of tensors) to ``path`` as safetensors, atomically.
 
     ``metadata`` values that are not strings are stored as JSON. For a model, ``model`` (its timm
-    name) and ``num_classes`` are recorded unless given, so ``timm-l2w eval`` and
+    name) and ``num_classes`` are recorded unless given (and what its ``checkpoint_metadata()`` returns:
+    a wrapped timm backbone's ``model_kwargs``), so ``timm-l2w eval`` and
     :func:`load_pretrained` know what the file holds. Returns the path written.
     """
     from safetensors.torch import save_file
@@ -81,6 +82,8 @@ def save_safetensors(
             meta["model"] = str(name)
         if isinstance(getattr(net, "num_classes", None), int):
             meta["num_classes"] = str(net.num_classes)
+        if callable(getattr(net, "checkpoint_metadata", None)):  # e.g. a wrapped backbone: what rebuilds it
+            meta.update(net.checkpoint_metadata())
     for key, value in (metadata or {}).items():
         meta[str(key)] = value if isinstance(value, str) else json.dumps(value)
     path = Path(path)
