@@ -561,8 +561,11 @@ def _create_multi_exit(variant: str, backbone_name: Optional[str], pretrained: b
     cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), overlay).to_dict()
     full_checkpoint = _names_wrapper_checkpoint(cfg)
     if variant == GENERIC_NAME:
-        for key, value in (_saved_kwargs(cfg) if full_checkpoint else {}).items():
+        saved = _saved_kwargs(cfg) if full_checkpoint else {}
+        for key, value in saved.items():
             kwargs.setdefault(key, value)  # create_model('multi_exit_l2w', pretrained=True, overlay=dict(file=...))
+        if "num_classes" in saved:  # the file's classifiers: timm keeps them when the classes agree
+            overlay.setdefault("num_classes", saved["num_classes"])
         backbone_name = kwargs.pop("backbone", None)
         if not isinstance(backbone_name, str):
             raise ValueError(f"{GENERIC_NAME} wraps a timm backbone: pass backbone='<timm model name>', e.g. "
