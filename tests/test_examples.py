@@ -60,3 +60,17 @@ def test_finetune_rejects_a_checkpoint_of_another_architecture(tmp_path):
     proc = _run("finetune_pretrained.py", "--checkpoint", str(ckpt), "--model", "msdnet_l2w_cifar_tiny",
                 "--steps", "1", "--batch-size", "8")
     assert proc.returncode != 0 and "another architecture" in proc.stderr
+
+
+def test_timm_recipe_adds_at_most_six_marked_l2w_lines_and_runs():
+    source = (EXAMPLES / "timm_recipe.py").read_text()
+    marked = [line for line in source.splitlines() if "# L2W" in line]
+    assert 1 <= len(marked) <= 6
+    for piece in ("create_optimizer_v2", "layer_decay", "create_scheduler_v2", "Mixup", "ModelEmaV3",
+                  "accelerator.accumulate", "clip_grad_norm_"):
+        assert piece in source, piece
+    proc = _run("timm_recipe.py", "--epochs", "1", "--max-steps", "2", "--batch-size", "8")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 updates" in proc.stdout  # 2 loader batches = 4 halves, accumulated in pairs
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("EMA test accuracy per exit")]
+    assert line and line[0].count("%") == 4
