@@ -1,4 +1,4 @@
-"""timm's training recipe around a multi-exit ViT, with L2W added in three marked lines.
+"""timm's training recipe around a multi-exit ViT, with L2W added in four marked lines.
 
 The recipe pieces are timm's own: ``create_optimizer_v2('adamw', layer_decay=...)`` (no weight decay on
 biases and norms, layer-wise lr decay), ``create_scheduler_v2`` (cosine with warmup, stepped per update),
