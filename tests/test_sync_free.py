@@ -62,3 +62,144 @@ def test_label_check_stays_clear_on_the_cpu():
         check_labels(torch.tensor([0, 4, 1]), 4)
     with pytest.raises(LabelError, match="negative values"):
         check_labels(torch.tensor([-1, 2]), 4)
+
+
+# ----------------------------------------------------------------------------- whole L2W updates
+
+import copy  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+
+import timm_l2w.meta as meta_mod  # noqa: E402
+from timm_l2w import L2W, WeightPredictor  # noqa: E402
+from timm_l2w.weighting import exit_confidences, exit_losses  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import TinyMultiExit  # noqa: E402
+
+
+def _meta_loss_before(outputs, target, p, criterion=None):
+    """The previous meta_loss: a host-side finiteness test, the previous assignment, one_hot."""
+    losses = exit_losses(list(outputs), target)
+    conf = exit_confidences(list(outputs))
+    if not bool(torch.isfinite(conf).all()):
+        return losses.sum() * float("nan")
+    mask = F.one_hot(_assign_exits_before(conf.detach(), torch.as_tensor(p, dtype=torch.float64)),
+                     losses.shape[1]).to(losses.dtype)
+    return ((losses * mask).sum(dim=0) / mask.sum(dim=0).clamp(min=1)).sum()
+
+
+def _train(backend, before, monkeypatch, updates=6, poison=()):
+    """``updates`` L2W updates (half batches, meta step each, SGD real step) in float64; ``before``: the
+    previous path (meta loss above, Adam without the fused kernel, the skip decided on the host)."""
+    torch.manual_seed(0)
+    model = TinyMultiExit().double().train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, weight_decay=1e-3)
+    torch.manual_seed(1)
+    net = WeightPredictor(3, hidden_sizes=(8,)).double()
+    l2w = L2W(model, opt, weight_net=net, backend=backend, meta_lr=1e-2, total_steps=20)
+    if before:
+        monkeypatch.setattr(meta_mod, "meta_loss", _meta_loss_before)
+        l2w.meta_optimizer = torch.optim.Adam(net.parameters(), lr=1e-2, weight_decay=1e-4)
+        l2w._fused_meta = False
+    real_step = meta_mod.meta_step
+    calls = {"n": 0}
+
+    def maybe_poisoned(*args, **kwargs):
+        result = real_step(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] in poison:
+            result.meta_loss = result.meta_loss * float("nan")
+        return result
+
+    monkeypatch.setattr(meta_mod, "meta_step", maybe_poisoned)
+    gen = torch.Generator().manual_seed(2)
+    losses = []
+    for _ in range(updates // 2):
+        x = torch.randn(16, 1, 8, 8, dtype=torch.float64, generator=gen)
+        y = torch.randint(0, 4, (16,), generator=gen)
+        for xt, yt in l2w.split(x, y):
+            loss = l2w.loss(model(xt), yt)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(l2w.last_meta_loss)
+    monkeypatch.undo()
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    state.update({f"net.{k}": v for k, v in net.state_dict().items()})
+    adam = l2w.meta_optimizer.state_dict()["state"]
+    state.update({f"adam.{i}.{k}": torch.as_tensor(v).double() for i, s in adam.items() for k, v in s.items()})
+    return state, losses, l2w
+
+
+@pytest.mark.parametrize("backend", ["higher", "func"])
+def test_whole_l2w_updates_are_the_previous_paths_bit_for_bit(backend, monkeypatch):
+    old, old_losses, _ = _train(backend, True, monkeypatch)
+    new, new_losses, _ = _train(backend, False, monkeypatch)
+    assert old.keys() == new.keys() and len(old_losses) == 6
+    _same(old, new)
+    assert new_losses == pytest.approx(old_losses, rel=1e-15, abs=0)
+
+
+def _same(old, new):
+    """Every tensor equal to 1e-15 of its own scale (max |value|): bit for bit but for the fused Adam kernel,
+    which rounds the second moment ``v = b2 v + (1 - b2) g^2`` in another order (about one float64 ulp; through
+    the predictor's update that reaches the model's weights at the same level, measured <= 1e-15)."""
+    for key in old:
+        assert (new[key] - old[key]).abs().max() <= 1e-15 * old[key].abs().max(), key
+
+
+@pytest.mark.parametrize("backend", ["higher", "func"])
+def test_a_non_finite_meta_step_is_skipped_on_the_device_exactly_as_on_the_host(backend, monkeypatch):
+    old, _, old_l2w = _train(backend, True, monkeypatch, poison={2, 3})
+    new, _, new_l2w = _train(backend, False, monkeypatch, poison={2, 3})
+    assert old_l2w.meta_skipped == new_l2w.meta_skipped == 2 and not new_l2w.last_meta_skipped
+    _same(old, new)
+
+
+class _HostReads:
+    """Counts Python-level reads of tensor values (item, bool, float, int, index, tolist) while active."""
+
+    NAMES = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist")
+
+    def __init__(self, monkeypatch):
+        self.reads = []
+        for name in self.NAMES:
+            monkeypatch.setattr(torch.Tensor, name, self._counted(getattr(torch.Tensor, name), name))
+
+    def _counted(self, original, name):
+        def read(tensor, *args, **kwargs):
+            frame = traceback.extract_stack(limit=3)[0]
+            self.reads.append(f"{name} at {Path(frame.filename).name}:{frame.lineno}")
+            return original(tensor, *args, **kwargs)
+
+        return read
+
+
+@pytest.mark.parametrize("backend", ["higher", "func"])
+def test_l2w_updates_read_nothing_back_from_the_device(backend, monkeypatch):
+    """The CPU stand-in for torch.cuda.set_sync_debug_mode: after a first update (lazy optimizer state),
+    four L2W updates (meta step, weighted loss, backward, SGD step) read no tensor value on the host."""
+    torch.manual_seed(0)
+    model = TinyMultiExit().train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    l2w = L2W(model, opt, hidden_sizes=(8,), backend=backend, total_steps=10)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
+
+    def loader_batch():
+        for xt, yt in l2w.split(x, y):
+            loss = l2w.loss(model(xt), yt)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    loader_batch()
+    counter = _HostReads(monkeypatch)
+    loader_batch()
+    loader_batch()
+    monkeypatch.undo()
+    assert counter.reads == [], counter.reads
+    assert l2w.step == 6 and l2w.meta_skipped == 0 and l2w.last_meta_loss > 0  # read afterwards, on demand

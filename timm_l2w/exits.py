@@ -12,7 +12,7 @@ the argmax prediction has been the same at p consecutive exits; no threshold, th
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -27,6 +27,7 @@ __all__ = [
     "assign_exits",
     "assign_exits_static",
     "exit_counts",
+    "distribution_values",
     "check_distributions",
     "calibrate_thresholds",
     "calibrate_thresholds_batch",
@@ -84,7 +85,7 @@ def _check_confidences(conf: Tensor, name: str = "confidences") -> None:
         raise ValueError(f"{name} contains NaN or inf: check the model outputs")
 
 
-def _distribution_values(p: Tensor | Sequence[float], num_exits: int) -> Tuple[float, ...]:
+def distribution_values(p: Tensor | Sequence[float], num_exits: int) -> Tuple[float, ...]:
     """``p`` as a tuple of Python floats after the checks of :func:`check_distribution`; a tuple of floats is
     checked in Python (no tensor, so a hot loop that keeps ``p`` as a tuple reads nothing from a device)."""
     if isinstance(p, tuple) and all(type(v) is float for v in p):
@@ -98,14 +99,15 @@ def _distribution_values(p: Tensor | Sequence[float], num_exits: int) -> Tuple[f
     return tuple(check_distribution(p, num_exits).tolist())
 
 
-def exit_counts(n: int, p: Tensor | Sequence[float]) -> Tuple[int, ...]:
+def exit_counts(n: int, p: Tensor | Sequence[float], num_exits: Optional[int] = None) -> Tuple[int, ...]:
     """``floor(n * p_k)`` for every exit (the last entry is unused: the last exit takes the rest).
 
     Computed on the host from ``n`` and ``p`` alone (float64, as ``torch.floor(n * p)``), so it is known
     before any confidence is: the exit assignment has static shapes. ``p`` is checked as
-    :func:`check_distribution` checks it (a tuple of floats without building a tensor).
+    :func:`check_distribution` checks it (for ``num_exits`` exits, default ``len(p)``; a tuple of floats
+    without building a tensor).
     """
-    values = _distribution_values(p, len(p))
+    values = distribution_values(p, len(p) if num_exits is None else num_exits)
     return tuple(int(math.floor(n * v)) for v in values)
 
 
@@ -140,7 +142,7 @@ def assign_exits(conf: Tensor, p: Tensor | Sequence[float]) -> Tensor:
     """
     _check_confidences(conf)
     n, num_exits = conf.shape
-    return assign_exits_static(conf, exit_counts(n, _distribution_values(p, num_exits)))
+    return assign_exits_static(conf, exit_counts(n, p, num_exits))
 
 
 def check_distributions(distributions: Tensor | Sequence[Sequence[float]], num_exits: int) -> Tensor:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .exits import assign_exits, check_distribution, exit_distribution
+from .exits import assign_exits_static, check_distribution, distribution_values, exit_counts, exit_distribution
 from .models.base import check_multi_exit_output, unwrap_model
 from .optim_step import CLIP_MODES, check_optimizer, clip_gradients, grad_coefficients, in_optimizer, unwrap_optimizer, virtual_step
 from .optim_step.torch_rules import SGDSlot, sgd_update
@@ -130,9 +130,11 @@ class _RealUpdate:
         return [None if c is None else c / self.accum_steps for c in coefficients]
 
 
-def rng_state(device: torch.device | str | None = None) -> Tuple[Tensor, Optional[Tensor]]:
+def rng_state(device: torch.device | str | None = None) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
     """The CPU (and CUDA ``device``) random state, to replay the same dropout masks later."""
     device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None  # a CUDA graph captures no RNG state (timm_l2w.cuda_graphs refuses stochastic models with 'func')
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return torch.get_rng_state(), cuda
 
@@ -163,16 +165,19 @@ def meta_loss(outputs: Sequence[Tensor], target: Tensor, p: Tensor | Sequence[fl
     The assignment is :func:`timm_l2w.exits.assign_exits` on the detached confidences with the
     training distribution ``p`` (selection without gradient). Non-finite outputs (a virtual step that
     overflowed, e.g. under fp16) give a NaN meta loss, which :class:`L2W` skips, instead of an error.
+    No host read: the counts ``floor(n p_k)`` come from ``n`` and ``p`` (:func:`~timm_l2w.exits.exit_counts`),
+    the assignment has static shapes and the finiteness test selects the result on the device.
     """
     outputs = check_multi_exit_output(outputs)
     losses = exit_losses(outputs, target, criterion=None if criterion is None else
                          ExitCriterion.from_module(criterion).unsmoothed())
     conf = exit_confidences(outputs)
-    if not bool(torch.isfinite(conf).all()):
-        return losses.sum() * float("nan")
-    assigned = assign_exits(conf, p)
-    mask = F.one_hot(assigned, losses.shape[1]).to(losses.dtype)
-    return ((losses * mask).sum(dim=0) / mask.sum(dim=0).clamp(min=1)).sum()
+    n, num_exits = conf.shape
+    finite = torch.isfinite(conf).all()
+    assigned = assign_exits_static(torch.where(finite, conf, torch.zeros_like(conf)), exit_counts(n, p, num_exits))
+    mask = (assigned[:, None] == torch.arange(num_exits, device=assigned.device)).to(losses.dtype)
+    value = ((losses * mask).sum(dim=0) / mask.sum(dim=0).clamp(min=1)).sum()
+    return torch.where(finite, value, torch.full_like(value, float("nan")))
 
 
 # --------------------------------------------------------------------------------------------
@@ -410,7 +415,7 @@ def _meta_step(model, optimizer, weight_net, train_batch, meta_batch, p, eps, co
         accumulated = [a.detach() if a is not None and i in steps else None for i, a in enumerate(accumulated)]
     update = _RealUpdate(optimizer, params, accumulated, accum_steps, clip_grad, clip_mode)
     num_exits = weight_net.num_exits
-    p = check_distribution(p, num_exits)
+    p = distribution_values(p, num_exits)  # Python floats: the meta loss's counts need no tensor read
     phi = list(weight_net.parameters())
     device = x_train.device
 
@@ -535,6 +540,16 @@ def _all_reduce_mean_(tensors: Sequence[Tensor]) -> None:
         offset += t.numel()
 
 
+def _meta_adam(weight_net: nn.Module, lr: float, weight_decay: float) -> Tuple[torch.optim.Adam, bool]:
+    """The predictor's Adam, fused where torch has the kernel for its device (numerically the same update;
+    it can skip a step on the device); ``(optimizer, fused)``."""
+    params = list(weight_net.parameters())
+    try:
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True), True
+    except (RuntimeError, ValueError):  # no fused kernel for this device / dtype
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay), False
+
+
 class L2W:
     """Learning to weight samples (docs/method.md) as a hook for an existing training loop.
 
@@ -647,6 +662,7 @@ class L2W:
             check_number(target_p_index, "target_p_index", PAPER_P_INDICES)
             target_p = exit_distribution(target_p_index / 20, num_exits)
         self.p = check_distribution(target_p, num_exits)
+        self._p_values = distribution_values(self.p, num_exits)  # what meta_step gets: no tensor read per step
         self.meta_interval, self.total_steps = meta_interval, total_steps
         self.label_smoothing = check_label_smoothing(label_smoothing)
         self.criterion = ExitCriterion.from_module(criterion, self.label_smoothing)
@@ -668,17 +684,39 @@ class L2W:
         if _distributed():  # every rank starts from rank 0's predictor
             for t in self.weight_net.parameters():
                 dist.broadcast(t.data, src=0)
-        self.meta_optimizer = torch.optim.Adam(self.weight_net.parameters(), lr=meta_lr, weight_decay=meta_weight_decay)
+        self.meta_optimizer, self._fused_meta = _meta_adam(self.weight_net, meta_lr, meta_weight_decay)
         self.meta_lr = meta_lr  # peak of the cosine schedule (_set_meta_lr)
         self.step = 0
-        self.last_meta_loss: Optional[float] = None
-        self.last_meta_skipped = False  # the last meta step had a non-finite meta loss or gradient
-        self.meta_skipped = 0  # meta steps skipped for that reason (not saved in state_dict)
+        # the meta loss, the skip decision and the skip count stay on the device (read lazily: properties)
+        self.last_meta_loss_tensor: Optional[Tensor] = None
+        self.last_meta_applied: Optional[Tensor] = None  # bool: the last meta step updated the predictor
+        self._meta_skipped: Tensor | int = 0  # meta steps skipped (non-finite); not saved in state_dict
+        self.host_bookkeeping = True  # loss() advances the update counter (timm_l2w.cuda_graphs replays do it)
         self.last_meta_grads: Optional[List[Tensor]] = None
         self.last_weights: Optional[Tensor] = None
         self._halves: Optional[Tuple[Batch, Batch]] = None
         self._current = -1
         self._rng: Optional[Tuple[Tensor, Optional[Tensor]]] = None
+
+    # -- what the last meta step did (device values, read only when asked) -------------------
+    @property
+    def last_meta_loss(self) -> Optional[float]:
+        """The last meta step's meta loss (reading it waits for the device; ``last_meta_loss_tensor`` does not)."""
+        return None if self.last_meta_loss_tensor is None else float(self.last_meta_loss_tensor)
+
+    @property
+    def last_meta_skipped(self) -> bool:
+        """Whether the last meta step was skipped (non-finite meta loss or gradient); reading it syncs."""
+        return self.last_meta_applied is not None and not bool(self.last_meta_applied)
+
+    @property
+    def meta_skipped(self) -> int:
+        """Meta steps skipped so far for a non-finite meta loss or gradient (reading it syncs)."""
+        return int(self._meta_skipped)
+
+    @meta_skipped.setter
+    def meta_skipped(self, value: int) -> None:
+        self._meta_skipped = int(value)
 
     # -- the schedule ------------------------------------------------------------------------
     def split(self, x: Tensor, y: Tensor) -> Iterator[Batch]:
@@ -742,15 +780,22 @@ class L2W:
         train_outputs: Optional[Sequence[Tensor]] = None,
         train_rng: Optional[Tuple[Tensor, Optional[Tensor]]] = None,
         accumulated_grads: Optional[Sequence[Optional[Tensor]]] = None,
-    ) -> float:
-        """One meta step and meta optimizer step (gradients averaged across ranks); returns the meta loss.
-        ``accumulated_grads``: what the accumulation window's earlier micro-batches left in ``.grad``."""
+        read_loss: bool = True,
+    ) -> float | Tensor:
+        """One meta step and meta optimizer step (gradients averaged across ranks); returns the meta loss
+        (``read_loss=False``: as a device tensor, without waiting for the device, as :meth:`loss` does).
+        ``accumulated_grads``: what the accumulation window's earlier micro-batches left in ``.grad``.
+
+        A step with a non-finite meta loss or gradient is skipped on the device: the fused Adam step is
+        told so (``found_inf``, as ``torch.amp.GradScaler`` tells it), which leaves the predictor, the
+        moments and the step count exactly as they were. Only the fp16 ``'amp'`` policy (its GradScaler)
+        and an Adam without a fused kernel for the predictor's device decide on the host."""
         device = train_batch[0].device if isinstance(train_batch[0], Tensor) else torch.device("cpu")
         scaler = self._scaler(device)
         outer, autocast = self._meta_autocast(device)
         with outer:
             result = meta_step(
-                self.model, self.optimizer, self.weight_net, train_batch, meta_batch, self.p,
+                self.model, self.optimizer, self.weight_net, train_batch, meta_batch, self._p_values,
                 eps=self.eps, constraint=self.constraint, backend=self._backend, criterion=self.criterion,
                 train_outputs=train_outputs, train_rng=train_rng, autocast=autocast, distill=self.distill,
                 # scaler.scale(1) is the current scale (and creates it on the first step)
@@ -765,20 +810,25 @@ class L2W:
         if scaler is not None:
             scaler.unscale_(self.meta_optimizer)  # in place: the grads are now d meta / d phi
         self.last_meta_grads = [g.detach().clone() for g in grads]
-        self.last_meta_loss = float(result.meta_loss)
-        if bool(torch.stack([torch.isfinite(g).all() for g in grads]).all() & (bad[0] == 0)):  # one sync
-            self.last_meta_skipped = False
+        self.last_meta_loss_tensor = result.meta_loss.detach()
+        applied = torch.stack([torch.isfinite(g).all() for g in grads]).all() & (bad[0] == 0)
+        self.last_meta_applied = applied
+        self._meta_skipped = self._meta_skipped + (~applied).long()
+        if scaler is None and self._fused_meta:  # skipped on the device when not applied: no host read
+            self.meta_optimizer.found_inf = (~applied).to(torch.float32)
+            try:
+                self.meta_optimizer.step()
+            finally:
+                del self.meta_optimizer.found_inf
+        elif bool(applied):  # the host decides (GradScaler, or no fused Adam here)
             if scaler is not None:
                 scaler.step(self.meta_optimizer)
             else:
                 self.meta_optimizer.step()
-        else:  # non-finite meta loss or gradient: skip, predictor and meta optimizer state untouched
-            self.last_meta_skipped = True
-            self.meta_skipped += 1
         if scaler is not None:
             scaler.update()  # halves the scale after an overflow, doubles it after a run of finite steps
         self.meta_optimizer.zero_grad(set_to_none=True)
-        return self.last_meta_loss
+        return self.last_meta_loss if read_loss else self.last_meta_loss_tensor
 
     def loss(self, outputs: Sequence[Tensor], target: Tensor) -> Tensor:
         """The weighted loss for the real step; inside :meth:`split` the meta step runs first when due
@@ -797,17 +847,23 @@ class L2W:
             shared = (self.share_forward and unwrap_model(self.model) is self.model and not self._fused_attention
                       and all(o.requires_grad for o in outputs) and self._reusable(outputs))
             self.meta_update(train_batch, meta_batch, outputs if shared else None, self._rng if shared else None,
-                             self._accumulated_grads() if self.grad_accum_steps > 1 else None)
+                             self._accumulated_grads() if self.grad_accum_steps > 1 else None, read_loss=False)
         loss, weights = weighted_multi_exit_loss(
             outputs, target, self.weight_net, self.eps, self.constraint, distill=self.distill, criterion=self.criterion
         )
         self.last_weights = weights.detach()
+        if self.host_bookkeeping:
+            self.advance(in_split, updates)
+        return loss
+
+    def advance(self, in_split: bool = True, updates: bool = True) -> None:
+        """The host side of one :meth:`loss` call: the micro-batch and update counters and the meta learning
+        rate (a replayed CUDA graph of the update runs only the device side: its caller calls this)."""
         if in_split:
             self._micro = 0 if updates else self._micro + 1
         if updates:
             self.step += 1
             self._set_meta_lr()
-        return loss
 
     # -- accumulation ------------------------------------------------------------------------
     def _accelerate_accum_steps(self) -> int:
@@ -851,7 +907,10 @@ class L2W:
         t = min(self.step, self.total_steps)
         lr = 0.5 * self.meta_lr * (1.0 + math.cos(math.pi * t / self.total_steps))
         for group in self.meta_optimizer.param_groups:
-            group["lr"] = lr
+            if isinstance(group["lr"], Tensor):  # a device lr (CUDA graphs read it there): written in place
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
 
     # -- resume ------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
@@ -870,7 +929,10 @@ class L2W:
         if missing:
             raise ValueError(f"L2W state is missing {sorted(missing)}: pass a dict from L2W.state_dict()")
         self.weight_net.load_state_dict(state["weight_net"])
+        kernel = [{k: g.get(k) for k in ("fused", "foreach")} for g in self.meta_optimizer.param_groups]
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        for group, keep in zip(self.meta_optimizer.param_groups, kernel):  # this run's kernel, not the saved one
+            group.update(keep)
         self.step = int(state["step"])
         self._micro = int(state.get("micro_step", 0))
         self._set_meta_lr()  # (states saved with a "meta_scheduler" entry load too: it is not needed)
