@@ -24,6 +24,7 @@ import timm_l2w  # noqa: F401  (registers the models)
 from timm_l2w.deploy import export_package, preprocess_from_loader
 from timm_l2w.evaluate import ExitOutputs
 from timm_l2w.inference import EarlyExitPredictor
+from timm_l2w.models.base import MultiExitModel
 from timm_l2w_runtime import EarlyExitRuntime, PackageError, PolicyError, preprocess_image, read_policy
 
 SIZE = (3, 32, 32)
@@ -208,6 +209,40 @@ def test_policy_for_another_model_is_a_clear_error(msdnet_package, tmp_path):
     runtime = EarlyExitRuntime(exported.package)
     with pytest.raises(ValueError, match=r"expected a non-empty image batch \[N, 3, 32, 32\]"):
         runtime.predict(np.zeros((2, 3, 16, 16), dtype=np.float32))
+
+
+class DictStateModel(MultiExitModel):
+    """Only the contract: a dict state holding the image (passed on unchanged), one tensor under two keys
+    and a number that is not a tensor."""
+
+    num_exits, num_classes, in_chans = 3, 4, 3
+
+    def __init__(self):
+        super().__init__()
+        self.convs = torch.nn.ModuleList(torch.nn.Conv2d(3, 3, 3, padding=1) for _ in range(3))
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(3, 4) for _ in range(3))
+
+    def forward_stage(self, index, state):
+        if index == 0:
+            state = {"image": state, "x": state, "scale": 2.0}
+        x = torch.relu(self.convs[index](state["x"])) * state["scale"] + state["image"].mean(dim=(1, 2, 3))[:, None, None, None]
+        return {"image": state["image"], "x": x, "same": x, "scale": state["scale"]}, self.heads[index](x.mean(dim=(2, 3)))
+
+
+def test_any_model_meeting_the_contract_exports(tmp_path):
+    model = DictStateModel().eval()
+    x = torch.randn(40, *SIZE)
+    with torch.no_grad():
+        calibration = ExitOutputs.from_logits(model.forward_exits(x), torch.zeros(40, dtype=torch.long))
+    predictor = EarlyExitPredictor.from_distribution(model, calibration, 0.8)
+    package = export_package(model, tmp_path / "package", predictor, input_size=SIZE, pt2=False)
+    manifest = json.loads((package / "manifest.json").read_text())
+    assert manifest["stages"][1]["inputs"] == ["image", "state0_0"]  # the shared tensor goes in once
+    assert manifest["stages"][1]["outputs"] == ["state1_0", "logits1"]  # the image is passed on, not output
+    got, want = EarlyExitRuntime(package).predict(x[:17].numpy()), predictor.predict(x[:17])
+    np.testing.assert_array_equal(got.exit_index, want.exit_index.numpy())
+    np.testing.assert_array_equal(got.predictions, want.predictions.numpy())
+    assert len(set(want.exit_index.tolist())) > 1
 
 
 # ----------------------------------------------------------------------------- preprocessing

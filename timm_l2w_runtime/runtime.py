@@ -24,7 +24,7 @@ from .policy import check_policy_fits, read_json, read_policy
 
 __all__ = [
     "MANIFEST_FORMAT", "MANIFEST_VERSION", "MANIFEST_FILE", "POLICY_FILE", "PackageError",
-    "RuntimePrediction", "EarlyExitRuntime", "exit_confidence", "predictive_entropy", "read_manifest",
+    "RuntimePrediction", "EarlyExitRuntime", "exit_confidence", "predictive_entropy", "read_manifest", "select_rows",
 ]
 
 MANIFEST_FORMAT = "timm_l2w.early_exit_package"
@@ -53,6 +53,11 @@ def predictive_entropy(logits: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
     return np.maximum(-(np.exp(logp) * logp).sum(axis=1), 0).astype(np.float32)
+
+
+def select_rows(state: Mapping[str, np.ndarray], keep: np.ndarray) -> Dict[str, np.ndarray]:
+    """Rows ``keep`` (batch positions) of every state tensor, as new C-contiguous arrays."""
+    return {name: t.take(keep, axis=0) for name, t in state.items()}
 
 
 @dataclass
@@ -136,7 +141,9 @@ class EarlyExitRuntime:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
         providers = list(providers) if providers is not None else ["CPUExecutionProvider"]
-        self.sessions = []
+        self.sessions: List[Any] = []
+        self._plan: List[Tuple[Any, List[str], List[str], int, List[Tuple[str, Optional[int]]]]] = []
+        self._patience = self.policy["patience"] if self.policy["rule"] == "patience" else None
         for k, stage in enumerate(self.manifest["stages"]):
             try:
                 session = ort.InferenceSession(str(self.root / stage["onnx"]), sess_options=options, providers=providers)
@@ -148,15 +155,21 @@ class EarlyExitRuntime:
                 raise PackageError(f"stage {k} ({stage['onnx']}) does not have the inputs/outputs its manifest lists: "
                                    "the files come from different exports; export the package again")
             self.sessions.append(session)
+            position = {name: i for i, name in enumerate(stage["outputs"])}
+            # per stage: session, input names, output names, where the logits are, the state after it
+            # (each tensor's position among the outputs, or None when passed on unchanged)
+            self._plan.append((session, stage["inputs"], stage["outputs"], position[stage["logits"]],
+                               [(name, position.get(name)) for name in stage.get("state", [])]))
         self.num_exits = int(self.manifest["num_exits"])
         self.num_classes = int(self.manifest["num_classes"])
         self.input_size = tuple(int(v) for v in self.manifest["input_size"])
         self.class_names: Optional[List[str]] = self.policy.get("class_names")
 
-    def _leave(self, k: int, logits: np.ndarray, conf: np.ndarray, run: Optional[np.ndarray]) -> np.ndarray:
+    def _leave(self, k: int, logits: np.ndarray, conf: np.ndarray, agree: Optional[np.ndarray]) -> np.ndarray:
+        """Which running samples leave at exit ``k`` (not the last) under the policy's rule."""
         rule = self.policy["rule"]
         if rule == "patience":
-            return run >= self.policy["patience"]
+            return agree >= self._patience
         if rule == "entropy":
             return predictive_entropy(logits).astype(np.float64) <= self.policy["thresholds"][k]
         return conf.astype(np.float64) >= self.policy["thresholds"][k]
@@ -168,29 +181,31 @@ class EarlyExitRuntime:
         exit_index = np.empty(n, dtype=np.int64)
         active = np.arange(n)  # input positions of the samples still running
         state: Dict[str, np.ndarray] = {self.manifest["input"]: x}
-        previous = run = None  # patience: each running sample's last prediction and its agreement run length
-        for k, (stage, session) in enumerate(zip(self.manifest["stages"], self.sessions)):
-            outputs = dict(zip(stage["outputs"], session.run(stage["outputs"], {n_: state[n_] for n_ in stage["inputs"]})))
-            logits = outputs[stage["logits"]]
+        previous = agree = None  # patience: each running sample's last prediction and its agreement run length
+        last = self.num_exits - 1
+        for k, (session, inputs, outputs, logits_at, carry) in enumerate(self._plan):
+            produced = session.run(outputs, {name: state[name] for name in inputs})
+            logits = produced[logits_at]
             conf, pred = exit_confidence(logits)
-            last = k == self.num_exits - 1
-            if self.policy["rule"] == "patience":
-                run = np.ones_like(pred) if previous is None else 1 + (pred == previous) * run
+            if k == last:  # the last exit takes every sample left
+                predictions[active], confidences[active], exit_index[active] = pred, conf, k
+                break
+            if self._patience is not None:
+                agree = np.ones_like(pred) if previous is None else 1 + (pred == previous) * agree
                 previous = pred
-            leave = np.ones(len(pred), dtype=bool) if last else self._leave(k, logits, conf, run)
-            idx = active[leave]
-            predictions[idx], confidences[idx], exit_index[idx] = pred[leave], conf[leave], k
-            if last:
-                break
-            keep = np.flatnonzero(~leave)
-            if keep.size == 0:
-                break
-            state = {name: outputs[name] if name in outputs else state[name] for name in stage["state"]}
-            if keep.size < leave.size:  # drop the samples that left from every state tensor
-                state = {name: np.take(t, keep, axis=0) for name, t in state.items()}
+            leave = self._leave(k, logits, conf, agree)
+            # the state after stage k: tensors it produced, and those it passed on unchanged
+            state = {name: produced[i] if i is not None else state[name] for name, i in carry}
+            if leave.any():
+                idx = active[leave]
+                predictions[idx], confidences[idx], exit_index[idx] = pred[leave], conf[leave], k
+                keep = np.flatnonzero(~leave)
+                if keep.size == 0:
+                    break
+                state = select_rows(state, keep)  # drop the samples that left
                 active = active[keep]
                 if previous is not None:
-                    previous, run = previous[keep], run[keep]
+                    previous, agree = previous[keep], agree[keep]
         return RuntimePrediction(predictions, confidences, exit_index)
 
     def check_input(self, x: Any) -> np.ndarray:

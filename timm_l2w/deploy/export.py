@@ -47,16 +47,16 @@ VERIFY_BATCH = 3  # and checks the graphs at another size
 class _Stage(nn.Module):
     """Stage ``index`` of ``model`` as a function of the state's tensors: ``(*new_state_tensors, logits)``."""
 
-    def __init__(self, model: nn.Module, index: int, spec: Any, constants: Dict[int, Any], tensor_positions: List[int],
+    def __init__(self, model: nn.Module, index: int, spec: Any, constants: Dict[int, Any], sources: Dict[int, int],
                  new_positions: Optional[List[int]]):
         super().__init__()
         self.model, self.index, self.spec = model, index, spec
-        self.constants, self.tensor_positions, self.new_positions = constants, tensor_positions, new_positions
+        # leaf i of the state is tensors[sources[i]] (a tensor may fill several leaves) or constants[i]
+        self.constants, self.sources, self.new_positions = constants, sources, new_positions
 
     def forward(self, *tensors: Tensor) -> Tuple[Tensor, ...]:
-        leaves = [self.constants.get(i) for i in range(self.spec.num_leaves)]
-        for position, t in zip(self.tensor_positions, tensors):
-            leaves[position] = t
+        leaves = [tensors[self.sources[i]] if i in self.sources else self.constants[i]
+                  for i in range(self.spec.num_leaves)]
         state, logits = self.model.forward_stage(self.index, tree_unflatten(leaves, self.spec))
         if self.new_positions is None:  # last stage: the exit's logits only
             return (logits,)
@@ -119,10 +119,16 @@ def _export_stage(net: nn.Module, k: int, state: Any, names: List[Optional[str]]
     Returns the manifest entry, the state after the stage and the names of its leaves.
     """
     leaves, spec = tree_flatten(state)
-    positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
     constants = {i: leaf for i, leaf in enumerate(leaves) if not isinstance(leaf, Tensor)}
-    inputs = [leaves[i] for i in positions]
-    input_names = [names[i] for i in positions]
+    inputs: List[Tensor] = []  # the state's distinct tensors, in leaf order
+    input_names: List[str] = []
+    sources: Dict[int, int] = {}
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, Tensor):
+            if names[i] not in input_names:
+                inputs.append(leaf)
+                input_names.append(names[i])
+            sources[i] = input_names.index(names[i])
     last = k == net.num_exits - 1
     with torch.no_grad():
         new_state, logits = net.forward_stage(k, state)
@@ -144,11 +150,11 @@ def _export_stage(net: nn.Module, k: int, state: Any, names: List[Optional[str]]
                 new_positions.append(i)
                 new_names.append(name)
                 out_names.append(name)
-                tensors[name] = _tensor_info(leaf, keystr(path))
-        entry["state"] = [n for n in out_names if n is not None]
+                tensors[name] = _tensor_info(leaf, keystr(path) or "(the state is one tensor)")
+        entry["state"] = list(dict.fromkeys(n for n in out_names if n is not None))  # distinct, in leaf order
     logits_name = f"logits{k}"
     tensors[logits_name] = _tensor_info(logits, f"exit {k} logits")
-    stage = _Stage(net, k, spec, constants, positions, new_positions)
+    stage = _Stage(net, k, spec, constants, sources, new_positions)
     batch = torch.export.Dim("batch", min=1)
     try:
         program = torch.export.export(stage, tuple(inputs), dynamic_shapes=(tuple({0: batch} for _ in inputs),),
