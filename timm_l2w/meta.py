@@ -564,10 +564,35 @@ class L2W:
                 loss.backward()                # or accelerator.backward(loss)
                 optimizer.step()
 
-    ``total_steps`` counts model updates (two per loader batch) and sets the cosine annealing of the
-    meta learning rate; ``None`` keeps it constant. ``target_p_index`` j picks the training
-    distribution ``p_k ∝ (j/20)**k``; ``target_p`` gives it directly instead. Calling :meth:`loss`
-    outside :meth:`split` gives the weighted loss without a meta step.
+    ``total_steps`` counts model updates (optimizer steps: two per loader batch, ``2 / N`` when N
+    micro-batches are accumulated) and sets the cosine annealing of the meta learning rate; ``None``
+    keeps it constant. ``target_p_index`` j picks the training distribution ``p_k ∝ (j/20)**k``;
+    ``target_p`` gives it directly instead. Calling :meth:`loss` outside :meth:`split` gives the
+    weighted loss without a meta step.
+
+    ``optimizer`` is the loop's own optimizer, any class :mod:`timm_l2w.optim_step` reproduces: torch's
+    SGD, Adam, AdamW, NAdam, RAdam, Adamax, RMSprop, Adagrad, Adadelta and timm's SGDW, NAdamW,
+    RMSpropTF, Lamb, Lars, Adan, Adopt, LaProp, AdaBelief, AdamWLegacy, ... with all their param groups
+    (timm's no-decay group, layer decay), state and options. The virtual step is exactly the update its
+    ``step()`` would make; a sign update (Lion, Rprop) is refused, as its meta gradient would be zero.
+
+    ``clip_grad`` / ``clip_mode`` say how the loop clips the gradients before ``optimizer.step()``, in
+    timm's terms: ``dispatch_clip_grad(model.parameters(), clip_grad, clip_mode)`` with ``'norm'``
+    (``accelerator.clip_grad_norm_``), ``'value'`` (``accelerator.clip_grad_value_``) or ``'agc'``
+    (``timm.utils.adaptive_clip_grad``). The virtual step clips the same way, differentiably, so theta'
+    is the clipped update; L2W does not clip the real gradients (the loop still does).
+
+    Gradient accumulation over N micro-batches (a micro-batch is one half of :meth:`split`):
+    ``Accelerator(gradient_accumulation_steps=N)`` with ``with accelerator.accumulate(model):`` around
+    each micro-batch's forward, ``loss``, ``accelerator.backward``, ``optimizer.step()``,
+    ``optimizer.zero_grad()`` (in that order), or ``grad_accum_steps=N`` without accelerate, in a loop
+    that backpropagates ``loss / N`` and steps after every N-th micro-batch. The meta step runs only on
+    the micro-batch after whose backward the optimizer steps (accelerate's ``sync_gradients``), and its
+    virtual step is that accumulated update: the gradients already in ``.grad`` from the window's
+    earlier micro-batches (a constant) plus this micro-batch's weighted-loss gradient / N, clipped, then
+    the optimizer's rule. The other micro-batches get the weighted loss of the current predictor.
+    ``meta_interval`` and ``total_steps`` count real updates. A window must start with empty (or zero)
+    ``.grad``: gradients left over from before it are an error naming the order to use.
 
     ``meta_precision`` is the meta step's arithmetic when the real step runs in mixed precision.
     ``'fp32'`` (default): autocast off for the whole meta step, so it runs in the parameters' dtype
