@@ -24,6 +24,7 @@ smooth in ``g`` at 0 and only the ``m`` path contributes.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -103,10 +104,15 @@ def _complex(params: Sequence[Tensor]) -> bool:
     return any(torch.is_complex(p) for p in params)
 
 
+@functools.lru_cache(maxsize=None)
+def _parameters(fn: Callable[..., None]) -> frozenset:
+    return frozenset(inspect.signature(fn).parameters)
+
+
 def _functional(fn: Callable[..., None], new: List[Tensor], grads: Sequence[Tensor], *lists: List[Tensor],
                 **kwargs: Any) -> List[Tensor]:
     """Call torch's functional optimizer ``fn`` on the copies ``new`` (updated in place) and state copies."""
-    accepted = inspect.signature(fn).parameters
+    accepted = _parameters(fn)
     options = dict(foreach=False, differentiable=True, capturable=False, fused=False, has_complex=_complex(new))
     kwargs.update({k: v for k, v in options.items() if k in accepted})
     with _ZeroSafeSqrtMode():
@@ -119,7 +125,7 @@ def _functional(fn: Callable[..., None], new: List[Tensor], grads: Sequence[Tens
 class SGDSlot:
     """What ``torch.optim.SGD`` would use to update one parameter (its group's settings + buffer)."""
 
-    lr: float
+    lr: float | Tensor  # a 0-dim device tensor when a CUDA graph reads the lr there (timm_l2w.cuda_graphs)
     momentum: float
     dampening: float
     nesterov: bool
@@ -130,7 +136,7 @@ class SGDSlot:
 
 def _sgd_slot(group: Dict[str, Any], state: Dict[str, Any]) -> SGDSlot:
     return SGDSlot(
-        lr=float(group["lr"]),
+        lr=group["lr"] if isinstance(group["lr"], Tensor) else float(group["lr"]),
         momentum=float(group.get("momentum", 0.0)),
         dampening=float(group.get("dampening", 0.0)),
         nesterov=bool(group.get("nesterov", False)),
