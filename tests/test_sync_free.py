@@ -160,6 +160,15 @@ def test_a_non_finite_meta_step_is_skipped_on_the_device_exactly_as_on_the_host(
     _same(old, new)
 
 
+def l2w_loader_batch(l2w, model, opt, x, y):
+    """The two updates of one loader batch, as README's loop runs them."""
+    for xt, yt in l2w.split(x, y):
+        loss = l2w.loss(model(xt), yt)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 class _HostReads:
     """Counts Python-level reads of tensor values (item, bool, float, int, index, tolist) while active."""
 
@@ -188,18 +197,44 @@ def test_l2w_updates_read_nothing_back_from_the_device(backend, monkeypatch):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     l2w = L2W(model, opt, hidden_sizes=(8,), backend=backend, total_steps=10)
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 4, (16,))
-
-    def loader_batch():
-        for xt, yt in l2w.split(x, y):
-            loss = l2w.loss(model(xt), yt)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-
-    loader_batch()
+    l2w_loader_batch(l2w, model, opt, x, y)
     counter = _HostReads(monkeypatch)
-    loader_batch()
-    loader_batch()
+    l2w_loader_batch(l2w, model, opt, x, y)
+    l2w_loader_batch(l2w, model, opt, x, y)
     monkeypatch.undo()
     assert counter.reads == [], counter.reads
     assert l2w.step == 6 and l2w.meta_skipped == 0 and l2w.last_meta_loss > 0  # read afterwards, on demand
+
+
+@pytest.mark.parametrize("weighting", ["l2w", "uniform"])
+def test_timm_l2w_train_updates_read_nothing_back(tmp_path, monkeypatch, weighting):
+    """`timm-l2w train`'s update (forward, meta step, weighted loss, device-side skip of a non-finite step,
+    backward, fused SGD step, the epoch's running sums): after the first update, which decides on the host,
+    six updates read no tensor value (--max-nonfinite 20: its check comes every 10 updates)."""
+    from ddp_check import register_tiny
+
+    from timm_l2w.train import _Run, parse_args
+
+    args = parse_args(["--model", register_tiny(), "--batch-size", "16", "--max-steps", "8", "--cpu", "--no-eval",
+                       "--log-with", "none", "--weighting", weighting, "--max-nonfinite", "20",
+                       "--output", str(tmp_path)])
+    run = _Run(args)
+    run.build()
+    run.model.train()
+    stats = run._new_stats(run.accelerator.device)
+    batches = iter(run.train_loader)
+
+    def loader_batch():
+        x, y = next(batches)
+        halves = run.l2w.split(x, y) if run.l2w is not None else ((x[:8], y[:8]), (x[8:], y[8:]))
+        for xt, yt in halves:
+            run.update(xt, yt, stats)
+
+    loader_batch()
+    assert run.device_skip and run._stepped
+    counter = _HostReads(monkeypatch)
+    for _ in range(3):
+        loader_batch()
+    monkeypatch.undo()
+    assert counter.reads == [], counter.reads
+    assert int(stats["skipped"]) == 0 and run.updates_done == 8 and int(run.nonfinite_run) == 0

@@ -166,6 +166,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rescale the gradients into the shared trunk: each block gets the mean of the gradients of "
                         "the exits after it (forward unchanged)")
 
+    g = p.add_argument_group("speed on a GPU (docs/gpu_recipe.md)")
+    g.add_argument("--device-data", action="store_true",
+                   help="keep the training set on the device (digits, digits-affine, fashion-mnist, CIFAR): batches "
+                        "gathered and transformed there, no DataLoader workers")
+    g.add_argument("--device-augment", choices=["auto", "none", "crop-flip"], default="auto",
+                   help="augmentation of --device-data: crop-flip is the CIFAR recipe (4-pixel pad, random crop, "
+                        "horizontal flip); auto: crop-flip for CIFAR, none for the other sets (as their loaders)")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="capture the whole update (meta step, weighted loss, backward, optimizer step) as CUDA graphs "
+                        "and replay them; falls back to the eager update, saying why, where that is not possible")
+    g.add_argument("--tf32", choices=["default", "on", "off"], default="default",
+                   help="TF32 for fp32 matmuls and convolutions on the GPU (default: torch's, convolutions only)")
+
     g = p.add_argument_group("output")
     g.add_argument("--output", default="output/train", help="folder for checkpoints, logs and results")
     g.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0: epochs only)")
@@ -359,7 +372,18 @@ class _Run:
         self.num_exits = int(self.model.num_exits)
         train_loader, self.held_loader, self.test_loader = create_loaders(
             self.splits, self.per_rank, args.eval_batch_size, seed=args.seed, num_workers=args.workers)
-        self.train_loader = acc.prepare(train_loader)
+        _set_tf32(args.tf32)
+        if args.device_data:  # the whole training set on the device (timm_l2w.device_data)
+            from .device_data import DeviceLoader
+
+            augment = args.device_augment
+            if augment == "auto":
+                augment = "crop-flip" if args.dataset.lower().startswith("torch/cifar") else "none"
+            self.train_loader = DeviceLoader.from_splits(
+                self.splits, self.per_rank, acc.device, seed=args.seed, augment=augment,
+                world_size=acc.num_processes, rank=acc.process_index, channels_last=args.channels_last)
+        else:
+            self.train_loader = acc.prepare(train_loader)
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch == 0:
             raise ValueError(f"the training set ({len(self.splits.train)} images) gives no full batch of "
@@ -407,7 +431,35 @@ class _Run:
         self.updates_done = 0  # optimizer updates so far (the scheduler's and the EMA's count)
         self.history: List[Dict[str, Any]] = []
         self.epoch_stats = self._zero_stats()
-        self.nonfinite_run = 0
+        self.nonfinite_run: Any = 0  # a device tensor once the update runs sync-free
+        self._build_sync_free()
+
+    def _build_sync_free(self) -> None:
+        """Sync-free updates (timm_l2w.device_step): the skip of a non-finite update decided on the device,
+        where the optimizer has a fused kernel and neither fp16 loss scaling, EMA nor accumulation decide on
+        the host; then CUDA graphs (--cuda-graphs) where the update can be captured."""
+        from .device_step import fused_blocker, use_fused
+
+        args, acc = self.args, self.accelerator
+        host = {"fp16 loss scaling": acc.scaler is not None, "model EMA": self.ema is not None,
+                "gradient accumulation": args.grad_accum_steps > 1}
+        reason = fused_blocker(self.optimizer) or next((name for name, on in host.items() if on), None)
+        self.device_skip = reason is None
+        if self.device_skip:
+            use_fused(self.optimizer)
+        self._stepped = False  # the device-side skip starts after one step (the optimizer state exists)
+        self._stop_kind: Any = -1  # 1: the training loss, 0: the meta step reached --max-nonfinite first
+        self._since_check = 0
+        self.graphs = None
+        if args.cuda_graphs:
+            from .cuda_graphs import GraphedUpdates, capture_blocker
+
+            optimizers = [self.optimizer] + ([self.l2w.meta_optimizer] if self.l2w is not None else [])
+            blocker = (f"the update skips non-finite steps on the host ({reason})" if reason else capture_blocker(
+                acc.device, optimizers, args.backend if self.l2w is not None else None, acc.unwrap_model(self.model),
+                several_processes=acc.num_processes > 1))
+            log = print if acc.is_main_process else (lambda _: None)
+            self.graphs = GraphedUpdates(optimizers, log=log, blocker=blocker)
 
     def _zero_stats(self) -> Dict[str, Any]:
         k = self.num_exits
@@ -439,7 +491,7 @@ class _Run:
             if self.ema is not None:
                 _save_tensors(self.ema.module.state_dict(), tmp / EMA_FILE, meta)
             write_json_atomic(tmp / "train_state.json", {"step": self.step, "epoch_stats": self.epoch_stats,
-                                                   "history": self.history, "nonfinite_run": self.nonfinite_run,
+                                                   "history": self.history, "nonfinite_run": int(self.nonfinite_run),
                                                    "args": vars(self.args)})
             from .validation import write_checksums
 
@@ -503,6 +555,22 @@ class _Run:
             return self._update(x, y, stats)
 
     def _update(self, x: Tensor, y: Tensor, stats: Dict[str, Tensor]) -> Tensor:
+        if self.graphs is not None and self.device_skip and self._stepped:  # --cuda-graphs: captured, replayed
+            l2w = self.l2w
+            meta_due = l2w is not None and l2w.step % l2w.meta_interval == 0
+            result = self.graphs.run((x.data_ptr(), meta_due), lambda graphed: self._device_update(x, y, graphed),
+                                     after=l2w.advance if l2w is not None else (lambda: None),
+                                     reset=lambda: self._clear_grads())
+        else:
+            result = self._device_update(x, y, graphed=False)
+        self._record(result, y.shape[0], stats)
+        return result["loss"]
+
+    def _device_update(self, x: Tensor, y: Tensor, graphed: bool) -> Dict[str, Any]:
+        """Forward, (meta step,) weighted loss, backward, optimizer step. The values it returns stay on the
+        device; with ``device_skip`` it reads nothing back (a non-finite update is skipped there), so a CUDA
+        graph can record it (``graphed``: L2W leaves its counters to the graph runner)."""
+        from .device_step import restore_unless, step_unless
         from .weighting import exit_losses, training_losses
 
         acc, model = self.accelerator, self.model
@@ -511,20 +579,27 @@ class _Run:
         kept = self._snapshot_buffers()  # BN running stats, restored if this update is skipped
         with acc.autocast():
             outputs = model(x)  # train mode: the tuple of every exit's logits (through DDP for gradient sync)
-        meta_due = self.l2w is not None and self.l2w.step % self.l2w.meta_interval == 0
         if self.l2w is not None:
-            loss = self.l2w.loss(outputs, y)
+            self.l2w.host_bookkeeping = not graphed
+            try:
+                loss = self.l2w.loss(outputs, y)
+            finally:
+                self.l2w.host_bookkeeping = True
         else:
             loss = training_losses(outputs, y, distill=self.distill, criterion=self.criterion).mean(dim=0).sum()
-        # L2W skipped its meta update (non-finite meta loss or meta gradient, same on every rank)
-        meta_skipped = meta_due and self.l2w.last_meta_skipped
-        if meta_skipped:
-            stats["meta_skipped"] += 1
+        # whether L2W applied its meta update (False: non-finite meta loss or gradient, same on every rank)
+        applied = self.l2w.last_meta_applied if self.l2w is not None and self.l2w.meta_step_ran else None
         _fault_point("update", self.step)
-        finite = acc.gather(torch.isfinite(loss.detach()).reshape(1)).all()
-        if acc.sync_gradients:
-            self.updates_done += 1
-        if finite:
+        finite = acc.gather(torch.isfinite(loss.detach()).reshape(1)).all()  # a device bool, alike on every rank
+        skipped: Any = ~finite
+        if self.device_skip and self._stepped:  # decided on the device: the fused step skips, buffers go back
+            acc.backward(loss)
+            if acc.sync_gradients:
+                self._clip_gradients()
+            step_unless(self.optimizer, ~finite)
+            self.optimizer.zero_grad(set_to_none=True)
+            restore_unless(self._buffer_groups, kept, finite)
+        elif bool(finite):
             acc.backward(loss)  # fp16: accelerate's GradScaler scales the loss ... (and divides it by --grad-accum-steps)
             if acc.sync_gradients:
                 self._clip_gradients()
@@ -532,33 +607,59 @@ class _Run:
             self.optimizer.zero_grad(set_to_none=True)  # both only at the end of an accumulation window
             if self.optimizer.step_was_skipped:
                 self._restore_buffers(kept)
-                stats["skipped"] += 1
-            elif self.ema is not None and acc.sync_gradients:
-                self.ema.update(acc.unwrap_model(model), step=self.updates_done)
+                skipped = 1
+            else:
+                self._stepped = self._stepped or acc.sync_gradients
+                if self.ema is not None and acc.sync_gradients:
+                    self.ema.update(acc.unwrap_model(model), step=self.updates_done + 1)
         else:  # skip this update everywhere; the model (BN statistics too) and optimizer states are untouched
             self.optimizer.zero_grad(set_to_none=True)
             self._restore_buffers(kept)
-            stats["skipped"] += 1
-        if finite and not meta_skipped:
-            self.nonfinite_run = 0
-        else:
-            self.nonfinite_run += 1
-            if self.nonfinite_run >= self.args.max_nonfinite:
-                latest = "the training loss" if not finite else "the meta loss or meta gradient"
-                raise TrainingStopped(
-                    f"{self.nonfinite_run} non-finite losses in a row (latest: {latest}) at step {self.step}: "
-                    f"lower --lr (or --meta-lr), use --mixed-precision bf16/no, or check the data; "
-                    f"raise --max-nonfinite to tolerate more", 3)
         with torch.no_grad():
             per_exit = exit_losses([o.detach() for o in outputs], y, criterion=self.criterion)
-            stats["loss_sum"] += per_exit.sum(dim=0).double()
             labels = y.argmax(dim=1) if y.ndim == 2 else y  # Mixup: the dominant class
-            stats["correct"] += torch.stack([o.detach().argmax(dim=1).eq(labels) for o in outputs], 1).sum(0).double()
-            stats["seen"] += y.shape[0]
-        if meta_due and not meta_skipped and self.l2w.last_meta_loss is not None:
-            stats["meta_sum"] += self.l2w.last_meta_loss
-            stats["meta_count"] += 1
-        return loss.detach()
+            correct = torch.stack([o.detach().argmax(dim=1).eq(labels) for o in outputs], 1).sum(0).double()
+        return {"loss": loss.detach(), "finite": finite, "skipped": skipped, "loss_sum": per_exit.sum(dim=0).double(),
+                "correct": correct, "meta_applied": applied,
+                "meta_loss": self.l2w.last_meta_loss_tensor if applied is not None else None}
+
+    def _record(self, result: Dict[str, Any], seen: int, stats: Dict[str, Any]) -> None:
+        """The host side of an update: counters, the epoch's running sums (device additions) and the stop
+        after ``--max-nonfinite`` non-finite losses in a row, checked every ``max(1, max_nonfinite // 2)``
+        updates when the update runs sync-free (every update otherwise)."""
+        if self.accelerator.sync_gradients:
+            self.updates_done += 1
+        finite, applied = result["finite"], result["meta_applied"]
+        stats["loss_sum"] += result["loss_sum"]
+        stats["correct"] += result["correct"]
+        stats["seen"] += seen
+        stats["skipped"] += result["skipped"]
+        bad = ~finite
+        if applied is not None:
+            stats["meta_skipped"] += ~applied
+            stats["meta_sum"] += torch.where(applied, result["meta_loss"].double(), 0.0)
+            stats["meta_count"] += applied
+            bad = bad | ~applied
+        limit = self.args.max_nonfinite
+        self.nonfinite_run = (self.nonfinite_run + 1) * bad  # 0 after a finite update
+        reached = (self.nonfinite_run == limit) & (torch.as_tensor(self._stop_kind) < 0)
+        self._stop_kind = torch.where(reached, (~finite).long(), torch.as_tensor(self._stop_kind, device=bad.device))
+        self._since_check += 1
+        if self._since_check >= (max(1, limit // 2) if self.device_skip else 1):
+            self._since_check = 0
+            kind = int(self._stop_kind)
+            if kind >= 0:
+                latest = "the training loss" if kind == 1 else "the meta loss or meta gradient"
+                raise TrainingStopped(
+                    f"{limit} non-finite losses in a row (latest: {latest}) by step {self.step}: "
+                    f"lower --lr (or --meta-lr), use --mixed-precision bf16/no, or check the data; "
+                    f"raise --max-nonfinite to tolerate more", 3)
+
+    def _clear_grads(self) -> None:
+        """Drop every gradient of the model and the predictor (what a failed graph capture leaves is garbage)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.l2w is not None:
+            self.l2w.meta_optimizer.zero_grad(set_to_none=True)
 
     def _clip_gradients(self) -> None:
         """``--clip-grad`` on the real step, as timm's dispatch_clip_grad does it (after unscaling fp16)."""
@@ -638,6 +739,12 @@ class _Run:
             write_text_atomic(self.output / "log.csv", csv_text(self.history))
         self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=self.step)
         return row
+
+
+def _set_tf32(setting: str) -> None:
+    """``--tf32``: TF32 for fp32 matmuls and cuDNN convolutions on or off (``default``: torch's own)."""
+    if setting != "default":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = setting == "on"
 
 
 def _load_ema(path: Path, module: nn.Module) -> Dict[str, Tensor]:
@@ -830,23 +937,29 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
                 break
             done = run.step - epoch * run.steps_per_epoch
             steps_here = min(run.steps_per_epoch, run.total_steps - epoch * run.steps_per_epoch)
-            loader = acc.skip_first_batches(run.train_loader, done) if done else run.train_loader
+            loader = run.train_loader
+            if done:  # resumed inside an epoch (timm_l2w.device_data's loader skips on its own)
+                skip = getattr(loader, "skip_first_batches", None)
+                loader = skip(done) if skip is not None else acc.skip_first_batches(loader, done)
             # the data order depends only on (seed, epoch); accelerate's loaders re-apply their own
             # epoch counter to the sampler when iterated, so set it on the loader being iterated
             loader.set_epoch(epoch)
             bar = tqdm(total=steps_here, initial=done, desc=f"epoch {epoch + 1}/{run.num_epochs}",
                        disable=not show, leave=False, dynamic_ncols=True)
             stats = run._new_stats(device)
-            t0 = time.perf_counter()
+            t0 = shown_at = time.perf_counter()
             for x, y in loader:
                 if run.mixup is not None:  # the whole loader batch, before it is split (soft targets on both halves)
                     x, y = run.mixup(x, y)
+                if run.graphs is not None:  # --cuda-graphs: the batch in the static buffers the graphs read
+                    x, y = run.graphs.stage(x, y)
                 halves = run.l2w.split(x, y) if run.l2w is not None else _halves(x, y)
                 for xt, yt in halves:
                     loss = run.update(xt, yt, stats)
                     run.scheduler.step_update(num_updates=run.updates_done)
                 run.step += 1
-                if show:
+                if show and time.perf_counter() - shown_at > 1.0:  # reading the loss waits for the device: 1/s
+                    shown_at = time.perf_counter()
                     post = {"loss": f"{float(loss):.3f}", "lr": f"{run.optimizer.param_groups[0]['lr']:.3g}"}
                     if run.l2w is not None and run.l2w.last_meta_loss is not None:
                         post["meta"] = f"{run.l2w.last_meta_loss:.3f}"
