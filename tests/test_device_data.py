@@ -2,12 +2,18 @@
 augmentation, the CIFAR recipe's crop + flip checked by construction and by statistics, determinism by seed."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils.data import TensorDataset
 
 from timm_l2w.data import DataSplits, create_datasets, create_loaders
 from timm_l2w.device_data import DeviceLoader, crop_flip, device_arrays
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ddp_check import register_tiny  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +125,22 @@ def test_cifar_arrays_are_read_from_torchvisions_dataset():
     assert images.dtype == torch.uint8 and images.shape == (4, 3, 32, 32) and labels.tolist() == [3, 5, 7, 1]
     for row, i in enumerate([3, 5, 7, 11]):  # the device transform is the evaluation transform, image by image
         torch.testing.assert_close(tf.transform(images[row:row + 1])[0], base[i][0], rtol=0, atol=1e-6)
+
+
+def test_training_with_device_data_is_training_with_the_loader(tmp_path):
+    """`timm-l2w train --device-data` on the CPU: the same batches, so the same weights bit for bit (resumed
+    inside an epoch too)."""
+    from safetensors.torch import load_file
+
+    from timm_l2w.train import main
+
+    base = ["--model", register_tiny(), "--no-progress", "--batch-size", "32", "--lr", "0.05", "--no-eval",
+            "--log-with", "none", "--held-out", "1197", "--max-steps", "6", "--cpu"]
+    assert main(base + ["--output", str(tmp_path / "loader")]) == 0
+    assert main(base + ["--device-data", "--output", str(tmp_path / "device")]) == 0
+    assert main(base + ["--device-data", "--stop-after-steps", "4", "--output", str(tmp_path / "resumed")]) == 0
+    assert main(base + ["--device-data", "--resume", "auto", "--output", str(tmp_path / "resumed")]) == 0
+    ref = load_file(tmp_path / "loader" / "model.safetensors")
+    for run in ("device", "resumed"):
+        got = load_file(tmp_path / run / "model.safetensors")
+        assert all(torch.equal(ref[k], got[k]) for k in ref), run
