@@ -7,7 +7,13 @@ and 100. Prints the median time of each, the ratios L2W / plain and the peak mem
 (CUDA: peak allocated; CPU: peak RSS of a separate short run, torch included), last line
 ``ratio_interval1=<x> ratio_interval100=<y>``. Targets: <= 3.0 and <= 1.1.
 
-    python benchmarks/meta_step.py [--rounds 5] [--backend func|higher] [--compare] [--device cpu|cuda]
+The optimizer is SGD (momentum 0.9, nesterov, weight decay 1e-4). ``--opt adamw`` (any
+``timm.optim.create_optimizer_v2`` name) times that optimizer's plain step and L2W step beside
+SGD's, all modes alternating in the same rounds, and appends ``<opt>_ratio_interval1=<x>
+<opt>_ratio_interval100=<y>`` to the last line: the virtual step of an adaptive optimizer is its own
+update rule (timm_l2w.optim_step), so its ratio shows what that costs against SGD's.
+
+    python benchmarks/meta_step.py [--rounds 5] [--backend func|higher] [--compare] [--device cpu|cuda] [--opt adamw]
 """
 from __future__ import annotations
 
@@ -21,18 +27,25 @@ from typing import Callable, Dict
 
 import timm
 import torch
+from timm.optim import create_optimizer_v2
 
 import timm_l2w  # noqa: F401  (registers msdnet_l2w_cifar in timm)
 from timm_l2w import L2W, weighted_multi_exit_loss
 
-MODES = ("plain", "interval1", "interval100")  # + "interval1_<other backend>" with --compare
+MODES = ("plain", "interval1", "interval100")  # + "interval1_<other backend>" with --compare; "<mode>@<opt>" with --opt
+OPT_SETTINGS = {"adamw": dict(lr=1e-3, weight_decay=0.05)}  # create_optimizer_v2 settings per --opt (else lr=1e-3)
 
 
 def build(mode: str, backend: str, device: str, batch: int, seed: int = 0) -> Callable[[], None]:
-    """A closure running one step of ``mode`` (its own model, optimizer and data)."""
+    """A closure running one step of ``mode`` (its own model, optimizer and data); ``mode@opt``: with that
+    ``create_optimizer_v2`` optimizer instead of SGD."""
+    mode, _, opt_name = mode.partition("@")
     torch.manual_seed(seed)
     model = timm.create_model("msdnet_l2w_cifar", num_classes=100).to(device).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True)
+    if opt_name:
+        opt = create_optimizer_v2(model, opt_name, **OPT_SETTINGS.get(opt_name, dict(lr=1e-3)))
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True)
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 100, (batch,), device=device)
     if mode == "plain":
@@ -79,7 +92,10 @@ def time_modes(backend: str, device: str, batch: int, rounds: int, modes=MODES) 
             _sync(device)
             times[mode].append(time.perf_counter() - start)
     t = {m: statistics.median(v) for m, v in times.items()}
-    t["interval100"] = t["interval100"] + (t["interval1"] - t["interval100"]) / 100
+    for m in t:
+        if m.startswith("interval100"):
+            one = m.replace("interval100", "interval1", 1)
+            t[m] = t[m] + (t[one] - t[m]) / 100
     return t
 
 
@@ -122,10 +138,14 @@ def main() -> int:
     parser.add_argument("--compare", action="store_true", help="also time interval 1 with the other backend")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--opt", default=None,
+                        help="also time this create_optimizer_v2 optimizer (e.g. adamw) beside SGD, side by side")
     args = parser.parse_args()
     torch.set_num_threads(1)
     other = "higher" if args.backend == "func" else "func"
     modes = MODES + ((f"interval1_{other}",) if args.compare else ())
+    if args.opt:
+        modes = modes + tuple(f"{m}@{args.opt}" for m in MODES)
     t = time_modes(args.backend, args.device, args.batch, args.rounds, modes)
     r1 = t["interval1"] / t["plain"]
     r100 = t["interval100"] / t["plain"]
@@ -134,12 +154,20 @@ def main() -> int:
     print(f"L2W meta_interval=1   {t['interval1'] * 1e3:9.1f} ms per loader batch")
     print(f"L2W meta_interval=100 {t['interval100'] * 1e3:9.1f} ms per loader batch (1 meta step per 100 updates)")
     if args.compare:
-        print(f"L2W meta_interval=1   {t[modes[-1]] * 1e3:9.1f} ms per loader batch with backend={other}: "
-              f"ratio {t[modes[-1]] / t['plain']:.2f}")
+        compared = f"interval1_{other}"
+        print(f"L2W meta_interval=1   {t[compared] * 1e3:9.1f} ms per loader batch with backend={other}: "
+              f"ratio {t[compared] / t['plain']:.2f}")
+    extra = ""
+    if args.opt:
+        o = args.opt
+        print(f"{o}: plain step {t['plain@' + o] * 1e3:9.1f} ms, L2W meta_interval=1 {t['interval1@' + o] * 1e3:9.1f} ms, "
+              f"meta_interval=100 {t['interval100@' + o] * 1e3:9.1f} ms per loader batch")
+        extra = (f" {o}_ratio_interval1={t['interval1@' + o] / t['plain@' + o]:.2f}"
+                 f" {o}_ratio_interval100={t['interval100@' + o] / t['plain@' + o]:.3f}")
     if not args.no_memory:
         mem = {m: peak_memory(m, args.backend, args.device, args.batch) for m in modes}
         print("peak memory (MiB): " + json.dumps({m: round(v, 1) for m, v in mem.items()}))
-    print(f"ratio_interval1={r1:.2f} ratio_interval100={r100:.3f}")
+    print(f"ratio_interval1={r1:.2f} ratio_interval100={r100:.3f}{extra}")
     return 0
 
 
