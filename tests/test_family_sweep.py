@@ -33,19 +33,20 @@ from timm_l2w.evaluate import main as eval_main
 from timm_l2w.models.multi_exit import GENERIC_NAME, MultiExitWrapper
 
 NUM_CLASSES = 10  # the digits data set `timm-l2w eval` runs on
-SMALL_SIDES = (64, 96, 128)  # tried in order before the family's default input size
+SMALL_SIDES = (64, 96, 112, 128, 160)  # tried in order before the family's default input size
 PER_MODEL_SECONDS = int(os.environ.get("L2W_SWEEP_SECONDS", "900"))
 
 # name parts that mark a family's small members: only these candidates get their parameters counted
 _SIZE_WORDS = ("test", "atto", "femto", "pico", "nano", "xxs", "tiny", "xs", "mini", "micro", "small", "lite",
-               "light", "_s", "s0", "b0", "t0", "m0", "m1", "s1", "b1", "t8", "12", "18", "26", "_050", "_035", "002")
+               "light", "s0", "b0", "t0", "m0", "m1", "s1", "b1", "t8", "12", "18", "26", "_050", "_035", "002")
 
 
 def families(test_models: bool) -> Dict[str, List[str]]:
     """timm's model modules -> their model names (``test_models``: only timm's ``test_*`` models; else the rest)."""
     out = {}
     for module in timm.list_modules():
-        names = [n for n in timm.list_models(module=module) if n.startswith("test_") == test_models]
+        names = [n for n in timm.list_models(module=module) if n.startswith("test_") == test_models
+                 and timm.models.model_entrypoint(n).__module__.startswith("timm.")]  # not timm_l2w's own
         if names:
             out[module] = names
     return out
@@ -58,7 +59,7 @@ def _params(name: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def smallest(names: List[str], candidates: int = 3) -> Tuple[str, int]:
+def smallest(names: List[str], candidates: int = 5) -> Tuple[str, int]:
     """The smallest model of ``names``: the best ``candidates`` by name (size words, then length) are counted."""
     def rank(n: str) -> Tuple[int, int, str]:
         hit = [i for i, w in enumerate(_SIZE_WORDS) if w in n]
@@ -99,7 +100,7 @@ def _wrap_small(name: str) -> Tuple[MultiExitWrapper, int, Dict[str, Any]]:
                 return model, side or default, kwargs
             except Exception as err:  # noqa: BLE001 - too small for this family: the next size
                 errors.append(err)
-                if "cannot be split" in str(err):
+                if "cannot trace" in str(err):  # no input size helps
                     raise
     raise errors[-1]
 

@@ -101,6 +101,7 @@ class _DataDependent(nn.Module):
     """A timm-style model whose forward_features branches on the values of its input (FX cannot trace it)."""
 
     feature_info = [dict(num_chs=4, reduction=1, module="conv"), dict(num_chs=4, reduction=1, module="conv2")]
+    num_classes = 0
 
     def __init__(self):
         super().__init__()
@@ -173,3 +174,29 @@ def test_l2w_step_budgeted_evaluation_and_early_exit_per_family(family, make):
     with torch.no_grad():
         full = torch.stack(model.forward_exits(x))  # [K, N, C]
     torch.testing.assert_close(pred.predictions, full[pred.exit_index, torch.arange(8)].argmax(-1))
+
+
+@pytest.mark.parametrize("backbone", ["test_vit", "test_efficientnet"])
+def test_meta_step_through_the_split_backbone_both_backends(backbone):
+    """The stages read parameters through the module tree: the virtual step's re-bound parameters
+    (higher's patched copy, functional_call's swap) reach every op, pos_embed and cls_token included."""
+    from timm_l2w.meta import meta_step
+    from timm_l2w.weighting import WeightPredictor
+
+    torch.manual_seed(0)
+    model = MultiExitWrapper(backbone, num_classes=4, img_size=32) if backbone == "test_vit" else \
+        MultiExitWrapper(backbone, num_classes=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))
+    net = WeightPredictor(model.num_exits, hidden_sizes=(8,))
+    p = timm_l2w.exit_distribution(0.75, model.num_exits)
+    results = {b: meta_step(model, opt, net, (x[:4], y[:4]), (x[4:], y[4:]), p, backend=b) for b in ("higher", "func")}
+    torch.testing.assert_close(results["higher"].meta_loss, results["func"].meta_loss)
+    scale = max(float(g.abs().max()) for g in results["func"].grads)
+    assert scale > 0  # the meta loss depends on the predictor through the virtual step: parameters were re-bound
+    for a, b in zip(results["higher"].grads, results["func"].grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * scale)
+    # the virtual step's parameters are what the stages ran with: the meta loss differs from the loss at theta
+    with torch.no_grad():
+        at_theta = timm_l2w.meta_loss(model.train()(x[4:]), y[4:], p)
+    assert not torch.allclose(at_theta, results["func"].meta_loss)

@@ -78,7 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="timm-l2w train", description=__doc__.split("\n\n")[0],
                                 formatter_class=DefaultsHelpFormatter)
     g = p.add_argument_group("model and data")
-    g.add_argument("--model", default="msdnet_l2w_cifar", help="registered multi-exit timm model")
+    g.add_argument("--model", default="msdnet_l2w_cifar", help="registered multi-exit timm model, or any timm "
+                   "model name (wrapped as multi_exit_l2w: exit heads on its feature_info points)")
+    g.add_argument("--exit-indices", nargs="+", type=int, default=None, metavar="I",
+                   help="a wrapped timm model's exit points: indices into its feature_info (default: every stage, "
+                        "or four evenly spaced blocks)")
+    g.add_argument("--exit-head", choices=["linear", "conv"], default=None,
+                   help="a wrapped timm model's exit heads: pooling + linear (default) or a small conv head")
+    g.add_argument("--pretrained", nargs="?", const=True, default=None, metavar="FILE",
+                   help="start a wrapped timm model's backbone from timm's pretrained weights (its hub files), or "
+                        "from FILE, a local timm checkpoint of the backbone (timm's pretrained_cfg_overlay file)")
     g.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
                    help="extra timm.create_model arguments, e.g. img_size=32 for vit_tiny_l2w at --input-size 32")
     g.add_argument("--pretrained-path", default=None, help="initial weights (.safetensors) to fine-tune from; "
@@ -361,7 +370,9 @@ class _Run:
         self.splits = create_datasets(args.dataset, data_dir=args.data_dir, input_size=args.input_size,
                                       held_out=args.held_out, download=args.download)
         self.model = create_multi_exit_model(args.model, num_classes=self.splits.num_classes,
-                                             in_chans=self.splits.input_size[0], **args.model_kwargs)
+                                             in_chans=self.splits.input_size[0], exit_indices=args.exit_indices,
+                                             exit_head=args.exit_head, pretrained=args.pretrained,
+                                             weights_file=args.pretrained_path, **args.model_kwargs)
         _check_input_size(self.model, self.splits.input_size)
         if args.pretrained_path:
             fresh = load_pretrained(self.model, args.pretrained_path)
@@ -479,7 +490,7 @@ class _Run:
         acc.wait_for_everyone()
         acc.save_state(str(tmp / "state"))
         if acc.is_main_process:
-            meta = {"model": self.args.model, **_kwargs_meta(self.args), "num_classes": str(self.splits.num_classes),
+            meta = {"model": self.args.model, **_kwargs_meta(self.args, acc.unwrap_model(self.model)), "num_classes": str(self.splits.num_classes),
                     "num_exits": str(self.num_exits), "step": str(self.step), "format": "timm_l2w",
                     **_class_names_meta(self.splits)}
             _save_tensors(acc.unwrap_model(self.model).state_dict(), tmp / "model.safetensors", meta)
@@ -761,8 +772,12 @@ def _load_ema(path: Path, module: nn.Module) -> Dict[str, Tensor]:
     return state
 
 
-def _kwargs_meta(args: argparse.Namespace) -> Dict[str, str]:
-    """``--model-kwargs`` for a checkpoint's metadata (``timm-l2w eval`` rebuilds the model from it)."""
+def _kwargs_meta(args: argparse.Namespace, model: Optional[nn.Module] = None) -> Dict[str, str]:
+    """``--model-kwargs`` for a checkpoint's metadata (``timm-l2w eval`` rebuilds the model from it); a wrapped
+    timm backbone records its own (``model=multi_exit_l2w``, backbone, exit points, head, timm arguments)."""
+    rebuild = getattr(model, "checkpoint_metadata", None)
+    if callable(rebuild) and "model_kwargs" in rebuild():
+        return rebuild()
     return {"model_kwargs": json.dumps(args.model_kwargs)} if args.model_kwargs else {}
 
 
@@ -848,15 +863,25 @@ def _check_accumulation(args: argparse.Namespace, steps_per_epoch: int) -> None:
                              f"be a whole number of windows: pick a --grad-accum-steps that divides {2 * steps}")
 
 
-def create_multi_exit_model(name: str, **kwargs: Any) -> nn.Module:
-    """``timm.create_model(name, **kwargs)`` after checking the name is a registered multi-exit model."""
+def create_multi_exit_model(name: str, exit_indices: Optional[Sequence[int]] = None, exit_head: Optional[str] = None,
+                            pretrained: Any = None, weights_file: Optional[str] = None, **kwargs: Any) -> nn.Module:
+    """A registered multi-exit model, or any other timm model wrapped as one (``multi_exit_l2w``).
+
+    ``exit_indices`` / ``exit_head`` choose a wrapped backbone's exit points and heads; ``pretrained``:
+    ``True`` (the backbone's timm weights) or a local timm checkpoint file of the backbone; ``weights_file``:
+    a multi-exit checkpoint about to be loaded, whose metadata fills in how a wrapper was built.
+    """
     import timm
 
     import timm_l2w  # noqa: F401  (registers the models)
+    from .models.multi_exit import wrapper_create_args
 
     if not timm.is_model(name):
         known = ", ".join(timm.list_models("*l2w*")) or "(none registered)"
-        raise ValueError(f"unknown model '{name}': choose a registered multi-exit model ({known})")
+        raise ValueError(f"unknown model '{name}': pass a timm model name (any of timm.list_models()) or a "
+                         f"registered multi-exit model ({known})")
+    name, kwargs = wrapper_create_args(name, exit_indices=exit_indices, head=exit_head, pretrained=pretrained,
+                                       weights_file=weights_file, **kwargs)
     model = timm.create_model(name, **kwargs)
     if not isinstance(getattr(model, "num_exits", None), int):
         raise ValueError(f"model '{name}' is not multi-exit (no num_exits): use a timm_l2w model, e.g. "
@@ -995,7 +1020,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     result: Dict[str, Any] = {"history": run.history, "step": run.step, "output": str(run.output)}
     model = acc.unwrap_model(run.model)
     if acc.is_main_process:
-        meta = {"model": args.model, **_kwargs_meta(args), "num_classes": str(run.splits.num_classes),
+        meta = {"model": args.model, **_kwargs_meta(args, model), "num_classes": str(run.splits.num_classes),
                 "num_exits": str(run.num_exits), **_class_names_meta(run.splits)}
         _save_tensors(model.state_dict(), run.output / "model.safetensors", meta)  # atomic
         if run.l2w is not None:

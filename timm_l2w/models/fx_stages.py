@@ -26,8 +26,11 @@ from __future__ import annotations
 
 import inspect
 import linecache
+import os
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, fx, nn
@@ -100,7 +103,9 @@ def _module_output_tracer():
 
         def call_module(self, m: nn.Module, forward: Callable, args: Any, kwargs: Any) -> Any:
             out = super().call_module(m, forward, args, kwargs)
-            self.module_outputs[self.path_of_module(m)] = out
+            path = self.path_of_module(m)
+            self.module_outputs.pop(path, None)  # the last call counts (and comes last in the order)
+            self.module_outputs[path] = out
             return out
 
     return ModuleOutputTracer(**_tracer_kwargs())
@@ -175,10 +180,31 @@ class _Recorder(fx.Interpreter):
         return value
 
 
+@contextmanager
+def fake_tensors(module: nn.Module) -> Iterator[Any]:
+    """``FakeTensorMode`` (shapes, no compute) around a run of ``module``, which keeps no fake tensor after:
+    attributes and buffers a forward caches (ConViT's relative indices, rotary tables) are put back."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    saved = [(m, dict(vars(m)), dict(m._buffers)) for m in module.modules()]
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            yield mode
+    finally:
+        for m, attrs, buffers in saved:
+            for key, value in list(vars(m).items()):
+                if any(isinstance(t, FakeTensor) for t in tree_leaves(value)):
+                    if key in attrs:
+                        object.__setattr__(m, key, attrs[key])
+                    else:
+                        delattr(m, key)
+            for key, value in list(m._buffers.items()):
+                if isinstance(value, FakeTensor):
+                    m._buffers[key] = buffers.get(key)
+
+
 def record_values(backbone: nn.Module, graph: fx.Graph, x: Tensor, fake: bool = True) -> Dict[fx.Node, Any]:
     """Every node's value for input ``x``: on fake tensors (shapes only) when ``fake``, else computed."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     was_training = backbone.training
     backbone.eval()
     try:
@@ -187,12 +213,18 @@ def record_values(backbone: nn.Module, graph: fx.Graph, x: Tensor, fake: bool = 
                 recorder = _Recorder(backbone, graph)
                 recorder.run(x)
                 return recorder.values
-            with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            with fake_tensors(backbone) as mode:
                 recorder = _Recorder(backbone, graph)
                 recorder.run(mode.from_tensor(x))
                 return recorder.values
     finally:
         backbone.train(was_training)
+
+
+def _reason(err: BaseException) -> str:
+    """``Type: first line of the message`` (at most 300 characters)."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:300]}" if text else type(err).__name__
 
 
 def _input_independent(graph: fx.Graph) -> set:
@@ -215,7 +247,7 @@ def _compile(graph: fx.Graph, name: str) -> Callable[..., Any]:
 
 
 # how a value crossing a cut travels: as it is (batched tensors), wrapped (shared), or rebuilt (batch-sized)
-_BATCHED, _SHARED, _BATCH_SIZED = "batched", "shared", "batch_sized"
+_BATCHED, _SHARED, _BATCH_SIZED, _GROUPED = "batched", "shared", "batch_sized", "grouped"
 
 
 def _crossing_kind(v2: Any, v3: Any) -> Tuple[str, Any]:
@@ -230,6 +262,9 @@ def _crossing_kind(v2: Any, v3: Any) -> Tuple[str, Any]:
             return _BATCHED, None
         if all(a.shape == b.shape for a, b in zip(l2, l3)):
             return _SHARED, None
+        if len(l2) == 1 and l2[0].ndim > 0 and l2[0].shape[0] % 2 == 0 and l2[0].shape[1:] == l3[0].shape[1:] \
+                and l2[0].shape[0] // 2 * 3 == l3[0].shape[0]:
+            return _GROUPED, l2[0].shape[0] // 2  # [B * m, ...] (TNT's pixel tokens): carried as [B, m, ...]
         return "unsupported", None
     if any(tensors):
         return "unsupported", None
@@ -239,6 +274,28 @@ def _crossing_kind(v2: Any, v3: Any) -> Tuple[str, Any]:
     if all(l2[i] == 2 and l3[i] == 3 for i in slots):
         return _BATCH_SIZED, slots
     return "unsupported", None
+
+
+def _pack(kind: str, extra: Any, value: Any) -> Any:
+    """A value as it travels in the state (see :func:`_crossing_kind`)."""
+    if kind == _SHARED:
+        return Shared(value)
+    if kind == _BATCH_SIZED:
+        return _BatchSized(value, extra)
+    if kind == _GROUPED:
+        return value.reshape(-1, extra, *value.shape[1:])
+    return value
+
+
+def _unpack(kind: str, value: Any, batch_size: int) -> Any:
+    """What the stage code reads for a state entry (the batch may have shrunk since it was packed)."""
+    if kind == _SHARED:
+        return value.value
+    if kind == _BATCH_SIZED:
+        return value.rebuild(batch_size)
+    if kind == _GROUPED:
+        return value.flatten(0, 1)
+    return value
 
 
 @dataclass
@@ -338,28 +395,97 @@ class _ModePlan:
         return g
 
 
+def _resolve_point(backbone: nn.Module, module_outputs: Dict[str, Any], name: str) -> str:
+    """The traced module call a ``feature_info`` module name stands for.
+
+    The module itself when ``forward_features`` calls it; for a container the model loops over (a
+    ``ModuleList``), the last of its modules that ran. A few timm models name points that do not exist
+    under that name: ``block.2`` where the model has a ``stages`` list of as many entries as
+    ``feature_info`` (MViTv2), ``stage1`` for ``layer1`` (HRNet).
+    """
+    def ran(path: str) -> Optional[str]:
+        if path in module_outputs:
+            return path
+        inside = [p for p in module_outputs if p.startswith(path + ".")]
+        return inside[-1] if inside else None
+
+    candidates = [name]
+    head, _, rest = name.partition(".")
+    if rest and not hasattr(backbone, head):
+        n_points = len(getattr(backbone, "feature_info", []))
+        lists = [child for child, m in backbone.named_children()
+                 if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) == n_points]
+        lists.sort(key=lambda child: (-len(os.path.commonprefix([child, head])), child != "stages"))
+        candidates += [f"{child}.{rest}" for child in lists]  # 'block.2' -> 'blocks.2' (Twins), 'stages.2' (MViTv2)
+    for a, b in (("stage", "layer"), ("layer", "stage")):
+        if name.startswith(a) and name[len(a):].isdigit():
+            candidates.append(b + name[len(a):])
+    for candidate in candidates:
+        path = ran(candidate)
+        if path is not None:
+            return path
+    raise SplitError(f"feature_info names module '{name}', which forward_features does not run")
+
+
+def refresh_higher_fast_weights(module: nn.Module) -> None:
+    """Under the ``higher`` monkeypatch, give ``module``'s whole subtree the current fast weights.
+
+    ``higher`` sets a patched module's own parameters when that module's ``forward`` is called; the
+    stages call only the leaf modules and read the other parameters (ViT's ``pos_embed``, layer scales)
+    directly, so they are set here, the way ``higher`` lays them out (its per-module offsets into the
+    expanded fast-weight list, pre-order over ``_modules``). No-op for modules ``higher`` did not patch.
+    """
+    higher_patch = sys.modules.get("higher.patch")
+    if higher_patch is None or not isinstance(module, higher_patch._MonkeyPatchBase):
+        return
+    root = module.root
+    if root.fast_params is None:
+        return
+    expanded = root._expand_params(root.fast_params)
+    inside = {id(m) for m in module.modules()}
+    offset = 0
+
+    def visit(m: nn.Module) -> None:
+        nonlocal offset
+        names = list(getattr(m, "_param_names", ()))
+        if id(m) in inside:
+            for i, name in enumerate(names):
+                m._parameters[name] = expanded[offset + i]
+        offset += len(names)
+        for child in m._modules.values():
+            if child is not None:
+                visit(child)
+
+    visit(root)
+
+
 class BackboneStages:
-    """``backbone.forward_features`` as stages ending at ``cut_modules`` (see the module docstring).
+    """``backbone.forward_features`` as stages ending at ``points`` (see the module docstring).
 
     Args:
         backbone: the timm model (its ``forward_features`` is traced in both modes).
-        cut_modules: module names inside the backbone, in forward order; stage ``k`` ends at the output
-            of ``cut_modules[k]`` (an ``int`` selects that element when the module returns several values).
+        points: ``feature_info`` entries (``module``, ``num_chs``, ``reduction``), in forward order; stage
+            ``k`` ends at the output of ``points[k]['module']`` (the tensor that fits the entry's width and
+            reduction when the module returns several).
         through_end: the last stage runs on to the end of ``forward_features`` (its output is the state).
         example_input: a batch of 1 at the size the shapes are recorded at (fake tensors: not computed).
     """
 
-    def __init__(self, backbone: nn.Module, cut_modules: Sequence[str], through_end: bool, example_input: Tensor):
-        self.cut_modules = list(cut_modules)
+    def __init__(self, backbone: nn.Module, points: Sequence[Dict[str, Any]], through_end: bool,
+                 example_input: Tensor):
+        self.points = [dict(p) for p in points]
         self.through_end = through_end
         self.plans: Dict[bool, _ModePlan] = {}
         self.feature_shapes: List[Tuple[int, ...]] = []
         for training in (False, True):
-            graph, module_outputs = trace_forward_features(backbone, training)
-            x = example_input
-            values2 = record_values(backbone, graph, x.expand(2, *x.shape[1:]).contiguous())
-            values3 = record_values(backbone, graph, x.expand(3, *x.shape[1:]).contiguous())
-            cuts = [self._cut_node(module_outputs, name, values2) for name in self.cut_modules]
+            try:
+                graph, module_outputs = trace_forward_features(backbone, training)
+            except SplitError:
+                raise
+            except Exception as err:  # noqa: BLE001 - FX fails in many ways; the reason is in the message
+                raise SplitError(f"torch.fx cannot trace its forward_features ({_reason(err)})") from None
+            values2, values3 = (self._record(backbone, graph, example_input, b) for b in (2, 3))
+            cuts = [self._cut_node(backbone, module_outputs, p, values2, example_input.shape[-2:]) for p in self.points]
             if not training:
                 self.feature_shapes = [tuple(values2[c].shape[1:]) for c in cuts]
                 out = next(n for n in reversed(graph.nodes) if n.op == "output").args[0]
@@ -371,23 +497,43 @@ class BackboneStages:
         return self  # holds no modules or tensors: the stages run on the module tree they are given
 
     @staticmethod
+    def _record(backbone: nn.Module, graph: fx.Graph, example: Tensor, batch: int) -> Dict[fx.Node, Any]:
+        x = example.expand(batch, *example.shape[1:]).contiguous()
+        try:
+            return record_values(backbone, graph, x)
+        except Exception:  # noqa: BLE001 - data-dependent ops (torch.equal, nonzero) have no fake kernel
+            try:
+                return record_values(backbone, graph, x, fake=False)
+            except Exception as err:  # noqa: BLE001
+                raise SplitError(f"its traced forward_features does not run on a {tuple(x.shape)} batch "
+                                 f"({_reason(err)})") from None
+
+    @staticmethod
     def _describe(n: fx.Node) -> str:
         return f"node '{n.name}' ({n.op} {n.target})"
 
     @staticmethod
-    def _cut_node(module_outputs: Dict[str, Any], name: str, values: Dict[fx.Node, Any]) -> fx.Node:
-        if name not in module_outputs:
-            raise SplitError(f"feature_info names module '{name}', which forward_features does not call")
-        out = module_outputs[name]
-        proxies = [p for p in tree_leaves(out) if isinstance(p, fx.Proxy)]
+    def _cut_node(backbone: nn.Module, module_outputs: Dict[str, Any], point: Dict[str, Any],
+                  values: Dict[fx.Node, Any], image_hw: Sequence[int]) -> fx.Node:
+        name = point["module"]
+        path = _resolve_point(backbone, module_outputs, name)
+        proxies = [p for p in tree_leaves(module_outputs[path]) if isinstance(p, fx.Proxy)]
         tensors = [p.node for p in proxies if isinstance(values.get(p.node), Tensor) and values[p.node].ndim >= 3]
         if not tensors:
             raise SplitError(f"module '{name}' (a feature_info point) returns no feature map or tokens")
-        return tensors[0]
+        side = -(-int(image_hw[0]) // int(point.get("reduction") or 1))
+
+        def fit(n: fx.Node) -> Tuple[bool, int]:  # several outputs (HRNet branches, CoaT scales): match the entry
+            shape = tuple(values[n].shape[1:])
+            grid = int(round((shape[0] - 1) ** 0.5)) if len(shape) == 2 and shape[0] > 1 else None
+            sides = {shape[0], shape[1], shape[2]} if len(shape) == 3 else {grid, int(round(shape[0] ** 0.5))}
+            return values[n].shape[0] == 2, int(point.get("num_chs") in (shape[0], shape[-1])) + int(side in sides)
+
+        return max(tensors, key=fit) if len(tensors) > 1 else tensors[0]
 
     @property
     def num_stages(self) -> int:
-        return len(self.cut_modules)
+        return len(self.points)
 
     def stage_source(self, index: int, training: bool = False) -> str:
         """The generated code of stage ``index`` (for reading and debugging)."""
@@ -397,13 +543,11 @@ class BackboneStages:
         """Stage ``index`` on ``state`` (the image for stage 0), with ``backbone`` as the module tree."""
         stage = self.plans[bool(backbone.training)].stages[index]
         inputs = (state,) if index == 0 else tuple(state)
-        batch = next(t for (kind, _), t in zip(stage.in_kinds, inputs) if kind == _BATCHED)
+        batch = next(t for (kind, _), t in zip(stage.in_kinds, inputs) if kind in (_BATCHED, _GROUPED))
         batch_size = tree_leaves(batch)[0].shape[0]
-        args = [v.value if kind == _SHARED else v.rebuild(batch_size) if kind == _BATCH_SIZED else v
-                for (kind, _), v in zip(stage.in_kinds, inputs)]
+        args = [_unpack(kind, v, batch_size) for (kind, _), v in zip(stage.in_kinds, inputs)]
         outs = stage.fn(backbone, *args)
-        return tuple(Shared(v) if kind == _SHARED else _BatchSized(v, slots) if kind == _BATCH_SIZED else v
-                     for (kind, slots), v in zip(stage.out_kinds, outs))
+        return tuple(_pack(kind, extra, v) for (kind, extra), v in zip(stage.out_kinds, outs))
 
     def feature(self, index: int, state: Tuple[Any, ...], training: bool = False) -> Any:
         """The features exit ``index`` reads from the state stage ``index`` left."""

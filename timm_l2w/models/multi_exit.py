@@ -55,7 +55,7 @@ from timm.models import (
 )
 
 from .base import MultiExitModel
-from .fx_stages import BackboneStages, SplitError, TensorSpec
+from .fx_stages import BackboneStages, SplitError, TensorSpec, fake_tensors, refresh_higher_fast_weights
 from .layers import exit_classifier, is_symbolic
 
 __all__ = ["MultiExitWrapper", "multi_exit_model", "SplitError", "GENERIC_NAME"]
@@ -263,7 +263,7 @@ class MultiExitWrapper(MultiExitModel):
             )
         if global_pool is not None:
             backbone.reset_classifier(0, global_pool)
-        elif not isinstance(backbone.get_classifier(), nn.Identity):
+        elif getattr(backbone, "num_classes", None) != 0:
             backbone.reset_classifier(0)
         self.backbone = backbone
         info = [dict(d) for d in backbone.feature_info]
@@ -289,13 +289,9 @@ class MultiExitWrapper(MultiExitModel):
         example = torch.zeros(1, *_input_size(backbone, self.in_chans))
         through_end = head == "linear" and exit_indices[-1] == n_points - 1
         try:
-            self._stages = BackboneStages(backbone, [info[i]["module"] for i in exit_indices], through_end, example)
+            self._stages = BackboneStages(backbone, [info[i] for i in exit_indices], through_end, example)
         except SplitError as err:
             raise SplitError(f"{name} cannot be split into exits at {exit_indices}: {err}; {_ALTERNATIVE}") from None
-        except Exception as err:  # noqa: BLE001 - FX tracing fails in many ways; the reason is in the message
-            reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-            raise SplitError(f"{name} cannot be split into exits: torch.fx cannot trace its forward_features "
-                             f"({type(err).__name__}: {reason}); {_ALTERNATIVE}") from None
         fmt = getattr(backbone, "output_fmt", "NCHW")
         layouts = [_layout(shape, info[i]["num_chs"], fmt) for shape, i in zip(self._stages.feature_shapes, exit_indices)]
         self.exit_layouts = [lay for lay, _ in layouts]
@@ -386,12 +382,10 @@ class MultiExitWrapper(MultiExitModel):
 
     def _backbone_head_width(self) -> Tuple[int, bool]:
         """Width of ``backbone.forward_head(features, pre_logits=True)`` and whether it is pooled (fake tensors)."""
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
         was_training = self.backbone.training
         self.backbone.eval()
         try:
-            with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+            with torch.no_grad(), fake_tensors(self.backbone):
                 feats = tree_map(lambda t: torch.empty(2, *t.shape, dtype=t.dtype) if isinstance(t, TensorSpec) else t,
                                  self._stages.output_value)
                 pooled = self.backbone.forward_head(feats, pre_logits=True)
@@ -426,6 +420,7 @@ class MultiExitWrapper(MultiExitModel):
 
     def forward_block(self, index: int, state: Any) -> Any:
         """The backbone's code from exit ``index - 1``'s point to exit ``index``'s (the image for ``index=0``)."""
+        refresh_higher_fast_weights(self.backbone)  # the 'higher' meta backend's fast weights, on every module
         return self._stages.run(self.backbone, index, state)
 
     def _exit_value(self, index: int, state: Any) -> Any:
@@ -549,6 +544,37 @@ def _saved_kwargs(cfg: Dict[str, Any]) -> Dict[str, Any]:
     if str(meta.get("num_classes", "")).isdigit():
         saved.setdefault("num_classes", int(meta["num_classes"]))
     return saved
+
+
+def wrapper_create_args(name: str, exit_indices: Optional[Sequence[int]] = None, head: Optional[str] = None,
+                        pretrained: Any = None, weights_file: Optional[str] = None,
+                        **kwargs: Any) -> Tuple[str, Dict[str, Any]]:
+    """The ``timm.create_model`` name and arguments that make timm model ``name`` multi-exit.
+
+    A registered multi-exit model stays as it is; any other timm model becomes
+    ``multi_exit_l2w(backbone=name)``. ``exit_indices`` / ``head`` choose a wrapper's exits, ``pretrained``
+    is ``True`` (the backbone's timm weights) or a local timm checkpoint file of the backbone, and the
+    metadata of ``weights_file`` (a multi-exit checkpoint to be loaded) fills in the wrapper's settings.
+    """
+    module = timm.models.model_entrypoint(name).__module__
+    chosen = {k: v for k, v in (("exit_indices", exit_indices), ("head", head)) if v is not None}
+    if module.startswith("timm_l2w.") and module != __name__ and chosen:
+        raise ValueError(f"exit indices and exit heads choose the exits of a wrapped timm model; {name} has its own "
+                         "exits: drop --exit-indices / --exit-head, or pass a plain timm model name")
+    if not module.startswith("timm_l2w."):
+        name, kwargs = GENERIC_NAME, {"backbone": name, **kwargs}
+    kwargs.update(chosen)
+    if name == GENERIC_NAME and weights_file:
+        saved = _saved_kwargs({"file": str(weights_file)})
+        if saved.get("backbone") == kwargs.get("backbone", saved.get("backbone")):
+            for key, value in saved.items():
+                if key != "num_classes":  # the data decides the classes; other classifiers start fresh
+                    kwargs.setdefault(key, value)
+    if pretrained:
+        kwargs["pretrained"] = True
+        if pretrained is not True:
+            kwargs["pretrained_cfg_overlay"] = dict(file=str(pretrained))
+    return name, kwargs
 
 
 def _create_multi_exit(variant: str, backbone_name: Optional[str], pretrained: bool = False,
