@@ -74,3 +74,17 @@ def test_timm_recipe_adds_at_most_six_marked_l2w_lines_and_runs():
     assert "2 updates" in proc.stdout  # 2 loader batches = 4 halves, accumulated in pairs
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("EMA test accuracy per exit")]
     assert line and line[0].count("%") == 4
+
+
+def test_finetune_timm_backbone_loads_a_local_timm_checkpoint_and_saves_a_rebuildable_wrapper(tmp_path):
+    out = tmp_path / "tuned.safetensors"
+    proc = _run("finetune_timm_backbone.py", "--backbone", "test_resnet", "--steps", "2", "--batch-size", "16",
+                "--output", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = [ln for ln in proc.stdout.splitlines() if ln.startswith("backbone test_resnet:")]
+    assert loaded and "90 of 90 tensors" in loaded[0] and "(2 classifier tensors dropped)" in loaded[0]
+    assert sum(ln.startswith("budget:") for ln in proc.stdout.splitlines()) >= 3
+    assert any(ln.startswith("early exit under") for ln in proc.stdout.splitlines())
+    tuned = load_file(out)
+    back = timm.create_model("multi_exit_l2w", pretrained=True, pretrained_cfg_overlay=dict(file=str(out)))
+    assert back.num_classes == 10 and all(torch.equal(v, tuned[k]) for k, v in back.state_dict().items())

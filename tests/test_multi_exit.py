@@ -1,4 +1,6 @@
 """MultiExitWrapper: timm backbones as staged multi-exit models."""
+import json
+
 import pytest
 import timm
 import torch
@@ -6,7 +8,7 @@ from torch import nn
 
 import timm_l2w
 from timm_l2w.flops import _paper_mapping
-from timm_l2w.models.multi_exit import MultiExitWrapper, SplitError
+from timm_l2w.models.multi_exit import GENERIC_NAME, MultiExitWrapper, SplitError
 
 from test_ranet import assert_staged_matches_forward
 
@@ -200,3 +202,53 @@ def test_meta_step_through_the_split_backbone_both_backends(backbone):
     with torch.no_grad():
         at_theta = timm_l2w.meta_loss(model.train()(x[4:]), y[4:], p)
     assert not torch.allclose(at_theta, results["func"].meta_loss)
+
+
+def test_command_line_wraps_any_timm_model_with_a_local_timm_checkpoint_and_eval_rebuilds_it(tmp_path):
+    """``timm-l2w train --model <timm name> --exit-indices ... --pretrained FILE`` -> ``timm-l2w eval FILE``."""
+    from safetensors.torch import save_file
+
+    from timm_l2w.checkpoint import read_metadata
+    from timm_l2w.evaluate import main as eval_main
+    from timm_l2w.train import main as train_main
+
+    torch.manual_seed(0)
+    plain = timm.create_model("test_efficientnet")  # a timm checkpoint, classifier included
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.add_(0.3)  # far from a fresh initialisation
+    timm_file = tmp_path / "timm_backbone.safetensors"
+    save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(timm_file))
+    common = ["--max-steps", "1", "--weighting", "uniform", "--batch-size", "16", "--lr", "1e-9", "--warmup-lr",
+              "1e-9", "--no-eval", "--log-with", "none", "--no-progress"]
+    out = tmp_path / "run"
+    assert train_main(["--model", "test_efficientnet", "--exit-indices", "1", "3", "4", "--exit-head", "conv",
+                       "--pretrained", str(timm_file), "--output", str(out), *common]) == 0
+    weights = out / "model.safetensors"
+    meta = read_metadata(weights)
+    assert meta["model"] == GENERIC_NAME
+    assert json.loads(meta["model_kwargs"]) == {"backbone": "test_efficientnet", "exit_indices": [1, 3, 4], "head": "conv",
+                                                "head_width": 128, "in_chans": 3}
+    rebuilt = timm.create_model(GENERIC_NAME, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)))
+    assert rebuilt.exit_indices == [1, 3, 4] and rebuilt.head_type == "conv" and rebuilt.num_classes == 10
+    source = plain.state_dict()
+    for key, value in rebuilt.backbone.state_dict().items():  # the backbone started from the timm file
+        if value.is_floating_point() and "running" not in key:
+            torch.testing.assert_close(value, source[key], atol=1e-5, rtol=0)
+    assert eval_main([str(weights), "--held-out", "20", "--output", str(tmp_path / "eval"), "--name", "e",
+                      "--no-progress"]) == 0
+    assert len(json.loads((tmp_path / "eval" / "e.json").read_text())["anytime"]) == 3
+    # --pretrained-path: the file's metadata says how the wrapper was built (no --exit-indices needed)
+    again = tmp_path / "again"
+    assert train_main(["--model", "test_efficientnet", "--pretrained-path", str(weights), "--output", str(again),
+                       *common]) == 0
+    assert json.loads(read_metadata(again / "model.safetensors")["model_kwargs"])["exit_indices"] == [1, 3, 4]
+
+
+def test_exit_choices_for_a_model_with_its_own_exits_are_refused():
+    from timm_l2w.train import create_multi_exit_model
+
+    with pytest.raises(ValueError, match="has its own exits"):
+        create_multi_exit_model("msdnet_l2w_cifar_tiny", exit_indices=[0, 1])
+    with pytest.raises(ValueError, match=r"any of timm.list_models\(\)"):
+        create_multi_exit_model("no_such_model")

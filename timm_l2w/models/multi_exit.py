@@ -596,8 +596,9 @@ def _create_multi_exit(variant: str, backbone_name: Optional[str], pretrained: b
         if not isinstance(backbone_name, str):
             raise ValueError(f"{GENERIC_NAME} wraps a timm backbone: pass backbone='<timm model name>', e.g. "
                              f"timm.create_model('{GENERIC_NAME}', backbone='efficientnet_b0', num_classes=10)")
+    backbone_kwargs: Dict[str, Any] = {}
     if pretrained and not full_checkpoint and (overlay.get("file") or overlay.get("state_dict") is not None):
-        kwargs["pretrained_cfg_overlay"] = {k: overlay[k] for k in ("file", "state_dict") if k in overlay}
+        backbone_kwargs["pretrained_cfg_overlay"] = {k: overlay[k] for k in ("file", "state_dict") if k in overlay}
         overlay = {k: v for k, v in overlay.items() if k not in ("file", "state_dict")}  # the backbone's file
     n_exits = len(kwargs["exit_indices"]) if kwargs.get("exit_indices") is not None else None
     if n_exits is not None:
@@ -606,7 +607,7 @@ def _create_multi_exit(variant: str, backbone_name: Optional[str], pretrained: b
     if kwargs.get("exit_indices") is not None:
         feature_cfg["out_indices"] = tuple(kwargs["exit_indices"])
     model = build_model_with_cfg(
-        partial(MultiExitWrapper, backbone_name, pretrained=pretrained and not full_checkpoint),
+        partial(MultiExitWrapper, backbone_name, pretrained=pretrained and not full_checkpoint, **backbone_kwargs),
         variant,
         pretrained and full_checkpoint,
         pretrained_cfg_overlay=overlay,
