@@ -1,4 +1,4 @@
-"""Real early-exit inference: measured speed-up vs the FLOPs the budget promises (MSDNet-CIFAR, CPU).
+"""Real early-exit inference: measured speed-up vs the FLOPs the budget promises (MSDNet-CIFAR or any timm model, CPU).
 
 For several exit distributions (budgets), thresholds are calibrated on the held-out split and a
 batch of 256 test images runs (a) through the full network and (b) through
@@ -11,6 +11,12 @@ wall-clock saving is exactly the FLOPs saving; target >= 0.8. Weights come from 
 without one, from a short equal-weight training on the built-in digits data (8x8 upscaled to 32x32,
 3 channels, ``--train-seconds``). Writes ``results/early_exit_latency.{json,png}`` (accuracy vs
 latency). Last line: ``min_efficiency=<x>``.
+
+``--model`` may be any timm model name: a plain one is wrapped as ``multi_exit_l2w`` (exit heads on
+its ``feature_info`` points, the backbone split into stages with torch.fx), e.g. ``--model resnet18``;
+results then go to ``results/early_exit_latency_<model>.{json,png}``. For such models the FLOPs the
+early-exit run really spent are also counted while it runs (``timm_l2w.flops.count_flops``), beside
+the FLOPs its exit fractions promise.
 """
 from __future__ import annotations
 
@@ -25,6 +31,8 @@ import torch
 
 import timm_l2w
 from timm_l2w.data import create_datasets, create_loaders
+from timm_l2w.flops import count_flops
+from timm_l2w.train import create_multi_exit_model
 from timm_l2w.evaluate import anytime_metrics, collect_exit_outputs, write_text_atomic
 from timm_l2w.plot import plot_curves
 from timm_l2w.weighting import exit_losses
@@ -62,7 +70,9 @@ def timed(fn, x):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None, help=".safetensors weights of --model for 10 digit classes")
-    parser.add_argument("--model", default="msdnet_l2w_cifar")
+    parser.add_argument("--model", default="msdnet_l2w_cifar", help="a multi-exit model or any timm model name")
+    parser.add_argument("--model-kwargs", nargs="*", default={}, action=timm.utils.ParseKwargs, metavar="KEY=VALUE",
+                        help="timm.create_model arguments, e.g. img_size=32 for a ViT")
     parser.add_argument("--train-seconds", type=float, default=60.0)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=7)
@@ -75,7 +85,7 @@ def main() -> None:
 
     splits = create_datasets("digits", input_size=32, in_chans=3)
     train_loader, held_loader, test_loader = create_loaders(splits, batch_size=64, eval_batch_size=256)
-    model = timm.create_model(args.model, num_classes=splits.num_classes)
+    model = create_multi_exit_model(args.model, num_classes=splits.num_classes, **args.model_kwargs)
     if args.checkpoint:
         from timm_l2w.checkpoint import load_state_dict
 
@@ -114,10 +124,12 @@ def main() -> None:
         tf, te = (min(t[0] for t in times[n]) for n in ("full", "early"))
         cf, ce = (min(t[1] for t in times[n]) for n in ("full", "early"))
         flops_ratio = float(flops[-1]) / flops_expected
+        # what the early-exit run really computed, counted while it runs (models counted on the ops they run)
+        measured = count_flops(predictor.predict, x) / len(x) if getattr(model, "flop_counting", None) == "aten" else None
         efficiency = (tf / te) / flops_ratio
         rows.append({
             "q": q, "exit_fractions": fractions.tolist(), "flops_expected": flops_expected,
-            "flops_full": float(flops[-1]), "time_full_s": tf, "time_early_s": te,
+            "flops_full": float(flops[-1]), "flops_measured": measured, "time_full_s": tf, "time_early_s": te,
             "speedup": tf / te, "flops_ratio": flops_ratio, "efficiency": efficiency,
             "time_full_s_median": statistics.median(t[0] for t in times["full"]),
             "time_early_s_median": statistics.median(t[0] for t in times["early"]),
@@ -127,19 +139,21 @@ def main() -> None:
             "full_top1": 100.0 * float((full(x)[-1].argmax(1) == y).double().mean()),
         })
         print(f"q={q:<5} exits {[round(f, 2) for f in fractions.tolist()]}  "
-              f"{flops_expected / 1e6:6.2f}/{float(flops[-1]) / 1e6:.2f} MFLOPs  "
+              f"{flops_expected / 1e6:6.2f}/{float(flops[-1]) / 1e6:.2f} MFLOPs"
+              + (f" (counted {measured / 1e6:.2f})  " if measured is not None else "  ") +
               f"full {tf * 1e3:7.1f} ms  early {te * 1e3:7.1f} ms  speedup {tf / te:5.2f}  "
               f"flops ratio {flops_ratio:5.2f}  efficiency {efficiency:.3f} (cpu time {(cf / ce) / flops_ratio:.3f})  "
               f"top1 {rows[-1]['top1']:.1f}%")
 
     out_dir = Path(args.out_dir)
+    stem = "early_exit_latency" if args.model == "msdnet_l2w_cifar" else f"early_exit_latency_{args.model}"
     report = {"model": args.model, "device": args.device, "checkpoint": args.checkpoint, "train_steps": steps, "batch_size": len(x),
               "threads": 1, "flops": flops.tolist(), "anytime": anytime, "budgets": rows,
               "min_efficiency": min(r["efficiency"] for r in rows)}
-    write_text_atomic(out_dir / "early_exit_latency.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out_dir / f"{stem}.json", json.dumps(report, indent=2) + "\n")
     plot_curves(
         {"early exit": ([r["latency_ms_per_image"] for r in rows], [r["top1"] for r in rows])},
-        out_dir / "early_exit_latency.png", "measured latency (ms per image, batch %d, 1 thread)" % len(x),
+        out_dir / f"{stem}.png", "measured latency (ms per image, batch %d, 1 thread)" % len(x),
         "top-1 accuracy (%)",
         points={"full network": ([rows[0]["full_latency_ms_per_image"]], [rows[0]["full_top1"]])},
         title=f"{args.model}: real early exit on {args.device}",

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import timm_l2w
-from timm_l2w.flops import _paper_mapping
+from timm_l2w.flops import count_flops
 from timm_l2w.models.multi_exit import GENERIC_NAME, MultiExitWrapper, SplitError
 
 from test_ranet import assert_staged_matches_forward
@@ -22,11 +22,7 @@ FAMILIES = [
 
 def _count(run) -> float:
     """FLOPs of ``run()`` in exit_flops' convention (FlopCounterMode with the paper's ReLU/pooling/bias ops)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_paper_mapping()) as counter:
-        run()
-    return counter.get_total_flops() / 2
+    return count_flops(run)
 
 
 @pytest.mark.parametrize("name,kwargs,size", FAMILIES)
@@ -252,3 +248,22 @@ def test_exit_choices_for_a_model_with_its_own_exits_are_refused():
         create_multi_exit_model("msdnet_l2w_cifar_tiny", exit_indices=[0, 1])
     with pytest.raises(ValueError, match=r"any of timm.list_models\(\)"):
         create_multi_exit_model("no_such_model")
+
+
+@pytest.mark.parametrize("backbone,kwargs", [("test_vit", {"img_size": 32}), ("test_efficientnet", {}),
+                                             ("test_mambaout", {})])
+def test_real_early_exit_spends_exactly_the_flops_of_the_exits_taken(backbone, kwargs):
+    """Counted while it runs: a sample that leaves at exit k costs exit_flops[k], nothing of the later stages."""
+    model = MultiExitWrapper(backbone, num_classes=3, **kwargs).eval()
+    x = torch.randn(6, 3, 32, 32)
+    flops = timm_l2w.exit_flops(model, (3, 32, 32))
+    everyone_first = timm_l2w.EarlyExitPredictor(model, [-1.0] * model.num_exits)  # confidence >= -1: exit 1
+    assert count_flops(everyone_first.predict, x) == pytest.approx(6 * flops[0], rel=1e-9)
+    with torch.no_grad():
+        conf = torch.stack([o.softmax(-1).amax(-1) for o in model.forward_exits(x)], dim=1)
+    thresholds = conf.median(dim=0).values.double()
+    predictor = timm_l2w.EarlyExitPredictor(model, thresholds)
+    spent = count_flops(predictor.predict, x)
+    taken = predictor.predict(x).exit_index
+    assert len(set(taken.tolist())) > 1  # a mix of exits
+    assert spent == pytest.approx(float(torch.tensor(list(flops), dtype=torch.float64)[taken].sum()), rel=1e-9)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .models.base import unwrap_model
 
-__all__ = ["exit_flops", "ExitFlops", "MODULE_FLOP_COUNTERS", "register_flop_counter"]
+__all__ = ["exit_flops", "ExitFlops", "MODULE_FLOP_COUNTERS", "register_flop_counter", "count_flops"]
 
 FlopCounter = Callable[[nn.Module, Tuple[Tensor, ...], Tensor], float]
 
@@ -197,6 +197,16 @@ def _paper_mapping() -> Dict[Any, Callable[..., int]]:
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):  # not in torch's own table
         mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _sdpa_cpu
     return mapping
+
+
+def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> float:
+    """FLOPs of ``fn(*args, **kwargs)`` as it really runs (any batch), in :func:`exit_flops`' convention for
+    ``flop_counting = "aten"`` models: e.g. ``count_flops(predictor.predict, x)`` is what early exit spent."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_paper_mapping()) as counter:
+        fn(*args, **kwargs)
+    return counter.get_total_flops() / 2
 
 
 def _aten_stage_flops(model: nn.Module, input_size: Sequence[int]) -> List[float]:
