@@ -43,8 +43,7 @@ def exit_confidence(logits: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     z = logits.astype(np.float32, copy=False)
     e = np.exp(z - z.max(axis=1, keepdims=True))
     p = e / e.sum(axis=1, keepdims=True)
-    pred = p.argmax(axis=1)
-    return p[np.arange(len(p)), pred], pred.astype(np.int64)
+    return p.max(axis=1), p.argmax(axis=1).astype(np.int64, copy=False)
 
 
 def predictive_entropy(logits: np.ndarray) -> np.ndarray:
@@ -182,26 +181,24 @@ class EarlyExitRuntime:
         active = np.arange(n)  # input positions of the samples still running
         state: Dict[str, np.ndarray] = {self.manifest["input"]: x}
         previous = agree = None  # patience: each running sample's last prediction and its agreement run length
-        last = self.num_exits - 1
+        last = self.num_exits - 1  # its threshold is ignored: it takes every sample left
         for k, (session, inputs, outputs, logits_at, carry) in enumerate(self._plan):
             produced = session.run(outputs, {name: state[name] for name in inputs})
             logits = produced[logits_at]
             conf, pred = exit_confidence(logits)
-            if k == last:  # the last exit takes every sample left
-                predictions[active], confidences[active], exit_index[active] = pred, conf, k
-                break
             if self._patience is not None:
                 agree = np.ones_like(pred) if previous is None else 1 + (pred == previous) * agree
                 previous = pred
             leave = self._leave(k, logits, conf, agree)
+            if k == last or leave.all():  # the last exit takes every sample left
+                predictions[active], confidences[active], exit_index[active] = pred, conf, k
+                break
             # the state after stage k: tensors it produced, and those it passed on unchanged
             state = {name: produced[i] if i is not None else state[name] for name, i in carry}
             if leave.any():
                 idx = active[leave]
                 predictions[idx], confidences[idx], exit_index[idx] = pred[leave], conf[leave], k
                 keep = np.flatnonzero(~leave)
-                if keep.size == 0:
-                    break
                 state = select_rows(state, keep)  # drop the samples that left
                 active = active[keep]
                 if previous is not None:
