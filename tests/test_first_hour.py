@@ -112,7 +112,7 @@ def test_help_shows_every_default():
                         ("--momentum", "0.9"), ("--weighting", "l2w")):
         assert f"(default: {shown})" in text.split(flag, 2)[2].split("--", 1)[0] or f"(default: {shown})" in text
     for action in parser._actions:
-        if action.default not in (None, False, {}) and action.option_strings and action.dest != "help":
+        if action.default not in (None, False, {}) and action.option_strings and action.dest not in ("help", "version"):
             assert f"(default: {action.default})" in text, action.dest
     assert "cifar 0.8, imagenet 0.3" in text  # --eps: the preset's values, not "None"
 
@@ -279,3 +279,130 @@ def test_early_exit_budget_refuses_flops_counted_at_another_size():
     predictor = timm_l2w.EarlyExitPredictor.from_flops_budget(
         model, calibration, timm_l2w.exit_flops(model, calibration.input_size), 30e6)
     assert predictor is not None
+
+
+# ----------------------------------------------------------------------------- round three (issue 23)
+
+from timm_l2w import cli  # noqa: E402
+from timm_l2w.checkpoint import read_metadata  # noqa: E402
+
+
+def _checkpoints(out: Path) -> list:
+    return sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith("."))
+
+
+def test_a_fresh_run_into_another_runs_output_is_refused_unless_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    first = BASE + ["--max-steps", "4", "--checkpoint-every", "2", "--no-eval", "--no-progress", "--output", str(out)]
+    assert train_main(first) == 0
+    before = _hashes(out)
+    capsys.readouterr()
+    again = BASE + ["--max-steps", "1", "--no-eval", "--no-progress", "--output", str(out)]
+    assert train_main(again) == 2
+    err = capsys.readouterr().err
+    assert "holds another run (checkpoints up to step 4)" in err and "--resume auto" in err and "--overwrite" in err
+    assert _hashes(out) == before  # refused before anything was written
+    assert train_main(again + ["--overwrite"]) == 0
+    assert _checkpoints(out) == ["step_00000001"]  # the old run's checkpoints are gone: resume auto finds the new one
+    log = json.loads((out / "log.json").read_text())
+    assert [row["step"] for row in log] == [1]
+
+
+def test_resume_with_another_batch_size_is_refused_and_a_resume_says_its_step(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = BASE + ["--max-steps", "4", "--no-eval", "--no-progress", "--output", str(out)]
+    assert train_main(args + ["--stop-after-steps", "2"]) == 0
+    capsys.readouterr()
+    other = [a if a != "32" else "16" for a in args]  # --batch-size 16
+    assert train_main(other + ["--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-size 32 (now 16)" in err and "cannot be resumed" in err and "Traceback" not in err
+    assert train_main(args + ["--resume", "auto"]) == 0
+    assert "resumed from step 2" in capsys.readouterr().out
+
+
+def test_model_file_records_class_names_and_data_and_eval_uses_them(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--model", TINY, "--batch-size", "32", "--lr", "0.05", "--log-with", "none", "--max-steps", "2"]
+    assert train_main(args + ["--dataset", "digits-affine", "--input-size", "16", "--no-progress",
+                              "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "loss" in printed and "(sum over the 3 exits)" in printed  # the printed loss is labelled
+    assert "data: 7,182 / 300 / 300 images (train / held-out / test), 10 classes: 0, 1, 2" in printed
+    meta = read_metadata(out / "model.safetensors")
+    assert json.loads(meta["class_names"]) == [str(d) for d in range(10)]
+    assert (meta["dataset"], meta["input_size"]) == ("digits-affine", "16")
+    assert eval_main_cli([str(out / "model.safetensors"), "--output", str(tmp_path / "ev"), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "data set digits-affine, 16x16 images (recorded in" in printed
+    assert json.loads((tmp_path / "ev" / f"{TINY}.json").read_text())["num_test"] == 300
+
+
+def eval_main_cli(argv):
+    from timm_l2w.evaluate import main as eval_main
+
+    return eval_main(argv)
+
+
+def test_eval_of_a_missing_file_says_so(tmp_path, capsys):
+    assert eval_main_cli([str(tmp_path / "nope.safetensors"), "--output", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err
+    assert "no such file" in err and "nope.safetensors" in err and "records no model name" not in err
+
+
+def test_eval_without_dataset_on_a_checkpoint_without_a_record_says_what_it_uses(tmp_path, capsys):
+    model = timm.create_model(TINY, num_classes=10)
+    ckpt = timm_l2w.save_safetensors(model, tmp_path / "m.safetensors", metadata={"model": TINY})
+    assert eval_main_cli([str(ckpt), "--input-size", "8", "--cpu", "--output", str(tmp_path / "ev"),
+                          "--no-progress"]) == 0  # --input-size and --cpu: the spellings of timm-l2w train
+    assert "records none: evaluating on digits" in capsys.readouterr().out
+    five = timm_l2w.save_safetensors(timm.create_model(TINY, num_classes=5), tmp_path / "five.safetensors",
+                                     metadata={"model": TINY})
+    assert eval_main_cli([str(five), "--img-size", "8", "--output", str(tmp_path / "ev5")]) == 2
+    err = capsys.readouterr().err  # not a label error from deep inside: which data to pass
+    assert "has 10 classes but the model only 5" in err and "--dataset" in err
+
+
+def test_train_pretrained_path_takes_the_model_the_file_records(tmp_path, capsys):
+    ckpt = timm_l2w.save_safetensors(timm.create_model(TINY, num_classes=10), tmp_path / "pre.safetensors",
+                                     metadata={"model": TINY})
+    run = ["--pretrained-path", str(ckpt), "--max-steps", "1", "--batch-size", "8", "--no-eval", "--no-progress",
+           "--log-with", "none", "--img-size", "16", "--device", "cpu"]  # timm-l2w eval's spellings
+    assert train_main(run + ["--output", str(tmp_path / "a")]) == 0  # no --model
+    assert f"; {TINY} on digits" in capsys.readouterr().out
+    assert read_metadata(tmp_path / "a" / "model.safetensors")["model"] == TINY
+    assert train_main(run + ["--model", "msdnet_l2w_cifar_tiny", "--output", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert f"--model msdnet_l2w_cifar_tiny, but {ckpt} was saved from {TINY}" in err and f"--model {TINY}" in err
+
+
+def test_version_on_the_command_and_its_subcommands(capsys):
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"timm-l2w {timm_l2w.__version__}"
+    for sub in ("train", "eval", "demo"):
+        with pytest.raises(SystemExit) as info:
+            cli.main([sub, "--version"])
+        assert info.value.code == 0 and timm_l2w.__version__ in capsys.readouterr().out
+
+
+def test_eps_above_the_sign_bound_warns_and_is_allowed():
+    from timm_l2w.validation import negative_weights_note
+    from timm_l2w.weighting import normalize_weights
+
+    note = negative_weights_note(0.8, "col", 5, 32)  # the paper's CIFAR setting, 5 exits
+    assert note and "0.625" in note and "-0.28" in note and "docs/method.md" in note
+    extreme = torch.tensor([[-1.0, 1.0, 1.0, 1.0, 1.0]])  # G's limits: one exit low, the others high
+    assert float(normalize_weights(extreme, 0.8, "col").min()) == pytest.approx(-0.28)
+    assert negative_weights_note(0.625, "col", 5, 32) is None and negative_weights_note(0.3, "mat", 5, 32) is None
+    assert "Weights can be negative" in (ROOT / "docs" / "method.md").read_text()
+
+
+def test_eps_warning_during_training(tmp_path):
+    with pytest.warns(UserWarning, match="below zero"):
+        assert train_main(BASE + ["--max-steps", "1", "--no-eval", "--no-progress", "--output", str(tmp_path / "a")]) == 0
+    import warnings as _warnings
+
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("error", UserWarning)  # 3 exits: 0.75 keeps every weight >= 0, no warning
+        assert train_main(BASE + ["--max-steps", "1", "--eps", "0.75", "--no-eval", "--no-progress",
+                                  "--output", str(tmp_path / "b")]) == 0

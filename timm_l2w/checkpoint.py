@@ -22,11 +22,13 @@ from torch import Tensor, nn
 
 from .files import atomic_path
 from .models.base import unwrap_model
-from .validation import CONVERT_SETTINGS, CheckpointError, check_settings, check_weights
+from .validation import (  # noqa: F401  (StateDictMismatchError, check_state_dict: re-exported, their old home)
+    CONVERT_SETTINGS, CheckpointError, StateDictMismatchError, check_settings, check_state_dict, check_weights,
+)
 
 __all__ = [
     "save_safetensors", "load_state_dict", "check_state_dict", "StateDictMismatchError",
-    "convert_release_checkpoint", "read_metadata", "exit_classifier_keys", "check_pretrained", "main",
+    "convert_release_checkpoint", "read_metadata", "recorded_model", "exit_classifier_keys", "check_pretrained", "main",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -138,44 +140,6 @@ def load_state_dict(path: PathLike, map_location: Union[str, torch.device] = "cp
     return dict(clean_state_dict(dict(_unwrap_checkpoint(obj, path))))
 
 
-class StateDictMismatchError(CheckpointError):
-    """Keys or shapes of a state dict do not match a model; ``missing``, ``unexpected``, ``mismatched``
-    (a :class:`~timm_l2w.validation.CheckpointError`, hence a ``ValueError``)."""
-
-    def __init__(self, message: str, missing: List[str], unexpected: List[str],
-                 mismatched: List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]]):
-        super().__init__(message)
-        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
-
-
-def _listed(title: str, items: Sequence[str]) -> str:
-    more = f"\n  ... and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
-    return f"{title} ({len(items)}):\n  " + "\n  ".join(items[:_SHOWN]) + more
-
-
-def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
-    """Raise :class:`StateDictMismatchError` (a ``ValueError``) naming every missing, unexpected or mis-shaped key."""
-    expected = unwrap_model(model).state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [(k, tuple(v.shape), tuple(expected[k].shape))
-                  for k, v in state_dict.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
-    if not (missing or unexpected or mismatched):
-        return
-    parts = [f"the state dict does not fit {type(unwrap_model(model)).__name__}"]
-    if missing:
-        parts.append(_listed("missing keys", missing))
-    if unexpected:
-        parts.append(_listed("unexpected keys", unexpected))
-    if mismatched:
-        parts.append(_listed("wrong shapes (checkpoint vs model)", [f"{k}: {a} vs {b}" for k, a, b in mismatched]))
-    hint = "build the model the checkpoint was trained with (model name and settings)"
-    if mismatched and not (missing or unexpected) and all(len(a) <= 2 for _, a, _ in mismatched):
-        hint = f"only the classifier sizes differ: pass num_classes={mismatched[0][1][0]} (--num-classes)"
-    parts.append(f"fix: {hint}")
-    raise StateDictMismatchError("\n".join(parts), missing, unexpected, mismatched)
-
-
 def read_metadata(path: PathLike) -> Dict[str, str]:
     """The metadata a ``.safetensors`` file was saved with (``{}`` for other or unreadable files)."""
     path = Path(path)
@@ -188,6 +152,23 @@ def read_metadata(path: PathLike) -> Dict[str, str]:
             return dict(f.metadata() or {})
     except Exception:  # noqa: BLE001 - unreadable files are reported by load_state_dict
         return {}
+
+
+def recorded_model(path: PathLike, given: Optional[str] = None, flag: str = "--model") -> Optional[str]:
+    """The model to build for the file at ``path``: ``given`` (a ``--model`` flag) when it agrees with the
+    model name the file's metadata records (for a wrapped timm backbone: that backbone's name too), else
+    that name; a flag that contradicts the record is a ``ValueError`` naming both. ``None`` when neither says."""
+    meta = read_metadata(path)
+    saved = meta.get("model")
+    try:
+        backbone = json.loads(meta.get("model_kwargs") or "{}").get("backbone")
+    except (ValueError, AttributeError):
+        backbone = None
+    if given and saved and given not in (saved, backbone):
+        what = f"{saved} (backbone {backbone})" if backbone else saved
+        raise ValueError(f"{flag} {given}, but {path} was saved from {what} (its metadata): drop {flag} or pass "
+                         f"{flag} {backbone or saved}")
+    return given or saved
 
 
 def exit_classifier_keys(model: nn.Module) -> List[str]:

@@ -22,7 +22,7 @@ SUBCOMMANDS = {
 def _usage() -> str:
     lines = ["usage: timm-l2w <command> [options]", "", "commands:"]
     lines += [f"  {name:<9} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
-    lines += ["", "run 'timm-l2w <command> --help' for the options of a command"]
+    lines += ["", "run 'timm-l2w <command> --help' for the options of a command; 'timm-l2w --version' for the version"]
     return "\n".join(lines)
 
 
@@ -30,6 +30,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in {"-h", "--help", "help"}:
         print(_usage())
+        return 0
+    if argv[0] == "--version":
+        from .cli_common import version_text
+
+        print(version_text())
         return 0
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:

@@ -11,8 +11,11 @@ budgeted-evaluation thresholds on it), so one call gives the three sets the prot
   image, one of every held-out and test image (so resumed runs see exactly the same data).
 - ``fashion-mnist``: Fashion-MNIST from its IDX files (plain or gzipped), by default where Debian's
   ``dataset-fashion-mnist`` package puts them, 28x28 resized to the model input.
-- ``torch/cifar10``, ``torch/cifar100`` and ImageFolder trees (any other name, with ``data_dir``)
-  through timm's :func:`timm.data.create_dataset` and :func:`timm.data.create_transform`.
+- ``torch/cifar10``, ``torch/cifar100`` (torchvision's python-pickle batch files, through timm's
+  :func:`timm.data.create_dataset`) and ImageFolder trees (any other name, with ``data_dir``; timm's
+  ``ImageDataset``): ``DIR/train/<class>/`` + ``DIR/val/<class>/`` (the ImageNet layout: test = val), or
+  class folders only, which are split by a fixed seed (a fifth of the images is the test split); images
+  go through :func:`timm.data.create_transform`.
 
 The small built-in sets stay in memory as uint8/float tensors; resizing, channel repeat and
 normalisation run once per batch in the collate function (vectorised), so loaders are fast.
@@ -41,6 +44,8 @@ __all__ = [
     "create_datasets",
     "create_loaders",
     "create_eval_loaders",
+    "describe_splits",
+    "held_out_too_small",
     "read_idx",
 ]
 
@@ -50,6 +55,8 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fash
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                          "Ankle boot")
 SPLIT_SEED = 0  # the train / held-out / test split is fixed, independent of the training seed
+IMAGEFOLDER_TRAIN = ("train", "training")  # an ImageFolder tree's training folder (as timm names it)
+IMAGEFOLDER_EVAL = ("val", "valid", "validation", "eval", "evaluation", "test")  # ... and its test folder
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -65,6 +72,7 @@ class DataSplits:
     collate_fn: Optional[Callable] = None
     train_collate_fn: Optional[Callable] = None
     class_names: Optional[Tuple[str, ...]] = None  # one name per class index, when the data set has them
+    note: Optional[str] = None  # how the splits were made, when the data did not come split
 
 
 class InMemoryImages(Dataset):
@@ -241,16 +249,20 @@ def _fashion_mnist(data_dir: Optional[str], size: int, in_chans: int, held_out: 
                       train_collate_fn=collate, class_names=FASHION_MNIST_CLASSES)
 
 
-def _timm_dataset(name: str, data_dir: Optional[str], size: int, in_chans: int, held_out: Optional[int],
-                  download: bool) -> DataSplits:
-    from timm.data import create_dataset, create_transform, resolve_data_config
+def _split_sizes(n: int, held_out: Optional[int], name: str) -> int:
+    """The held-out size for ``n`` training images: the flag's, else a tenth (at most 5,000), checked."""
+    held_out = min(5000, max(1, n // 10)) if held_out is None else held_out
+    _check_held_out(held_out, n, name)
+    return held_out
 
-    if data_dir is None:
-        raise ValueError(f"dataset '{name}' needs --data-dir DIR (the folder holding its files)")
-    is_cifar = name.startswith("torch/cifar")
-    if not is_cifar and not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"ImageFolder root {data_dir} does not exist: pass the folder with train/ and val/")
-    test_split = "test" if is_cifar else "validation"
+
+def _subfolder(root: Path, names: Sequence[str]) -> Optional[Path]:
+    return next((root / n for n in names if (root / n).is_dir()), None)
+
+
+def _cifar(name: str, data_dir: str, size: int, held_out: Optional[int], download: bool) -> DataSplits:
+    """torchvision's CIFAR-10/100 (its python-pickle batch files in ``data_dir``) through timm's create_dataset."""
+    from timm.data import create_dataset, create_transform
 
     def make(split: str):
         try:
@@ -258,35 +270,74 @@ def _timm_dataset(name: str, data_dir: Optional[str], size: int, in_chans: int, 
         except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
             raise FileNotFoundError(
                 f"{name} not found in {data_dir} ({err}): pass --download to fetch it (needs internet) or "
-                f"put the extracted files there"
+                f"put the extracted files there (the cifar-10-batches-py / cifar-100-python folder)"
             ) from None
 
-    train_full, held_full, test = make("train"), make("train"), make(test_split)
+    train_full, held_full, test = make("train"), make("train"), make("test")
     n = len(train_full)
-    held_out = min(5000, max(1, n // 10)) if held_out is None else held_out
-    _check_held_out(held_out, n, name)
-    held_idx, train_idx = _split_indices(n, [held_out, n - held_out])
-    if is_cifar:
-        mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-        train_full.transform = create_transform(size, is_training=True, mean=mean, std=std, scale=(0.6, 1.0),
-                                                hflip=0.5, color_jitter=None)
-        eval_tf = create_transform(size, is_training=False, mean=mean, std=std, crop_pct=1.0)
-    else:
-        cfg = resolve_data_config({"input_size": (in_chans, size, size)})
-        train_full.transform = create_transform(size, is_training=True, mean=cfg["mean"], std=cfg["std"])
-        eval_tf = create_transform(size, is_training=False, mean=cfg["mean"], std=cfg["std"], crop_pct=cfg["crop_pct"])
-    held_full.transform = test.transform = eval_tf
-    if name == "torch/cifar10":
-        num_classes = 10
-    elif name == "torch/cifar100":
-        num_classes = 100
-    else:
-        num_classes = len(train_full.reader.class_to_idx)
-    mapping = getattr(getattr(train_full, "reader", None), "class_to_idx", None)
-    names = sorted(mapping, key=mapping.get) if mapping else getattr(train_full, "classes", None)
+    held = _split_sizes(n, held_out, name)
+    held_idx, train_idx = _split_indices(n, [held, n - held])
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    train_full.transform = create_transform(size, is_training=True, mean=mean, std=std, scale=(0.6, 1.0),
+                                            hflip=0.5, color_jitter=None)
+    held_full.transform = test.transform = create_transform(size, is_training=False, mean=mean, std=std, crop_pct=1.0)
+    num_classes = 10 if name == "torch/cifar10" else 100
+    names = getattr(train_full, "classes", None)
     return DataSplits(Subset(train_full, train_idx.tolist()), Subset(held_full, held_idx.tolist()), test,
                       num_classes=num_classes, input_size=(3, size, size),
                       class_names=tuple(map(str, names)) if names and len(names) == num_classes else None)
+
+
+def _image_folder(data_dir: str, size: int, in_chans: int, held_out: Optional[int]) -> DataSplits:
+    """An ImageFolder tree read by timm's ImageDataset: ``DIR/train/<class>/`` + ``DIR/val/<class>/`` (test
+    = val), or class folders only (``DIR/<class>/``, or ``DIR/train/`` without a val/): then a fixed seeded
+    fifth of the images is the test split, so the test images are never trained on."""
+    from timm.data import ImageDataset, create_transform, resolve_data_config
+
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"ImageFolder root {data_dir} does not exist: pass a folder with train/ and val/ "
+                                f"(or with one folder of images per class)")
+    train_root = _subfolder(root, IMAGEFOLDER_TRAIN) or root
+    eval_root = _subfolder(root, IMAGEFOLDER_EVAL)
+    try:
+        train_full, held_full = ImageDataset(str(train_root)), ImageDataset(str(train_root))
+    except Exception as err:  # noqa: BLE001 - timm's reader: no class folders, no images, ...
+        raise FileNotFoundError(f"no ImageFolder images in {train_root} ({err}): it needs one folder of images "
+                                f"per class") from None
+    class_to_idx = dict(train_full.reader.class_to_idx)
+    names = tuple(sorted(class_to_idx, key=class_to_idx.get))
+    n = len(train_full)
+    if eval_root is not None:
+        _check_eval_classes(eval_root, class_to_idx, train_root)
+        test = ImageDataset(str(eval_root), class_map=class_to_idx)
+        held = _split_sizes(n, held_out, "ImageFolder")
+        held_idx, train_idx = _split_indices(n, [held, n - held])
+        test_idx, note = None, f"test = {eval_root.name}/"
+    else:
+        test = ImageDataset(str(train_root))
+        n_test = max(1, n // 5)
+        held = _split_sizes(n - n_test, held_out, "ImageFolder")
+        test_idx, held_idx, train_idx = _split_indices(n, [n_test, held, n - n_test - held])
+        note = (f"no val/ folder: a fixed seeded fifth of {train_root.name}/ is the test split, the rest gives "
+                f"the training and held-out images")
+    cfg = resolve_data_config({"input_size": (in_chans, size, size)})
+    train_full.transform = create_transform(size, is_training=True, mean=cfg["mean"], std=cfg["std"])
+    eval_tf = create_transform(size, is_training=False, mean=cfg["mean"], std=cfg["std"], crop_pct=cfg["crop_pct"])
+    held_full.transform = test.transform = eval_tf
+    test_set = test if test_idx is None else Subset(test, test_idx.tolist())
+    return DataSplits(Subset(train_full, train_idx.tolist()), Subset(held_full, held_idx.tolist()), test_set,
+                      num_classes=len(names), input_size=(3, size, size), class_names=names, note=note)
+
+
+def _check_eval_classes(eval_root: Path, class_to_idx: dict, train_root: Path) -> None:
+    """Every class folder of ``eval_root`` must be one of the training classes (their indices are the training ones)."""
+    found = sorted(p.name for p in eval_root.iterdir() if p.is_dir())
+    unknown = [c for c in found if c not in class_to_idx]
+    if not found or unknown:
+        raise ValueError(f"{eval_root} must hold class folders named as in {train_root} "
+                         + (f"(unknown: {', '.join(unknown[:8])})" if unknown else "(it has none)")
+                         + ": rename them, or remove it to draw the test split from the training images")
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -310,6 +361,34 @@ class EpochShuffleSampler(Sampler[int]):
         return iter(torch.randperm(self.num_samples, generator=gen).tolist())
 
 
+def describe_splits(splits: DataSplits, shown: int = 10) -> str:
+    """One line: images per split, the classes (names when known, the first ``shown``) and how the data was split."""
+    sizes = " / ".join(f"{len(s):,}" for s in (splits.train, splits.held_out, splits.test))
+    text = f"{sizes} images (train / held-out / test), {splits.num_classes} classes"
+    names = splits.class_names or ()
+    if names:
+        more = f", ... ({len(names) - shown} more)" if len(names) > shown else ""
+        text += ": " + ", ".join(names[:shown]) + more
+    return text + (f"; {splits.note}" if splits.note else "")
+
+
+def held_out_too_small(n: int, num_exits: int) -> Optional[str]:
+    """A warning text when ``n`` held-out images cannot give the paper's 39 budgets 39 different
+    calibrations (the exit counts ``floor(n p_k)`` of neighbouring budgets coincide), else None."""
+    from .exits import paper_distributions
+
+    def distinct(m: int) -> int:
+        return len({tuple(row) for row in torch.floor(m * paper_distributions(num_exits)).tolist()})
+
+    budgets = paper_distributions(num_exits).shape[0]
+    have = distinct(n)
+    if have >= budgets:
+        return None
+    enough = next((m for m in range(n + 1, 100 * budgets) if distinct(m) == budgets), 100 * budgets)
+    return (f"the held-out split has {n} images: too few to calibrate the {budgets} budgets (only {have} get "
+            f"thresholds of their own, neighbours share them); pass --held-out {enough} or more for {num_exits} exits")
+
+
 def create_datasets(name: str, data_dir: Optional[str] = None, input_size: int = 32, in_chans: int = 3,
                     held_out: Optional[int] = None, download: bool = False) -> DataSplits:
     """Train / held-out / test datasets of ``name`` (see the module docstring for the choices).
@@ -317,7 +396,7 @@ def create_datasets(name: str, data_dir: Optional[str] = None, input_size: int =
     ``input_size`` is the square image side the model expects; ``held_out`` the number of training
     images set aside for threshold calibration (default: 300 for digits, 5,000 otherwise).
     An unknown ``name`` without ``data_dir`` is an error; with ``data_dir`` it is read as an
-    ImageFolder tree (``DIR/train/<class>/*.jpg``, ``DIR/val/...``) by timm.
+    ImageFolder tree (``DIR/train/<class>/*.jpg`` + ``DIR/val/...``, or ``DIR/<class>/*.jpg`` split by seed) by timm.
     """
     if not isinstance(input_size, int) or input_size < 1:
         raise ValueError(f"input_size must be a positive int (image side in pixels), got {input_size!r}")
@@ -326,9 +405,12 @@ def create_datasets(name: str, data_dir: Optional[str] = None, input_size: int =
         return _digits(input_size, in_chans, held_out, affine=key == "digits-affine")
     if key in ("fashion-mnist", "fashion_mnist", "fmnist"):
         return _fashion_mnist(data_dir, input_size, in_chans, held_out)
-    if key in ("torch/cifar10", "torch/cifar100") or (data_dir is not None and "/" not in key):
-        return _timm_dataset(key if key.startswith("torch/") else "", data_dir, input_size, in_chans,
-                             held_out, download)
+    if key in ("torch/cifar10", "torch/cifar100"):
+        if data_dir is None:
+            raise ValueError(f"dataset '{name}' needs --data-dir DIR (the folder holding its files)")
+        return _cifar(key, data_dir, input_size, held_out, download)
+    if data_dir is not None and "/" not in key:
+        return _image_folder(data_dir, input_size, in_chans, held_out)
     raise ValueError(
         f"unknown dataset '{name}': choose one of {', '.join(BUILTIN_DATASETS)}, or pass --data-dir DIR "
         f"with an ImageFolder tree (and any name, e.g. 'folder')"

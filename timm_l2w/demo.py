@@ -22,6 +22,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .cli_common import add_input_size, add_version
+
 __all__ = ["main", "budget_correctness", "paired_bootstrap"]
 
 LABELS = {"l2w": "L2W", "uniform": "equal weighting"}
@@ -64,10 +66,11 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, reps: int = 2000, level: floa
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="timm-l2w demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_version(p)
     p.add_argument("--model", default="msdnet_l2w_cifar_tiny", help="registered multi-exit model")
     p.add_argument("--dataset", default="digits-affine", help="data set (see timm-l2w train --help)")
     p.add_argument("--data-dir", default=None, help="folder with the data set files (not needed for digits)")
-    p.add_argument("--input-size", type=int, default=20, help="square image side fed to the model")
+    add_input_size(p, 20)
     p.add_argument("--epochs", type=int, default=1, help="epochs per run (digits-affine: an epoch holds "
                                                          "6 transformed copies of every training image)")
     p.add_argument("--max-steps", type=int, default=None, help="loader batches per run (overrides --epochs)")

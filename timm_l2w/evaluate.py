@@ -465,13 +465,14 @@ def evaluate_checkpoint(
 def _parser() -> argparse.ArgumentParser:
     from timm.utils import ParseKwargs
 
-    from .train import DefaultsHelpFormatter
+    from .cli_common import DefaultsHelpFormatter, add_device, add_input_size, add_version
 
     p = argparse.ArgumentParser(
         prog="timm-l2w eval",
         description="Anytime and budgeted (accuracy vs average FLOPs) evaluation of a multi-exit checkpoint.",
         formatter_class=DefaultsHelpFormatter,
     )
+    add_version(p)
     p.add_argument("checkpoint", nargs="?", default=None, help=".safetensors (or .pth) weights; omit for random init")
     p.add_argument("--model", default=None, help="timm model name (default: the one recorded in the checkpoint's "
                                                  "metadata, as timm-l2w train writes it)")
@@ -480,12 +481,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=None,
                    help="classes of the model head (default: the checkpoint's metadata, else the data set's)")
     p.add_argument("--in-chans", type=int, default=None, help="input channels (default: 3)")
-    p.add_argument("--dataset", default="digits", help="built-in data set of timm_l2w.data")
-    p.add_argument("--data-dir", default=None, help="root folder of the data set files")
-    p.add_argument("--img-size", type=int, default=32, help="square input side of the model")
+    p.add_argument("--dataset", default=None, help="data set, as timm-l2w train takes it (default: the one the "
+                   "checkpoint records, as timm-l2w train writes it; else digits)")
+    p.add_argument("--data-dir", default=None, help="root folder of the data set files (default: the one the "
+                   "checkpoint records with its data set)")
+    add_input_size(p, None, "square input side of the model (default: the one the checkpoint records, else 32)")
     p.add_argument("--held-out", type=int, default=None, help="held-out images for the thresholds (default: the data set's)")
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    add_device(p, "cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--exit-rule", choices=EXIT_RULES, default="confidence",
                    help="budgeted exit rule: confidence (max softmax >= threshold), entropy (entropy <= threshold; "
                         "both calibrated on the held-out set for the paper's 39 exit distributions) or patience "
@@ -505,14 +508,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _model_from_metadata(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
     """The model name and ``create_model`` arguments: the flags, else the checkpoint's metadata."""
-    from .checkpoint import read_metadata
+    from .checkpoint import read_metadata, recorded_model
 
     meta = read_metadata(args.checkpoint) if args.checkpoint else {}
-    saved = meta.get("model")
-    if args.model and saved and args.model != saved:
-        raise ValueError(f"--model {args.model}, but {args.checkpoint} was saved from {saved} (its metadata): "
-                         f"drop --model or pass --model {saved}")
-    name = args.model or saved
+    name = recorded_model(args.checkpoint, args.model) if args.checkpoint else args.model
     if not name:
         raise ValueError("pass --model NAME: the checkpoint records no model name"
                          if args.checkpoint else "pass --model NAME (or a checkpoint written by timm-l2w)")
@@ -522,6 +521,39 @@ def _model_from_metadata(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]
     if args.num_classes is None and str(meta.get("num_classes", "")).isdigit():
         kwargs.setdefault("num_classes", int(meta["num_classes"]))
     return name, kwargs
+
+
+def _data_from_metadata(args: argparse.Namespace) -> None:
+    """``--dataset``, ``--data-dir``, ``--input-size`` and ``--held-out`` left unset: the data the checkpoint
+    records (``timm-l2w train`` writes it); a data set not given and not recorded is digits, said aloud."""
+    from .checkpoint import read_metadata
+
+    meta = read_metadata(args.checkpoint) if args.checkpoint else {}
+    recorded = args.dataset is None and "dataset" in meta
+    if recorded:
+        args.dataset = meta["dataset"]
+        if args.data_dir is None:
+            args.data_dir = meta.get("data_dir")
+        if args.held_out is None and str(meta.get("held_out", "")).isdigit():
+            args.held_out = int(meta["held_out"])
+    if args.input_size is None:
+        args.input_size = int(meta["input_size"]) if str(meta.get("input_size", "")).isdigit() else 32
+    if args.dataset is None:
+        args.dataset = "digits"
+        print("timm-l2w eval: no --dataset given" + (f" and {args.checkpoint} records none" if args.checkpoint else "")
+              + ": evaluating on digits (pass --dataset NAME for another)", flush=True)
+    elif recorded:
+        where = f" in {args.data_dir}" if args.data_dir else ""
+        print(f"timm-l2w eval: data set {args.dataset}{where}, {args.input_size}x{args.input_size} images "
+              f"(recorded in {args.checkpoint}; --dataset / --data-dir / --input-size choose others)", flush=True)
+
+
+def _check_classes(model_classes: Optional[int], info: Mapping[str, Any], dataset: str) -> None:
+    """A data set with more classes than the model's heads has labels they cannot score: say which data to pass."""
+    data_classes = info.get("num_classes")
+    if model_classes and data_classes and int(data_classes) > int(model_classes):
+        raise ValueError(f"the data set {dataset} has {data_classes} classes but the model only {model_classes}: "
+                         f"pass the --dataset (and --data-dir) the checkpoint was trained on")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -542,16 +574,22 @@ def _run(args: argparse.Namespace, timm: Any) -> int:
     import timm_l2w  # noqa: F401  (registers the models)
 
     check_settings(args, EVAL_SETTINGS)  # numbers in range before any data or model is built
+    if args.checkpoint and not Path(args.checkpoint).is_file():
+        raise FileNotFoundError(f"no such file: {args.checkpoint}: pass the path of a .safetensors (or .pth) "
+                                f"checkpoint, e.g. OUTPUT/model.safetensors of timm-l2w train"
+                                + (" (that is a folder)" if Path(args.checkpoint).is_dir() else ""))
+    model_name, kwargs = _model_from_metadata(args)  # before the data: a wrong --model is the first thing to say
+    _data_from_metadata(args)
     if args.q is not None or args.flops_budget is not None:
         from .deploy.policy import check_policy_request
 
         check_policy_request(args.q, args.flops_budget, args.exit_rule)
     heldout_loader, test_loader, info = create_eval_loaders(
-        args.dataset, data_dir=args.data_dir, batch_size=args.batch_size, input_size=args.img_size,
+        args.dataset, data_dir=args.data_dir, batch_size=args.batch_size, input_size=args.input_size,
         in_chans=args.in_chans or 3, held_out=args.held_out,
     )
-    model_name, kwargs = _model_from_metadata(args)
     num_classes = args.num_classes or kwargs.pop("num_classes", None) or info.get("num_classes")
+    _check_classes(num_classes, info, args.dataset)
     in_chans = args.in_chans or info.get("in_chans")
     if num_classes:
         kwargs["num_classes"] = num_classes

@@ -25,12 +25,14 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from .cli_common import DefaultsHelpFormatter, add_device, add_input_size, add_version
 from .files import csv_text, write_json_atomic, write_text_atomic
 
 __all__ = ["PRESETS", "build_parser", "parse_args", "train", "main", "find_checkpoint", "TrainingStopped"]
@@ -59,15 +61,6 @@ class TrainingStopped(RuntimeError):
 # ----------------------------------------------------------------------------- arguments
 
 
-class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` shows every real default; flags whose default is None or off explain themselves."""
-
-    def _get_help_string(self, action: argparse.Action) -> Optional[str]:
-        if action.default is None or action.default is False or action.default == {}:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def _preset_help(text: str, key: str) -> str:
     return f"{text} (default: the --preset's, " + ", ".join(f"{name} {cfg[key]}" for name, cfg in PRESETS.items()) + ")"
 
@@ -77,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="timm-l2w train", description=__doc__.split("\n\n")[0],
                                 formatter_class=DefaultsHelpFormatter)
+    add_version(p)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="msdnet_l2w_cifar", help="registered multi-exit timm model, or any timm "
                    "model name (wrapped as multi_exit_l2w: exit heads on its feature_info points)")
@@ -96,9 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "torch/cifar100, or a name with --data-dir for an ImageFolder tree")
     g.add_argument("--data-dir", default=None, help="folder with the data set files")
     g.add_argument("--download", action="store_true", help="let torchvision download CIFAR (needs internet)")
-    g.add_argument("--input-size", type=int, default=32, help="square image side fed to the model")
+    add_input_size(g, 32)
     g.add_argument("--held-out", type=int, default=None, help="training images kept for threshold calibration "
-                   "(default: 300 for digits, else a tenth of the training set, at most 5,000)")
+                   "(default: 300 for digits, else a tenth of the training set, at most 5,000; a flat ImageFolder "
+                   "without val/ also gives a fifth of its images to the test split)")
     g.add_argument("--workers", type=int, default=0, help="data loader workers per process")
 
     g = p.add_argument_group("optimisation")
@@ -114,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--label-smoothing", type=float, default=None, help=_preset_help("label smoothing", "label_smoothing"))
     g.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no", help="autocast precision")
     g.add_argument("--seed", type=int, default=0, help="seed of the model initialisation and data order")
-    g.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is there")
+    add_device(g, "cpu, or cuda when there is a GPU (the default then; more GPUs: accelerate launch)",
+               choices=["cpu", "cuda"])
 
     g = p.add_argument_group("timm's recipe pieces (flags named as timm's train.py names them)")
     g.add_argument("--opt", default="momentum", help="timm optimizer (timm.optim.create_optimizer_v2 names: momentum "
@@ -193,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0: epochs only)")
     g.add_argument("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
     g.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in --output) or a path")
+    g.add_argument("--overwrite", action="store_true", help="start a fresh run in an --output that holds another "
+                   "run: its checkpoints, logs and weights are deleted first (without it, such an --output is refused)")
     g.add_argument("--stop-after-steps", type=int, default=None,
                    help="save a checkpoint and exit after this many steps (train in chunks; resume with --resume auto)")
     g.add_argument("--max-nonfinite", type=int, default=10,
@@ -207,19 +205,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse ``argv``; L2W flags left unset take the values of ``--preset``."""
-    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    """Parse ``argv``; L2W flags left unset take the values of ``--preset``. ``--model`` left unset is
+    the model ``--pretrained-path`` records in its metadata, else the parser's default."""
+    parser = build_parser()
+    default_model = parser.get_default("model")
+    parser.set_defaults(model=None)  # to tell "not given" from the default
+    args = parser.parse_args(list(argv) if argv is not None else None)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    args.default_model = default_model
+    args.cpu = args.device == "cpu"
     return args
 
 
+def _resolve_model(args: argparse.Namespace) -> None:
+    """``args.model``: the flag; else the name ``--pretrained-path`` records; else the default. A flag that
+    contradicts the file's record is an error naming both (as ``timm-l2w eval`` does)."""
+    if args.pretrained_path:
+        from .checkpoint import recorded_model
+
+        args.model = recorded_model(args.pretrained_path, args.model)
+    if not args.model:
+        args.model = getattr(args, "default_model", None) or "msdnet_l2w_cifar"
+
+
 def _check_args(args: argparse.Namespace, world_size: int) -> int:
-    """Validate the numbers; return the per-rank batch size."""
+    """Validate the numbers and resolve ``--model``; return the per-rank batch size."""
     from .validation import check_train_settings
 
     check_train_settings(args)  # every number finite, in range and consistent (SettingError)
+    _resolve_model(args)
     if args.batch_size % world_size:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world_size} processes: "
                          f"use a multiple of {2 * world_size}")
@@ -492,7 +508,7 @@ class _Run:
         if acc.is_main_process:
             meta = {"model": self.args.model, **_kwargs_meta(self.args, acc.unwrap_model(self.model)), "num_classes": str(self.splits.num_classes),
                     "num_exits": str(self.num_exits), "step": str(self.step), "format": "timm_l2w",
-                    **_class_names_meta(self.splits)}
+                    **_class_names_meta(self.splits), **_data_meta(self.args)}
             _save_tensors(acc.unwrap_model(self.model).state_dict(), tmp / "model.safetensors", meta)
             if self.l2w is not None:
                 wmeta = {"num_exits": str(self.num_exits), "input_type": self.args.input_type,
@@ -530,7 +546,8 @@ class _Run:
         acc = self.accelerator
         try:
             same = {k: getattr(self.args, k) for k in ("model", "weighting", "input_type", "hidden", "distill",
-                                                        "distill_temperature", "distill_alpha", "gradient_equilibrium")}
+                                                        "distill_temperature", "distill_alpha", "gradient_equilibrium",
+                                                        "batch_size")}  # another batch re-maps the epochs
             state = check_resume_checkpoint(path, acc.unwrap_model(self.model), self.optimizer, self.l2w,
                                             acc.process_index, settings=same)
         except Exception as err:  # noqa: BLE001 - whatever is wrong with a file, the answer is the same
@@ -781,6 +798,16 @@ def _kwargs_meta(args: argparse.Namespace, model: Optional[nn.Module] = None) ->
     return {"model_kwargs": json.dumps(args.model_kwargs)} if args.model_kwargs else {}
 
 
+def _data_meta(args: argparse.Namespace) -> Dict[str, str]:
+    """What ``timm-l2w eval`` needs to evaluate a checkpoint on the data it was trained on."""
+    meta = {"dataset": str(args.dataset), "input_size": str(args.input_size)}
+    if args.data_dir:
+        meta["data_dir"] = str(args.data_dir)
+    if args.held_out is not None:
+        meta["held_out"] = str(args.held_out)
+    return meta
+
+
 def _class_names_meta(splits: Any) -> Dict[str, str]:
     """The data set's class names (a JSON list) for a checkpoint's metadata (exit policies and exports read them)."""
     names = getattr(splits, "class_names", None)
@@ -914,8 +941,12 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
 
     run = _Run(args)
     acc = run.accelerator
+    _check_fresh_output(run.output, args)
     if acc.is_main_process:
+        if args.overwrite and not args.resume:
+            _clear_run(run.output)
         _check_writable(run.output)
+    acc.wait_for_everyone()
     run.build()
     if acc.is_main_process:
         n = acc.num_processes
@@ -923,8 +954,23 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         print(f"timm-l2w train: world size {n} ({n} process{'es' if n > 1 else ''}{kind}), device {acc.device}, mixed precision {acc.mixed_precision}, "
               f"{torch.get_num_threads()} CPU thread(s) per process; {args.model} on {args.dataset}, batch "
               f"{args.batch_size} ({run.per_rank} per process), {run.total_steps} steps", flush=True)
+        from .data import describe_splits, held_out_too_small
+
+        print(f"timm-l2w train: data: {describe_splits(run.splits)}", flush=True)
+        small = held_out_too_small(len(run.splits.held_out), run.num_exits)
+        if small:
+            warnings.warn(small, UserWarning, stacklevel=2)
+        if args.weighting == "l2w":
+            from .validation import negative_weights_note
+
+            note = negative_weights_note(args.eps, args.constraint, run.num_exits, run.per_rank // 2)
+            if note:
+                warnings.warn(note, UserWarning, stacklevel=2)
     if args.resume:
-        run.load_checkpoint(find_checkpoint(args.resume, args.output))
+        path = find_checkpoint(args.resume, args.output)
+        run.load_checkpoint(path)
+        if acc.is_main_process:
+            print(f"timm-l2w train: resumed from step {run.step} ({path})", flush=True)
     results_name = f"{args.model}_{args.weighting}"
     finished = run.step >= run.total_steps  # resumed from the last checkpoint of a run that had ended
     if finished and (run.output / "model.safetensors").is_file() and (
@@ -1011,7 +1057,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             path = run.save_checkpoint()
             if acc.is_main_process:  # the per-epoch summary stays with --no-progress
                 meta = f" meta {row['meta_loss']:.4f}" if row["meta_loss"] is not None else ""
-                print(f"epoch {row['epoch']}: loss {row['loss']:.4f}{meta} last-exit acc "
+                print(f"epoch {row['epoch']}: loss {row['loss']:.4f} (sum over the {run.num_exits} exits){meta} last-exit acc "
                       f"{row[f'acc_{run.num_exits}']:.1f}% lr {row['lr']:.4g} ({row['time_s']:.1f}s)", flush=True)
             _maybe_stop(run, path, stop, pause)
     finally:
@@ -1021,7 +1067,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     model = acc.unwrap_model(run.model)
     if acc.is_main_process:
         meta = {"model": args.model, **_kwargs_meta(args, model), "num_classes": str(run.splits.num_classes),
-                "num_exits": str(run.num_exits), **_class_names_meta(run.splits)}
+                "num_exits": str(run.num_exits), **_class_names_meta(run.splits), **_data_meta(args)}
         _save_tensors(model.state_dict(), run.output / "model.safetensors", meta)  # atomic
         if run.l2w is not None:
             _save_tensors(run.l2w.weight_net.state_dict(), run.output / "weight_predictor.safetensors",
@@ -1044,6 +1090,35 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     for tracker in acc.trackers:  # not end_training(): that also tears down the process group
         tracker.finish()
     return result
+
+
+def _run_files(output: Path) -> List[Path]:
+    """What a run leaves in its --output that a later run would mix with its own (resume, logs, weights)."""
+    names = ["checkpoints", "log.json", "log.csv", "model.safetensors", "weight_predictor.safetensors", EMA_FILE]
+    return [output / n for n in names if (output / n).exists()]
+
+
+def _check_fresh_output(output: Path, args: argparse.Namespace) -> None:
+    """Refuse a fresh run (no --resume) into an --output that holds another run's checkpoints, unless
+    --overwrite: a later --resume auto would otherwise continue the old run."""
+    if args.resume or args.overwrite:
+        return
+    root = output / "checkpoints"
+    found = sorted(p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if _is_complete(p)) if root.is_dir() else []
+    if found:
+        raise ValueError(
+            f"--output {output} holds another run (checkpoints up to step {int(found[-1].name[len(CHECKPOINT_PREFIX):])}): "
+            f"continue it with --resume auto, start over with --overwrite (deletes its checkpoints, logs and "
+            f"weights), or pass a fresh --output")
+
+
+def _clear_run(output: Path) -> None:
+    """--overwrite: delete the previous run's files (:func:`_run_files`), checkpoints first."""
+    for path in _run_files(output):
+        if path.is_dir():
+            _discard(path)
+        else:
+            path.unlink()
 
 
 def _maybe_stop(run: _Run, path: Path, stop: bool, pause: bool) -> None:

@@ -25,16 +25,19 @@ import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from .models.base import unwrap_model
+
 __all__ = [
     "SettingError", "LabelError", "CheckpointError", "ResumeError",
     "Range", "check_number", "check_settings", "check_train_settings", "check_label_smoothing",
-    "TRAIN_SETTINGS", "EVAL_SETTINGS", "CONVERT_SETTINGS", "PAPER_P_INDICES",
+    "TRAIN_SETTINGS", "EVAL_SETTINGS", "CONVERT_SETTINGS", "FLAG_NAMES", "PAPER_P_INDICES", "negative_weights_note",
     "check_labels", "assert_on_device", "check_weights", "check_optimizer_state",
+    "StateDictMismatchError", "check_state_dict",
     "CHECKSUMS_FILE", "write_checksums", "verify_checksums", "check_resume_checkpoint",
 ]
 
@@ -199,10 +202,12 @@ TRAIN_SETTINGS: Dict[str, Range] = {
     "model_ema_decay": Range(0, 1, high_open=True, hint="timm's recipes: 0.9998"),
 }
 EVAL_SETTINGS: Dict[str, Range] = {
-    "num_classes": Range(1, integer=True), "in_chans": Range(1, integer=True), "img_size": Range(1, integer=True),
+    "num_classes": Range(1, integer=True), "in_chans": Range(1, integer=True), "input_size": Range(1, integer=True),
     "held_out": Range(1, integer=True), "batch_size": Range(1, integer=True),
 }
 CONVERT_SETTINGS: Dict[str, Range] = {"num_classes": Range(1, integer=True)}
+# flags with two spellings, named both ways in messages
+FLAG_NAMES = {"input_size": "--input-size/--img-size"}
 
 
 def check_settings(settings: Any, table: Mapping[str, Range], flags: bool = True) -> None:
@@ -212,7 +217,8 @@ def check_settings(settings: Any, table: Mapping[str, Range], flags: bool = True
     for key, allowed in table.items():
         value = values.get(key)
         if value is not None:
-            check_number(value, f"--{key.replace('_', '-')}" if flags else key, allowed)
+            name = FLAG_NAMES.get(key, f"--{key.replace('_', '-')}") if flags else key
+            check_number(value, name, allowed)
 
 
 def check_train_settings(args: Any) -> None:
@@ -223,6 +229,27 @@ def check_train_settings(args: Any) -> None:
     if args.min_lr > args.lr:
         raise SettingError(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}: the cosine schedule decays "
                            f"from --lr down to --min-lr; pass a --min-lr <= --lr")
+
+
+def negative_weights_note(eps: float, constraint: str, num_exits: int, batch: int) -> Optional[str]:
+    """A note when ``eps`` lets the L2W weights ``W = 1 + eps (G - mean G)`` (``G`` in (-1, 1)) go negative.
+
+    The mean runs over ``n`` entries (``col``: the ``num_exits`` exits of a sample, ``row``: the ``batch``
+    samples of an exit, ``mat``: both); the lowest weight is ``1 - eps 2 (n - 1) / n``, negative when
+    ``eps > n / (2 (n - 1))`` (0.625 for 5 exits under ``col``: the paper's CIFAR 0.8 is above it).
+    Allowed (docs/method.md §2); returns None when the weights stay >= 0.
+    """
+    n, what = {"col": (num_exits, f"K/(2(K-1)) for K = {num_exits} exits"),
+               "row": (batch, f"B/(2(B-1)) for B = {batch} samples per update"),
+               "mat": (num_exits * batch, f"n/(2(n-1)) for n = {num_exits} exits x {batch} samples")}[constraint]
+    if n < 2:
+        return None
+    bound, lowest = n / (2 * (n - 1)), 1 - eps * 2 * (n - 1) / n
+    if eps <= bound:
+        return None
+    return (f"--eps {eps:g} is above {bound:.3g} = {what} under the {constraint} constraint: a sample's weight at "
+            f"an exit can go down to {lowest:.2f}, below zero (its loss there is then pushed up); allowed, as in the "
+            f"paper's CIFAR setting (docs/method.md §2); --eps {bound:.3g} or less keeps every weight >= 0")
 
 
 # ----------------------------------------------------------------------------- labels
@@ -381,6 +408,49 @@ def check_optimizer_state(saved: Any, optimizer: Any, source: str = "the optimiz
                                       f"parameter {shapes[pid]}")
 
 
+# ----------------------------------------------------------------------------- state dicts
+
+_KEYS_SHOWN = 25  # keys listed per category in a state-dict mismatch message
+
+
+class StateDictMismatchError(CheckpointError):
+    """Keys or shapes of a state dict do not match a model; ``missing``, ``unexpected``, ``mismatched``
+    (a :class:`~timm_l2w.validation.CheckpointError`, hence a ``ValueError``)."""
+
+    def __init__(self, message: str, missing: List[str], unexpected: List[str],
+                 mismatched: List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]]):
+        super().__init__(message)
+        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
+
+
+def _listed(title: str, items: Sequence[str]) -> str:
+    more = f"\n  ... and {len(items) - _KEYS_SHOWN} more" if len(items) > _KEYS_SHOWN else ""
+    return f"{title} ({len(items)}):\n  " + "\n  ".join(items[:_KEYS_SHOWN]) + more
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
+    """Raise :class:`StateDictMismatchError` (a ``ValueError``) naming every missing, unexpected or mis-shaped key."""
+    expected = unwrap_model(model).state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [(k, tuple(v.shape), tuple(expected[k].shape))
+                  for k, v in state_dict.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    if not (missing or unexpected or mismatched):
+        return
+    parts = [f"the state dict does not fit {type(unwrap_model(model)).__name__}"]
+    if missing:
+        parts.append(_listed("missing keys", missing))
+    if unexpected:
+        parts.append(_listed("unexpected keys", unexpected))
+    if mismatched:
+        parts.append(_listed("wrong shapes (checkpoint vs model)", [f"{k}: {a} vs {b}" for k, a, b in mismatched]))
+    hint = "build the model the checkpoint was trained with (model name and settings)"
+    if mismatched and not (missing or unexpected) and all(len(a) <= 2 for _, a, _ in mismatched):
+        hint = f"only the classifier sizes differ: pass num_classes={mismatched[0][1][0]} (--num-classes)"
+    parts.append(f"fix: {hint}")
+    raise StateDictMismatchError("\n".join(parts), missing, unexpected, mismatched)
+
+
 # ----------------------------------------------------------------------------- checkpoint folders
 
 CHECKSUMS_FILE = "checksums.json"
@@ -455,8 +525,6 @@ def _load_torch(path: Path) -> Any:
 
 
 def _check_module_state(state: Any, module: nn.Module, source: str) -> None:
-    from .checkpoint import check_state_dict
-
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{source} is not a state dict (found {type(state).__name__})")
     check_weights(state, module.state_dict(), source)
