@@ -37,7 +37,7 @@ TORCH_NAMES = {"sgd": 0.1, "momentum": 0.1, "adam": 1e-2, "adamw": 1e-2, "nadam"
                "adamax": 1e-2, "rmsprop": 1e-3, "adagrad": 5e-2, "adadelta": 1.0}
 TIMM_NAMES = {"sgdw": 0.1, "nadamw": 1e-2, "rmsproptf": 1e-3, "lamb": 1e-2, "lars": 0.1, "adan": 1e-2,
               "adopt": 1e-2, "laprop": 1e-2, "adabelief": 1e-2, "adamwlegacy": 1e-2}
-NAMES = {**TORCH_NAMES, **(TIMM_NAMES if optim_step.timm_rules is not None else {})}
+NAMES = {**TORCH_NAMES, **TIMM_NAMES}
 # how the real loop turns the gradient into the update: (clip, accumulate two micro-batches)
 VARIANTS = {
     "plain": (None, False),
@@ -276,7 +276,6 @@ def test_sign_and_closure_optimizers_are_refused_with_the_reason_and_unknown_one
         L2W(tiny_model, object())
 
 
-@pytest.mark.skipif(optim_step.timm_rules is None, reason="timm's rules (timm_l2w/optim_step/timm_rules.py) not there")
 def test_lion_is_refused_saying_why(tiny_model):
     with pytest.raises(TypeError, match="sign"):
         L2W(tiny_model, create_optimizer_v2(tiny_model, "lion"))
