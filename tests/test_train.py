@@ -84,7 +84,6 @@ def test_bf16_runs_an_l2w_step_with_finite_losses(tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--dataset", "cifar-11"], "unknown dataset 'cifar-11'"),
     (["--model", "resnet_nonexistent"], "unknown model 'resnet_nonexistent'"),
-    (["--model", "resnet18"], "not multi-exit"),
     (["--batch-size", "7"], "two equal halves"),
     (["--dataset", "fashion-mnist", "--data-dir", "{tmp}"], "apt-get install dataset-fashion-mnist"),
     (["--resume", "auto"], "no complete checkpoint"),

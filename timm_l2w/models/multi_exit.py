@@ -558,10 +558,11 @@ def wrapper_create_args(name: str, exit_indices: Optional[Sequence[int]] = None,
     """
     module = timm.models.model_entrypoint(name).__module__
     chosen = {k: v for k, v in (("exit_indices", exit_indices), ("head", head)) if v is not None}
-    if module.startswith("timm_l2w.") and module != __name__ and chosen:
+    plain_timm = module.startswith("timm.")  # timm's own families; models registered elsewhere have their exits
+    if not plain_timm and module != __name__ and chosen:
         raise ValueError(f"exit indices and exit heads choose the exits of a wrapped timm model; {name} has its own "
                          "exits: drop --exit-indices / --exit-head, or pass a plain timm model name")
-    if not module.startswith("timm_l2w."):
+    if plain_timm:
         name, kwargs = GENERIC_NAME, {"backbone": name, **kwargs}
     kwargs.update(chosen)
     if name == GENERIC_NAME and weights_file:
