@@ -267,3 +267,15 @@ def test_real_early_exit_spends_exactly_the_flops_of_the_exits_taken(backbone, k
     taken = predictor.predict(x).exit_index
     assert len(set(taken.tolist())) > 1  # a mix of exits
     assert spent == pytest.approx(float(torch.tensor(list(flops), dtype=torch.float64)[taken].sum()), rel=1e-9)
+
+
+def test_default_exits_per_layout():
+    from timm_l2w.models.multi_exit import _default_exits
+
+    resnet = [dict(module="act1", reduction=2)] + [dict(module=f"layer{i}", reduction=2 ** (i + 1)) for i in range(1, 5)]
+    assert _default_exits(resnet) == [1, 2, 3, 4]  # the stride-2 stem point has no exit
+    vit = [dict(module=f"blocks.{i}", reduction=16) for i in range(12)]
+    assert _default_exits(vit) == [2, 5, 8, 11]
+    # one entry per branch and block (CrossViT): one exit per block, on its last entry
+    branches = [dict(module=f"blocks.{i}", reduction=r) for r in (12, 16) for i in range(3)]
+    assert _default_exits(branches) == [3, 4, 5]

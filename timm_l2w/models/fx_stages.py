@@ -317,7 +317,9 @@ class _ModePlan:
         output = next(n for n in reversed(nodes) if n.op == "output")
         cut_pos = [position[c] for c in cuts]
         if any(b <= a for a, b in zip(cut_pos, cut_pos[1:])):
-            raise SplitError("the feature points do not come one after another in the traced graph")
+            raise SplitError("the chosen feature points do not run one after another in forward_features: choose "
+                             "exit_indices in the order the model computes them (one entry per module where "
+                             "feature_info lists a module once per branch)")
         constant = _input_independent(graph)
         last = len(cuts) - 1
         end_pos = position[output] if through_end else cut_pos[-1]

@@ -193,13 +193,18 @@ def _input_size(backbone: nn.Module, in_chans: int) -> Tuple[int, int, int]:
 
 def _default_exits(info: Sequence[Dict[str, Any]]) -> List[int]:
     """Four evenly spaced points ending at the last for block-wise points (ViTs), else every stage but a
-    stride-2 stem point (ResNet: ``layer1..4``)."""
-    n = len(info)
+    stride-2 stem point (ResNet: ``layer1..4``). A module listed several times (one entry per branch:
+    CrossViT, CoaT) counts once, with its last entry."""
+    last_entry: Dict[str, int] = {}
+    for i, d in enumerate(info):
+        last_entry[d["module"]] = i
+    points = list(last_entry.values())
+    n = len(points)
     if n > 5:
-        return [(t + 1) * n // 4 - 1 for t in range(4)]
-    if n >= 4 and info[0].get("reduction", 4) <= 2:
-        return list(range(1, n))
-    return list(range(n))
+        return [points[(t + 1) * n // 4 - 1] for t in range(4)]
+    if n >= 4 and info[points[0]].get("reduction", 4) <= 2:
+        return points[1:]
+    return points
 
 
 def _json_ready(value: Any) -> Any:
