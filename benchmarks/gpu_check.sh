@@ -42,25 +42,15 @@ STATUS="$OUT/steps.tsv"
 START=$(date +%s)
 
 # step NAME LIMIT_S COMMAND...: run it with its output in NAME.log, record status and seconds
+. benchmarks/steps.sh
 step() {
     local name=$1 limit=$2
     shift 2
-    local t0 rc status
     if [ -n "${GPU_CHECK_ONLY:-}" ] && [[ " $GPU_CHECK_ONLY " != *" $name "* ]]; then
         printf '%s\t%s\t0\n' "$name" "not run (GPU_CHECK_ONLY)" >> "$STATUS"
         return
     fi
-    t0=$(date +%s)
-    echo "gpu_check: [$name] $*"
-    timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
-    rc=$?
-    case $rc in
-        0) status=ok ;;
-        124|137) status="timed out after ${limit}s" ;;
-        *) status="failed (exit $rc)" ;;
-    esac
-    printf '%s\t%s\t%s\n' "$name" "$status" "$(( $(date +%s) - t0 ))" >> "$STATUS"
-    echo "gpu_check: [$name] $status in $(( $(date +%s) - t0 ))s (log: $OUT/$name.log)"
+    timed_step gpu_check "$OUT/$name.log" "$STATUS" "$name" "$limit" "$@"
 }
 
 if [ "$MODE" = cuda ]; then

@@ -1,20 +1,35 @@
-"""Training throughput (images/s) of equal weighting vs L2W, the way ``timm-l2w train`` runs an update.
+"""Training throughput (images/s) of equal weighting vs L2W, through ``timm-l2w train``'s own update.
 
-For each model (``--models``, each at its own ``--sizes`` entry) and weighting (``uniform``, ``l2w`` at
-every ``--intervals`` meta interval): accelerate with ``--precision`` (bf16 by default), timm's SGD, one
-synthetic batch of ``--batch`` images (random pixels and labels: throughput does not depend on the data)
-split into two halves as ``L2W.split`` does, ``forward -> (meta step) -> weighted loss -> backward ->
-step`` per half. After ``--warmup`` loader batches, ``--steps`` loader batches are timed per
-configuration (meta interval 100 needs ``--steps`` >= 50 to contain one meta step: 2 updates per batch).
-Reports images/s, the time relative to equal weighting and (CUDA) the peak memory.
+For each model (``--models``, each at its ``--sizes`` entry) and loader batch (``--batch``, one or more),
+every configuration is a ``timm-l2w train`` run (``timm_l2w.train._Run``, built as the command line builds
+it; 10 classes) fed one synthetic batch (random pixels and labels: throughput does not depend on the data)
+on the device, split into two halves, ``forward -> (meta step) -> weighted loss -> backward -> step`` per
+half, the schedulers stepped as the training loop steps them:
 
-    python benchmarks/train_throughput.py --device cuda [--models msdnet_l2w_cifar msdnet_l2w --sizes 32 224]
-        [--out benchmarks/results/gpu/train_throughput.json]
+* weighting ``uniform``, and ``l2w`` at every ``--intervals`` meta interval;
+* mode (``--modes``) ``eager`` or ``graphs`` (``--cuda-graphs``: captured and replayed; CUDA only);
+* path (``--paths``) ``sync-free`` (the default update) or ``host-skip``: the previous path's host
+  decisions put back (the skip of a non-finite real step and of a non-finite meta step read on the host,
+  one wait for the device each), to measure what reading them costs.
+
+The configurations of one (model, batch) are built together and timed in alternating rounds (``--rounds``),
+``--steps`` loader batches each (at least ``interval / 2``, so every timed window holds a meta step), after
+a warm-up (longer under graphs, until every kind of update is captured); the median round is reported.
+Rows: model, size, batch, weighting, meta_interval, mode, path, images_per_s, time_over_uniform (the time of
+equal weighting's row with the same model, batch, mode and path = 1), meta_steps; on CUDA the peak memory
+of the group and whether graphs ran.
+
+    python benchmarks/train_throughput.py --device cuda --models msdnet_l2w_cifar msdnet_l2w_cifar_tiny \\
+        --sizes 32 32 --batch 64 1024 --intervals 1 10 100 --modes eager graphs \\
+        --out benchmarks/results/gpu/train_throughput.json
 """
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -22,102 +37,155 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 import timm_l2w  # noqa: F401  (registers the models)
-from timm_l2w import L2W
-from timm_l2w.train import create_multi_exit_model
-from timm_l2w.weighting import exit_losses
+from timm_l2w.train import _Run, parse_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from meta_precision import write_result  # noqa: E402
 
+NUM_CLASSES = 10  # the runs are built on digits' splits (the batch itself is synthetic)
 
-def run_config(model_name: str, size: int, weighting: str, interval: int, args: argparse.Namespace) -> Dict[str, Any]:
-    """Images/s of one (model, weighting, meta interval) with ``args``' device, precision, batch and steps."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from timm.optim import create_optimizer_v2
 
-    AcceleratorState._reset_state(reset_partial_state=False)
-    cuda = args.device.startswith("cuda")
-    acc = Accelerator(mixed_precision=args.precision, cpu=not cuda)
-    torch.manual_seed(0)
-    model = create_multi_exit_model(model_name, num_classes=args.num_classes).to(acc.device).train()
-    opt = create_optimizer_v2(model, opt="momentum", lr=0.1, momentum=0.9, weight_decay=1e-4)
-    l2w = None
-    if weighting == "l2w":
-        l2w = L2W(model, opt, meta_interval=interval, backend=args.backend, accelerator=acc,
-                  meta_precision=args.meta_precision)
-    model, opt = acc.prepare(model, opt)
-    if l2w is not None:
-        l2w.model, l2w.optimizer = model, opt
-    x = torch.randn(args.batch, 3, size, size, device=acc.device)
-    y = torch.randint(0, args.num_classes, (args.batch,), device=acc.device)
-    half = args.batch // 2
+class Config:
+    """One configuration: its run, synthetic batch and timings."""
 
-    def loader_batch() -> None:
-        halves = l2w.split(x, y) if l2w is not None else ((x[:half], y[:half]), (x[half:], y[half:]))
+    def __init__(self, model: str, size: int, batch: int, weighting: str, interval: Optional[int], mode: str,
+                 path: str, args: argparse.Namespace, folder: str):
+        self.model, self.size, self.batch, self.weighting, self.interval = model, size, batch, weighting, interval
+        self.mode, self.path = mode, path
+        cuda = args.device.startswith("cuda")
+        argv = ["--model", model, "--dataset", "digits", "--input-size", str(size), "--batch-size", str(batch),
+                "--max-steps", "100000", "--no-eval", "--no-progress", "--log-with", "none", "--output", folder,
+                "--weighting", weighting, "--backend", args.backend, "--mixed-precision", args.precision,
+                "--meta-precision", args.meta_precision, "--tf32", args.tf32, "--lr", "0.05"]
+        argv += ["--meta-interval", str(interval)] if weighting == "l2w" else []
+        argv += [] if cuda else ["--cpu"]
+        argv += ["--cuda-graphs"] if mode == "graphs" else []
+        torch.manual_seed(0)
+        self.run = run = _Run(parse_args(argv))
+        run.build()
+        run.model.train()
+        if path == "host-skip":  # the previous path's host decisions
+            run.device_skip = False
+            if run.l2w is not None:
+                run.l2w._fused_meta = False
+        device = run.accelerator.device
+        gen = torch.Generator().manual_seed(1)
+        self.x = torch.randn(batch, 3, size, size, generator=gen).to(device)
+        self.y = torch.randint(0, NUM_CLASSES, (batch,), generator=gen).to(device)
+        self.stats = run._new_stats(device)
+        self.seconds: List[float] = []
+        self.steps = max(args.steps, math.ceil((interval or 1) / 2))
+        # graphs: every kind of update (half x meta step due) seen twice after the first, host-decided update
+        self.warmup = args.warmup + ((interval or 1) + 1 if mode == "graphs" else 0)
+        self.meta_steps = 0
+
+    def loader_batch(self) -> None:
+        run = self.run
+        x, y = run.graphs.stage(self.x, self.y) if run.graphs is not None else (self.x, self.y)
+        halves = run.l2w.split(x, y) if run.l2w is not None else ((x[:self.batch // 2], y[:self.batch // 2]),
+                                                                    (x[self.batch // 2:], y[self.batch // 2:]))
         for xt, yt in halves:
-            with acc.autocast():
-                outputs = model(xt)
-            loss = l2w.loss(outputs, yt) if l2w is not None else exit_losses(outputs, yt).mean(dim=0).sum()
-            opt.zero_grad(set_to_none=True)
-            acc.backward(loss)
-            opt.step()
+            if run.l2w is not None and run.l2w.step % run.l2w.meta_interval == 0:
+                self.meta_steps += 1
+            run.update(xt, yt, self.stats)
+            run.scheduler.step_update(num_updates=run.updates_done)
 
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    for _ in range(args.warmup):
-        loader_batch()
-    if cuda:
+    def timed(self, count: int, sync) -> float:
         sync()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        loader_batch()
-    sync()
-    seconds = time.perf_counter() - start
-    row = {"model": model_name, "size": size, "weighting": weighting, "meta_interval": interval if l2w else None,
-           "batch": args.batch, "steps": args.steps, "seconds": seconds,
-           "images_per_s": args.batch * args.steps / seconds,
-           "meta_steps": sum(u % interval == 0 for u in range(2 * args.warmup, 2 * (args.warmup + args.steps)))
-           if l2w else 0}
+        start = time.perf_counter()
+        for _ in range(count):
+            self.loader_batch()
+        sync()
+        return time.perf_counter() - start
+
+    def graphs_state(self) -> Optional[str]:
+        graphs = self.run.graphs
+        if graphs is None:
+            return None
+        return f"off: {graphs.disabled}" if graphs.disabled else f"on ({len(graphs.graphs)} graphs, {graphs.replays} replays)"
+
+
+def run_group(model: str, size: int, batch: int, args: argparse.Namespace) -> List[Dict[str, Any]]:
+    """Every configuration of one (model, batch), timed in alternating rounds."""
+    cuda = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
-        row["peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
-    return row
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory() as folder:
+        specs = [(mode, path, w, i) for mode in args.modes for path in args.paths
+                 for w, i in [("uniform", None)] + [("l2w", i) for i in args.intervals]]
+        configs = [Config(model, size, batch, w, i, mode, path, args, f"{folder}/{n}")
+                   for n, (mode, path, w, i) in enumerate(specs)]
+        for c in configs:
+            c.timed(c.warmup, sync)
+            c.meta_steps = 0
+        for _ in range(args.rounds):
+            for c in configs:
+                c.seconds.append(c.timed(c.steps, sync))
+    rows = []
+    for c in configs:
+        seconds = statistics.median(c.seconds)
+        row = {"model": model, "size": size, "batch": batch, "weighting": c.weighting, "meta_interval": c.interval,
+               "mode": c.mode, "path": c.path, "steps": c.steps, "rounds": args.rounds, "seconds": seconds,
+               "images_per_s": batch * c.steps / seconds, "meta_steps": c.meta_steps // max(args.rounds, 1)}
+        if c.graphs_state() is not None:
+            row["graphs"] = c.graphs_state()
+        if cuda:
+            row["peak_memory_mib_group"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        rows.append(row)
+    for row in rows:
+        base = next(r for r in rows if r["weighting"] == "uniform" and r["mode"] == row["mode"]
+                    and r["path"] == row["path"])
+        row["time_over_uniform"] = base["images_per_s"] / row["images_per_s"]
+    return rows
 
 
-def run(args: argparse.Namespace) -> Dict[str, Any]:
+def run(args: argparse.Namespace, log=print, partial=lambda result: None) -> Dict[str, Any]:
+    """Every (model, batch) group in turn; ``partial(result)`` after each (the JSON is written group by group)."""
     torch.set_num_threads(args.threads)
     if len(args.sizes) != len(args.models):
         raise ValueError("--sizes needs one image size per --models entry")
     rows: List[Dict[str, Any]] = []
     for model_name, size in zip(args.models, args.sizes):
-        base = run_config(model_name, size, "uniform", 0, args)
-        rows.append(base)
-        print(f"{model_name} {size}px uniform: {base['images_per_s']:.1f} images/s", flush=True)
-        for interval in args.intervals:
-            row = run_config(model_name, size, "l2w", interval, args)
-            row["time_over_uniform"] = base["images_per_s"] / row["images_per_s"]
-            rows.append(row)
-            print(f"{model_name} {size}px l2w meta_interval {interval}: {row['images_per_s']:.1f} images/s "
-                  f"({row['time_over_uniform']:.2f}x the time of equal weighting, {row['meta_steps']} meta steps)",
-                  flush=True)
-    return {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-            "torch": torch.__version__, "precision": args.precision, "meta_precision": args.meta_precision,
-            "backend": args.backend, "rows": rows}
+        for batch in args.batch:
+            for row in run_group(model_name, size, batch, args):
+                rows.append(row)
+                interval = f" meta interval {row['meta_interval']}" if row["meta_interval"] else ""
+                log(f"{model_name} {size}px batch {batch} {row['weighting']}{interval} {row['mode']} {row['path']}: "
+                    f"{row['images_per_s']:.1f} images/s ({row['time_over_uniform']:.2f}x the time of equal "
+                    f"weighting, {row['meta_steps']} meta steps){' graphs ' + row['graphs'] if 'graphs' in row else ''}",
+                    flush=True)
+            partial(_result(args, rows))
+    return _result(args, rows)
+
+
+def _result(args: argparse.Namespace, rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+    cuda = args.device.startswith("cuda")
+    return {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+            "precision": args.precision, "meta_precision": args.meta_precision, "backend": args.backend,
+            "tf32": args.tf32, "threads": args.threads, "num_classes": NUM_CLASSES,
+            "timing": f"median of {args.rounds} alternating round(s) per (model, batch)", "rows": list(rows)}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--models", nargs="+", default=["msdnet_l2w_cifar", "msdnet_l2w"])
-    p.add_argument("--sizes", nargs="+", type=int, default=[32, 224])
-    p.add_argument("--num-classes", type=int, default=100)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--steps", type=int, default=50, help="timed loader batches (2 updates each)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--intervals", nargs="+", type=int, default=[1, 100])
-    p.add_argument("--precision", default="bf16", choices=["no", "bf16", "fp16"])
+    p.add_argument("--models", nargs="+", default=["msdnet_l2w_cifar", "msdnet_l2w_cifar_tiny"])
+    p.add_argument("--sizes", nargs="+", type=int, default=[32, 32])
+    p.add_argument("--num-classes", type=int, default=NUM_CLASSES, choices=[NUM_CLASSES],
+                   help="kept for old command lines: the runs have digits' 10 classes")
+    p.add_argument("--batch", type=int, nargs="+", default=[64], help="loader batch sizes (two halves each)")
+    p.add_argument("--steps", type=int, default=20, help="timed loader batches per round (at least interval / 2)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed loader batches first (graphs: + interval + 1)")
+    p.add_argument("--rounds", type=int, default=1, help="alternating timing rounds; the median is reported")
+    p.add_argument("--intervals", nargs="+", type=int, default=[1, 10, 100])
+    p.add_argument("--modes", nargs="+", default=["eager"], choices=["eager", "graphs"])
+    p.add_argument("--paths", nargs="+", default=["sync-free"], choices=["sync-free", "host-skip"])
+    p.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"])
     p.add_argument("--meta-precision", default="fp32", choices=["fp32", "amp"])
-    p.add_argument("--backend", default="higher", choices=["higher", "func"])
+    p.add_argument("--backend", default="func", choices=["higher", "func"])
+    p.add_argument("--tf32", default="default", choices=["default", "on", "off"])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None)
     return p
@@ -125,14 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.batch < 2 or args.batch % 2:
-        print("train_throughput.py: --batch must be an even number >= 2", file=sys.stderr)
+    if any(b < 2 or b % 2 for b in args.batch):
+        print("train_throughput.py: every --batch must be an even number >= 2", file=sys.stderr)
         return 2
     if args.precision == "fp16" and not args.device.startswith("cuda"):
         print("train_throughput.py: accelerate runs fp16 only on GPUs: use --precision bf16 or no on the CPU",
               file=sys.stderr)
         return 2
-    write_result(args.out, run(args))
+    write_result(args.out, run(args, partial=lambda result: write_result(args.out, result)))
     return 0
 
 

@@ -141,8 +141,8 @@ def rng_state(device: torch.device | str | None = None) -> Optional[Tuple[Tensor
 
 @contextlib.contextmanager
 def _replay_rng(state: Optional[Tuple[Tensor, Optional[Tensor]]], device: torch.device) -> Iterator[None]:
-    if state is None:
-        yield
+    if state is None or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        yield  # (a CUDA graph can neither read nor set the RNG state: timm_l2w.cuda_graphs refuses dropout with 'func')
         return
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -838,7 +838,10 @@ class L2W:
         self.last_meta_loss_tensor = result.meta_loss.detach()
         applied = torch.stack([torch.isfinite(g).all() for g in grads]).all() & (bad[0] == 0)
         self.last_meta_applied = applied
-        self._meta_skipped = self._meta_skipped + (~applied).long()
+        if isinstance(self._meta_skipped, Tensor):  # in place: a replayed CUDA graph keeps counting
+            self._meta_skipped.add_((~applied).long())
+        else:
+            self._meta_skipped = self._meta_skipped + (~applied).long()
         if scaler is None and self._fused_meta:  # skipped on the device when not applied: no host read
             self.meta_optimizer.found_inf = (~applied).to(torch.float32)
             try:
