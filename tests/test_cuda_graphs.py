@@ -117,3 +117,53 @@ def test_l2w_updates_make_no_host_sync_on_cuda(backend):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert l2w.meta_skipped == 0 and l2w.last_meta_loss > 0
+
+
+def _l2w_run(cuda_graphs, device="cpu", share_forward=True, updates=3):
+    from timm_l2w import L2W, WeightPredictor
+
+    torch.manual_seed(0)
+    model = TinyMultiExit().to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, weight_decay=1e-3)
+    torch.manual_seed(1)
+    net = WeightPredictor(3, hidden_sizes=(8,)).to(device)
+    l2w = L2W(model, opt, weight_net=net, backend="func", meta_lr=1e-2, total_steps=20, cuda_graphs=cuda_graphs,
+              share_forward=share_forward)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(updates):
+        x, y = torch.randn(16, 1, 8, 8, generator=gen).to(device), torch.randint(0, 4, (16,), generator=gen).to(device)
+        l2w_loader_batch(l2w, model, opt, x, y)
+    return l2w, [t.detach().cpu() for t in list(model.parameters()) + list(net.parameters())]
+
+
+def test_the_l2w_option_warns_and_runs_eagerly_without_cuda():
+    with pytest.warns(RuntimeWarning, match=r"L2W: CUDA graphs off \(CUDA graphs need a CUDA device"):
+        l2w, _ = _l2w_run(True, updates=1)
+    assert l2w._graphs.disabled is not None and l2w.step == 2
+
+
+def test_the_l2w_options_replay_schedule_run_eagerly_is_the_unshared_meta_step(monkeypatch):
+    """L2W(cuda_graphs=True) with the capture replaced by eager calls: the meta update of the static halves
+    (its own training forward) is what share_forward=False computes, bit for bit."""
+    import timm_l2w.cuda_graphs as graphs
+
+    class Eager(graphs.GraphedUpdates):
+        def __init__(self, optimizers, log=print, warmup=1, capture=True, blocker=None):
+            super().__init__(optimizers, log=log, warmup=1, capture=False, blocker=None)
+
+    reference, ref_params = _l2w_run(False, share_forward=False)
+    monkeypatch.setattr(graphs, "GraphedUpdates", Eager)
+    graphed, params = _l2w_run(True)
+    assert len(graphed._graphs.graphs) == 2 and graphed._graphs.replays == 4  # 6 meta steps: 2 kinds x (warm-up, capture, replay)
+    assert all(torch.equal(a, b) for a, b in zip(ref_params, params))
+    assert graphed.last_meta_loss == reference.last_meta_loss
+
+
+@cuda
+def test_the_l2w_option_captures_the_meta_update_on_cuda(recwarn):
+    reference, ref_params = _l2w_run(False, "cuda", share_forward=False, updates=4)
+    graphed, params = _l2w_run(True, "cuda", updates=4)
+    assert not [w for w in recwarn if "CUDA graphs off" in str(w.message)], [str(w.message) for w in recwarn]
+    assert len(graphed._graphs.graphs) == 2 and graphed._graphs.replays >= 4 and graphed.meta_skipped == 0
+    for a, b in zip(ref_params, params):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)

@@ -613,6 +613,14 @@ class L2W:
     every exit's loss, in the real step and in the virtual step alike (the predictor still reads the
     CE losses; the meta loss stays CE). IMTA's gradient equilibrium is a model setting
     (``model.set_gradient_equilibrium()``), followed by both backends.
+
+    ``cuda_graphs=True`` records the meta update (the training half's forward, virtual step, meta loss,
+    second-order backward, predictor step) as a CUDA graph per half of the loader batch and replays it
+    (:mod:`timm_l2w.cuda_graphs`; :meth:`split` copies each loader batch into static buffers). It needs a
+    CUDA device, torch SGD as the real optimizer and the fused Adam of the predictor; otherwise, or when the
+    capture fails, a warning says why and the meta update runs eagerly. The meta update then takes the
+    targets given to :meth:`split`. ``timm-l2w train --cuda-graphs`` captures its whole update instead
+    (the real step too).
     """
 
     def __init__(
@@ -641,6 +649,7 @@ class L2W:
         clip_grad: Optional[float] = None,
         clip_mode: str = "norm",
         grad_accum_steps: Optional[int] = None,
+        cuda_graphs: bool = False,
     ):
         net = unwrap_model(model)
         model_exits = getattr(net, "num_exits", None)
@@ -722,6 +731,19 @@ class L2W:
         self._halves: Optional[Tuple[Batch, Batch]] = None
         self._current = -1
         self._rng: Optional[Tuple[Tensor, Optional[Tensor]]] = None
+        self._graphs = self._meta_graphs(ref.device, optimizer, backend, net) if cuda_graphs else None
+
+    def _meta_graphs(self, device: torch.device, optimizer: Any, backend: str, net: nn.Module) -> Any:
+        """The graph runner of ``cuda_graphs=True`` (disabled, with the reason warned, where it cannot run)."""
+        from .cuda_graphs import GraphedUpdates, capture_blocker
+
+        real = unwrap_optimizer(optimizer)
+        blocker = capture_blocker(device, [self.meta_optimizer], backend, net,
+                                  gradient_accumulation=self.grad_accum_steps > 1, meta_precision_amp=self.meta_precision == "amp")
+        if blocker is None and type(real) is not torch.optim.SGD:
+            blocker = f"the captured virtual step reads the learning rate on the device for torch SGD only, not {type(real).__name__}"
+        return GraphedUpdates([self.meta_optimizer, real], blocker=blocker,
+                              log=lambda line: warnings.warn(line.replace("timm-l2w train", "L2W"), RuntimeWarning))
 
     # -- what the last meta step did (device values, read only when asked) -------------------
     @property
@@ -756,6 +778,8 @@ class L2W:
                 "use a batch size >= 2 (and drop_last=True in the DataLoader)"
             )
         half = x.shape[0] // 2
+        if self._graphs is not None:  # cuda_graphs: the halves at fixed addresses, read by the captured meta update
+            x, y = self._graphs.stage(x, y)
         self._halves = ((x[:half], y[:half]), (x[half:], y[half:]))
         try:
             for self._current in (0, 1):
@@ -874,8 +898,12 @@ class L2W:
             # (not through fused attention kernels: they cannot be differentiated twice)
             shared = (self.share_forward and unwrap_model(self.model) is self.model and not self._fused_attention
                       and all(o.requires_grad for o in outputs) and self._reusable(outputs))
-            self.meta_update(train_batch, meta_batch, outputs if shared else None, self._rng if shared else None,
-                             self._accumulated_grads() if self.grad_accum_steps > 1 else None, read_loss=False)
+            if self._graphs is not None and self._graphs.disabled is None:  # captured: its own training forward
+                self._graphs.run(self._current, lambda graphed: self.meta_update(
+                    self._halves[self._current], meta_batch, read_loss=False), reset=self.meta_optimizer.zero_grad)
+            else:
+                self.meta_update(train_batch, meta_batch, outputs if shared else None, self._rng if shared else None,
+                                 self._accumulated_grads() if self.grad_accum_steps > 1 else None, read_loss=False)
         loss, weights = weighted_multi_exit_loss(
             outputs, target, self.weight_net, self.eps, self.constraint, distill=self.distill, criterion=self.criterion
         )
