@@ -12,7 +12,10 @@ registered (the command line exactly as a user runs it, under the same launcher)
 """
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -54,6 +57,26 @@ def register_tiny() -> str:
         l2w_test_tiny.__module__ = __name__
         register_model(l2w_test_tiny)
     return TINY_MODEL
+
+
+def accelerate_launch(args: Sequence[str], processes: int = 2, timeout: int = 900,
+                      attempts: int = 3) -> subprocess.CompletedProcess:
+    """``accelerate launch`` of ``args`` on ``processes`` CPU ranks (the README's multi-process CPU command).
+
+    Every attempt takes a free port of its own (``--main_process_port 0``), not the shared default 29500
+    that another test run on the same machine may hold; a port taken between choosing and binding it is
+    retried (up to ``attempts`` launches). ``timeout`` is generous: a loaded machine slows the ranks down.
+    """
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+           "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
+           *args]
+    for _ in range(attempts):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        clash = any(words in proc.stderr.lower() for words in ("address already in use", "eaddrinuse"))
+        if proc.returncode == 0 or not clash:
+            return proc
+    return proc
 
 
 def _flat(params) -> torch.Tensor:

@@ -39,7 +39,7 @@ from pathlib import Path  # noqa: E402
 from timm_l2w.train import build_parser, main as train_main  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ddp_check import register_tiny  # noqa: E402
+from ddp_check import accelerate_launch, register_tiny  # noqa: E402
 
 TINY = register_tiny()
 BASE = ["--model", TINY, "--batch-size", "32", "--lr", "0.05", "--held-out", "1197", "--log-with", "none"]
@@ -137,17 +137,12 @@ def test_vit_img_size_from_the_command_line(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- two CPU ranks
 
-import os  # noqa: E402
 import subprocess  # noqa: E402
 
 
 def _launch_two_ranks(*argv: str) -> subprocess.CompletedProcess:
     """The README's 2-rank CPU command, running ``timm-l2w train`` with the tiny test model."""
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(Path(__file__).parent / "ddp_check.py"), "--train", *argv]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return accelerate_launch([str(Path(__file__).parent / "ddp_check.py"), "--train", *argv])
 
 
 def test_two_cpu_ranks_log_world_size_pause_once_and_resume(tmp_path):

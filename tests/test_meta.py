@@ -317,11 +317,12 @@ def test_backends_agree_with_dropout_by_replaying_the_masks():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _ddp_worker(rank: int, world: int, out_dir: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # a file rendezvous: no TCP port to race other test runs on this machine for
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
     try:
         torch.manual_seed(rank)  # different model/predictor init and data on every rank
         ddp = nn.parallel.DistributedDataParallel(TinyMultiExit())  # DDP copies rank 0's model
@@ -341,14 +342,9 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_predictor_stays_identical_across_ddp_ranks(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["grads"].abs().max() > 0
     torch.testing.assert_close(r0["grads"], r1["grads"], rtol=0, atol=0)

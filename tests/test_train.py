@@ -4,8 +4,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +14,7 @@ from safetensors.torch import load_file
 from timm_l2w.train import find_checkpoint, main
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ddp_check import register_tiny  # noqa: E402
+from ddp_check import accelerate_launch, register_tiny  # noqa: E402
 
 TINY = register_tiny()
 BASE = ["--model", TINY, "--no-progress", "--batch-size", "32", "--lr", "0.05"]
@@ -98,11 +96,7 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys, extra, message):
 
 
 def test_two_ddp_ranks_stay_identical_on_different_data(tmp_path):
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(Path(__file__).parent / "ddp_check.py"), str(tmp_path / "ddp")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = accelerate_launch([str(Path(__file__).parent / "ddp_check.py"), str(tmp_path / "ddp")])
     assert proc.returncode == 0 and "DDP_OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
