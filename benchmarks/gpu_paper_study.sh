@@ -5,8 +5,7 @@
 #
 # Steps, each under its own time limit, each writing its results (and the summary so far) as it ends:
 #   1. tests      the CUDA tests: tests/test_cuda.py, tests/test_cuda_graphs.py (captured update against eager,
-#                 the L2W update under torch.cuda.set_sync_debug_mode('error')), tests/test_sync_free.py,
-#                 tests/test_device_data.py
+#                 L2W(cuda_graphs=True) against eager, the L2W update under torch.cuda.set_sync_debug_mode('error'))
 #   2. throughput benchmarks/train_throughput.py on the quiet GPU: images/s and time over equal weighting,
 #                 msdnet_l2w_cifar then msdnet_l2w_cifar_tiny, batch 1024 then 64, L2W at meta interval
 #                 1 / 10 / 100, eager and CUDA graphs (the JSON is rewritten after every model and batch)
@@ -140,8 +139,7 @@ if [ "$SMOKE" = 1 ]; then
     BATCH=8 SEEDS="0" JOBS=2 STUDY_SECONDS=300
 else
     MODEL=msdnet_l2w_cifar
-    step tests 100 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_graphs.py \
-        tests/test_sync_free.py tests/test_device_data.py
+    step tests 100 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_graphs.py
     step throughput 130 "$PY" benchmarks/train_throughput.py --device cuda --models $MODEL msdnet_l2w_cifar_tiny \
         --sizes 32 32 --batch 1024 64 --intervals 1 10 100 --modes eager graphs --steps 10 --warmup 3 \
         --out "$RESULTS/train_throughput.json"
