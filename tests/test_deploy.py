@@ -245,6 +245,29 @@ def test_any_model_meeting_the_contract_exports(tmp_path):
     assert len(set(want.exit_index.tolist())) > 1
 
 
+# every registered model at a small input size it accepts (the ImageNet MSDNets / RANet at 160 px)
+REGISTERED = {"vit_tiny_l2w": ({"img_size": 32}, 32), "convnext_atto_l2w": ({}, 64),
+              "multi_exit_l2w": ({"backbone": "test_efficientnet"}, 32), "msdnet_l2w": ({}, 160),
+              "msdnet_l2w_step6": ({}, 160), "msdnet_l2w_step7": ({}, 160), "ranet_l2w": ({}, 160)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", timm.list_models("*l2w*"))
+def test_every_registered_model_exports(name, tmp_path):
+    """Long (about 15 minutes on 2 cores); the default tests cover the three state layouts."""
+    kwargs, side = REGISTERED.get(name, ({}, 32))
+    model = timm.create_model(name, num_classes=10, **kwargs).eval()
+    size = (3, side, side)
+    calib_x, test_x = torch.randn(16, *size), torch.randn(12, *size)
+    with torch.no_grad():
+        calibration = ExitOutputs.from_logits(model.forward_exits(calib_x), torch.zeros(16, dtype=torch.long))
+    predictor = EarlyExitPredictor.from_distribution(model, calibration, 1.0)
+    package = export_package(model, tmp_path / "package", predictor, input_size=size, pt2=False)
+    got, want = EarlyExitRuntime(package).predict(test_x.numpy()), predictor.predict(test_x)
+    np.testing.assert_array_equal(got.exit_index, want.exit_index.numpy())
+    np.testing.assert_array_equal(got.predictions, want.predictions.numpy())
+
+
 # ----------------------------------------------------------------------------- preprocessing
 
 

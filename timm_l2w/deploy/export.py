@@ -18,11 +18,11 @@ Command line: ``timm-l2w export CHECKPOINT --policy POLICY.json --output DIR``.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 import warnings
 from contextlib import contextmanager, redirect_stdout
-import io
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
