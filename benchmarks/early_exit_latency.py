@@ -184,7 +184,7 @@ def main() -> None:
               f"flops ratio {flops_ratio:5.2f}  efficiency {efficiency:.3f} (cpu time {(cf / ce) / flops_ratio:.3f})  "
               f"top1 {rows[-1]['top1']:.1f}%")
 
-    profile = stage_profile(model, x, flops, args.repeats) if hasattr(model, "backbone") else None
+    profile = stage_profile(model, x, flops, max(args.repeats, 15)) if hasattr(model, "backbone") else None
     if profile:
         print(f"split overhead (staged eval forward / the backbone's own forward + classifier): "
               f"{profile['split_overhead']:.3f}; time share to each exit "
