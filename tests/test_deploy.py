@@ -80,7 +80,7 @@ def _export(kind: str, root: Path) -> SimpleNamespace:
     package = export_package(model, root / "package", predictors[0], input_size=SIZE, pt2=kind == "msdnet")
     torch.set_num_threads(threads)
     return SimpleNamespace(kind=kind, model=model, package=package, predictors=predictors, policies=policy_files,
-                           test_x=test_x, root=root)
+                           test_x=test_x, root=root, calibration=calibration)
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +170,20 @@ def test_policy_round_trip(exported, tmp_path):
         assert loaded.preprocess == read_policy(path)["preprocess"] and len(loaded.flops) == model.num_exits
         assert torch.equal(loaded.predict(exported.test_x).exit_index, predictor.predict(exported.test_x).exit_index)
         predictor.class_names = None
+
+
+@pytest.mark.parametrize("rule", ["confidence", "patience"])
+def test_flops_budget_policy_records_its_budget(msdnet_package, rule, tmp_path):
+    model, calibration = msdnet_package.model, msdnet_package.calibration
+    flops = timm_l2w.exit_flops(model, SIZE)
+    budget = 0.5 * (flops[0] + flops[-1])
+    predictor = EarlyExitPredictor.from_flops_budget(model, calibration, flops, budget, rule=rule)
+    policy = read_policy(predictor.save(tmp_path / "policy.json"))
+    assert policy["budget"] == {"flops": budget} and policy["flops"] == list(flops)
+    assert policy["flops_input_size"] == list(SIZE) == policy["preprocess"]["input_size"]
+    assert flops[0] <= policy["expected_flops"] <= budget
+    assert math.isclose(sum(policy["calibration_exit_fractions"]), 1.0)
+    assert (policy["patience"] is not None) == (rule == "patience")
 
 
 def test_damaged_package_is_a_clear_error(msdnet_package, tmp_path):
