@@ -255,16 +255,28 @@ def negative_weights_note(eps: float, constraint: str, num_exits: int, batch: in
 # ----------------------------------------------------------------------------- labels
 
 
+_HOST_CHECKS = {"left": 8}  # accelerator checks read on the host first: bad labels show at the first batches
+
+
 def assert_on_device(ok: Tensor, message: str) -> bool:
     """Check a 0-dim bool tensor without a host read in Python (``torch._assert_async``): True when it
     holds. On the CPU the check is immediate and False means it failed (the caller raises the clear
-    error); on an accelerator it is queued on the device (no host sync: the hot path of the L2W update
-    stays sync-free) and a failure surfaces later as a device-side assertion naming ``message``."""
+    error). On an accelerator the first few checks of a process are read on the host (so wrong labels,
+    which show from the first batch, get the clear error); later ones are queued on the device (no host
+    sync: the hot path of the L2W update stays sync-free) and a failure surfaces as a device-side
+    assertion naming ``message``."""
+    if ok.device.type != "cpu" and _HOST_CHECKS["left"] > 0 and not _capturing():
+        _HOST_CHECKS["left"] -= 1
+        return bool(ok)
     try:
         torch._assert_async(ok, message)
     except RuntimeError:
         return False
     return True
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def check_labels(labels: Any, num_classes: Optional[int] = None, batch: Optional[int] = None,
