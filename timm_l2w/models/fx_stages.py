@@ -13,14 +13,20 @@ The state between stages is the values that cross the cut. Values that do not de
 recomputes it from the live module. Values that depend on the input but not on the batch (a grid
 size, a mask computed from the image size) travel wrapped in :class:`Shared`, which
 :func:`~timm_l2w.select_samples` leaves alone; batch-size integers (``x.shape[0]``) are re-read from
-the batch at each stage. Which is which is found by running the graph on fake tensors
-(``FakeTensorMode``: shapes only, no compute) with two batch sizes.
+the batch at each stage; a ``[B * m, ...]`` value (TNT's pixel tokens, windows) travels as
+``[B, m, ...]``. Which is which is found by running the graph on fake tensors (``FakeTensorMode``:
+shapes only, no compute; a real run where an op has no fake kernel) with two batch sizes.
 
 Each stage is Python code generated from its sub-graph (``Graph.python_code``) and called with the
 backbone as ``self`` at run time, so every module, parameter and buffer is looked up on the module
 tree the call goes through: the stages hold no modules or tensors of their own, ``state_dict`` keys
 stay timm's, and re-bound parameters (``torch.func.functional_call``, the ``higher`` monkeypatch,
-accelerate's wrappers) are what the stages use.
+accelerate's wrappers) are what the stages use. This is why the split is done here rather than with
+``torch.fx.passes.split_module``: its sub-GraphModules copy the modules they call into a new module
+tree of their own (new names, new parents), so functional re-binding by the wrapper's parameter names
+would not reach them. ``higher`` sets a patched module's own parameters only when that module's
+``forward`` runs, which the stages skip for the backbone's containers: :func:`refresh_higher_fast_weights`
+sets them.
 """
 from __future__ import annotations
 

@@ -301,7 +301,6 @@ class MultiExitWrapper(MultiExitModel):
         layouts = [_layout(shape, info[i]["num_chs"], fmt) for shape, i in zip(self._stages.feature_shapes, exit_indices)]
         self.exit_layouts = [lay for lay, _ in layouts]
         self.exit_channels = [chs for _, chs in layouts]
-        self.exit_grid = [self._grid(shape, lay) for shape, lay in zip(self._stages.feature_shapes, self.exit_layouts)]
         self.layout = self.exit_layouts[-1]
         self.num_prefix_tokens = self._prefix_tokens(backbone, info, example)
         self.global_pool = _pool_type(backbone) if global_pool is None else global_pool
@@ -328,9 +327,6 @@ class MultiExitWrapper(MultiExitModel):
             except TypeError:
                 continue
         return kept
-
-    def _grid(self, shape: Tuple[int, ...], layout: str) -> Optional[Tuple[int, int]]:
-        return tuple(shape[1:3]) if layout == "nchw" else tuple(shape[0:2]) if layout == "nhwc" else None
 
     def _prefix_tokens(self, backbone: nn.Module, info: Sequence[Dict[str, Any]], example: Tensor) -> int:
         prefix = getattr(backbone, "num_prefix_tokens", None)
