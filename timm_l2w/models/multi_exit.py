@@ -61,6 +61,7 @@ from .layers import exit_classifier, is_symbolic
 __all__ = ["MultiExitWrapper", "multi_exit_model", "SplitError", "GENERIC_NAME"]
 
 GENERIC_NAME = "multi_exit_l2w"  # the registered wrapper of any backbone: create_model(GENERIC_NAME, backbone=...)
+DEFAULT_BACKBONE = "resnet18"  # create_model(GENERIC_NAME) alone, as timm's tools build every registered name
 
 _ALTERNATIVE = ("pick other exit_indices, another model of the family, or write a timm_l2w.MultiExitModel "
                 "subclass (forward_block / forward_exit_features / forward_exit_head) for this architecture")
@@ -594,10 +595,11 @@ def _create_multi_exit(variant: str, backbone_name: Optional[str], pretrained: b
             kwargs.setdefault(key, value)  # create_model('multi_exit_l2w', pretrained=True, overlay=dict(file=...))
         if "num_classes" in saved:  # the file's classifiers: timm keeps them when the classes agree
             overlay.setdefault("num_classes", saved["num_classes"])
-        backbone_name = kwargs.pop("backbone", None)
-        if not isinstance(backbone_name, str):
-            raise ValueError(f"{GENERIC_NAME} wraps a timm backbone: pass backbone='<timm model name>', e.g. "
-                             f"timm.create_model('{GENERIC_NAME}', backbone='efficientnet_b0', num_classes=10)")
+        backbone_name = kwargs.pop("backbone", DEFAULT_BACKBONE)
+        if not isinstance(backbone_name, str) or not timm.is_model(backbone_name):
+            raise ValueError(f"{GENERIC_NAME} wraps a timm backbone: pass backbone='<timm model name>' (one of "
+                             f"timm.list_models()), e.g. timm.create_model('{GENERIC_NAME}', backbone='efficientnet_b0', "
+                             f"num_classes=10); got {backbone_name!r}")
     backbone_kwargs: Dict[str, Any] = {}
     if pretrained and not full_checkpoint and (overlay.get("file") or overlay.get("state_dict") is not None):
         backbone_kwargs["pretrained_cfg_overlay"] = {k: overlay[k] for k in ("file", "state_dict") if k in overlay}
@@ -630,10 +632,8 @@ _BACKBONE_CFG_KEYS = ("input_size", "pool_size", "crop_pct", "interpolation", "m
                       "min_input_size")
 
 
-def _cfg(backbone: Optional[str], n_exits: int = 4) -> Dict[str, Any]:
+def _cfg(backbone: str, n_exits: int = 4) -> Dict[str, Any]:
     """The backbone's input and preprocessing settings; no weights of its own (``untrained``)."""
-    if backbone is None:  # the generic wrapper: the backbone's settings are filled in when it is built
-        return {"url": "", "num_classes": 1000, "first_conv": "backbone.conv1", "classifier": "heads.0.fc"}
     src = get_pretrained_cfg(backbone).to_dict()
     return {
         "url": "", "num_classes": 1000, **{k: src[k] for k in _BACKBONE_CFG_KEYS if src.get(k) is not None},
@@ -642,7 +642,7 @@ def _cfg(backbone: Optional[str], n_exits: int = 4) -> Dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs({
-    f"{GENERIC_NAME}.untrained": _cfg(None),
+    f"{GENERIC_NAME}.untrained": _cfg(DEFAULT_BACKBONE),
     "resnet18_l2w.untrained": _cfg("resnet18"),
     "convnext_atto_l2w.untrained": _cfg("convnext_atto"),
     "vit_tiny_l2w.untrained": _cfg("vit_tiny_patch16_224"),
@@ -651,7 +651,8 @@ default_cfgs = generate_default_cfgs({
 
 @register_model
 def multi_exit_l2w(pretrained: bool = False, **kwargs: Any) -> MultiExitWrapper:
-    """Any timm backbone as a multi-exit model: ``backbone='<timm name>'``, ``exit_indices``, ``head``..."""
+    """Any timm backbone as a multi-exit model: ``backbone='<timm name>'`` (default ``resnet18``),
+    ``exit_indices``, ``head``, ``head_width``, ``global_pool`` and the backbone's timm arguments."""
     return _create_multi_exit(GENERIC_NAME, None, pretrained, **kwargs)
 
 
