@@ -292,7 +292,8 @@ class MultiExitWrapper(MultiExitModel):
         self._rebuild = dict(backbone=name, exit_indices=list(exit_indices), head=head, head_width=head_width,
                              **({"global_pool": global_pool} if global_pool is not None else {}),
                              **self._backbone_kwargs(backbone, backbone_name, timm_kwargs))
-        example = torch.zeros(1, *_input_size(backbone, self.in_chans))
+        param = next(backbone.parameters(), None)
+        example = torch.zeros(1, *_input_size(backbone, self.in_chans), device=param.device if param is not None else None)
         through_end = head == "linear" and exit_indices[-1] == n_points - 1
         try:
             self._stages = BackboneStages(backbone, [info[i] for i in exit_indices], through_end, example)
@@ -384,13 +385,21 @@ class MultiExitWrapper(MultiExitModel):
 
     def _backbone_head_width(self) -> Tuple[int, bool]:
         """Width of ``backbone.forward_head(features, pre_logits=True)`` and whether it is pooled (fake tensors)."""
+        def head_of_zeros() -> Tensor:
+            device = next(self.backbone.parameters()).device
+            feats = tree_map(lambda t: torch.zeros(2, *t.shape, dtype=t.dtype, device=device)
+                             if isinstance(t, TensorSpec) else t, self._stages.output_value)
+            return self.backbone.forward_head(feats, pre_logits=True)
+
         was_training = self.backbone.training
         self.backbone.eval()
         try:
-            with torch.no_grad(), fake_tensors(self.backbone):
-                feats = tree_map(lambda t: torch.empty(2, *t.shape, dtype=t.dtype) if isinstance(t, TensorSpec) else t,
-                                 self._stages.output_value)
-                pooled = self.backbone.forward_head(feats, pre_logits=True)
+            with torch.no_grad():
+                try:
+                    with fake_tensors(self.backbone):
+                        pooled = head_of_zeros()
+                except Exception:  # noqa: BLE001 - an op without a fake kernel: run it
+                    pooled = head_of_zeros()
         finally:
             self.backbone.train(was_training)
         return int(pooled.shape[-1]), pooled.ndim == 2
