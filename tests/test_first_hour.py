@@ -401,3 +401,15 @@ def test_eps_warning_during_training(tmp_path):
         _warnings.simplefilter("error", UserWarning)  # 3 exits: 0.75 keeps every weight >= 0, no warning
         assert train_main(BASE + ["--max-steps", "1", "--eps", "0.75", "--no-eval", "--no-progress",
                                   "--output", str(tmp_path / "b")]) == 0
+
+
+def test_no_import_circles_between_the_command_modules():
+    """validation sits below checkpoint, train below evaluate's command line: neither imports the other back."""
+    import ast
+
+    def imported(module: str) -> set:
+        tree = ast.parse((ROOT / "timm_l2w" / f"{module}.py").read_text())
+        return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
+
+    assert "checkpoint" not in imported("validation") and "validation" in imported("checkpoint")
+    assert "train" not in imported("evaluate") and "cli_common" in imported("evaluate") & imported("train")

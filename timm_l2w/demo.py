@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.2, help="peak learning rate of the cosine schedule (chosen on "
                    "equal-weighting runs only, as the one where their exits separate)")
     p.add_argument("--warmup-steps", type=int, default=10, help="linear warmup, in updates")
+    p.add_argument("--meta-lr", type=float, default=None, help="Adam lr of the weight predictor (default: the "
+                   "paper's CIFAR 1e-4, as timm-l2w train)")
     p.add_argument("--backend", choices=["higher", "func"], default="func",
                    help="L2W virtual-step backend (both give the same step; func is faster on CPU)")
     p.add_argument("--seeds", type=int, default=4, help="training seeds per weighting (seeds 0..N-1); the seed "
@@ -175,31 +177,35 @@ def verdict(per_seed: Sequence[float], seed_lo: float, seed_hi: float, image_lo:
 
 
 def _learned_lines(runs: Dict[int, List[Dict[str, Any]]]) -> List[str]:
-    """Summary lines on what the predictor learned (correlation of weight and loss per exit, seeds' signs)."""
+    """Summary lines on what the predictor learned: the correlation of weight and loss per exit at the first
+    and the last checkpoint (seed means; how many seeds end positive), the weights' spread, where seeds agree."""
     from .study.weights import predictor_summary
 
     p = predictor_summary({s: {"weights_over_training": rows} for s, rows in runs.items() if rows})
     if p is None:
         return ["what L2W learns: no checkpoints to read it from (--checkpoint-every 0)"]
     n, k = len(p["seeds"]), len(p["corr_end"]["mean"])
-    corr = p["corr_end"]["mean"]
-    pos = p["seeds_positive"]
-    falls = [i + 1 for i in range(k) if corr[i] < 0 and pos[i] == 0]
-    rises = [i + 1 for i in range(k) if corr[i] > 0 and pos[i] == n]
-    said = []
-    if falls:
-        said.append(f"falls with the loss at exit{'s' * (len(falls) > 1)} {', '.join(map(str, falls))}")
-    if rises:
-        said.append(f"rises with it at exit{'s' * (len(rises) > 1)} {', '.join(map(str, rises))}")
+    corr, pos, first = p["corr_end"]["mean"], p["seeds_positive"], p["corr_mean_over_steps"][0]
+    spread = [float(np.mean([rows[i]["weight_std"] for rows in runs.values() if rows])) for i in (0, -1)]
+    falls = [i + 1 for i in range(k) if pos[i] == 0]
+    rises = [i + 1 for i in range(k) if pos[i] == n]
     mixed = [i + 1 for i in range(k) if i + 1 not in falls + rises]
-    if mixed:
-        said.append(f"the seeds disagree in sign at exit{'s' * (len(mixed) > 1)} {', '.join(map(str, mixed))}")
-    return [f"what L2W learns (each seed's predictor at step {max(p['end_step'].values())}, applied to its own exit "
-            f"losses on the held-out images): correlation of a sample's weight with its loss, per exit, mean over "
-            f"{n} seeds {' / '.join(f'{c:+.2f}' for c in corr)} (seeds with a positive correlation: "
-            f"{' / '.join(f'{c}' for c in pos)} of {n}); weights range {p['weight_range_end'][0]:.2f} to "
+
+    def exits(ks: List[int]) -> str:
+        return f"exit{'s' * (len(ks) > 1)} {', '.join(map(str, ks))}"
+
+    said = ([f"falls with the loss at {exits(falls)}"] if falls else []) + \
+        ([f"rises with it at {exits(rises)}"] if rises else [])
+    agree = f"in every seed the weight {' and '.join(said)}" if said else "no exit where every seed agrees on the sign"
+    return [f"what L2W learns (every checkpoint's predictor applied to its own exit losses on the held-out images): "
+            f"correlation of a sample's weight with its loss per exit, mean over {n} seeds, at step {p['steps'][0]} "
+            f"{' / '.join(f'{c:+.2f}' for c in first)}, at step {p['steps'][-1]} {' / '.join(f'{c:+.2f}' for c in corr)} "
+            f"(seeds ending positive: {' / '.join(map(str, pos))} of {n}); the weights' spread within an exit (std) "
+            f"went from {spread[0]:.2f} to {spread[1]:.2f}, range at the end {p['weight_range_end'][0]:.2f} to "
             f"{p['weight_range_end'][1]:.2f}",
-            "  the weight " + "; ".join(said) if said else "  (no exit with a clear sign)"]
+            f"  {agree}" + (f"; the seeds disagree at {exits(mixed)}" if mixed and said else "")
+            + f" (after {p['steps'][-1]} steps; the Fashion-MNIST study in benchmarks/RESULTS.md finds one pattern in "
+              f"all its seeds only after 300 steps, mixed at step 50)"]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -230,6 +236,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     common += ["--epochs", str(args.epochs)] if args.epochs else ["--max-steps", str(args.max_steps)]
     if args.data_dir:
         common += ["--data-dir", args.data_dir]
+    if args.meta_lr is not None:
+        common += ["--meta-lr", str(args.meta_lr)]
     ckpt = ["--checkpoint-every", str(args.checkpoint_every), "--keep-checkpoints", "1000"] if args.checkpoint_every else []
     jobs = [{"weighting": w, "label": LABELS[w], "seed": s,
              "argv": common + (ckpt if w == "l2w" else []) + ["--weighting", w, "--seed", str(s),
