@@ -279,3 +279,52 @@ def test_default_exits_per_layout():
     # one entry per branch and block (CrossViT): one exit per block, on its last entry
     branches = [dict(module=f"blocks.{i}", reduction=r) for r in (12, 16) for i in range(3)]
     assert _default_exits(branches) == [3, 4, 5]
+
+
+class _TokenBlock(nn.Module):
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.fc = nn.Linear(dim, dim)
+
+    def forward(self, t, h: int, w: int):
+        return t + self.fc(t) / (h * w)
+
+
+class _CrossingValues(nn.Module):
+    """A timm-style model whose stages pass the batch size, the grid size and a mask made from it."""
+
+    feature_info = [dict(num_chs=8, reduction=2, module=f"s{i}") for i in (1, 2, 3)]
+    num_classes, num_features = 0, 8
+    pretrained_cfg = {"input_size": (3, 16, 16)}
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.s1, self.s2, self.s3 = _TokenBlock(), _TokenBlock(), _TokenBlock()
+
+    def forward_features(self, x):
+        x = self.stem(x)
+        b, c, h, w = x.shape
+        mask = x.new_ones((h, w)).cumsum(0)  # from the image size, the same for every sample
+        t = self.s1(x.flatten(2).transpose(1, 2), h, w)
+        t = self.s2(t, h, w)
+        t = t.reshape(b, h, w, c) * mask[..., None]  # b, h, w and mask cross the cuts
+        return self.s3(t.reshape(b, h * w, c), h, w)
+
+    def forward_head(self, x, pre_logits=False):
+        return x.mean(1)
+
+    def reset_classifier(self, num_classes, global_pool=None):
+        pass
+
+
+def test_values_crossing_cuts_without_a_batch_dimension_survive_dropped_samples():
+    from timm_l2w.models.fx_stages import Shared
+
+    model = MultiExitWrapper(_CrossingValues(), num_classes=3)
+    kinds = {k for stage in model._stages.plans[False].stages for k, _ in stage.in_kinds}
+    assert {"batched", "shared", "batch_sized"} <= kinds
+    assert model.exit_layouts == ["nlc", "nlc", "nlc"]
+    assert_staged_matches_forward(model, torch.randn(4, 3, 16, 16), keep=torch.tensor([True, False, True, True]))
+    state = model.forward_block(0, torch.randn(2, 3, 16, 16))
+    assert any(isinstance(v, Shared) for v in state)  # select_samples leaves these alone
