@@ -233,6 +233,19 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0][:300]}" if text else type(err).__name__
 
 
+def _where(err: BaseException) -> str:
+    """`` at file.py:line (code)``: the innermost frame of the model's own code (not torch's)."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(err.__traceback__)
+              if f"{os.sep}torch{os.sep}" not in f.filename and f"{os.sep}torchvision{os.sep}" not in f.filename
+              and not f.filename.endswith("fx_stages.py")]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at {os.path.basename(f.filename)}:{f.lineno}: {(f.line or '').strip()[:120]}"
+
+
 def _input_independent(graph: fx.Graph) -> set:
     """Nodes no placeholder feeds (parameters, buffers and what is computed from them alone)."""
     dependent: set = set()
@@ -491,7 +504,7 @@ class BackboneStages:
             except SplitError:
                 raise
             except Exception as err:  # noqa: BLE001 - FX fails in many ways; the reason is in the message
-                raise SplitError(f"torch.fx cannot trace its forward_features ({_reason(err)})") from None
+                raise SplitError(f"torch.fx cannot trace its forward_features ({_reason(err)}{_where(err)})") from None
             values2, values3 = (self._record(backbone, graph, example_input, b) for b in (2, 3))
             cuts = [self._cut_node(backbone, module_outputs, p, values2, example_input.shape[-2:]) for p in self.points]
             if not training:
