@@ -65,14 +65,14 @@ class Config:
         run.build()
         run.model.train()
         if path == "host-skip":  # the previous path's host decisions
-            run.device_skip = False
+            run.updater.device_skip = False
             if run.l2w is not None:
                 run.l2w._fused_meta = False
         device = run.accelerator.device
         gen = torch.Generator().manual_seed(1)
         self.x = torch.randn(batch, 3, size, size, generator=gen).to(device)
         self.y = torch.randint(0, NUM_CLASSES, (batch,), generator=gen).to(device)
-        self.stats = run._new_stats(device)
+        self.stats = run.summary.new_sums(device)
         self.seconds: List[float] = []
         self.steps = max(args.steps, math.ceil((interval or 1) / 2))
         # graphs: every kind of update (half x meta step due) seen twice after the first, host-decided update
@@ -81,14 +81,15 @@ class Config:
 
     def loader_batch(self) -> None:
         run = self.run
-        x, y = run.graphs.stage(self.x, self.y) if run.graphs is not None else (self.x, self.y)
+        graphs = run.updater.graphs
+        x, y = graphs.stage(self.x, self.y) if graphs is not None else (self.x, self.y)
         halves = run.l2w.split(x, y) if run.l2w is not None else ((x[:self.batch // 2], y[:self.batch // 2]),
                                                                     (x[self.batch // 2:], y[self.batch // 2:]))
         for xt, yt in halves:
             if run.l2w is not None and run.l2w.step % run.l2w.meta_interval == 0:
                 self.meta_steps += 1
             run.update(xt, yt, self.stats)
-            run.scheduler.step_update(num_updates=run.updates_done)
+            run.scheduler.step_update(num_updates=run.updater.updates_done)
 
     def timed(self, count: int, sync) -> float:
         sync()
@@ -99,7 +100,7 @@ class Config:
         return time.perf_counter() - start
 
     def graphs_state(self) -> Optional[str]:
-        graphs = self.run.graphs
+        graphs = self.run.updater.graphs
         if graphs is None:
             return None
         return f"off: {graphs.disabled}" if graphs.disabled else f"on ({len(graphs.graphs)} graphs, {graphs.replays} replays)"

@@ -88,9 +88,11 @@ def test_gradient_accumulation_updates_once_per_window_and_resumes_exactly(tmp_p
     assert _run(tmp_path / "straight", *args) == 0
     log = json.loads((tmp_path / "straight" / "log.json").read_text())[-1]
     assert log["step"] == 6
+    assert log["updates"] == 3  # the real optimizer updates: 12 halves in windows of 4
     again = tmp_path / "resumed"
     assert _run(again, *args, "--stop-after-steps", "2") == 0
     assert _run(again, *args, "--resume", "auto") == 0
+    assert json.loads((again / "log.json").read_text())[-1]["updates"] == 3  # the count continues on resume
     a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(again / "model.safetensors")
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     # one update per window: 12 halves / 4 = 3 updates (the cosine schedule's length), not 12

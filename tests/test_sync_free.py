@@ -221,7 +221,7 @@ def test_timm_l2w_train_updates_read_nothing_back(tmp_path, monkeypatch, weighti
     run = _Run(args)
     run.build()
     run.model.train()
-    stats = run._new_stats(run.accelerator.device)
+    stats = run.summary.new_sums(run.accelerator.device)
     batches = iter(run.train_loader)
 
     def loader_batch():
@@ -231,10 +231,10 @@ def test_timm_l2w_train_updates_read_nothing_back(tmp_path, monkeypatch, weighti
             run.update(xt, yt, stats)
 
     loader_batch()
-    assert run.device_skip and run._stepped
+    assert run.updater.device_skip and run.updater.stepped
     counter = _HostReads(monkeypatch)
     for _ in range(3):
         loader_batch()
     monkeypatch.undo()
     assert counter.reads == [], counter.reads
-    assert int(stats["skipped"]) == 0 and run.updates_done == 8 and int(run.nonfinite_run) == 0
+    assert int(stats["skipped"]) == 0 and run.updater.updates_done == 8 and int(run.updater.nonfinite_run) == 0

@@ -105,3 +105,24 @@ def test_non_finite_losses_are_skipped_then_stop_with_a_clear_error(tmp_path, ca
                         "--output", str(tmp_path), "--no-eval"])
     err = capsys.readouterr().err
     assert code == 3 and "3 non-finite losses in a row" in err and "--lr" in err
+
+
+def test_the_run_parts_sit_below_the_command():
+    """timm_l2w.training (update, epoch summary, checkpoints) never imports timm_l2w.train back: no import circle."""
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "timm_l2w" / "training"
+    for file in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):  # `from ..train import x` and `from .. import train` alike
+                base = "." * node.level + (node.module or "")
+                names = [base] + [f"{base}{'.' if node.module else ''}{a.name}" for a in node.names]
+            else:
+                continue
+            for name in names:
+                assert name not in ("..train", "timm_l2w.train") and not name.startswith(("..train.", "timm_l2w.train.")), \
+                    f"{file.name} imports {name}"
+    source = (package.parent / "train.py").read_text()
+    assert all(f"from .training.{part} import" in source for part in ("checkpoints", "update", "summary", "stops"))

@@ -14,14 +14,15 @@ optimizer, RNG, model), ``l2w_state.pt`` (meta optimizer, schedule), ``train_sta
 ``COMPLETE`` marker. Each is written into a temporary folder and renamed into place, so a crash
 never leaves a half-written checkpoint under a final name; ``--resume auto`` takes the newest
 complete one.
+
+This module is the command and its loop; the run's parts (the update, the epoch summary, the
+checkpoints) live in :mod:`timm_l2w.training`, below it.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -33,13 +34,13 @@ import torch
 from torch import Tensor, nn
 
 from .cli_common import DefaultsHelpFormatter, add_device, add_input_size, add_version
-from .files import csv_text, write_json_atomic, write_text_atomic
+from .training.checkpoints import (CHECKPOINT_PREFIX, EMA_FILE, Checkpoints, complete_checkpoints, discard,
+                                   find_checkpoint)
+from .training.stops import TrainingStopped, fault_point
+from .training.summary import EpochSummary
+from .training.update import Updater
 
 __all__ = ["PRESETS", "build_parser", "parse_args", "train", "main", "find_checkpoint", "TrainingStopped"]
-
-CHECKPOINT_PREFIX = "step_"
-EMA_FILE = "model_ema.safetensors"  # --model-ema: the averaged weights, beside model.safetensors
-COMPLETE_MARKER = "COMPLETE"
 
 # The paper's hyperparameters (docs/method.md §8). "cifar" is the default; "imagenet" changes these keys.
 PRESETS: Dict[str, Dict[str, Any]] = {
@@ -48,14 +49,6 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "imagenet": dict(eps=0.3, constraint="mat", input_type="loss", target_p_index=15, meta_interval=100,
                      meta_lr=1e-4, meta_weight_decay=1e-4, hidden=500, label_smoothing=0.1),
 }
-
-
-class TrainingStopped(RuntimeError):
-    """Raised when training stops early (signal, too many non-finite losses); a checkpoint was saved."""
-
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -248,22 +241,6 @@ def _check_args(args: argparse.Namespace, world_size: int) -> int:
     return per_rank
 
 
-FAULT_ENV = "TIMM_L2W_FAULT"
-
-
-def _fault_point(point: str, step: int) -> None:
-    """Test hook for the reliability tests: with ``TIMM_L2W_FAULT=POINT:STEP:SIGNAL`` in the environment
-    (e.g. ``checkpoint:4:KILL``) this process sends itself ``SIGSIGNAL`` when it reaches ``POINT``
-    (``update``: between forward and optimizer step; ``checkpoint``: half-way through writing a checkpoint;
-    ``epoch_end``: epoch logged, its checkpoint not yet written) at step ``STEP``. Off when unset."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    name, at, sig = spec.split(":")
-    if name == point and int(at) == step:
-        os.kill(os.getpid(), getattr(signal, f"SIG{sig}"))
-
-
 def _check_writable(folder: Path) -> None:
     """Fail before training (not after the first epoch) when ``folder`` cannot be written."""
     try:
@@ -276,70 +253,15 @@ def _check_writable(folder: Path) -> None:
                          f"write to, or fix its permissions") from err
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _is_complete(path: Path) -> bool:
-    return path.is_dir() and (path / COMPLETE_MARKER).is_file()
-
-
-def find_checkpoint(resume: str, output: str | os.PathLike) -> Path:
-    """The checkpoint folder ``--resume`` names: the newest complete one for ``auto``, else the path given."""
-    if resume == "auto":
-        root = Path(output) / "checkpoints"
-        found = sorted(p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if _is_complete(p)) if root.is_dir() else []
-        if not found:
-            raise FileNotFoundError(
-                f"--resume auto found no complete checkpoint in {root}: train without --resume first, "
-                f"or pass --resume PATH to a checkpoint folder (one holding a {COMPLETE_MARKER} file)"
-            )
-        return found[-1]
-    path = Path(resume)
-    if _is_complete(path):
-        return path
-    if path.is_dir():  # a checkpoints/ folder or an output folder: take its newest checkpoint
-        for root in (path, path / "checkpoints"):
-            found = sorted(p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if _is_complete(p))
-            if found:
-                return found[-1]
-    raise FileNotFoundError(
-        f"--resume {resume}: no complete checkpoint there (a checkpoint folder holds a {COMPLETE_MARKER} "
-        f"file; half-written ones are ignored): pass a folder from {Path(output) / 'checkpoints'} or 'auto'"
-    )
-
-
-def _is_device_error(err: BaseException) -> bool:
-    """torch's errors for a storage that cannot be restored on this device (not a damaged file)."""
-    text = str(err)
-    return isinstance(err, RuntimeError) and any(
-        words in text for words in ("restore data location", "deserialize object on", "torch.cuda.is_available() is False"))
-
-
-def _older_checkpoint(path: Path) -> Optional[Path]:
-    """The newest complete checkpoint beside ``path`` that is older than it (offered when ``path`` cannot be resumed)."""
-    older = sorted(p for p in path.parent.glob(f"{CHECKPOINT_PREFIX}*") if _is_complete(p) and p.name < path.name)
-    return older[-1] if older else None
-
-
-def _save_tensors(tensors: Dict[str, Tensor], path: Path, metadata: Dict[str, str]) -> None:
-    from .checkpoint import save_safetensors
-
-    save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path, metadata=metadata)
-
-
-def _discard(path: Path) -> None:
-    """Delete a checkpoint folder so that a crash half-way never leaves it looking complete: rename it
-    to a hidden name first (``--resume auto`` ignores those), then remove it."""
-    trash = path.with_name(f".old-{path.name}-{os.getpid()}")
-    os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
 # ----------------------------------------------------------------------------- the run
 
 
 class _Run:
-    """State and pieces of one training run (kept together so the loop reads like the algorithm)."""
+    """One training run, so that the loop reads like the algorithm: the pieces built from the flags
+    (:meth:`build`: data, model, optimizer, schedule, L2W, EMA), the loader-batch count ``step``, and three
+    parts with a job each (:mod:`timm_l2w.training`): ``updater`` (the update and its counters),
+    ``summary`` (the epoch's sums, its rows and the history) and ``checkpoints`` (writing and restoring).
+    The methods below only hand each part the run's step and counters."""
 
     def __init__(self, args: argparse.Namespace):
         from accelerate import Accelerator
@@ -371,7 +293,6 @@ class _Run:
         self.per_rank = _check_args(args, self.accelerator.num_processes)
         set_seed(args.seed)
         self.output = Path(args.output)
-        self.ckpt_root = self.output / "checkpoints"
         self.stop_signal: Optional[int] = None
 
     # -- construction --------------------------------------------------------------------------
@@ -454,364 +375,42 @@ class _Run:
 
             self.ema = ModelEmaV3(acc.unwrap_model(self.model), decay=args.model_ema_decay,
                                   use_warmup=args.model_ema_warmup)
-        self.step = 0
-        self.updates_done = 0  # optimizer updates so far (the scheduler's and the EMA's count)
-        self.history: List[Dict[str, Any]] = []
-        self.epoch_stats = self._zero_stats()
-        self.nonfinite_run: Any = 0  # a device tensor once the update runs sync-free
-        self._build_sync_free()
+        self.step = 0  # loader batches trained (two updates each)
+        self.updater = Updater(args, acc, self.model, self.optimizer, l2w=self.l2w, ema=self.ema,
+                               distill=self.distill, criterion=self.criterion)
+        self.summary = EpochSummary(self.num_exits, acc, self.output)
+        self.checkpoints = Checkpoints(self.output / "checkpoints", acc, args, self.model, self.optimizer,
+                                       self.l2w, self.ema, self.splits, self.num_exits)
 
-    def _build_sync_free(self) -> None:
-        """Sync-free updates (timm_l2w.device_step): the skip of a non-finite update decided on the device,
-        where the optimizer has a fused kernel and neither fp16 loss scaling, EMA nor accumulation decide on
-        the host; then CUDA graphs (--cuda-graphs) where the update can be captured."""
-        from .device_step import fused_blocker, use_fused
-
-        args, acc = self.args, self.accelerator
-        host = {"fp16 loss scaling": acc.scaler is not None, "model EMA": self.ema is not None,
-                "gradient accumulation": args.grad_accum_steps > 1}
-        reason = fused_blocker(self.optimizer) or next((name for name, on in host.items() if on), None)
-        self.device_skip = reason is None
-        if self.device_skip:
-            use_fused(self.optimizer)
-        self._stepped = False  # the device-side skip starts after one step (the optimizer state exists)
-        self._stop_kind: Any = -1  # 1: the training loss, 0: the meta step reached --max-nonfinite first
-        self._since_check = 0
-        self.graphs = None
-        if args.cuda_graphs:
-            from .cuda_graphs import GraphedUpdates, capture_blocker
-
-            optimizers = [self.optimizer] + ([self.l2w.meta_optimizer] if self.l2w is not None else [])
-            blocker = (f"the update skips non-finite steps on the host ({reason})" if reason else capture_blocker(
-                acc.device, optimizers, args.backend if self.l2w is not None else None, acc.unwrap_model(self.model),
-                several_processes=acc.num_processes > 1))
-            log = print if acc.is_main_process else (lambda _: None)
-            self.graphs = GraphedUpdates(optimizers, log=log, blocker=blocker)
-
-    def _zero_stats(self) -> Dict[str, Any]:
-        k = self.num_exits
-        return {"loss_sum": [0.0] * k, "correct": [0] * k, "seen": 0, "meta_sum": 0.0, "meta_count": 0,
-                "skipped": 0, "meta_skipped": 0, "time": 0.0}
-
-    # -- checkpoints ---------------------------------------------------------------------------
-    def save_checkpoint(self) -> Path:
-        """Write ``checkpoints/step_N`` atomically (temporary folder, marker, rename); prune old ones."""
-        acc = self.accelerator
-        name = f"{CHECKPOINT_PREFIX}{self.step:08d}"
-        final, tmp = self.ckpt_root / name, self.ckpt_root / f".tmp-{name}"
-        if acc.is_main_process:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp / "state"))
-        if acc.is_main_process:
-            meta = {"model": self.args.model, **_kwargs_meta(self.args, acc.unwrap_model(self.model)), "num_classes": str(self.splits.num_classes),
-                    "num_exits": str(self.num_exits), "step": str(self.step), "format": "timm_l2w",
-                    **_class_names_meta(self.splits), **_data_meta(self.args)}
-            _save_tensors(acc.unwrap_model(self.model).state_dict(), tmp / "model.safetensors", meta)
-            if self.l2w is not None:
-                wmeta = {"num_exits": str(self.num_exits), "input_type": self.args.input_type,
-                         "hidden": str(self.args.hidden)}
-                _save_tensors(self.l2w.weight_net.state_dict(), tmp / "weight_predictor.safetensors", wmeta)
-                torch.save(self.l2w.state_dict(), tmp / "l2w_state.pt")
-            if self.ema is not None:
-                _save_tensors(self.ema.module.state_dict(), tmp / EMA_FILE, meta)
-            write_json_atomic(tmp / "train_state.json", {"step": self.step, "epoch_stats": self.epoch_stats,
-                                                   "history": self.history, "nonfinite_run": int(self.nonfinite_run),
-                                                   "args": vars(self.args)})
-            from .validation import write_checksums
-
-            write_checksums(tmp, acc.process_index)  # a resume detects damaged files (flipped bits too)
-            _fault_point("checkpoint", self.step)  # tests: killed half-way, the .tmp- folder is ignored
-            (tmp / COMPLETE_MARKER).write_text(f"{self.step}\n")
-            if final.exists():  # same step saved before (e.g. stop right after a checkpoint)
-                _discard(final)
-            os.replace(tmp, final)
-            kept = sorted(p for p in self.ckpt_root.glob(f"{CHECKPOINT_PREFIX}*") if _is_complete(p))
-            for old in kept[: -self.args.keep_checkpoints]:
-                _discard(old)
-        acc.wait_for_everyone()
-        return final
-
-    def load_checkpoint(self, path: Path) -> None:
-        """Restore a checkpoint. Every file it reads is checked first (readable, fits this model and
-        optimizer, floating and finite weights, checksums: :func:`timm_l2w.validation.check_resume_checkpoint`);
-        any failure is a :class:`~timm_l2w.validation.ResumeError` naming the next older complete checkpoint.
-        Nothing here unpickles code: accelerate 1.15's ``load_state`` reads optimizer, scheduler and RNG files
-        with ``torch.load(weights_only=True)`` (plus a numpy-array allowlist) and the model from safetensors;
-        ``l2w_state.pt`` is read with ``weights_only=True``."""
-        from .validation import ResumeError, check_resume_checkpoint
-
-        acc = self.accelerator
-        try:
-            same = {k: getattr(self.args, k) for k in ("model", "weighting", "input_type", "hidden", "distill",
-                                                        "distill_temperature", "distill_alpha", "gradient_equilibrium",
-                                                        "batch_size")}  # another batch re-maps the epochs
-            state = check_resume_checkpoint(path, acc.unwrap_model(self.model), self.optimizer, self.l2w,
-                                            acc.process_index, settings=same)
-        except Exception as err:  # noqa: BLE001 - whatever is wrong with a file, the answer is the same
-            raise ResumeError.from_exception(path, err, _older_checkpoint(path)) from err
-        try:
-            acc.load_state(str(path / "state"))
-            if self.l2w is not None:
-                # "cpu", not acc.device: a 2-process CPU run's device is cpu:0, which torch.load cannot map
-                # to; load_state_dict then copies into the predictor and optimizer on their device
-                self.l2w.load_state_dict(torch.load(path / "l2w_state.pt", map_location="cpu",
-                                                    weights_only=True))
-        except Exception as err:  # noqa: BLE001
-            if _is_device_error(err):  # the files passed every check above: they are not damaged
-                raise ValueError(
-                    f"checkpoint {path} is intact but its tensors cannot be placed on this process's device "
-                    f"{acc.device} ({type(err).__name__}: {str(err).strip().splitlines()[0][:200]}): resume it with "
-                    f"the device settings it was saved with (the same --cpu / accelerate launch flags, a machine "
-                    f"with that GPU); keep the checkpoint, it is fine") from err
-            raise ResumeError.from_exception(path, err, _older_checkpoint(path)) from err
-        self.step = int(state["step"])
-        self.history = list(state["history"])
-        self.epoch_stats = state["epoch_stats"]
-        self.nonfinite_run = int(state.get("nonfinite_run", 0))
-        self.updates_done = 2 * self.step // self.args.grad_accum_steps
-        self.scheduler.step_update(num_updates=self.updates_done)
-        if self.ema is not None:
-            self.ema.module.load_state_dict(_load_ema(path, self.ema.module))
-
-    # -- one update ----------------------------------------------------------------------------
-    def update(self, x: Tensor, y: Tensor, stats: Dict[str, Tensor]) -> Tensor:
-        """Forward, (meta step,) weighted loss, backward, optimizer step; returns the detached loss."""
-        with self.accelerator.accumulate(self.model):  # --grad-accum-steps: the step ends the window
-            return self._update(x, y, stats)
-
-    def _update(self, x: Tensor, y: Tensor, stats: Dict[str, Tensor]) -> Tensor:
-        if self.graphs is not None and self.device_skip and self._stepped:  # --cuda-graphs: captured, replayed
-            l2w = self.l2w
-            meta_due = l2w is not None and l2w.step % l2w.meta_interval == 0
-            result = self.graphs.run((x.data_ptr(), meta_due), lambda graphed: self._device_update(x, y, graphed),
-                                     after=l2w.advance if l2w is not None else (lambda: None),
-                                     reset=lambda: self._clear_grads())
-        else:
-            result = self._device_update(x, y, graphed=False)
-        self._record(result, y.shape[0], stats)
-        return result["loss"]
-
-    def _device_update(self, x: Tensor, y: Tensor, graphed: bool) -> Dict[str, Any]:
-        """Forward, (meta step,) weighted loss, backward, optimizer step. The values it returns stay on the
-        device; with ``device_skip`` it reads nothing back (a non-finite update is skipped there), so a CUDA
-        graph can record it (``graphed``: L2W leaves its counters to the graph runner)."""
-        from .device_step import restore_unless, step_unless
-        from .weighting import exit_losses, training_losses
-
-        acc, model = self.accelerator, self.model
-        if self.args.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        kept = self._snapshot_buffers()  # BN running stats, restored if this update is skipped
-        with acc.autocast():
-            outputs = model(x)  # train mode: the tuple of every exit's logits (through DDP for gradient sync)
-        if self.l2w is not None:
-            self.l2w.host_bookkeeping = not graphed
-            try:
-                loss = self.l2w.loss(outputs, y)
-            finally:
-                self.l2w.host_bookkeeping = True
-        else:
-            loss = training_losses(outputs, y, distill=self.distill, criterion=self.criterion).mean(dim=0).sum()
-        # whether L2W applied its meta update (False: non-finite meta loss or gradient, same on every rank)
-        applied = self.l2w.last_meta_applied if self.l2w is not None and self.l2w.meta_step_ran else None
-        _fault_point("update", self.step)
-        finite = acc.gather(torch.isfinite(loss.detach()).reshape(1)).all()  # a device bool, alike on every rank
-        skipped: Any = ~finite
-        if self.device_skip and self._stepped:  # decided on the device: the fused step skips, buffers go back
-            acc.backward(loss)
-            if acc.sync_gradients:
-                self._clip_gradients()
-            step_unless(self.optimizer, ~finite)
-            self.optimizer.zero_grad(set_to_none=True)
-            restore_unless(self._buffer_groups, kept, finite)
-        elif bool(finite):
-            acc.backward(loss)  # fp16: accelerate's GradScaler scales the loss ... (and divides it by --grad-accum-steps)
-            if acc.sync_gradients:
-                self._clip_gradients()
-            self.optimizer.step()  # ... and skips the step when the gradients overflowed (then lowers the scale);
-            self.optimizer.zero_grad(set_to_none=True)  # both only at the end of an accumulation window
-            if self.optimizer.step_was_skipped:
-                self._restore_buffers(kept)
-                skipped = 1
-            else:
-                self._stepped = self._stepped or acc.sync_gradients
-                if self.ema is not None and acc.sync_gradients:
-                    self.ema.update(acc.unwrap_model(model), step=self.updates_done + 1)
-        else:  # skip this update everywhere; the model (BN statistics too) and optimizer states are untouched
-            self.optimizer.zero_grad(set_to_none=True)
-            self._restore_buffers(kept)
-        with torch.no_grad():
-            per_exit = exit_losses([o.detach() for o in outputs], y, criterion=self.criterion)
-            labels = y.argmax(dim=1) if y.ndim == 2 else y  # Mixup: the dominant class
-            correct = torch.stack([o.detach().argmax(dim=1).eq(labels) for o in outputs], 1).sum(0).double()
-        return {"loss": loss.detach(), "finite": finite, "skipped": skipped, "loss_sum": per_exit.sum(dim=0).double(),
-                "correct": correct, "meta_applied": applied,
-                "meta_loss": self.l2w.last_meta_loss_tensor if applied is not None else None}
-
-    def _record(self, result: Dict[str, Any], seen: int, stats: Dict[str, Any]) -> None:
-        """The host side of an update: counters, the epoch's running sums (device additions) and the stop
-        after ``--max-nonfinite`` non-finite losses in a row, checked every ``max(1, max_nonfinite // 2)``
-        updates when the update runs sync-free (every update otherwise)."""
-        if self.accelerator.sync_gradients:
-            self.updates_done += 1
-        finite, applied = result["finite"], result["meta_applied"]
-        stats["loss_sum"] += result["loss_sum"]
-        stats["correct"] += result["correct"]
-        stats["seen"] += seen
-        stats["skipped"] += result["skipped"]
-        bad = ~finite
-        if applied is not None:
-            stats["meta_skipped"] += ~applied
-            stats["meta_sum"] += torch.where(applied, result["meta_loss"].double(), 0.0)
-            stats["meta_count"] += applied
-            bad = bad | ~applied
-        limit = self.args.max_nonfinite
-        self.nonfinite_run = (self.nonfinite_run + 1) * bad  # 0 after a finite update
-        reached = (self.nonfinite_run == limit) & (torch.as_tensor(self._stop_kind) < 0)
-        self._stop_kind = torch.where(reached, (~finite).long(), torch.as_tensor(self._stop_kind, device=bad.device))
-        self._since_check += 1
-        if self._since_check >= (max(1, limit // 2) if self.device_skip else 1):
-            self._since_check = 0
-            kind = int(self._stop_kind)
-            if kind >= 0:
-                latest = "the training loss" if kind == 1 else "the meta loss or meta gradient"
-                raise TrainingStopped(
-                    f"{limit} non-finite losses in a row (latest: {latest}) by step {self.step}: "
-                    f"lower --lr (or --meta-lr), use --mixed-precision bf16/no, or check the data; "
-                    f"raise --max-nonfinite to tolerate more", 3)
-
-    def _clear_grads(self) -> None:
-        """Drop every gradient of the model and the predictor (what a failed graph capture leaves is garbage)."""
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.l2w is not None:
-            self.l2w.meta_optimizer.zero_grad(set_to_none=True)
-
-    def _clip_gradients(self) -> None:
-        """``--clip-grad`` on the real step, as timm's dispatch_clip_grad does it (after unscaling fp16)."""
-        args, acc = self.args, self.accelerator
-        if args.clip_grad is None:
-            return
-        if args.clip_mode == "norm":
-            acc.clip_grad_norm_(self.model.parameters(), args.clip_grad)
-        elif args.clip_mode == "value":
-            acc.clip_grad_value_(self.model.parameters(), args.clip_grad)
-        else:
-            from timm.utils import adaptive_clip_grad
-
-            acc.unscale_gradients()
-            adaptive_clip_grad(self.model.parameters(), args.clip_grad)
-
-    def _snapshot_buffers(self) -> List[Tensor]:
-        """The model's buffers, one flat copy per dtype (a few kernels, not one per BN layer)."""
-        if not hasattr(self, "_buffer_groups"):
-            groups: Dict[torch.dtype, List[Tensor]] = {}
-            for b in self.accelerator.unwrap_model(self.model).buffers():
-                groups.setdefault(b.dtype, []).append(b)
-            self._buffer_groups = list(groups.values())
-        return [torch.cat([b.detach().reshape(-1) for b in group]) for group in self._buffer_groups]
-
-    def _restore_buffers(self, kept: List[Tensor]) -> None:
-        with torch.no_grad():
-            for group, flat in zip(self._buffer_groups, kept):
-                offset = 0
-                for b in group:
-                    b.copy_(flat[offset: offset + b.numel()].view_as(b))
-                    offset += b.numel()
-
-    # -- epoch bookkeeping ---------------------------------------------------------------------
-    def _flush_stats(self, stats: Dict[str, Any], device: torch.device) -> None:
-        """Add this process's running sums into ``epoch_stats`` (all ranks summed)."""
-        acc = self.accelerator
-        k = self.num_exits
-        local = torch.cat([stats["loss_sum"].to(device), stats["correct"].to(device),
-                           torch.tensor([float(stats["seen"]), stats["meta_sum"], float(stats["meta_count"]),
-                                         float(stats["skipped"]), float(stats["meta_skipped"])],
-                                        dtype=torch.float64, device=device)])
-        total = acc.reduce(local, reduction="sum").cpu()
-        es = self.epoch_stats
-        es["loss_sum"] = [a + float(b) for a, b in zip(es["loss_sum"], total[:k])]
-        es["correct"] = [a + int(b) for a, b in zip(es["correct"], total[k:2 * k])]
-        es["seen"] += int(total[2 * k])
-        es["meta_sum"] += float(total[2 * k + 1])
-        es["meta_count"] += int(total[2 * k + 2])
-        # every rank skips the same updates (decided together): count each once
-        es["skipped"] = es["skipped"] + int(total[2 * k + 3]) // acc.num_processes
-        es["meta_skipped"] = es.get("meta_skipped", 0) + int(total[2 * k + 4]) // acc.num_processes
-
-    def _new_stats(self, device: torch.device) -> Dict[str, Any]:
-        k = self.num_exits
-        return {"loss_sum": torch.zeros(k, dtype=torch.float64, device=device),
-                "correct": torch.zeros(k, dtype=torch.float64, device=device),
-                "seen": 0, "meta_sum": 0.0, "meta_count": 0, "skipped": 0, "meta_skipped": 0}
+    # -- the run's state: each part's, and the step that ties them -----------------------------
+    def update(self, x: Tensor, y: Tensor, stats: Dict[str, Any]) -> Tensor:
+        """One update on the half ``(x, y)`` of the current loader batch (:meth:`Updater.update`)."""
+        return self.updater.update(x, y, stats, self.step)
 
     def end_epoch(self, epoch: int) -> Dict[str, Any]:
-        es = self.epoch_stats
-        seen = max(es["seen"], 1)
-        row: Dict[str, Any] = {"epoch": epoch + 1, "step": self.step, "updates": 2 * self.step,
-                               "lr": self.optimizer.param_groups[0]["lr"],
-                               "loss": sum(es["loss_sum"]) / seen,
-                               "meta_loss": es["meta_sum"] / es["meta_count"] if es["meta_count"] else None,
-                               "skipped_updates": es["skipped"], "skipped_meta_updates": es.get("meta_skipped", 0),
-                               "time_s": round(es["time"], 3)}
-        for k in range(self.num_exits):
-            row[f"loss_{k + 1}"] = es["loss_sum"][k] / seen
-            row[f"acc_{k + 1}"] = 100.0 * es["correct"][k] / seen
-        self.history.append(row)
-        self.epoch_stats = self._zero_stats()
-        if self.accelerator.is_main_process:
-            self.output.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(self.output / "log.json", self.history)
-            write_text_atomic(self.output / "log.csv", csv_text(self.history))
-        self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=self.step)
-        return row
+        """Log epoch ``epoch``'s row (:meth:`EpochSummary.end_epoch`) and return it."""
+        return self.summary.end_epoch(epoch, self.step, self.updater.updates_done,
+                                      self.optimizer.param_groups[0]["lr"])
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step_N`` for the current step (:meth:`Checkpoints.save`)."""
+        return self.checkpoints.save(self.step, {**self.summary.state(),
+                                                 "nonfinite_run": int(self.updater.nonfinite_run)})
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore checkpoint ``path`` (:meth:`Checkpoints.load`, which checks every file first) and
+        continue its step, history, update counts and learning-rate schedule."""
+        state = self.checkpoints.load(path)
+        self.step = int(state["step"])
+        self.summary.restore(state)
+        self.updater.resume_at(self.step, int(state.get("nonfinite_run", 0)))
+        self.scheduler.step_update(num_updates=self.updater.updates_done)
 
 
 def _set_tf32(setting: str) -> None:
     """``--tf32``: TF32 for fp32 matmuls and cuDNN convolutions on or off (``default``: torch's own)."""
     if setting != "default":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = setting == "on"
-
-
-def _load_ema(path: Path, module: nn.Module) -> Dict[str, Tensor]:
-    """The EMA weights of checkpoint ``path`` (a clear error when a --model-ema run's file is missing)."""
-    from .checkpoint import check_state_dict, load_state_dict
-    from .validation import ResumeError
-
-    file = path / EMA_FILE
-    if not file.is_file():
-        raise ResumeError(path, f"it has no {EMA_FILE} (it was written without --model-ema)",
-                          fix="resume it without --model-ema, or start a fresh --output")
-    state = load_state_dict(file)
-    check_state_dict(module, state)
-    return state
-
-
-def _kwargs_meta(args: argparse.Namespace, model: Optional[nn.Module] = None) -> Dict[str, str]:
-    """``--model-kwargs`` for a checkpoint's metadata (``timm-l2w eval`` rebuilds the model from it); a wrapped
-    timm backbone records its own (``model=multi_exit_l2w``, backbone, exit points, head, timm arguments)."""
-    rebuild = getattr(model, "checkpoint_metadata", None)
-    if callable(rebuild) and "model_kwargs" in rebuild():
-        return rebuild()
-    return {"model_kwargs": json.dumps(args.model_kwargs)} if args.model_kwargs else {}
-
-
-def _data_meta(args: argparse.Namespace) -> Dict[str, str]:
-    """What ``timm-l2w eval`` needs to evaluate a checkpoint on the data it was trained on."""
-    meta = {"dataset": str(args.dataset), "input_size": str(args.input_size)}
-    if args.data_dir:
-        meta["data_dir"] = str(args.data_dir)
-    if args.held_out is not None:
-        meta["held_out"] = str(args.held_out)
-    return meta
-
-
-def _class_names_meta(splits: Any) -> Dict[str, str]:
-    """The data set's class names (a JSON list) for a checkpoint's metadata (exit policies and exports read them)."""
-    names = getattr(splits, "class_names", None)
-    return {"class_names": json.dumps(list(names))} if names else {}
 
 
 def _check_input_size(model: nn.Module, input_size: Sequence[int]) -> None:
@@ -980,11 +579,10 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
                   f"{run.total_steps}): nothing to train, no file changed. Raise --max-steps/--epochs to train "
                   f"further, or use a fresh --output", flush=True)
         acc.wait_for_everyone()
-        return {"history": run.history, "step": run.step, "output": str(run.output), "complete": True,
+        return {"history": run.summary.history, "step": run.step, "output": str(run.output), "complete": True,
                 "model": acc.unwrap_model(run.model), "weight_net": run.l2w.weight_net if run.l2w is not None else None}
-    if acc.is_main_process and run.ckpt_root.is_dir():  # leftovers of a run killed while (de)saving
-        for leftover in list(run.ckpt_root.glob(".tmp-*")) + list(run.ckpt_root.glob(".old-*")):
-            shutil.rmtree(leftover, ignore_errors=True)
+    if acc.is_main_process:
+        run.checkpoints.remove_leftovers()
     if acc.is_main_process:
         run.output.mkdir(parents=True, exist_ok=True)
     if run.log_with:
@@ -1017,17 +615,17 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             loader.set_epoch(epoch)
             bar = tqdm(total=steps_here, initial=done, desc=f"epoch {epoch + 1}/{run.num_epochs}",
                        disable=not show, leave=False, dynamic_ncols=True)
-            stats = run._new_stats(device)
+            stats = run.summary.new_sums(device)
             t0 = shown_at = time.perf_counter()
             for x, y in loader:
                 if run.mixup is not None:  # the whole loader batch, before it is split (soft targets on both halves)
                     x, y = run.mixup(x, y)
-                if run.graphs is not None:  # --cuda-graphs: the batch in the static buffers the graphs read
-                    x, y = run.graphs.stage(x, y)
+                if run.updater.graphs is not None:  # --cuda-graphs: the batch in the static buffers the graphs read
+                    x, y = run.updater.graphs.stage(x, y)
                 halves = run.l2w.split(x, y) if run.l2w is not None else _halves(x, y)
                 for xt, yt in halves:
                     loss = run.update(xt, yt, stats)
-                    run.scheduler.step_update(num_updates=run.updates_done)
+                    run.scheduler.step_update(num_updates=run.updater.updates_done)
                 run.step += 1
                 if show and time.perf_counter() - shown_at > 1.0:  # reading the loss waits for the device: 1/s
                     shown_at = time.perf_counter()
@@ -1042,18 +640,18 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
                 boundary = run.step % run.steps_per_epoch == 0 or run.step >= run.total_steps
                 window_ends = (2 * run.step) % args.grad_accum_steps == 0  # a signal waits for the window's update
                 if (stop and window_ends or pause or mid_epoch_ckpt) and not boundary:  # at a boundary the epoch ends first
-                    run.epoch_stats["time"] += time.perf_counter() - t0
+                    run.summary.add_time(time.perf_counter() - t0)
                     t0 = time.perf_counter()
-                    run._flush_stats(stats, device)
-                    stats = run._new_stats(device)
+                    run.summary.flush(stats, device)
+                    stats = run.summary.new_sums(device)
                     _maybe_stop(run, run.save_checkpoint(), stop, pause)
                 if run.step >= run.total_steps:
                     break
             bar.close()
-            run.epoch_stats["time"] += time.perf_counter() - t0
-            run._flush_stats(stats, device)
+            run.summary.add_time(time.perf_counter() - t0)
+            run.summary.flush(stats, device)
             row = run.end_epoch(epoch)
-            _fault_point("epoch_end", run.step)
+            fault_point("epoch_end", run.step)
             path = run.save_checkpoint()
             if acc.is_main_process:  # the per-epoch summary stays with --no-progress
                 meta = f" meta {row['meta_loss']:.4f}" if row["meta_loss"] is not None else ""
@@ -1063,17 +661,10 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    result: Dict[str, Any] = {"history": run.history, "step": run.step, "output": str(run.output)}
+    result: Dict[str, Any] = {"history": run.summary.history, "step": run.step, "output": str(run.output)}
     model = acc.unwrap_model(run.model)
     if acc.is_main_process:
-        meta = {"model": args.model, **_kwargs_meta(args, model), "num_classes": str(run.splits.num_classes),
-                "num_exits": str(run.num_exits), **_class_names_meta(run.splits), **_data_meta(args)}
-        _save_tensors(model.state_dict(), run.output / "model.safetensors", meta)  # atomic
-        if run.l2w is not None:
-            _save_tensors(run.l2w.weight_net.state_dict(), run.output / "weight_predictor.safetensors",
-                          {"num_exits": str(run.num_exits), "input_type": args.input_type, "hidden": str(args.hidden)})
-        if run.ema is not None:
-            _save_tensors(run.ema.module.state_dict(), run.output / EMA_FILE, meta)
+        run.checkpoints.write_weights(run.output, run.checkpoints.metadata())  # atomic
         if not args.no_eval:
             from .evaluate import evaluate_checkpoint
 
@@ -1104,7 +695,7 @@ def _check_fresh_output(output: Path, args: argparse.Namespace) -> None:
     if args.resume or args.overwrite:
         return
     root = output / "checkpoints"
-    found = sorted(p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if _is_complete(p)) if root.is_dir() else []
+    found = complete_checkpoints(root)
     if found:
         raise ValueError(
             f"--output {output} holds another run (checkpoints up to step {int(found[-1].name[len(CHECKPOINT_PREFIX):])}): "
@@ -1116,7 +707,7 @@ def _clear_run(output: Path) -> None:
     """--overwrite: delete the previous run's files (:func:`_run_files`), checkpoints first."""
     for path in _run_files(output):
         if path.is_dir():
-            _discard(path)
+            discard(path)
         else:
             path.unlink()
 
