@@ -9,7 +9,8 @@ and what to pass instead.
 * :class:`SettingError`: a setting that is not finite, outside its range or not an integer.
 * :class:`LabelError`: labels that are not integer class indices in ``[0, num_classes - 1]``.
 * :class:`CheckpointError`: a weights file that cannot be read or holds unusable weights (NaN/inf,
-  a non-floating dtype where the model has floating point, wrong keys or shapes).
+  a non-floating dtype where the model has floating point, wrong keys or shapes: :func:`check_state_dict`
+  raises :class:`StateDictMismatchError`, one of them).
 * :class:`ResumeError`: a training checkpoint folder that cannot be resumed; it names the next
   older complete checkpoint when there is one.
 
