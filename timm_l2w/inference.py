@@ -186,7 +186,7 @@ class EarlyExitPredictor:
         """
         from timm_l2w_runtime.policy import POLICY_FORMAT, POLICY_VERSION, check_policy
 
-        from .deploy.policy import model_name, preprocess_from_model
+        from .preprocessing import model_name, preprocess_from_model
         from .flops import exit_flops
 
         pre = self.preprocess or preprocess_from_model(self.model, input_size or self.flops_input_size)
@@ -217,7 +217,7 @@ class EarlyExitPredictor:
         (name, number of exits or classes) is a :class:`timm_l2w_runtime.PolicyError` (a ``ValueError``)."""
         from timm_l2w_runtime.policy import check_policy_fits, read_policy
 
-        from .deploy.policy import model_name
+        from .preprocessing import model_name
 
         policy = read_policy(path)
         net = unwrap_model(model)
