@@ -57,7 +57,7 @@ def _params(name: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def smallest(names: List[str], candidates: int = 5) -> Tuple[str, int]:
+def smallest(names: List[str], candidates: int = 12) -> Tuple[str, int]:
     """The smallest model of ``names``: the best ``candidates`` by name (size words, then length) are counted."""
     def rank(n: str) -> Tuple[int, int, str]:
         hit = [i for i, w in enumerate(_SIZE_WORDS) if w in n]
