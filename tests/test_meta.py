@@ -359,3 +359,20 @@ def test_higher_backend_ignores_an_instance_level_forward_wrapper():
     results = [meta_step(model, opt, net, train, meta, P3, backend=b) for b in ("higher", "func")]
     for a, b in zip(results[0].grads, results[1].grads):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_an_op_without_second_derivatives_names_the_other_backend():
+    """torch has no double backward for hardsigmoid (MobileNetV3's gates): 'higher' says to use 'func', which works."""
+    from conftest import TinyMultiExit
+
+    model = TinyMultiExit()
+    for block in model.blocks:
+        block[2] = nn.Hardsigmoid()
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 4, (8,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    net = WeightPredictor(model.num_exits, hidden_sizes=(4,))
+    p = exit_distribution(0.75, model.num_exits)
+    with pytest.raises(ValueError, match=r"'higher' meta backend needs second derivatives.*backend='func'"):
+        meta_step(model, opt, net, (x[:4], y[:4]), (x[4:], y[4:]), p, backend="higher")
+    result = meta_step(model, opt, net, (x[:4], y[:4]), (x[4:], y[4:]), p, backend="func")
+    assert torch.isfinite(result.meta_loss) and any(g.abs().sum() > 0 for g in result.grads)

@@ -378,11 +378,31 @@ def meta_step(
     # scaled_dot_product_attention kernels have no second-order / forward-mode derivatives.
     clip_grad, clip_mode = _check_clip(clip_grad, clip_mode)
     grad_accum_steps = check_number(grad_accum_steps, "grad_accum_steps", Range(1, integer=True))
-    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+    name = backend.name if isinstance(backend, _Backend) else backend
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), _derivatives_of(name):
         return _meta_step(model, optimizer, weight_net, train_batch, meta_batch, p, eps, constraint, backend,
                           label_smoothing, train_outputs, train_rng, autocast, float(loss_scale), distill,
                           ExitCriterion.from_module(criterion, label_smoothing),
                           (clip_grad, clip_mode, accumulated_grads, grad_accum_steps))
+
+
+@contextlib.contextmanager
+def _derivatives_of(backend: str) -> Iterator[None]:
+    """Turn torch's "derivative for <op> is not implemented" (an op of the model without a second-order
+    formula, e.g. hardsigmoid's double backward, or without a forward-mode one) into an error naming the
+    other backend, which needs the other kind of derivative."""
+    try:
+        yield
+    except RuntimeError as err:
+        text = str(err)
+        if "derivative for" not in text or "not implemented" not in text:
+            raise
+        op = text.split("derivative for", 1)[1].split("is not implemented", 1)[0].strip()
+        other = "func" if backend == "higher" else "higher"
+        need = ("second derivatives (backward of backward)" if backend == "higher"
+                else "forward-mode derivatives")
+        raise ValueError(f"the '{backend}' meta backend needs {need}, which torch does not implement for {op} "
+                         f"(an op of this model): use backend='{other}' (timm-l2w train --backend {other})") from None
 
 
 def _check_clip(clip_grad: Optional[float], clip_mode: str) -> Tuple[Optional[float], str]:
