@@ -412,7 +412,7 @@ def test_no_import_circles_between_the_command_modules():
         return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
 
     assert "checkpoint" not in imported("validation") and "validation" in imported("checkpoint")
-    assert "train" not in imported("evaluate") and "cli_common" in imported("evaluate") & imported("train")
+    assert "train" not in imported("evaluate") and "cli.common" in imported("evaluate") & imported("train")
     # the policy's preprocessing sits below both the predictor and the policy writer
     assert not any(m and m.startswith("deploy") for m in imported("inference"))
     assert "preprocessing" in imported("inference")

@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .cli_common import add_input_size, add_version
+from .cli.common import add_input_size, add_version
 from .study.stats import paired_bootstrap  # noqa: F401  (re-exported: it lived here)
 
 __all__ = ["main", "budget_correctness", "paired_bootstrap", "verdict"]

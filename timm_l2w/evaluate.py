@@ -465,7 +465,7 @@ def evaluate_checkpoint(
 def _parser() -> argparse.ArgumentParser:
     from timm.utils import ParseKwargs
 
-    from .cli_common import DefaultsHelpFormatter, add_device, add_input_size, add_version
+    from .cli.common import DefaultsHelpFormatter, add_device, add_input_size, add_version
 
     p = argparse.ArgumentParser(
         prog="timm-l2w eval",

@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .cli_common import DefaultsHelpFormatter, add_device, add_input_size, add_version
+from .cli.common import DefaultsHelpFormatter, add_device, add_input_size, add_version
 from .training.checkpoints import (CHECKPOINT_PREFIX, EMA_FILE, Checkpoints, complete_checkpoints, discard,
                                    find_checkpoint)
 from .training.stops import TrainingStopped, fault_point

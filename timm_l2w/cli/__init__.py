@@ -32,7 +32,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(_usage())
         return 0
     if argv[0] == "--version":
-        from .cli_common import version_text
+        from .common import version_text
 
         print(version_text())
         return 0
