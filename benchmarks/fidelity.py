@@ -1,7 +1,7 @@
 """Does L2W beat equal weighting? Seeded study on Fashion-MNIST at 32x32 (issue 8).
 
 For every seed, the same multi-exit network (default ``msdnet_l2w_cifar_tiny``, 5 exits) is trained
-twice through ``timm_l2w.train`` with the same data order, schedule and initialisation: once with
+twice as a ``timm-l2w train`` run with the same data order, schedule and initialisation: once with
 L2W (the paper's CIFAR settings: eps 0.8, col constraint, loss input, target_p_index 15,
 meta_interval 1, Adam 1e-4 / wd 1e-4 meta optimizer with cosine annealing) and once with equal
 weighting. Each run is evaluated by the package (anytime accuracy of every exit; budgeted accuracy
@@ -89,7 +89,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.run_one:
-        run_one(args, args.run_one[0], int(args.run_one[1]))
+        from timm_l2w.cli.train import parse_args
+
+        run_one(args, args.run_one[0], int(args.run_one[1]), parse_args)
         return 0
     import timm_l2w  # noqa: F401  (fail early if the package is not installed)
 

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 import timm_l2w  # noqa: F401  (registers the models)
 from timm_l2w import L2W, WeightPredictor
 from timm_l2w.meta import meta_step
-from timm_l2w.train import create_multi_exit_model
+from timm_l2w.models.factory import create_multi_exit_model
 
 Batch = Tuple[Tensor, Tensor]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -95,7 +95,7 @@ def build_state(model_name: str, num_classes: int, checkpoint: Optional[str], se
 
 def short_training(model_name: str, dataset: str, steps: int, out: str) -> str:
     """Train ``steps`` loader batches of L2W with ``timm-l2w train`` (fp32) and return the run folder."""
-    from timm_l2w.train import main
+    from timm_l2w.cli.train import main
 
     code = main(["--model", model_name, "--dataset", dataset, "--max-steps", str(steps), "--batch-size", "64",
                  "--lr", str(LR), "--weighting", "l2w", "--backend", "func", "--output", out, "--no-eval",

@@ -1,7 +1,7 @@
 """Training throughput (images/s) of equal weighting vs L2W, through ``timm-l2w train``'s own update.
 
 For each model (``--models``, each at its ``--sizes`` entry) and loader batch (``--batch``, one or more),
-every configuration is a ``timm-l2w train`` run (``timm_l2w.train._Run``, built as the command line builds
+every configuration is a ``timm-l2w train`` run (``timm_l2w.training.run.Run``, built as the command line builds
 it; 10 classes) fed one synthetic batch (random pixels and labels: throughput does not depend on the data)
 on the device, split into two halves, ``forward -> (meta step) -> weighted loss -> backward -> step`` per
 half, the schedulers stepped as the training loop steps them:
@@ -37,7 +37,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 import timm_l2w  # noqa: F401  (registers the models)
-from timm_l2w.train import _Run, parse_args
+from timm_l2w.cli.train import parse_args
+from timm_l2w.training.run import Run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from meta_precision import write_result  # noqa: E402
@@ -61,7 +62,7 @@ class Config:
         argv += [] if cuda else ["--cpu"]
         argv += ["--cuda-graphs"] if mode == "graphs" else []
         torch.manual_seed(0)
-        self.run = run = _Run(parse_args(argv))
+        self.run = run = Run(parse_args(argv))
         run.build()
         run.model.train()
         if path == "host-skip":  # the previous path's host decisions

@@ -5,7 +5,7 @@ Run under two real CPU ranks (the README's multi-process CPU command)::
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
         --mixed_precision no --dynamo_backend no tests/ddp_check.py OUTPUT_DIR
 
-It trains a few L2W steps with ``timm_l2w.train`` and checks that model and weight predictor are
+It trains a few L2W steps with ``timm-l2w train``'s loop and checks that model and weight predictor are
 identical on both ranks and that the ranks received different data. Prints ``DDP_OK`` on rank 0.
 ``tests/ddp_check.py --train ARGS...`` instead runs ``timm-l2w train ARGS...`` with the tiny model
 registered (the command line exactly as a user runs it, under the same launcher).
@@ -87,14 +87,15 @@ def main(out_dir: str) -> int:
     import torch.distributed as dist
     from accelerate import Accelerator
 
-    from timm_l2w import train
+    from timm_l2w.cli.train import parse_args
     from timm_l2w.data import create_datasets, create_loaders
+    from timm_l2w.training.loop import train
 
     torch.set_num_threads(1)
     register_tiny()
-    args = train.parse_args(["--model", TINY_MODEL, "--max-steps", "3", "--batch-size", "16", "--output", out_dir,
-                             "--no-progress", "--no-eval", "--held-out", "100", "--lr", "0.05"])
-    result = train.train(args)
+    args = parse_args(["--model", TINY_MODEL, "--max-steps", "3", "--batch-size", "16", "--output", out_dir,
+                       "--no-progress", "--no-eval", "--held-out", "100", "--lr", "0.05"])
+    result = train(args)
     assert dist.is_initialized() and dist.get_world_size() == 2, "not running with two ranks"
     rank = dist.get_rank()
     for name, module in (("model", result["model"]), ("weight predictor", result["weight_net"])):
@@ -120,9 +121,9 @@ def main(out_dir: str) -> int:
 
 if __name__ == "__main__":
     if sys.argv[1] == "--train":
-        from timm_l2w import train as _train
+        from timm_l2w.cli.train import main as train_main
 
         torch.set_num_threads(1)
         register_tiny()
-        sys.exit(_train.main(sys.argv[2:]))
+        sys.exit(train_main(sys.argv[2:]))
     sys.exit(main(sys.argv[1]))

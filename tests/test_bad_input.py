@@ -154,7 +154,8 @@ def test_malicious_pickle_in_a_checkpoint_never_runs_on_resume(tmp_path, capsys)
     """Each pickled file of a real checkpoint replaced by a malicious one: resume refuses, nothing runs."""
     out = tmp_path / "run"
     base = TRAIN[1:] + ["--output", str(out)]
-    from timm_l2w.train import find_checkpoint, main
+    from timm_l2w.cli.train import main
+    from timm_l2w.training.checkpoints import find_checkpoint
 
     assert main(base) == 0
     ckpt = find_checkpoint("auto", out)

@@ -10,13 +10,9 @@ from safetensors import safe_open
 
 import timm_l2w
 from timm_l2w import cli
-from timm_l2w.checkpoint import (
-    StateDictMismatchError,
-    check_state_dict,
-    convert_release_checkpoint,
-    load_state_dict,
-    save_safetensors,
-)
+from timm_l2w.checkpoint import convert_release_checkpoint, load_state_dict, save_safetensors
+from timm_l2w.errors import StateDictMismatchError
+from timm_l2w.state_checks import check_state_dict
 
 TINY = "msdnet_l2w_cifar_tiny"
 

@@ -97,7 +97,7 @@ def test_backends_agree_with_cuda_dropout_by_replaying_the_masks():
 def test_fp16_training_on_cuda_scales_and_counts_skipped_updates(tmp_path, monkeypatch):
     import accelerate
 
-    from timm_l2w.train import main
+    from timm_l2w.cli.train import main
 
     scalers = []
 

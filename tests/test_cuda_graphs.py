@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from timm_l2w.train import main
+from timm_l2w.cli.train import main
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import TinyMultiExit  # noqa: E402

@@ -190,7 +190,7 @@ def test_imagenet_style_train_and_val_folders(tmp_path):
 
 def test_image_folder_routes_through_train_and_eval(tmp_path, capsys):
     from timm_l2w.evaluate import main as eval_main
-    from timm_l2w.train import main as train_main
+    from timm_l2w.cli.train import main as train_main
 
     root = tmp_path / "tree"
     write_image_folder(root / "train", per_class=10)
@@ -211,7 +211,7 @@ def test_image_folder_routes_through_train_and_eval(tmp_path, capsys):
 
 def test_cifar100_python_batches_route_through_train_and_eval(cifar100_dir, tmp_path, capsys):
     from timm_l2w.evaluate import main as eval_main
-    from timm_l2w.train import main as train_main
+    from timm_l2w.cli.train import main as train_main
 
     splits = create_datasets("torch/cifar100", data_dir=str(cifar100_dir), input_size=32, held_out=40)
     assert (len(splits.train), len(splits.held_out), len(splits.test)) == (160, 40, 100)

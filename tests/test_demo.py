@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from timm_l2w.cli.demo import main as demo_main
 from timm_l2w.data import DIGITS_AFFINE_COPIES, create_datasets
-from timm_l2w.demo import main as demo_main, paired_bootstrap
+from timm_l2w.study.stats import paired_bootstrap
 from timm_l2w.plot import plot_curves
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -60,7 +61,7 @@ def test_demo_reports_all_39_budgets_with_intervals_and_a_summary(tmp_path, caps
 
 
 def test_verdict_says_what_the_seeds_can_tell():
-    from timm_l2w.demo import verdict
+    from timm_l2w.study.verdict import verdict
     from timm_l2w.study.stats import seeds_for_half_width, t_interval
 
     mean, lo, hi = t_interval([0.5, -0.3, 1.1, -0.9])
@@ -121,8 +122,8 @@ def test_legend_never_covers_the_data(tmp_path, monkeypatch):
 
 
 def test_default_output_folders_are_git_ignored():
-    from timm_l2w.demo import _parser
-    from timm_l2w.train import build_parser
+    from timm_l2w.cli.demo import _parser
+    from timm_l2w.cli.train import build_parser
 
     ignored = (Path(__file__).resolve().parent.parent / ".gitignore").read_text().split()
     for default in (_parser().get_default("output"), build_parser().get_default("output")):

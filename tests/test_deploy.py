@@ -322,9 +322,9 @@ def test_train_eval_export_predict_from_the_command_line(tmp_path, capsys):
     from safetensors import safe_open
 
     from timm_l2w.data import create_eval_loaders
-    from timm_l2w.deploy.export import main as export_main
+    from timm_l2w.cli.export import main as export_main
     from timm_l2w.evaluate import main as eval_main
-    from timm_l2w.train import main as train_main
+    from timm_l2w.cli.train import main as train_main
 
     run, ev, package = tmp_path / "run", tmp_path / "eval", tmp_path / "package"
     assert train_main(["--model", "msdnet_l2w_cifar_tiny", "--model-kwargs", "n_blocks=2", "--dataset", "digits",

@@ -132,7 +132,7 @@ def test_training_with_device_data_is_training_with_the_loader(tmp_path):
     inside an epoch too)."""
     from safetensors.torch import load_file
 
-    from timm_l2w.train import main
+    from timm_l2w.cli.train import main
 
     base = ["--model", register_tiny(), "--no-progress", "--batch-size", "32", "--lr", "0.05", "--no-eval",
             "--log-with", "none", "--held-out", "1197", "--max-steps", "6", "--cpu"]

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import timm_l2w
 from timm_l2w.evaluate import main as eval_main
-from timm_l2w.models.multi_exit import GENERIC_NAME, MultiExitWrapper
+from timm_l2w.models.wrapper import GENERIC_NAME, MultiExitWrapper
 
 NUM_CLASSES = 10  # the digits data set `timm-l2w eval` runs on
 SMALL_SIDES = (64, 96, 112, 128, 160)  # tried in order before the family's default input size

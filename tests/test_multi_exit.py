@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 import timm_l2w
+from timm_l2w.errors import SplitError
 from timm_l2w.flops import count_flops
-from timm_l2w.models.multi_exit import GENERIC_NAME, MultiExitWrapper, SplitError
+from timm_l2w.models.wrapper import GENERIC_NAME, MultiExitWrapper
 
 from test_ranet import assert_staged_matches_forward
 
@@ -80,7 +81,7 @@ def test_plain_timm_state_dict_loads_into_trunk(name, kwargs):
 
 
 def test_any_timm_name_and_custom_exits():
-    model = timm_l2w.multi_exit_model("resnet10t", exit_indices=(2, 4), num_classes=4, in_chans=1)
+    model = timm_l2w.MultiExitWrapper("resnet10t", exit_indices=(2, 4), num_classes=4, in_chans=1)
     assert model.num_exits == 2 and model.in_chans == 1
     outs = model(torch.randn(2, 1, 32, 32))  # train mode: every exit
     assert [o.shape for o in outs] == [(2, 4), (2, 4)]
@@ -206,7 +207,7 @@ def test_command_line_wraps_any_timm_model_with_a_local_timm_checkpoint_and_eval
 
     from timm_l2w.checkpoint import read_metadata
     from timm_l2w.evaluate import main as eval_main
-    from timm_l2w.train import main as train_main
+    from timm_l2w.cli.train import main as train_main
 
     torch.manual_seed(0)
     plain = timm.create_model("test_efficientnet")  # a timm checkpoint, classifier included
@@ -242,7 +243,7 @@ def test_command_line_wraps_any_timm_model_with_a_local_timm_checkpoint_and_eval
 
 
 def test_exit_choices_for_a_model_with_its_own_exits_are_refused():
-    from timm_l2w.train import create_multi_exit_model
+    from timm_l2w.models.factory import create_multi_exit_model
 
     with pytest.raises(ValueError, match="has its own exits"):
         create_multi_exit_model("msdnet_l2w_cifar_tiny", exit_indices=[0, 1])
@@ -270,7 +271,7 @@ def test_real_early_exit_spends_exactly_the_flops_of_the_exits_taken(backbone, k
 
 
 def test_default_exits_per_layout():
-    from timm_l2w.models.multi_exit import _default_exits
+    from timm_l2w.models.wrapper import _default_exits
 
     resnet = [dict(module="act1", reduction=2)] + [dict(module=f"layer{i}", reduction=2 ** (i + 1)) for i in range(1, 5)]
     assert _default_exits(resnet) == [1, 2, 3, 4]  # the stride-2 stem point has no exit

@@ -173,7 +173,7 @@ def test_bf16_hook_meta_gradient_matches_float64(state):
 
 
 def test_fp16_on_the_cpu_is_a_clear_error(tmp_path, capsys):
-    from timm_l2w.train import main
+    from timm_l2w.cli.train import main
 
     code = main(["--model", TINY, "--mixed-precision", "fp16", "--cpu", "--max-steps", "1", "--no-eval",
                  "--no-progress", "--batch-size", "32", "--output", str(tmp_path)])
@@ -186,7 +186,7 @@ def test_fp16_training_scales_the_loss_and_skips_overflowing_steps(tmp_path, mon
     torch's CPU GradScaler, started at a scale that overflows fp16 so that the first updates are skipped."""
     import accelerate
 
-    from timm_l2w.train import main
+    from timm_l2w.cli.train import main
 
     scalers = []
 

@@ -1,7 +1,7 @@
 """Property-based tests (hypothesis) of the validation layer at the edges (issue 16).
 
 Generated settings, label tensors and damaged checkpoint files must give the documented error
-(:mod:`timm_l2w.validation`: SettingError, LabelError, CheckpointError, ResumeError; all ValueErrors)
+(:mod:`timm_l2w.errors`: SettingError, LabelError, CheckpointError, ResumeError; all ValueErrors)
 with a clear message, or a correct result; never an exception from inside torch or safetensors; and
 the input files never change. A small real checkpoint (msdnet_l2w_cifar_tiny on digits, two steps)
 is trained once per module and damaged copies of it are used.
@@ -28,12 +28,14 @@ from hypothesis import strategies as st
 
 import timm_l2w
 from timm_l2w import cli
-from timm_l2w.checkpoint import convert_release_checkpoint
+from timm_l2w.checkpoint import convert_release_checkpoint, load_pretrained
+from timm_l2w.cli.train import main as train_main, parse_args
+from timm_l2w.errors import CheckpointError, LabelError, ResumeError, SettingError
 from timm_l2w.evaluate import ExitOutputs, _load_weights, collect_exit_outputs
 from timm_l2w.meta import L2W, meta_loss
-from timm_l2w.train import _Run, create_multi_exit_model, find_checkpoint, load_pretrained, parse_args
-from timm_l2w.train import main as train_main
-from timm_l2w.validation import CheckpointError, LabelError, ResumeError, SettingError
+from timm_l2w.models.factory import create_multi_exit_model
+from timm_l2w.training.checkpoints import find_checkpoint
+from timm_l2w.training.run import Run
 from timm_l2w.weighting import WeightedMultiExitLoss, exit_losses
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -467,9 +469,9 @@ def _tensors(obj: Any) -> List[torch.Tensor]:
     return [c[k] for c, k in found if c[k].is_floating_point()]
 
 
-def _resume_run(trained: Path, output: Path) -> _Run:
+def _resume_run(trained: Path, output: Path) -> Run:
     """The pieces a ``--resume`` of the trained run builds (model, optimizer, L2W), not yet loaded."""
-    run = _Run(parse_args(RUN_FLAGS + ["--output", str(output)]))
+    run = Run(parse_args(RUN_FLAGS + ["--output", str(output)]))
     run.build()
     return run
 
@@ -485,7 +487,7 @@ def test_damaged_checkpoint_files_are_refused_at_resume_naming_the_older_checkpo
     assert {"checksums.json", "state/optimizer.bin", "state/random_states_0.pkl", "l2w_state.pt",
             "state/model.safetensors", "train_state.json", "weight_predictor.safetensors"} <= set(files)
     run = _resume_run(trained, tmp_path / "unused")
-    from timm_l2w.validation import write_checksums
+    from timm_l2w.state_checks import write_checksums
 
     @bounded(45)
     @given(rel=st.sampled_from(files), manifest=st.sampled_from(["stale", "rewritten", "deleted"]), data=st.data())
@@ -539,7 +541,7 @@ def test_train_cli_resume_of_a_damaged_checkpoint_exits_2_naming_the_older_one(t
 
 
 def test_resume_with_other_flags_asks_for_the_same_flags(trained, tmp_path):
-    run = _Run(parse_args(RUN_FLAGS + ["--output", str(tmp_path / "o"), "--weighting", "uniform"]))
+    run = Run(parse_args(RUN_FLAGS + ["--output", str(tmp_path / "o"), "--weighting", "uniform"]))
     run.build()
     newest = find_checkpoint("auto", trained)
     with pytest.raises(ResumeError) as info:

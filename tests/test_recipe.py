@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from timm_l2w.train import EMA_FILE, main, parse_args
+from timm_l2w.cli.train import main, parse_args
+from timm_l2w.training.checkpoints import EMA_FILE
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ddp_check import register_tiny  # noqa: E402
@@ -96,9 +97,9 @@ def test_gradient_accumulation_updates_once_per_window_and_resumes_exactly(tmp_p
     a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(again / "model.safetensors")
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     # one update per window: 12 halves / 4 = 3 updates (the cosine schedule's length), not 12
-    from timm_l2w.train import _Run
+    from timm_l2w.training.run import Run
 
-    run = _Run(parse_args(BASE + args + ["--output", str(tmp_path / "probe")]))
+    run = Run(parse_args(BASE + args + ["--output", str(tmp_path / "probe")]))
     run.build()
     assert run.total_updates == 3
 

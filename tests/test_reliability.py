@@ -2,7 +2,7 @@
 SIGTERM/SIGINT, non-finite meta/training values skipped without touching any state, bitwise determinism.
 
 Faults are placed deterministically with the ``TIMM_L2W_FAULT=POINT:STEP:SIGNAL`` test hook of
-``timm_l2w.train`` (the process signals itself at that point), so no test depends on timing.
+``timm_l2w.training`` (the process signals itself at that point), so no test depends on timing.
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 import timm_l2w.meta as meta_mod
 from timm_l2w.meta import L2W
-from timm_l2w.train import find_checkpoint, main
+from timm_l2w.cli.train import main
+from timm_l2w.training.checkpoints import find_checkpoint
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
@@ -30,7 +31,7 @@ TINY = register_tiny()
 ARGS = ["--model", TINY, "--no-progress", "--batch-size", "32", "--lr", "0.05", "--held-out", "1197",
         "--no-eval", "--max-steps", "14", "--checkpoint-every", "3", "--warmup-steps", "3"]
 RUNNER = ("import sys; sys.path.insert(0, sys.argv[1]); from ddp_check import register_tiny; register_tiny(); "
-          "from timm_l2w.train import main; sys.exit(main(sys.argv[2:]))")
+          "from timm_l2w.cli.train import main; sys.exit(main(sys.argv[2:]))")
 
 
 def _cli(args, fault=None, timeout=300):

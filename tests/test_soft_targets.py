@@ -8,7 +8,7 @@ from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTarget
 from torch import nn
 
 from timm_l2w import ExitCriterion, WeightedMultiExitLoss, WeightPredictor, exit_losses, weighted_multi_exit_loss
-from timm_l2w.validation import LabelError
+from timm_l2w.errors import LabelError
 
 
 def _mixed(batch=8, num_classes=5, num_exits=3, dtype=torch.float64):

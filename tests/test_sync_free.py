@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from timm_l2w.exits import assign_exits, assign_exits_static, check_distribution, exit_counts, exit_distribution
-from timm_l2w.validation import LabelError, check_labels
+from timm_l2w.errors import LabelError
+from timm_l2w.validation import check_labels
 
 
 def _assign_exits_before(conf: torch.Tensor, p) -> torch.Tensor:
@@ -213,12 +214,13 @@ def test_timm_l2w_train_updates_read_nothing_back(tmp_path, monkeypatch, weighti
     six updates read no tensor value (--max-nonfinite 20: its check comes every 10 updates)."""
     from ddp_check import register_tiny
 
-    from timm_l2w.train import _Run, parse_args
+    from timm_l2w.cli.train import parse_args
+    from timm_l2w.training.run import Run
 
     args = parse_args(["--model", register_tiny(), "--batch-size", "16", "--max-steps", "8", "--cpu", "--no-eval",
                        "--log-with", "none", "--weighting", weighting, "--max-nonfinite", "20",
                        "--output", str(tmp_path)])
-    run = _Run(args)
+    run = Run(args)
     run.build()
     run.model.train()
     stats = run.summary.new_sums(run.accelerator.device)

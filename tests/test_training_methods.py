@@ -244,7 +244,7 @@ def test_l2w_hook_trains_with_both_methods_on(backend):
 
 @pytest.mark.parametrize("weighting", ["l2w", "uniform"])
 def test_train_cli_flags(tmp_path, weighting):
-    from timm_l2w.train import main, parse_args
+    from timm_l2w.cli.train import main, parse_args
 
     args = parse_args(["--model", STAGED, "--distill", "--distill-temperature", "3", "--distill-alpha", "0.5",
                        "--gradient-equilibrium"])
@@ -262,7 +262,7 @@ def test_train_cli_flags(tmp_path, weighting):
 
 
 def test_train_cli_method_errors(tmp_path, capsys):
-    from timm_l2w.train import main
+    from timm_l2w.cli.train import main
 
     base = ["--no-progress", "--batch-size", "16", "--max-steps", "1", "--no-eval", "--output", str(tmp_path)]
     assert main(["--model", register_tiny(), "--gradient-equilibrium"] + base) == 2
@@ -275,7 +275,7 @@ def test_train_cli_method_errors(tmp_path, capsys):
 
 
 def test_resume_with_other_method_flags_is_refused(tmp_path, capsys):
-    from timm_l2w.train import main
+    from timm_l2w.cli.train import main
 
     base = ["--model", STAGED, "--no-progress", "--batch-size", "16", "--max-steps", "2", "--held-out", "100",
             "--no-eval", "--output", str(tmp_path), "--weighting", "uniform", "--distill"]

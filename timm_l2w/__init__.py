@@ -27,7 +27,8 @@ from .exits import EXIT_RULES, exit_by_entropy, exit_by_patience, predictive_ent
 from .weighting import Distillation, distillation_losses, training_losses  # IMTA's methods (issue 15)
 from .models.base import equilibrium_split  # IMTA's methods (issue 15)
 from .plot import plot_budgeted, plot_curves  # evaluate / inference (issue 4)
-from .checkpoint import StateDictMismatchError, check_state_dict, convert_release_checkpoint, load_state_dict, save_safetensors  # checkpoint (issue 2)
-from .validation import CheckpointError, LabelError, ResumeError, SettingError  # validation at the edges (issue 16)
+from .checkpoint import convert_release_checkpoint, load_state_dict, save_safetensors
+from .state_checks import check_state_dict
+from .errors import CheckpointError, LabelError, ResumeError, SettingError, SplitError, StateDictMismatchError
 
 __version__ = "0.1.0"

@@ -5,30 +5,29 @@ run never leaves a half-written file under the final name. ``load_state_dict`` r
 PyTorch ``.pth`` / ``.pth.tar`` files (``torch.load(weights_only=True)`` only), unwraps a nested
 ``'state_dict'`` / ``'model'`` entry and strips DDP / ``torch.compile`` prefixes.
 
-Command line: ``timm-l2w convert IN.pth.tar OUT.safetensors --model msdnet_l2w [--num-classes N]``.
+:func:`load_pretrained` starts a model from such a file (only the exit classifiers may differ).
+The command line is ``timm-l2w convert`` (:mod:`timm_l2w.cli.convert`).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pickle
-import sys
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from .files import atomic_path
 from .models.base import unwrap_model
-from .validation import (  # noqa: F401  (StateDictMismatchError, check_state_dict: re-exported, their old home)
-    CONVERT_SETTINGS, CheckpointError, StateDictMismatchError, check_settings, check_state_dict, check_weights,
-)
+from .errors import CheckpointError
+from .state_checks import check_state_dict, check_weights
 
 __all__ = [
-    "save_safetensors", "load_state_dict", "check_state_dict", "StateDictMismatchError",
-    "convert_release_checkpoint", "read_metadata", "recorded_model", "exit_classifier_keys", "check_pretrained", "main",
+    "save_safetensors", "load_state_dict",
+    "convert_release_checkpoint", "read_metadata", "recorded_model", "exit_classifier_keys", "check_pretrained",
+    "load_pretrained",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -188,7 +187,7 @@ def check_pretrained(model: nn.Module, state: Mapping[str, Tensor], path: PathLi
     exit-classifier keys whose shapes differ (another ``num_classes``: they keep their fresh init).
 
     Anything else that differs -- missing, unexpected or differently shaped tensors outside the exit
-    classifiers -- raises a :class:`~timm_l2w.validation.CheckpointError` (a ``ValueError``) naming the model the file was saved from when its metadata
+    classifiers -- raises a :class:`~timm_l2w.errors.CheckpointError` (a ``ValueError``) naming the model the file was saved from when its metadata
     says (``model_name`` names ``model`` in the message).
     """
     net = unwrap_model(model)
@@ -215,6 +214,24 @@ def check_pretrained(model: nn.Module, state: Mapping[str, Tensor], path: PathLi
         raise CheckpointError(f"'{path}' does not fit {model_name} outside the exit classifiers "
                               f"({'; '.join(parts)}): {fix}", path)
     return fresh
+
+
+def load_pretrained(model: nn.Module, path: str) -> List[str]:
+    """Load weights from a safetensors file (or a release ``.pth``/``.pth.tar``, read with
+    ``weights_only=True``) into ``model``. Only the exit classifiers may differ in shape (another
+    ``num_classes``): they keep the model's fresh initialisation and their names are returned. Any
+    other difference (missing, unexpected or differently shaped tensors: another architecture or
+    configuration, named from the file's metadata) and unusable weights (NaN/inf, an integer dtype
+    where the model has floating point) are a :class:`~timm_l2w.errors.CheckpointError`
+    (a ``ValueError``), raised before the model is touched."""
+
+    state = load_state_dict(path)  # safetensors or weights_only torch.load; 'module.' prefixes removed
+    own = model.state_dict()
+    skipped = check_pretrained(model, state, path)  # the exit classifiers of another num_classes
+    check_weights({k: v for k, v in state.items() if k not in skipped}, own, Path(path))  # dtypes, finite values
+    model.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=False)
+    return skipped
+
 
 
 def _infer_num_classes(model_name: str, state_dict: Mapping[str, Tensor], **model_kwargs: Any) -> Optional[int]:
@@ -264,34 +281,3 @@ def convert_release_checkpoint(
     metadata = {"model": name, "num_classes": getattr(unwrap_model(model), "num_classes", None),
                 "source": Path(in_path).name}
     return save_safetensors({k: state_dict[k] for k in order}, out_path, metadata=metadata)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``timm-l2w convert IN OUT --model NAME [--num-classes N]``."""
-    parser = argparse.ArgumentParser(
-        prog="timm-l2w convert",
-        description="Convert a released .pth/.pth.tar checkpoint to .safetensors, checking keys and shapes.")
-    parser.add_argument("input", help="released checkpoint (.pth.tar, .pth or .safetensors)")
-    parser.add_argument("output", help="file to write (.safetensors)")
-    parser.add_argument("--model", default="msdnet_l2w", help="timm model name (default: msdnet_l2w)")
-    parser.add_argument("--num-classes", type=int, default=None,
-                        help="classes of the checkpoint (default: read from its classifier)")
-    args = parser.parse_args(argv)
-    if not args.output.endswith(".safetensors"):
-        parser.error(f"output {args.output!r} must end in .safetensors")
-    import timm
-
-    import timm_l2w  # noqa: F401  (registers the models)
-
-    if not timm.is_model(args.model):
-        print(f"timm-l2w convert: error: unknown model '{args.model}': pass --model with a registered multi-exit "
-              f"model ({', '.join(timm.list_models('*l2w*'))})", file=sys.stderr)
-        return 2
-    try:
-        check_settings(args, CONVERT_SETTINGS)
-        out = convert_release_checkpoint(args.input, args.output, args.model, num_classes=args.num_classes)
-    except (ValueError, OSError, RuntimeError) as e:
-        print(f"timm-l2w convert: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out} ({args.model})")
-    return 0

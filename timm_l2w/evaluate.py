@@ -37,7 +37,8 @@ from .exits import (
 )
 from .files import csv_text, write_text_atomic
 from .models.base import check_multi_exit_output, unwrap_model
-from .validation import EVAL_SETTINGS, check_labels, check_settings, check_weights
+from .state_checks import check_weights
+from .validation import EVAL_SETTINGS, check_labels, check_settings
 
 __all__ = [
     "ExitOutputs",
@@ -404,7 +405,8 @@ def save_results(
 
 def _load_weights(model: nn.Module, checkpoint: Path | str) -> None:
     """Load ``.safetensors`` / ``.pth`` weights into ``model`` (names every mismatched key on error)."""
-    from .checkpoint import check_state_dict, load_state_dict
+    from .checkpoint import load_state_dict
+    from .state_checks import check_state_dict
 
     state = load_state_dict(checkpoint)
     check_state_dict(model, state)

@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import LabelError
 from .models.base import check_multi_exit_output
-from .validation import LabelError, Range, assert_on_device, check_label_smoothing, check_labels, check_number
+from .validation import Range, assert_on_device, check_label_smoothing, check_labels, check_number
 
 __all__ = [
     "INPUT_TYPES",

@@ -13,14 +13,11 @@ tensor, and the runtime keeps it. The batch size is dynamic in every graph.
 The export runs the ONNX graphs with onnxruntime on a random batch of another size and compares
 every exit's logits with PyTorch before writing the manifest.
 
-Command line: ``timm-l2w export CHECKPOINT --policy POLICY.json --output DIR``.
+The command line is ``timm-l2w export CHECKPOINT --policy POLICY.json --output DIR`` (:mod:`timm_l2w.cli.export`).
 """
 from __future__ import annotations
 
-import argparse
 import io
-import json
-import sys
 import warnings
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
@@ -30,14 +27,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_unflatten
 
-from timm_l2w_runtime.policy import check_policy, check_policy_fits, read_policy, write_policy
+from timm_l2w_runtime.policy import check_policy, check_policy_fits, write_policy
 from timm_l2w_runtime.runtime import MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, POLICY_FILE
 
 from ..files import write_json_atomic
 from ..models.base import unwrap_model
 from .policy import model_name
 
-__all__ = ["export_package", "main"]
+__all__ = ["export_package"]
 
 IMAGE_INPUT = "image"
 EXAMPLE_BATCH = 2  # export traces with this batch size (dynamic: any size works afterwards)
@@ -258,63 +255,3 @@ def _version() -> str:
     from .. import __version__
 
     return __version__
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def _parser() -> argparse.ArgumentParser:
-    from timm.utils import ParseKwargs
-
-    p = argparse.ArgumentParser(
-        prog="timm-l2w export",
-        description="Export a multi-exit checkpoint as an early-exit package: one ONNX graph (and torch.export "
-                    "program) per stage, a manifest and the exit policy. Run it with timm-l2w predict.")
-    p.add_argument("checkpoint", nargs="?", default=None, help=".safetensors (or .pth) weights; omit for random init")
-    p.add_argument("--policy", required=True,
-                   help="exit policy JSON (timm-l2w eval CHECKPOINT --q Q or --flops-budget F writes one)")
-    p.add_argument("--output", required=True, help="package folder to write")
-    p.add_argument("--model", default=None, help="timm model name (default: the checkpoint's metadata, else the policy's)")
-    p.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
-                   help="extra timm.create_model arguments (default: those recorded in the checkpoint's metadata)")
-    p.add_argument("--no-pt2", action="store_true", help="skip the torch.export .pt2 programs (ONNX only)")
-    return p
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """``timm-l2w export``: writes DIR/manifest.json, DIR/policy.json and DIR/stage_K.onnx (+ .pt2)."""
-    args = _parser().parse_args(argv)
-    try:
-        out = _run(args)
-    except (ValueError, OSError, TypeError, RuntimeError, ImportError) as err:
-        print(f"timm-l2w export: error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
-
-
-def _run(args: argparse.Namespace) -> Path:
-    import timm
-
-    import timm_l2w  # noqa: F401  (registers the models)
-    from ..checkpoint import read_metadata
-    from ..evaluate import _load_weights, _model_from_metadata
-
-    policy = read_policy(args.policy)
-    args.num_classes = None
-    if args.model is None and not (args.checkpoint and read_metadata(args.checkpoint).get("model")):
-        args.model = policy.get("model")
-    name, kwargs = _model_from_metadata(args)
-    kwargs.setdefault("num_classes", policy["num_classes"])
-    if policy.get("preprocess"):
-        kwargs.setdefault("in_chans", policy["preprocess"]["input_size"][0])
-    if not timm.is_model(name):
-        raise ValueError(f"unknown model '{name}': choose a registered multi-exit model "
-                         f"({', '.join(timm.list_models('*l2w*'))})")
-    model = timm.create_model(name, **kwargs)
-    if args.checkpoint:
-        _load_weights(model, args.checkpoint)
-        saved = read_metadata(args.checkpoint).get("class_names")
-        if policy.get("class_names") is None and saved:
-            policy["class_names"] = json.loads(saved)
-    return export_package(model, args.output, policy, pt2=not args.no_pt2)

@@ -2,6 +2,7 @@
 from .base import MultiExitModel, check_multi_exit_output, select_samples, unwrap_model
 
 # Each backbone family registers its models in timm when imported.
-from .msdnet import MSDNet  # (issue 2: MSDNet)
-from .ranet import RANet  # (issue 6: RANet)
-from .multi_exit import MultiExitWrapper, SplitError, multi_exit_model  # (issue 6, 20: any timm backbone)
+from .msdnet import MSDNet
+from .ranet import RANet
+from .wrapper import MultiExitWrapper
+from .factory import create_multi_exit_model

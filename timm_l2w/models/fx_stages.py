@@ -42,11 +42,9 @@ import torch
 from torch import Tensor, fx, nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
-__all__ = ["BackboneStages", "Shared", "SplitError"]
+from ..errors import SplitError
 
-
-class SplitError(TypeError):
-    """The backbone cannot be cut into stages (the message says why and what to use instead)."""
+__all__ = ["BackboneStages", "Shared"]
 
 
 class Shared:

@@ -4,11 +4,12 @@
   test images.
 - :mod:`timm_l2w.study.weights`: what the weight predictor learns (weight against loss per exit, over
   the checkpoints of a run).
-- :mod:`timm_l2w.study.runner`: the Fashion-MNIST fidelity study's runs (one ``timm_l2w.train`` call per
-  variant and seed, in child processes, resumable).
+- :mod:`timm_l2w.study.runner`: the Fashion-MNIST fidelity study's runs (one training run per variant and
+  seed, in child processes, resumable).
 - :mod:`timm_l2w.study.summary` and :mod:`timm_l2w.study.plots`: the study's summary (JSON, Markdown) and
   its plots.
+- :mod:`timm_l2w.study.verdict`: what a seeded comparison can tell (per-budget correctness, the verdict).
 
-``timm-l2w demo`` uses the statistics and the predictor analysis; ``benchmarks/fidelity.py`` is the
-study's command line.
+``timm-l2w demo`` uses the statistics, the verdict and the predictor analysis; ``benchmarks/fidelity.py`` is
+the study's command line.
 """

@@ -1,4 +1,4 @@
-"""The fidelity study's runs: every (variant, seed) is one ``timm_l2w.train`` call in a one-thread child
+"""The fidelity study's runs: every (variant, seed) is one ``timm_l2w.training.loop.train`` call in a one-thread child
 process, evaluated by the package, its result file written as soon as it finishes (a run whose file exists
 is skipped, a run stopped part-way resumes from its newest checkpoint). ``benchmarks/fidelity.py`` is the
 command line; its docstring describes the study.
@@ -12,7 +12,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Sequence
 
 from timm_l2w.files import write_text_atomic
 
@@ -121,7 +121,7 @@ def _weights_over_training(run_dir: Path, targs: argparse.Namespace) -> List[Dic
 def exit_rule_rows(ev: Dict[str, Any]) -> Dict[str, List[Dict[str, Any]]]:
     """Budgeted rows of the other exit rules on the run's own held-out and test outputs.
 
-    ``ev`` is ``timm_l2w.train``'s evaluation (confidence rule, in ``record["budgeted"]``); entropy is
+    ``ev`` is the training run's evaluation (confidence rule, in ``record["budgeted"]``); entropy is
     calibrated like confidence (the 39 distributions), patience has one budget per p = 1..K.
     """
     from timm_l2w.evaluate import budgeted_evaluation
@@ -129,25 +129,29 @@ def exit_rule_rows(ev: Dict[str, Any]) -> Dict[str, List[Dict[str, Any]]]:
     return {rule: budgeted_evaluation(ev["heldout"], ev["test"], ev["flops"], rule=rule).rows() for rule in EXTRA_RULES}
 
 
-def run_one(args: argparse.Namespace, variant: str, seed: int) -> Path:
+def run_one(args: argparse.Namespace, variant: str, seed: int,
+            parse_train_args: Callable[[List[str]], argparse.Namespace]) -> Path:
     """Train + evaluate one (variant, seed) in this process; write its result file.
+
+    ``parse_train_args`` reads ``timm-l2w train`` flags into the run's settings (the study's command line
+    passes :func:`timm_l2w.cli.train.parse_args`); the run is :func:`timm_l2w.training.loop.train`.
 
     A run stopped part-way continues from its newest complete checkpoint (``--resume auto``).
     """
     import torch
 
     torch.set_num_threads(1)
-    from timm_l2w import train as train_mod
+    from timm_l2w.training.loop import train
 
     out = Path(args.out)
     weighting = VARIANTS[variant][0]
     run_dir = out / "runs" / f"{variant}_seed{seed}"
     argv = train_argv(args, variant, seed, run_dir)
     resumed = any((run_dir / "checkpoints").glob("step_*/COMPLETE"))
-    targs = train_mod.parse_args(argv + (["--resume", "auto"] if resumed else []))
+    targs = parse_train_args(argv + (["--resume", "auto"] if resumed else []))
     code = code_version()
     t0, c0 = time.perf_counter(), time.process_time()
-    result = train_mod.train(targs)
+    result = train(targs)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     ev = result["eval"]
     record: Dict[str, Any] = {

@@ -1,6 +1,9 @@
-"""The parts of one ``timm-l2w train`` run, each with one job; :mod:`timm_l2w.train` is the command and its
-loop, and assembles them (``train._Run``).
+"""One ``timm-l2w train`` run, its parts each with one job; the command (:mod:`timm_l2w.cli.train`) sits above.
 
+- :mod:`timm_l2w.training.loop`: :func:`~timm_l2w.training.loop.train`, the loop over loader batches
+  (halves, updates, epoch ends, checkpoints, stops, the final evaluation).
+- :mod:`timm_l2w.training.run`: :class:`~timm_l2w.training.run.Run`, the run's pieces built from its
+  settings (data, model, optimizer, schedule, Mixup / criterion, L2W, EMA) and the checks of them.
 - :mod:`timm_l2w.training.update`: the update (forward, meta step, weighted loss, backward, optimizer
   step), its skips of non-finite steps, sync-free and CUDA-graph paths, and its counters.
 - :mod:`timm_l2w.training.summary`: the epoch's running sums, the per-epoch rows (``log.json`` /
@@ -10,5 +13,5 @@ loop, and assembles them (``train._Run``).
 - :mod:`timm_l2w.training.stops`: :class:`~timm_l2w.training.stops.TrainingStopped` and the test hook
   that stops a run at a chosen point.
 
-These modules sit below :mod:`timm_l2w.train`: they never import it.
+Nothing here imports :mod:`timm_l2w.cli`.
 """

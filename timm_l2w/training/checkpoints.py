@@ -99,7 +99,7 @@ def _save_tensors(tensors: Dict[str, Tensor], path: Path, metadata: Dict[str, st
 def _load_ema(path: Path, module: nn.Module) -> Dict[str, Tensor]:
     """The EMA weights of checkpoint ``path`` (a clear error when a --model-ema run's file is missing)."""
     from ..checkpoint import check_state_dict, load_state_dict
-    from ..validation import ResumeError
+    from ..errors import ResumeError
 
     file = path / EMA_FILE
     if not file.is_file():
@@ -185,7 +185,7 @@ class Checkpoints:
             if self.l2w is not None:
                 torch.save(self.l2w.state_dict(), tmp / "l2w_state.pt")
             write_json_atomic(tmp / "train_state.json", {"step": step, **counters, "args": vars(self.args)})
-            from ..validation import write_checksums
+            from ..state_checks import write_checksums
 
             write_checksums(tmp, acc.process_index)  # a resume detects damaged files (flipped bits too)
             fault_point("checkpoint", step)  # tests: killed half-way, the .tmp- folder is ignored
@@ -203,12 +203,13 @@ class Checkpoints:
         ``train_state.json`` (step, history, counters) for the run to apply.
 
         Every file it reads is checked first (readable, fits this model and optimizer, floating and finite
-        weights, checksums: :func:`timm_l2w.validation.check_resume_checkpoint`); any failure is a
-        :class:`~timm_l2w.validation.ResumeError` naming the next older complete checkpoint. Nothing here
+        weights, checksums: :func:`timm_l2w.state_checks.check_resume_checkpoint`); any failure is a
+        :class:`~timm_l2w.errors.ResumeError` naming the next older complete checkpoint. Nothing here
         unpickles code: accelerate 1.15's ``load_state`` reads optimizer, scheduler and RNG files with
         ``torch.load(weights_only=True)`` (plus a numpy-array allowlist) and the model from safetensors;
         ``l2w_state.pt`` is read with ``weights_only=True``."""
-        from ..validation import ResumeError, check_resume_checkpoint
+        from ..errors import ResumeError
+        from ..state_checks import check_resume_checkpoint
 
         acc = self.accelerator
         try:

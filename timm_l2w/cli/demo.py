@@ -28,22 +28,12 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .cli.common import add_input_size, add_version
-from .study.stats import paired_bootstrap  # noqa: F401  (re-exported: it lived here)
+from ..study.verdict import LEVEL, PAPER_GAIN, budget_correctness, verdict
+from .common import add_input_size, add_version
 
-__all__ = ["main", "budget_correctness", "paired_bootstrap", "verdict"]
+__all__ = ["main"]
 
 LABELS = {"l2w": "L2W", "uniform": "equal weighting"}
-LEVEL = 95  # % of every interval
-PAPER_GAIN = 1.0  # points: about the paper's budgeted gain on CIFAR-100 after full training
-
-
-def budget_correctness(test: Any, thresholds: Any) -> np.ndarray:
-    """``[B, N]`` bool: is test sample n right at the exit the thresholds of budget b send it to."""
-    from .exits import exit_by_threshold
-
-    exits = exit_by_threshold(test.confidences, thresholds)  # [B, N]
-    return test.correct.T.contiguous().gather(0, exits).numpy()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -89,17 +79,18 @@ def _train_one(argv: List[str], threads: int) -> Dict[str, Any]:
     with checkpoints) and the CPU time."""
     import torch
 
-    from . import train as train_mod
-    from .data import create_datasets, create_loaders
-    from .study.weights import weights_over_training
+    from ..data import create_datasets, create_loaders
+    from ..study.weights import weights_over_training
+    from ..training.loop import train
+    from .train import parse_args
 
     if threads:
         torch.set_num_threads(threads)
     start = time.process_time()
-    args = train_mod.parse_args(argv)
+    args = parse_args(argv)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="--eps .* is above")  # said once, in the demo's first lines
-        run = train_mod.train(args)
+        run = train(args)
     ev = run["eval"]
     weights = None
     if args.weighting == "l2w" and args.checkpoint_every:
@@ -143,43 +134,10 @@ def _signed(values: Sequence[float], digits: int = 2) -> str:
     return ", ".join(f"{v:+.{digits}f}" for v in values)
 
 
-def verdict(per_seed: Sequence[float], seed_lo: float, seed_hi: float, image_lo: float, image_hi: float,
-            seeds_needed: Optional[int]) -> str:
-    """What the seeds can tell about L2W - equal weighting (mean over the 39 budgets, top-1 points).
-
-    ``per_seed``: the paired difference of every seed; ``seed_lo``/``seed_hi``: its Student t interval
-    (NaN with one seed); ``image_lo``/``image_hi``: the paired bootstrap interval over the test images;
-    ``seeds_needed``: seeds for an interval of about ``± PAPER_GAIN`` at this spread.
-    """
-    d = np.asarray(per_seed, dtype=np.float64)
-    mean, n = float(d.mean()), d.size
-    image = f"the test images alone give [{image_lo:+.2f}, {image_hi:+.2f}]"
-    if n < 2:
-        return (f"one seed: {mean:+.2f} points, and {image}; but another seed (or another machine's rounding) is "
-                f"another training run, and one seed cannot say how far runs scatter: run --seeds 4 or more.")
-    agree = int((np.sign(d) == np.sign(mean)).sum())
-    spread = float(d.std(ddof=1))
-    need = (f"about {seeds_needed} seeds" if seeds_needed else "more than 1,000 seeds")
-    if seed_lo > 0 or seed_hi < 0:
-        side = "ahead of" if mean > 0 else "behind"
-        return (f"L2W is {side} equal weighting by {abs(mean):.2f} points on average over the 39 budgets, and the "
-                f"{LEVEL}% interval over the {n} seeds [{seed_lo:+.2f}, {seed_hi:+.2f}] excludes zero ({agree} of {n} "
-                f"seeds on that side; seeds scatter by {spread:.2f} points). At this size (a few minutes of training) "
-                f"that is what these seeds show, not the paper's full-training result (about +{PAPER_GAIN:.0f} point "
-                f"on CIFAR-100); see benchmarks/RESULTS.md for a larger study.")
-    narrower = " (narrower: the seeds, not the test images, dominate the uncertainty)" \
-        if image_hi - image_lo < seed_hi - seed_lo else ""
-    return (f"no difference these {n} seeds can detect: L2W - equal weighting is {mean:+.2f} points on average, "
-            f"{LEVEL}% interval over the seeds [{seed_lo:+.2f}, {seed_hi:+.2f}], which contains zero ({agree} of {n} "
-            f"seeds on the side of the mean; seeds scatter by {spread:.2f} points); {image}{narrower}. To resolve a "
-            f"difference of {PAPER_GAIN:.0f} point (the paper's gain on CIFAR-100 after full training) at this spread "
-            f"would take {need}; see benchmarks/RESULTS.md for a larger study.")
-
-
 def _learned_lines(runs: Dict[int, List[Dict[str, Any]]]) -> List[str]:
     """Summary lines on what the predictor learned: the correlation of weight and loss per exit at the first
     and the last checkpoint (seed means; how many seeds end positive), the weights' spread, where seeds agree."""
-    from .study.weights import predictor_summary
+    from ..study.weights import predictor_summary
 
     p = predictor_summary({s: {"weights_over_training": rows} for s, rows in runs.items() if rows})
     if p is None:
@@ -211,11 +169,11 @@ def _learned_lines(runs: Dict[int, List[Dict[str, Any]]]) -> List[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
-    from .evaluate import budgeted_evaluation
-    from .files import csv_text, write_json_atomic, write_text_atomic
-    from .plot import plot_budgeted
-    from .study.plots import plot_weights_vs_loss
-    from .study.stats import seeds_for_half_width, t_interval
+    from ..evaluate import budgeted_evaluation
+    from ..files import csv_text, write_json_atomic, write_text_atomic
+    from ..plot import plot_budgeted
+    from ..study.plots import plot_weights_vs_loss
+    from ..study.stats import paired_bootstrap, seeds_for_half_width, t_interval
 
     args = _parser().parse_args(list(argv) if argv is not None else None)
     for flag in ("seeds", "bootstrap", "jobs", "batch_size", "input_size", "max_steps", "epochs"):

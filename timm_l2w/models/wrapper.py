@@ -14,7 +14,7 @@ re-implemented to resume from a stage), and families differ in what they return 
 (Swin and MambaOut NHWC maps, ViT tokens with class tokens, HRNet lists of branches, LeViT tokens
 with their grid). The traced graph has one generic answer for all of them: what crosses the cut.
 The price is that a family must trace with FX, which timm tests for its models; a family that does
-not gets a clear :class:`~timm_l2w.models.fx_stages.SplitError` naming the reason and the
+not gets a clear :class:`~timm_l2w.errors.SplitError` naming the reason and the
 alternative (a :class:`~timm_l2w.models.base.MultiExitModel` subclass).
 
 **Heads.** ``'linear'`` is pooling + linear: NCHW and NHWC maps (the layout is read from the traced
@@ -31,136 +31,32 @@ features (with the default heads: the backbone's own ``forward_features``), ``fo
 exit's pooling and classifier. ``feature_info`` is the backbone's, and ``features_only=True`` gives
 the backbone's maps at the exit points (``forward_intermediates`` of the backbone).
 
-**Files.** ``timm.create_model('multi_exit_l2w', backbone=NAME, exit_indices=..., head=...)`` is the
-registered form of the wrapper; it records its arguments, so ``save_for_hf`` / ``local-dir:``,
-:func:`timm_l2w.save_safetensors` (metadata ``model`` and ``model_kwargs``), ``timm-l2w eval FILE``
-and ``timm.create_model('multi_exit_l2w', pretrained=True, pretrained_cfg_overlay=dict(file=FILE))``
-rebuild it exactly. ``pretrained=True`` with ``pretrained_cfg_overlay=dict(file=...)`` pointing at
-a plain timm checkpoint of the backbone loads that file into the backbone through timm.
+The registered names and the factory that builds a wrapper from a model name live in
+:mod:`timm_l2w.models.factory`.
 """
 from __future__ import annotations
 
 import json
-from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map
-from timm.layers import SelectAdaptivePool2d, global_pool_nlc
-from timm.models import (
-    build_model_with_cfg, generate_default_cfgs, get_model_input_config, get_pretrained_cfg, register_model,
-    register_notrace_function, resolve_pretrained_cfg,
-)
+from timm.models import get_model_input_config
 
+from ..errors import SplitError
 from .base import MultiExitModel
-from .fx_stages import BackboneStages, SplitError, TensorSpec, fake_tensors, refresh_higher_fast_weights
+from .fx_stages import BackboneStages, TensorSpec, fake_tensors, refresh_higher_fast_weights
+from .heads import ConvHead, LinearHead, PoolHead, TokenHead
 from .layers import exit_classifier, is_symbolic
 
-__all__ = ["MultiExitWrapper", "multi_exit_model", "SplitError", "GENERIC_NAME"]
+__all__ = ["MultiExitWrapper", "GENERIC_NAME"]
 
 GENERIC_NAME = "multi_exit_l2w"  # the registered wrapper of any backbone: create_model(GENERIC_NAME, backbone=...)
-DEFAULT_BACKBONE = "resnet18"  # create_model(GENERIC_NAME) alone, as timm's tools build every registered name
 
 _ALTERNATIVE = ("pick other exit_indices, another model of the family, or write a timm_l2w.MultiExitModel "
                 "subclass (forward_block / forward_exit_features / forward_exit_head) for this architecture")
-
-
-class _ExitHead(nn.Module):
-    """What every exit head offers: ``forward_features`` (unpooled), ``forward_head`` (pool, ``fc``), ``reset``."""
-
-    num_features: int
-    head_hidden_size: int
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        return x
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = self.pool(x)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
-
-
-class _PoolHead(_ExitHead):
-    """Global pooling (timm's ``SelectAdaptivePool2d``) and linear, on a [B, C, H, W] or [B, H, W, C] map."""
-
-    def __init__(self, chs: int, num_classes: int, pool_type: str = "avg", input_fmt: str = "NCHW"):
-        super().__init__()
-        self.num_features, self.input_fmt = chs, input_fmt
-        self.reset(num_classes, pool_type)
-
-    def reset(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool is not None:
-            self.pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool), input_fmt=self.input_fmt)
-        self.head_hidden_size = self.num_features * self.pool.feat_mult()
-        self.fc = exit_classifier(self.head_hidden_size, num_classes, bool(self.pool.pool_type))
-
-
-class _TokenHead(_ExitHead):
-    """LayerNorm, token pooling (class token or average of patch tokens), linear."""
-
-    def __init__(self, dim: int, num_classes: int, pool: str, num_prefix_tokens: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.pool_type, self.num_prefix_tokens = pool, num_prefix_tokens
-        self.num_features = self.head_hidden_size = dim
-        self.fc = exit_classifier(dim, num_classes, bool(pool))
-
-    def reset(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool is not None:
-            self.pool_type = global_pool
-        self.fc = exit_classifier(self.num_features, num_classes, bool(self.pool_type))
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        return self.norm(x)
-
-    def pool(self, x: Tensor) -> Tensor:
-        return global_pool_nlc(x, pool_type=self.pool_type, num_prefix_tokens=self.num_prefix_tokens)
-
-
-@register_notrace_function  # the grid side comes from the token count: one call node when torch.fx traces
-def tokens_to_grid(x: Tensor, num_prefix_tokens: int) -> Tensor:
-    """[B, N, D] tokens -> [B, D, H, W] patch grid (the patch tokens must form a square)."""
-    x = x[:, num_prefix_tokens:]
-    side = int(round(x.shape[1] ** 0.5))
-    if side * side != x.shape[1]:
-        raise ValueError(f"conv heads need a square patch grid, got {x.shape[1]} patch tokens")
-    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
-
-
-class _ConvHead(_PoolHead):
-    """Two 3x3 stride-2 conv-BN-ReLU, global pooling, linear (tokens go to their patch grid first)."""
-
-    def __init__(self, in_chs: int, width: int, num_classes: int, layout: str = "nchw",
-                 num_prefix_tokens: int = 0, pool_type: str = "avg"):
-        super().__init__(width, num_classes, pool_type)
-        self.layout, self.num_prefix_tokens = layout, num_prefix_tokens
-        layers: List[nn.Module] = []
-        for c in (in_chs, width):
-            layers += [nn.Conv2d(c, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
-        self.features = nn.Sequential(*layers)
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        if self.layout == "nlc":
-            x = tokens_to_grid(x, self.num_prefix_tokens)
-        elif self.layout == "nhwc":
-            x = x.permute(0, 3, 1, 2)
-        return self.features(x)
-
-
-class _LinearHead(_ExitHead):
-    """The classifier alone: the exit on the backbone's last point pools with the backbone's own head."""
-
-    def __init__(self, dim: int, num_classes: int, pooled: bool = True):
-        super().__init__()
-        self.num_features = self.head_hidden_size = dim
-        self.fc = exit_classifier(dim, num_classes, pooled)
-
-    def pool(self, x: Tensor) -> Tensor:
-        return x
 
 
 def _pool_type(model: nn.Module) -> Optional[str]:
@@ -408,12 +304,12 @@ class MultiExitWrapper(MultiExitModel):
         chs, n, layout = self.exit_channels[k], self.num_classes, self.exit_layouts[k]
         if self._uses_backbone_head(k):
             dim, pooled = self._backbone_head_width()
-            return _LinearHead(dim, n, pooled=pooled and self.global_pool != "")
+            return LinearHead(dim, n, pooled=pooled and self.global_pool != "")
         if self.head_type == "conv":
-            return _ConvHead(chs, self.head_width, n, layout, self.num_prefix_tokens, self._head_pool(k))
+            return ConvHead(chs, self.head_width, n, layout, self.num_prefix_tokens, self._head_pool(k))
         if layout == "nlc":
-            return _TokenHead(chs, n, self._head_pool(k), self.num_prefix_tokens)
-        return _PoolHead(chs, n, self._head_pool(k), input_fmt="NHWC" if layout == "nhwc" else "NCHW")
+            return TokenHead(chs, n, self._head_pool(k), self.num_prefix_tokens)
+        return PoolHead(chs, n, self._head_pool(k), input_fmt="NHWC" if layout == "nhwc" else "NCHW")
 
     # -- the multi-exit contract -----------------------------------------------------------------
     def check_input(self, x: Tensor) -> None:
@@ -508,176 +404,3 @@ class MultiExitWrapper(MultiExitModel):
         self._set_feature_sizes()
         if isinstance(self.pretrained_cfg, dict):
             self.pretrained_cfg["num_classes"] = num_classes
-
-
-def multi_exit_model(model_name: str, **kwargs: Any) -> MultiExitWrapper:
-    """Any timm model name as a multi-exit model: ``multi_exit_model('resnet50', num_classes=10)``."""
-    return MultiExitWrapper(model_name, **kwargs)
-
-
-# ----------------------------------------------------------------------------- timm's registry
-
-
-def _checkpoint_keys(path: str) -> List[str]:
-    """State-dict keys of a checkpoint file without loading its tensors where the format allows."""
-    if str(path).endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    from ..checkpoint import load_state_dict
-
-    return list(load_state_dict(path))
-
-
-def _names_wrapper_checkpoint(cfg: Dict[str, Any]) -> bool:
-    """True when the resolved cfg points at a multi-exit checkpoint (hub repo, url, ``local-dir:``, or a
-    file whose keys are ``backbone.*``); a file of plain timm keys is the backbone's checkpoint."""
-    if cfg.get("state_dict") is not None:
-        return any(str(k).startswith("backbone.") for k in cfg["state_dict"])
-    if cfg.get("file") and cfg.get("source") != "local-dir":
-        try:
-            return any(k.startswith("backbone.") for k in _checkpoint_keys(cfg["file"]))
-        except Exception:  # noqa: BLE001 - unreadable: let timm's loader report it
-            return True
-    return any(cfg.get(key) for key in ("url", "file", "hf_hub_id"))
-
-
-def _saved_kwargs(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """The wrapper arguments a checkpoint file's metadata records (``{}`` when none)."""
-    from ..checkpoint import read_metadata
-
-    file = cfg.get("file")
-    meta = read_metadata(file) if file else {}
-    if meta.get("model") != GENERIC_NAME or not meta.get("model_kwargs"):
-        return {}
-    saved = json.loads(meta["model_kwargs"])
-    if str(meta.get("num_classes", "")).isdigit():
-        saved.setdefault("num_classes", int(meta["num_classes"]))
-    return saved
-
-
-def wrapper_create_args(name: str, exit_indices: Optional[Sequence[int]] = None, head: Optional[str] = None,
-                        pretrained: Any = None, weights_file: Optional[str] = None,
-                        **kwargs: Any) -> Tuple[str, Dict[str, Any]]:
-    """The ``timm.create_model`` name and arguments that make timm model ``name`` multi-exit.
-
-    A registered multi-exit model stays as it is; any other timm model becomes
-    ``multi_exit_l2w(backbone=name)``. ``exit_indices`` / ``head`` choose a wrapper's exits, ``pretrained``
-    is ``True`` (the backbone's timm weights) or a local timm checkpoint file of the backbone, and the
-    metadata of ``weights_file`` (a multi-exit checkpoint to be loaded) fills in the wrapper's settings.
-    """
-    module = timm.models.model_entrypoint(name).__module__
-    chosen = {k: v for k, v in (("exit_indices", exit_indices), ("head", head)) if v is not None}
-    plain_timm = module.startswith("timm.")  # timm's own families; models registered elsewhere have their exits
-    if not plain_timm and module != __name__ and chosen:
-        raise ValueError(f"exit indices and exit heads choose the exits of a wrapped timm model; {name} has its own "
-                         "exits: drop --exit-indices / --exit-head, or pass a plain timm model name")
-    if plain_timm:
-        name, kwargs = GENERIC_NAME, {"backbone": name, **kwargs}
-    kwargs.update(chosen)
-    if name == GENERIC_NAME and weights_file:
-        saved = _saved_kwargs({"file": str(weights_file)})
-        if saved.get("backbone") == kwargs.get("backbone", saved.get("backbone")):
-            for key, value in saved.items():
-                if key != "num_classes":  # the data decides the classes; other classifiers start fresh
-                    kwargs.setdefault(key, value)
-    if pretrained:
-        kwargs["pretrained"] = True
-        if pretrained is not True:
-            kwargs["pretrained_cfg_overlay"] = dict(file=str(pretrained))
-    return name, kwargs
-
-
-def _create_multi_exit(variant: str, backbone_name: Optional[str], pretrained: bool = False,
-                       **kwargs: Any) -> MultiExitWrapper:
-    """timm's builder. ``pretrained=True`` loads the variant's own checkpoint when its cfg names one (a hub
-    repo, a multi-exit file, ``local-dir:``), else the backbone's timm weights: its hub weights, or a plain
-    timm checkpoint given as ``pretrained_cfg_overlay=dict(file=...)`` (never both: no backbone download
-    when a full multi-exit checkpoint is loaded)."""
-    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
-    cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), overlay).to_dict()
-    full_checkpoint = _names_wrapper_checkpoint(cfg)
-    if variant == GENERIC_NAME:
-        saved = _saved_kwargs(cfg) if full_checkpoint else {}
-        for key, value in saved.items():
-            kwargs.setdefault(key, value)  # create_model('multi_exit_l2w', pretrained=True, overlay=dict(file=...))
-        if "num_classes" in saved:  # the file's classifiers: timm keeps them when the classes agree
-            overlay.setdefault("num_classes", saved["num_classes"])
-        backbone_name = kwargs.pop("backbone", DEFAULT_BACKBONE)
-        if not isinstance(backbone_name, str) or not timm.is_model(backbone_name):
-            raise ValueError(f"{GENERIC_NAME} wraps a timm backbone: pass backbone='<timm model name>' (one of "
-                             f"timm.list_models()), e.g. timm.create_model('{GENERIC_NAME}', backbone='efficientnet_b0', "
-                             f"num_classes=10); got {backbone_name!r}")
-    backbone_kwargs: Dict[str, Any] = {}
-    if pretrained and not full_checkpoint and (overlay.get("file") or overlay.get("state_dict") is not None):
-        backbone_kwargs["pretrained_cfg_overlay"] = {k: overlay[k] for k in ("file", "state_dict") if k in overlay}
-        overlay = {k: v for k, v in overlay.items() if k not in ("file", "state_dict")}  # the backbone's file
-    n_exits = len(kwargs["exit_indices"]) if kwargs.get("exit_indices") is not None else None
-    if n_exits is not None:
-        overlay.setdefault("classifier", tuple(f"heads.{k}.fc" for k in range(n_exits)))
-    feature_cfg = dict(feature_cls="getter")
-    if kwargs.get("exit_indices") is not None:
-        feature_cfg["out_indices"] = tuple(kwargs["exit_indices"])
-    model = build_model_with_cfg(
-        partial(MultiExitWrapper, backbone_name, pretrained=pretrained and not full_checkpoint, **backbone_kwargs),
-        variant,
-        pretrained and full_checkpoint,
-        pretrained_cfg_overlay=overlay,
-        feature_cfg=feature_cfg,
-        **kwargs,
-    )
-    if isinstance(model, MultiExitWrapper):
-        if variant == GENERIC_NAME:  # the backbone's input settings, the source of the weights it was given
-            resolved = dict(model.pretrained_cfg)
-            model.pretrained_cfg = model.default_cfg = {
-                **model._own_cfg(), **{k: resolved[k] for k in ("file", "source", "hf_hub_id", "url", "tag") if resolved.get(k)}}
-        else:
-            model._model_args = {}  # the variant's name rebuilds it; create_model adds the arguments it was given
-    return model
-
-
-_BACKBONE_CFG_KEYS = ("input_size", "pool_size", "crop_pct", "interpolation", "mean", "std", "fixed_input_size",
-                      "min_input_size")
-
-
-def _cfg(backbone: str, n_exits: int = 4) -> Dict[str, Any]:
-    """The backbone's input and preprocessing settings; no weights of its own (``untrained``)."""
-    src = get_pretrained_cfg(backbone).to_dict()
-    return {
-        "url": "", "num_classes": 1000, **{k: src[k] for k in _BACKBONE_CFG_KEYS if src.get(k) is not None},
-        "first_conv": f"backbone.{src['first_conv']}", "classifier": tuple(f"heads.{k}.fc" for k in range(n_exits)),
-    }
-
-
-default_cfgs = generate_default_cfgs({
-    f"{GENERIC_NAME}.untrained": _cfg(DEFAULT_BACKBONE),
-    "resnet18_l2w.untrained": _cfg("resnet18"),
-    "convnext_atto_l2w.untrained": _cfg("convnext_atto"),
-    "vit_tiny_l2w.untrained": _cfg("vit_tiny_patch16_224"),
-})
-
-
-@register_model
-def multi_exit_l2w(pretrained: bool = False, **kwargs: Any) -> MultiExitWrapper:
-    """Any timm backbone as a multi-exit model: ``backbone='<timm name>'`` (default ``resnet18``),
-    ``exit_indices``, ``head``, ``head_width``, ``global_pool`` and the backbone's timm arguments."""
-    return _create_multi_exit(GENERIC_NAME, None, pretrained, **kwargs)
-
-
-@register_model
-def resnet18_l2w(pretrained: bool = False, **kwargs: Any) -> MultiExitWrapper:
-    """ResNet-18 with exits after layer1..layer4 (pretrained=True loads timm's ResNet-18 weights)."""
-    return _create_multi_exit("resnet18_l2w", "resnet18", pretrained, **dict(dict(exit_indices=(1, 2, 3, 4)), **kwargs))
-
-
-@register_model
-def convnext_atto_l2w(pretrained: bool = False, **kwargs: Any) -> MultiExitWrapper:
-    """ConvNeXt-Atto with an exit after each of its four stages."""
-    return _create_multi_exit("convnext_atto_l2w", "convnext_atto", pretrained, **dict(dict(exit_indices=(0, 1, 2, 3)), **kwargs))
-
-
-@register_model
-def vit_tiny_l2w(pretrained: bool = False, **kwargs: Any) -> MultiExitWrapper:
-    """ViT-Tiny/16 with exits after blocks 3, 6, 9 and 12."""
-    return _create_multi_exit("vit_tiny_l2w", "vit_tiny_patch16_224", pretrained, **dict(dict(exit_indices=(2, 5, 8, 11)), **kwargs))
