@@ -124,8 +124,9 @@ def onnx_rows(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
         from timm_l2w.deploy import export_package
     except ImportError as error:
         return f"not run: {error}"
-    cuda = x.is_cuda and "CUDAExecutionProvider" in ort.get_available_providers()
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+    if x.is_cuda and "CUDAExecutionProvider" not in ort.get_available_providers():
+        return f"not run: onnxruntime {ort.__version__} has no CUDAExecutionProvider here (onnxruntime-gpu)"
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if x.is_cuda else ["CPUExecutionProvider"]
     provider = providers[0]
     size = tuple(x.shape[1:])
     cpu_model = model.cpu().eval()
@@ -221,8 +222,13 @@ def main() -> None:
             report["rows"] += torch_rows(name, model, x, y, flops, predictors, batch, args)
             write()
         if name in args.onnx:
-            info["onnx"] = onnx_rows(name, model, x, y, flops, predictors, args.batch_sizes, args, write,
-                                     report["rows"]) or "ok"
+            try:
+                info["onnx"] = onnx_rows(name, model, x, y, flops, predictors, args.batch_sizes, args, write,
+                                         report["rows"]) or "ok"
+            except Exception as error:  # the torch rows stand; say why onnxruntime did not run
+                info["onnx"] = f"failed: {type(error).__name__}: {error}"
+                model.to(args.device)
+            print(f"{name} in onnxruntime: {info['onnx']}")
             write()
     for backend in ("torch", "onnxruntime"):
         for batch in args.batch_sizes:
