@@ -56,5 +56,5 @@ def test_gpu_check_full_cpu_smoke(tmp_path):
     proc = _run(tmp_path)
     got = _check(tmp_path, proc, ["tests", "meta_step", "early_exit", "precision_higher", "precision_func",
                                   "throughput"])
-    assert (got["out"] / "early_exit_latency.json").is_file()
+    assert (got["out"] / "early_exit_latency_msdnet_l2w_cifar_tiny.json").is_file()
     assert "ratio_interval1=" in got["summary"]
