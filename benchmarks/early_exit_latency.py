@@ -30,12 +30,17 @@ import timm
 import torch
 
 import timm_l2w
+from timm_l2w import anytime_metrics, collect_exit_outputs, exit_losses, plot_curves
 from timm_l2w.data import create_datasets, create_loaders
+from timm_l2w.files import write_text_atomic
 from timm_l2w.flops import count_flops
 from timm_l2w.models.factory import create_multi_exit_model
-from timm_l2w.evaluate import anytime_metrics, collect_exit_outputs, write_text_atomic
-from timm_l2w.plot import plot_curves
-from timm_l2w.weighting import exit_losses
+
+
+def digits_loaders(batch_size: int = 64, eval_batch_size: int = 256):
+    """(train, held-out, test loaders, number of classes) of the built-in digits at 32x32, 3 channels."""
+    splits = create_datasets("digits", input_size=32, in_chans=3)
+    return (*create_loaders(splits, batch_size=batch_size, eval_batch_size=eval_batch_size), splits.num_classes)
 
 
 def short_training(model: torch.nn.Module, loader, seconds: float, device: str = "cpu") -> int:
@@ -122,13 +127,10 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(1)
 
-    splits = create_datasets("digits", input_size=32, in_chans=3)
-    train_loader, held_loader, test_loader = create_loaders(splits, batch_size=64, eval_batch_size=256)
-    model = create_multi_exit_model(args.model, num_classes=splits.num_classes, **args.model_kwargs)
+    train_loader, held_loader, test_loader, num_classes = digits_loaders()
+    model = create_multi_exit_model(args.model, num_classes=num_classes, **args.model_kwargs)
     if args.checkpoint:
-        from timm_l2w.checkpoint import load_state_dict
-
-        model.load_state_dict(load_state_dict(args.checkpoint))
+        model.load_state_dict(timm_l2w.load_state_dict(args.checkpoint))
         steps = 0
     else:
         steps = short_training(model.to(args.device), train_loader, args.train_seconds, args.device)

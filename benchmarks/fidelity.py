@@ -20,7 +20,7 @@ methods (issue 15): equal weighting with gradient equilibrium and one-for-all di
 (``uniform_ge_kd``) and L2W with distillation (``l2w_kd``). Every run's result file also holds its
 budgeted curves under the entropy and patience exit rules (``budgeted_rules``), computed from the same
 exit outputs. ``--device cuda`` trains and evaluates every run on the visible GPU
-(``benchmarks/gpu_study.sh`` runs the study that way in one prepared script).
+(``benchmarks/gpu_paper_study.sh`` runs the paper-recipe study that way in one prepared script).
 
 The summary (``summary.json``, ``summary.md``, ``l2w_vs_uniform.png``, ``gain_vs_cost.png``) works on
 whatever result files exist (it says which are missing) and compares every variant present with

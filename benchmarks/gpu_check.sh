@@ -15,75 +15,16 @@
 # Without CUDA it says so and runs a CPU-sized smoke of the same steps into benchmarks/results/gpu/cpu-smoke/
 # (tiny model, one batch, a step or two each), which tests/test_gpu_check.py runs in the default test suite.
 # GPU_CHECK_OUT=DIR writes elsewhere; GPU_CHECK_ONLY="tests throughput" runs only the steps named;
-# PYTHON=... picks the interpreter (default: .venv/bin/python if present).
-set -u
-cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-[ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
-OUT=${GPU_CHECK_OUT:-benchmarks/results/gpu}
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# GPU_CHECK_SMOKE=1 runs the smoke on a GPU machine too; PYTHON=... picks the interpreter (default:
+# .venv/bin/python if present). The preamble (wheels from .whl/, PYTHONPATH, CUDA, the steps) is steps.sh.
+NAME=gpu_check
+RESULTS=${GPU_CHECK_OUT:-benchmarks/results/gpu}
+ONLY=${GPU_CHECK_ONLY:-}
+TOTAL=
+SMOKE=${GPU_CHECK_SMOKE:-0}
 
-if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-    MODE=cuda
-    DEVICE=$("$PY" -c "import torch; print(torch.cuda.get_device_name())")
-else
-    MODE=cpu-smoke
-    DEVICE=cpu
-    OUT=$OUT/cpu-smoke
-    echo "gpu_check: no CUDA device visible to torch: running the CPU-sized smoke of the same steps"
-    echo "gpu_check: (these are not GPU results; they only show that every step runs) -> $OUT"
-fi
-mkdir -p "$OUT"
-DATASET=digits
-[ -d /usr/share/datasets/fashion-mnist ] && DATASET=fashion-mnist
-SUMMARY="$OUT/summary.md"
-STATUS="$OUT/steps.tsv"
-: > "$STATUS"
-START=$(date +%s)
-
-# step NAME LIMIT_S COMMAND...: run it with its output in NAME.log, record status and seconds
-. benchmarks/steps.sh
-step() {
-    local name=$1 limit=$2
-    shift 2
-    if [ -n "${GPU_CHECK_ONLY:-}" ] && [[ " $GPU_CHECK_ONLY " != *" $name "* ]]; then
-        printf '%s\t%s\t0\n' "$name" "not run (GPU_CHECK_ONLY)" >> "$STATUS"
-        return
-    fi
-    timed_step gpu_check "$OUT/$name.log" "$STATUS" "$name" "$limit" "$@"
-}
-
-if [ "$MODE" = cuda ]; then
-    step tests 80 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_precision.py tests/test_meta.py
-    step meta_step 60 "$PY" benchmarks/meta_step.py --device cuda --backend func --compare --rounds 5
-    step early_exit 60 "$PY" benchmarks/early_exit_latency.py --device cuda --train-seconds 15 --out-dir "$OUT"
-    step precision_higher 120 "$PY" benchmarks/meta_precision.py --device cuda --dataset "$DATASET" \
-        --precisions bf16 fp16 --batches 5 --train-steps 40 --rounds 5 --backend higher \
-        --out "$OUT/meta_precision_higher.json"
-    step precision_func 100 "$PY" benchmarks/meta_precision.py --device cuda --dataset "$DATASET" \
-        --precisions bf16 fp16 --batches 5 --train-steps 40 --rounds 5 --backend func \
-        --out "$OUT/meta_precision_func.json"
-    step throughput 100 "$PY" benchmarks/train_throughput.py --device cuda --precision bf16 \
-        --models msdnet_l2w_cifar msdnet_l2w --sizes 32 224 --batch 64 --steps 50 --intervals 1 100 \
-        --out "$OUT/train_throughput.json"
-else
-    step tests 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
-    step meta_step 120 "$PY" benchmarks/meta_step.py --device cpu --backend func --compare --rounds 1 --batch 4 \
-        --no-memory
-    step early_exit 120 "$PY" benchmarks/early_exit_latency.py --device cpu --model msdnet_l2w_cifar_tiny \
-        --train-seconds 1 --repeats 1 --qs 0.5 1.0 --batch-size 32 --out-dir "$OUT"
-    step precision_higher 150 "$PY" benchmarks/meta_precision.py --device cpu --dataset digits \
-        --precisions bf16 fp16 --batches 1 --batch 8 --train-steps 1 --rounds 0 --backend higher \
-        --out "$OUT/meta_precision_higher.json"
-    step precision_func 120 "$PY" benchmarks/meta_precision.py --device cpu --dataset digits \
-        --precisions bf16 --states init --batches 1 --batch 8 --rounds 1 --backend func \
-        --out "$OUT/meta_precision_func.json"
-    step throughput 120 "$PY" benchmarks/train_throughput.py --device cpu --precision bf16 \
-        --models msdnet_l2w_cifar_tiny --sizes 32 --batch 4 --steps 1 --warmup 1 --intervals 1 100 \
-        --out "$OUT/train_throughput.json"
-fi
-
-"$PY" - "$OUT" "$MODE" "$DEVICE" "$(( $(date +%s) - START ))" <<'EOF'
+summarize() {  # summary.md and gpu_check.json from the step table, the logs and the benchmarks' JSON files
+    "$PY" - "$RESULTS" "$MODE" "${GPU_NAME:-cpu}" "$(( $(date +%s) - T0 ))" <<'EOF'
 """summary.md and gpu_check.json from the step table, the logs and the benchmarks' JSON files."""
 import json
 import sys
@@ -136,8 +77,43 @@ if path.is_file():
 (out / "summary.md").write_text("\n".join(lines) + "\n")
 (out / "gpu_check.json").write_text(json.dumps({"mode": mode, "device": device, "seconds": seconds,
                                                 "steps": steps}, indent=2) + "\n")
-print("\n".join(lines))
 EOF
-FAILED=$(awk -F'\t' '$2 != "ok" && $2 !~ /^not run/' "$STATUS" | wc -l)
-echo "gpu_check: $MODE done in $(( $(date +%s) - START ))s, $FAILED step(s) not ok; summary: $SUMMARY"
-[ "$FAILED" -eq 0 ]
+}
+. "$(dirname "$0")/steps.sh"
+MODE=cuda
+[ "$SMOKE" = 1 ] && MODE=cpu-smoke
+DATASET=digits
+[ -d /usr/share/datasets/fashion-mnist ] && DATASET=fashion-mnist
+
+if [ "$MODE" = cuda ]; then
+    step tests 80 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_precision.py tests/test_meta.py
+    step meta_step 60 "$PY" benchmarks/meta_step.py --device cuda --backend func --compare --rounds 5
+    step early_exit 60 "$PY" benchmarks/early_exit_latency.py --device cuda --train-seconds 15 --out-dir "$RESULTS"
+    step precision_higher 120 "$PY" benchmarks/meta_precision.py --device cuda --dataset "$DATASET" \
+        --precisions bf16 fp16 --batches 5 --train-steps 40 --rounds 5 --backend higher \
+        --out "$RESULTS/meta_precision_higher.json"
+    step precision_func 100 "$PY" benchmarks/meta_precision.py --device cuda --dataset "$DATASET" \
+        --precisions bf16 fp16 --batches 5 --train-steps 40 --rounds 5 --backend func \
+        --out "$RESULTS/meta_precision_func.json"
+    step throughput 100 "$PY" benchmarks/train_throughput.py --device cuda --precision bf16 \
+        --models msdnet_l2w_cifar msdnet_l2w --sizes 32 224 --batch 64 --steps 50 --intervals 1 100 \
+        --out "$RESULTS/train_throughput.json"
+else
+    step tests 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+    step meta_step 120 "$PY" benchmarks/meta_step.py --device cpu --backend func --compare --rounds 1 --batch 4 \
+        --no-memory
+    step early_exit 120 "$PY" benchmarks/early_exit_latency.py --device cpu --model msdnet_l2w_cifar_tiny \
+        --train-seconds 1 --repeats 1 --qs 0.5 1.0 --batch-size 32 --out-dir "$RESULTS"
+    step precision_higher 150 "$PY" benchmarks/meta_precision.py --device cpu --dataset digits \
+        --precisions bf16 fp16 --batches 1 --batch 8 --train-steps 1 --rounds 0 --backend higher \
+        --out "$RESULTS/meta_precision_higher.json"
+    step precision_func 120 "$PY" benchmarks/meta_precision.py --device cpu --dataset digits \
+        --precisions bf16 --states init --batches 1 --batch 8 --rounds 1 --backend func \
+        --out "$RESULTS/meta_precision_func.json"
+    step throughput 120 "$PY" benchmarks/train_throughput.py --device cpu --precision bf16 \
+        --models msdnet_l2w_cifar_tiny --sizes 32 --batch 4 --steps 1 --warmup 1 --intervals 1 100 \
+        --out "$RESULTS/train_throughput.json"
+fi
+
+cat "$RESULTS/summary.md"
+finish

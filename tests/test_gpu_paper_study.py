@@ -1,6 +1,7 @@
-"""benchmarks/gpu_paper_study.sh: the study's plan from the measured throughput, and (slow) the script's smoke run."""
+"""benchmarks/gpu_paper_study.sh: the study's plan from the measured throughput, and the whole script's CPU smoke."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -53,18 +54,74 @@ def test_under_one_epoch_the_plan_counts_loader_batches_and_without_rows_it_assu
     assert 1 <= assumed["steps"] <= 55_000 // 1024
 
 
-@pytest.mark.slow
-def test_the_script_runs_every_step_in_its_smoke_mode(tmp_path):
-    """Without CUDA: tests, throughput, TF32 check, the study (two runs, two steps) and its summary, at tiny sizes."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "GPU_PAPER_OUT": str(tmp_path), "PYTHON": sys.executable,
+STEPS = ["tests", "throughput", "tf32", "early_exit", "study", "summary"]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """The script without CUDA: every step at tiny sizes (about a minute and a half of CPU time)."""
+    root = tmp_path_factory.mktemp("gpu_paper_study")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "GPU_PAPER_OUT": str(root), "PYTHON": sys.executable,
            "OMP_NUM_THREADS": "1"}
+    env.pop("OUT", None)
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_paper_study.sh")], env=env, capture_output=True,
-                          text=True, timeout=1500)
-    out = tmp_path / "cpu-smoke"
+                          text=True, timeout=900)
+    return proc, root / "cpu-smoke"
+
+
+def test_the_smoke_runs_every_step_in_order_and_says_it_is_no_gpu_result(smoke):
+    proc, out = smoke
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "no CUDA device" in proc.stdout and "not GPU results" in proc.stdout
     report = json.loads((out / "gpu_paper_study.json").read_text())
-    assert [s["step"] for s in report["steps"]] == ["tests", "throughput", "tf32", "study", "summary"]
+    assert report["device"] == "cpu" and report["smoke"] is True
+    assert [s["step"] for s in report["steps"]] == STEPS
     assert all(s["status"] == "ok" for s in report["steps"]), report
-    assert (out / "study" / "uniform_seed0.json").is_file() and (out / "study" / "l2w_seed0.json").is_file()
+    assert all((out / f"{name}.log").is_file() for name in STEPS)
+    assert "passed" in (out / "tests.log").read_text().strip().splitlines()[-1]
+
+
+def test_the_throughput_and_tf32_steps_write_their_tables(smoke):
+    _, out = smoke
+    rows = json.loads((out / "train_throughput.json").read_text())["rows"]
+    assert {(r["weighting"], r["meta_interval"], r["mode"]) for r in rows} >= {("uniform", None, "eager"),
+                                                                              ("l2w", 1, "eager"), ("l2w", 4, "graphs")}
+    assert all(r["images_per_s"] > 0 and r["time_over_uniform"] > 0 for r in rows)
+    tf32 = json.loads((out / "tf32_precision.json").read_text())
+    assert "tf32_safe" in tf32 and tf32["verdict"] and tf32["summary"]
+
+
+def test_the_early_exit_step_writes_speed_up_and_efficiency_per_model_batch_and_budget(smoke):
+    _, out = smoke
+    report = json.loads((out / "early_exit_batches.json").read_text())
+    assert report["device"] == "cpu" and report["batch_sizes"] == [1, 8] and len(report["qs"]) == 3
+    assert set(report["models"]) == {"msdnet_l2w_cifar_tiny", "resnet18"}
+    assert report["models"]["resnet18"]["onnx"] == "ok" and report["models"]["msdnet_l2w_cifar_tiny"]["onnx"] is None
+    rows = report["rows"]
+    keys = {(r["model"], r["backend"], r["batch"], r["q"]) for r in rows}
+    expected = {(m, "torch", b, q) for m in report["models"] for b in (1, 8) for q in report["qs"]}
+    expected |= {("resnet18", "onnxruntime", b, q) for b in (1, 8) for q in report["qs"]}
+    assert keys == expected and len(rows) == len(expected)
+    for r in rows:
+        assert r["time_full_s"] > 0 and r["time_early_s"] > 0 and r["promise"] >= 1.0
+        assert r["speedup"] == pytest.approx(r["time_full_s"] / r["time_early_s"])
+        assert r["efficiency"] == pytest.approx(r["speedup"] / r["promise"])
+        assert sum(r["exit_fractions"]) == pytest.approx(1.0) and r["syncs_per_batch"] is None  # counted on CUDA only
+    assert rows[0]["provider"] is None and {r["provider"] for r in rows if r["backend"] == "onnxruntime"} == {
+        "CPUExecutionProvider"}
+    assert all(f"min_efficiency_torch_batch{b}" in report for b in (1, 8))
+    with open(out / "early_exit_batches.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows) and {"speedup", "efficiency", "promise", "syncs_per_batch"} <= set(table[0])
+
+
+def test_the_study_trains_both_weightings_and_the_summary_has_every_section(smoke):
+    _, out = smoke
+    assert "steps" in json.loads((out / "study_plan.json").read_text())
+    for name in ("uniform_seed0.json", "l2w_seed0.json"):
+        assert json.loads((out / "study" / name).read_text())
     summary = (out / "summary.md").read_text()
-    assert "## train_throughput.py" in summary and "## tf32_precision.py" in summary and "## study" in summary
+    for section in ("## tests", "## train_throughput.py", "## tf32_precision.py", "## early_exit_batches.py",
+                    "## study plan", "## study (benchmarks/fidelity.py --summarize-only)"):
+        assert section in summary, section
+    assert "| resnet18 | onnxruntime (CPUExecutionProvider) | 8 |" in summary
