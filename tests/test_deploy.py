@@ -21,8 +21,9 @@ import timm
 import torch
 
 import timm_l2w  # noqa: F401  (registers the models)
-from timm_l2w.deploy import export_package, preprocess_from_loader
-from timm_l2w.evaluate import ExitOutputs
+from timm_l2w.deploy import export_package
+from timm_l2w.preprocessing import preprocess_from_loader
+from timm_l2w.evaluation import ExitOutputs
 from timm_l2w.inference import EarlyExitPredictor
 from timm_l2w.models.base import MultiExitModel
 from timm_l2w_runtime import EarlyExitRuntime, PackageError, PolicyError, preprocess_image, read_policy
@@ -323,7 +324,7 @@ def test_train_eval_export_predict_from_the_command_line(tmp_path, capsys):
 
     from timm_l2w.data import create_eval_loaders
     from timm_l2w.deploy.export import main as export_main
-    from timm_l2w.evaluate import main as eval_main
+    from timm_l2w.cli.eval import main as eval_main
     from timm_l2w.train import main as train_main
 
     run, ev, package = tmp_path / "run", tmp_path / "eval", tmp_path / "package"
@@ -370,7 +371,7 @@ def test_train_eval_export_predict_from_the_command_line(tmp_path, capsys):
     (["--q", "-1"], "q"),
 ])
 def test_eval_policy_flags_are_checked_first(flags, message, capsys):
-    from timm_l2w.evaluate import main as eval_main
+    from timm_l2w.cli.eval import main as eval_main
 
     assert eval_main(["--model", "msdnet_l2w_cifar_tiny", "--output", "unused", *flags]) == 2
     err = capsys.readouterr().err

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from timm_l2w.evaluate import ExitOutputs, budgeted_evaluation
+from timm_l2w.evaluation import ExitOutputs, budgeted_evaluation
 from timm_l2w.exits import (
     agreement_run_lengths,
     calibrate_entropy_thresholds_batch,

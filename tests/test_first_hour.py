@@ -175,7 +175,7 @@ def test_a_checkpoint_that_cannot_be_placed_on_this_device_is_not_called_damaged
 
 
 def test_eval_takes_the_model_from_the_checkpoint_metadata(tmp_path, capsys):
-    from timm_l2w.evaluate import main as eval_main
+    from timm_l2w.cli.eval import main as eval_main
 
     model = timm.create_model("msdnet_l2w_cifar_tiny", num_classes=10)
     ckpt = timm_l2w.save_safetensors(model, tmp_path / "model.safetensors")  # records model and num_classes
@@ -334,7 +334,7 @@ def test_model_file_records_class_names_and_data_and_eval_uses_them(tmp_path, ca
 
 
 def eval_main_cli(argv):
-    from timm_l2w.evaluate import main as eval_main
+    from timm_l2w.cli.eval import main as eval_main
 
     return eval_main(argv)
 
@@ -404,15 +404,29 @@ def test_eps_warning_during_training(tmp_path):
 
 
 def test_no_import_circles_between_the_command_modules():
-    """validation sits below checkpoint, train below evaluate's command line: neither imports the other back."""
+    """validation sits below checkpoint, train below eval's command line: neither imports the other back;
+    evaluation sits below inference and never imports it back."""
     import ast
 
     def imported(module: str) -> set:
-        tree = ast.parse((ROOT / "timm_l2w" / f"{module}.py").read_text())
-        return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
+        """``module`` (a dotted path below timm_l2w) imports these, as absolute names below timm_l2w."""
+        path = ROOT / "timm_l2w" / Path(*module.split("."))
+        path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+        package = module.split(".")[:-1] if path.name != "__init__.py" else module.split(".")
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level >= 1:
+                base = package[: len(package) - (node.level - 1)]
+                names.add(".".join(base + ([node.module] if node.module else [])))
+        return names
+
+    def package_imports(folder: str) -> set:
+        return {m for f in (ROOT / "timm_l2w" / folder).glob("*.py") for m in imported(f"{folder}.{f.stem}")}
 
     assert "checkpoint" not in imported("validation") and "validation" in imported("checkpoint")
-    assert "train" not in imported("evaluate") and "cli.common" in imported("evaluate") & imported("train")
+    assert "train" not in imported("cli.eval") and "cli.common" in imported("cli.eval") & imported("train")
+    # evaluation is below inference: evaluate -> policy -> predictor -> evaluate is no circle any more
+    assert not any(m.startswith(("inference", "cli", "training", "deploy", "study")) for m in package_imports("evaluation"))
+    assert not any(m.startswith(("cli", "training", "deploy", "study")) for m in package_imports("inference"))
     # the policy's preprocessing sits below both the predictor and the policy writer
-    assert not any(m and m.startswith("deploy") for m in imported("inference"))
-    assert "preprocessing" in imported("inference")
+    assert "preprocessing" in imported("inference.predictor") & imported("inference.policy")

@@ -6,7 +6,7 @@ writes and both ``EarlyExitPredictor.load`` and the ONNX runtime read. Keys:
 * ``format`` (``"timm_l2w.exit_policy"``) and ``version`` (1).
 * ``model`` (timm name or ``null``), ``num_exits``, ``num_classes``: the model it was calibrated
   for; loading it for another model is an error.
-* ``rule``: ``"confidence"`` (leave at exit k when the max softmax is ``>= thresholds[k]``),
+* ``rule``: the name of an exit rule of :mod:`timm_l2w_runtime.rules`: ``"confidence"`` (leave at exit k when the max softmax is ``>= thresholds[k]``),
   ``"entropy"`` (leave when the predictive entropy is ``<= thresholds[k]``) or ``"patience"``
   (leave once ``patience`` consecutive exits predict the same class). ``thresholds`` holds one
   number per exit (``"inf"`` / ``"-inf"`` as strings, since JSON has no infinity; the last is
@@ -18,7 +18,7 @@ writes and both ``EarlyExitPredictor.load`` and the ONNX runtime read. Keys:
 * ``class_names``: one name per class, or ``null``.
 * ``preprocess``: how an image file becomes model input (see :func:`check_preprocess`).
 
-This module uses the standard library only, so the runtime can read policies without PyTorch.
+This module needs no PyTorch (the standard library and the numpy rule registry), so the runtime reads policies.
 """
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
+from .rules import EXIT_RULES, RULES
+
 __all__ = [
     "POLICY_FORMAT", "POLICY_VERSION", "EXIT_RULES", "PolicyError",
     "check_policy", "check_preprocess", "read_policy", "write_policy", "policy_json", "check_policy_fits",
@@ -37,7 +39,6 @@ __all__ = [
 
 POLICY_FORMAT = "timm_l2w.exit_policy"
 POLICY_VERSION = 1
-EXIT_RULES = ("confidence", "entropy", "patience")
 RESIZE_MODES = ("stretch", "shorter_side")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 PathLike = Union[str, "os.PathLike[str]"]
@@ -125,7 +126,7 @@ def check_policy(policy: Mapping[str, Any], source: str = "policy") -> Dict[str,
     if rule not in EXIT_RULES:
         raise PolicyError(f"{source}: rule must be one of {EXIT_RULES}, got {rule!r}")
     thresholds, patience = policy.get("thresholds"), policy.get("patience")
-    if rule == "patience":
+    if RULES[rule].parameter == "patience":
         patience = _positive_int(patience, f"{source}: patience")
         thresholds = None
     else:

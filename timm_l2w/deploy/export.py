@@ -35,7 +35,7 @@ from timm_l2w_runtime.runtime import MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VE
 
 from ..files import write_json_atomic
 from ..models.base import unwrap_model
-from .policy import model_name
+from ..preprocessing import model_name
 
 __all__ = ["export_package", "main"]
 
@@ -298,7 +298,8 @@ def _run(args: argparse.Namespace) -> Path:
 
     import timm_l2w  # noqa: F401  (registers the models)
     from ..checkpoint import read_metadata
-    from ..evaluate import _load_weights, _model_from_metadata
+    from ..cli.eval import model_from_metadata as _model_from_metadata
+    from ..evaluation.results import load_weights as _load_weights
 
     policy = read_policy(args.policy)
     args.num_classes = None
