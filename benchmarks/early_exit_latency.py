@@ -33,8 +33,8 @@ import timm_l2w
 from timm_l2w.data import create_datasets, create_loaders
 from timm_l2w.flops import count_flops
 from timm_l2w.train import create_multi_exit_model
-from timm_l2w.evaluate import anytime_metrics, collect_exit_outputs, write_text_atomic
-from timm_l2w.plot import plot_curves
+from timm_l2w.evaluation import anytime_metrics, collect_exit_outputs, plot_curves
+from timm_l2w.files import write_text_atomic
 from timm_l2w.weighting import exit_losses
 
 
