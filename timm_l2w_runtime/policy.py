@@ -29,10 +29,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
-from .rules import EXIT_RULES, RULES
+from .rules import RULES
 
 __all__ = [
-    "POLICY_FORMAT", "POLICY_VERSION", "EXIT_RULES", "PolicyError",
+    "POLICY_FORMAT", "POLICY_VERSION", "PolicyError",
     "check_policy", "check_preprocess", "read_policy", "write_policy", "policy_json", "check_policy_fits",
     "write_text_atomic",
 ]
@@ -123,8 +123,8 @@ def check_policy(policy: Mapping[str, Any], source: str = "policy") -> Dict[str,
     num_exits = _positive_int(policy.get("num_exits"), f"{source}: num_exits")
     num_classes = _positive_int(policy.get("num_classes"), f"{source}: num_classes")
     rule = policy.get("rule")
-    if rule not in EXIT_RULES:
-        raise PolicyError(f"{source}: rule must be one of {EXIT_RULES}, got {rule!r}")
+    if not isinstance(rule, str) or rule not in RULES:
+        raise PolicyError(f"{source}: rule must be one of {tuple(RULES)}, got {rule!r}")
     thresholds, patience = policy.get("thresholds"), policy.get("patience")
     if RULES[rule].parameter == "patience":
         patience = _positive_int(patience, f"{source}: patience")

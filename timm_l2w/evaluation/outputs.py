@@ -7,17 +7,19 @@ keeps, per sample and exit, the max softmax, the prediction, top-5 hits, the los
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..exits import ExitRule, exit_confidence, exit_rule, predictive_entropy
+from ..exits import RULES, ExitRule, exit_confidence, exit_rule, predictive_entropy
 from ..models.base import check_multi_exit_output, unwrap_model
 from ..validation import check_labels
 
 __all__ = ["ExitOutputs", "collect_exit_outputs", "batch_xy"]
+
+_FIELDS = ("confidences", "predictions", "entropies")  # the exit rules' signals every ExitOutputs has a field for
 
 
 @dataclass
@@ -27,7 +29,10 @@ class ExitOutputs:
     ``confidences`` [N, K] float (max softmax), ``predictions`` [N, K] long, ``top5`` [N, K] bool
     (target among the 5 highest logits), ``losses`` [N, K] float (cross-entropy), ``targets`` [N] long;
     ``input_size`` (C, H, W) of the images when known (set by :func:`collect_exit_outputs`);
-    ``entropies`` [N, K] float (predictive entropy, for the ``'entropy'`` exit rule) when known.
+    ``entropies`` [N, K] float (predictive entropy, for the ``'entropy'`` exit rule) when known;
+    ``signals``: the ``[N, K]`` table of every registered exit rule whose
+    :attr:`~timm_l2w.exits.ExitRule.signal` is none of these fields, by signal name (filled by
+    :meth:`from_logits` with :meth:`~timm_l2w.exits.ExitRule.score`; ``None`` when there is none).
     """
 
     confidences: Tensor
@@ -37,6 +42,7 @@ class ExitOutputs:
     targets: Tensor
     input_size: Optional[Tuple[int, ...]] = None
     entropies: Optional[Tensor] = None
+    signals: Optional[Dict[str, Tensor]] = None
 
     def __post_init__(self) -> None:
         if self.input_size is not None:
@@ -49,6 +55,9 @@ class ExitOutputs:
         for name in ("predictions", "top5", "losses", "entropies"):
             if getattr(self, name) is not None and tuple(getattr(self, name).shape) != (n, k):
                 raise ValueError(f"ExitOutputs.{name} has shape {tuple(getattr(self, name).shape)}, expected {(n, k)}")
+        for name, table in (self.signals or {}).items():
+            if tuple(table.shape) != (n, k):
+                raise ValueError(f"ExitOutputs.signals[{name!r}] has shape {tuple(table.shape)}, expected {(n, k)}")
         if tuple(self.targets.shape) != (n,):
             raise ValueError(f"ExitOutputs.targets has shape {tuple(self.targets.shape)}, expected {(n,)}")
         self.targets = check_labels(self.targets, batch=n, name="ExitOutputs.targets")
@@ -70,7 +79,7 @@ class ExitOutputs:
         """The ``[N, K]`` table the exit rule reads (:attr:`timm_l2w.exits.ExitRule.signal`); ``name``
         says which outputs they are in the error when these outputs do not carry it."""
         rule = exit_rule(rule)
-        value = getattr(self, rule.signal)
+        value = getattr(self, rule.signal) if rule.signal in _FIELDS else (self.signals or {}).get(rule.signal)
         if value is None:
             raise ValueError(f"the {name} outputs carry no {rule.signal} (ExitOutputs built without them): collect "
                              f"them with collect_exit_outputs or ExitOutputs.from_logits for the {rule.name!r} exit rule")
@@ -83,6 +92,7 @@ class ExitOutputs:
         batch, num_classes = logits[0].shape[0], logits[0].shape[-1]
         targets = check_labels(targets, num_classes, batch, "targets").to(logits[0].device)
         conf, pred, top5, loss, ent = [], [], [], [], []
+        extra = {rule.signal: (rule, []) for rule in RULES.values() if rule.signal not in _FIELDS}
         for out in logits:
             out = out.detach().float()
             c, p = exit_confidence(out)
@@ -92,8 +102,11 @@ class ExitOutputs:
             top5.append((top == targets[:, None]).any(dim=1))
             loss.append(F.cross_entropy(out, targets, reduction="none"))
             ent.append(predictive_entropy(out))
+            for rule, values in extra.values():
+                values.append(rule.score(out))
         conf, pred, top5, loss, ent = (torch.stack(v, dim=1).cpu() for v in (conf, pred, top5, loss, ent))
-        return cls(conf, pred, top5, loss, targets.cpu(), entropies=ent)
+        signals = {name: torch.stack(values, dim=1).cpu() for name, (_, values) in extra.items()}
+        return cls(conf, pred, top5, loss, targets.cpu(), entropies=ent, signals=signals or None)
 
     @classmethod
     def cat(cls, parts: Sequence["ExitOutputs"]) -> "ExitOutputs":
@@ -103,9 +116,11 @@ class ExitOutputs:
         fields = ("confidences", "predictions", "top5", "losses", "targets")
         sizes = {p.input_size for p in parts}
         with_entropy = all(p.entropies is not None for p in parts)
+        names = set.intersection(*(set(p.signals or {}) for p in parts))
         return cls(*(torch.cat([getattr(p, f) for p in parts]) for f in fields),
                    input_size=sizes.pop() if len(sizes) == 1 else None,
-                   entropies=torch.cat([p.entropies for p in parts]) if with_entropy else None)
+                   entropies=torch.cat([p.entropies for p in parts]) if with_entropy else None,
+                   signals={n: torch.cat([p.signals[n] for p in parts]) for n in sorted(names)} or None)
 
 
 def batch_xy(batch: Any) -> Tuple[Tensor, Tensor]:

@@ -17,6 +17,8 @@ patience):
 
 * :attr:`~ExitRule.name`: its name in the registry, the ``--exit-rule`` flag and the policy file;
   :attr:`~ExitRule.parameter`: ``'thresholds'`` (calibrated for exit distributions) or ``'patience'``.
+* :meth:`~ExitRule.score`: its signal for one exit's logits (how :class:`timm_l2w.ExitOutputs` fills
+  the table of a rule whose signal is none of its fields).
 * :meth:`~ExitRule.calibrate`: thresholds ``[B, K]`` on held-out signals for a batch of distributions.
 * :meth:`~ExitRule.exits`: the exit of every sample (``[N]``, or ``[B, N]`` for a batch of params).
 * :meth:`~ExitRule.check_params`: the predictor's parameters, checked.
@@ -125,6 +127,10 @@ class ExitRule:
         """Whether its thresholds are calibrated for exit distributions (else its parameter is the budget)."""
         return self.parameter == "thresholds"
 
+    def score(self, logits: Tensor) -> Tensor:
+        """Its signal for one exit: ``[B]`` from that exit's ``[B, C]`` logits (a column of the ``[N, K]`` table)."""
+        raise NotImplementedError
+
     def calibrate(self, signal: Tensor, distributions: Tensor | Sequence[Sequence[float]]) -> Tensor:
         """Thresholds ``[B, K]`` calibrated on the held-out ``signal`` ``[N, K]`` for every distribution."""
         raise ValueError(f"the {self.name!r} exit rule has no thresholds to calibrate")
@@ -172,6 +178,9 @@ class ConfidenceRule(ExitRule):
     name = "confidence"
     signal = "confidences"
 
+    def score(self, logits: Tensor) -> Tensor:
+        return exit_confidence(logits)[0]
+
     def calibrate(self, signal: Tensor, distributions: Tensor | Sequence[Sequence[float]]) -> Tensor:
         return calibrate_thresholds_batch(signal, distributions)
 
@@ -188,6 +197,9 @@ class EntropyRule(ExitRule):
 
     name = "entropy"
     signal = "entropies"
+
+    def score(self, logits: Tensor) -> Tensor:
+        return predictive_entropy(logits)
 
     def calibrate(self, signal: Tensor, distributions: Tensor | Sequence[Sequence[float]]) -> Tensor:
         return calibrate_entropy_thresholds_batch(signal, distributions)
@@ -207,6 +219,9 @@ class PatienceRule(ExitRule):
     name = "patience"
     signal = "predictions"
     parameter = "patience"
+
+    def score(self, logits: Tensor) -> Tensor:
+        return exit_confidence(logits)[1]
 
     def exits(self, signal: Tensor, params: Any) -> Tensor:
         return exit_by_patience(signal, params)
