@@ -6,11 +6,12 @@ writes and both ``EarlyExitPredictor.load`` and the ONNX runtime read. Keys:
 * ``format`` (``"timm_l2w.exit_policy"``) and ``version`` (1).
 * ``model`` (timm name or ``null``), ``num_exits``, ``num_classes``: the model it was calibrated
   for; loading it for another model is an error.
-* ``rule``: the name of an exit rule of :mod:`timm_l2w_runtime.rules`: ``"confidence"`` (leave at exit k when the max softmax is ``>= thresholds[k]``),
-  ``"entropy"`` (leave when the predictive entropy is ``<= thresholds[k]``) or ``"patience"``
-  (leave once ``patience`` consecutive exits predict the same class). ``thresholds`` holds one
-  number per exit (``"inf"`` / ``"-inf"`` as strings, since JSON has no infinity; the last is
-  ignored: the last exit takes every sample left); ``patience`` is an integer or ``null``.
+* ``rule``: the name of an exit rule (:mod:`timm_l2w_runtime.rules`): ``"confidence"`` (leave at
+  exit k when the max softmax is ``>= thresholds[k]``), ``"entropy"`` (leave when the predictive
+  entropy is ``<= thresholds[k]``) or ``"patience"`` (leave once ``patience`` consecutive exits
+  predict the same class). ``thresholds`` holds one number per exit (``"inf"`` / ``"-inf"`` as
+  strings, since JSON has no infinity; the last is ignored: the last exit takes every sample left);
+  ``patience`` is an integer or ``null``.
 * ``flops``: cumulative FLOPs to each exit for one image of ``flops_input_size`` (C, H, W).
 * ``budget``: what it was calibrated for (``{"q": 0.5}``, ``{"flops": 1.2e7}``,
   ``{"distribution": [...]}`` or ``{}``); ``expected_flops``: the mean FLOPs per image it gave

@@ -22,7 +22,7 @@ import numpy as np
 
 from .images import find_images, preprocess_files
 from .policy import check_policy_fits, read_json, read_policy
-from .rules import exit_confidence, exit_rule, predictive_entropy
+from .rules import exit_confidence, exit_rule
 
 __all__ = [
     "MANIFEST_FORMAT", "MANIFEST_VERSION", "MANIFEST_FILE", "POLICY_FILE", "PackageError",

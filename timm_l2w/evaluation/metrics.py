@@ -133,7 +133,7 @@ def budgeted_evaluation(
     test: ExitOutputs,
     flops: Sequence[float] | Tensor,
     distributions: Tensor | Sequence[Sequence[float]] | None = None,
-    rule: str = "confidence",
+    rule: str | ExitRule = "confidence",
     patience: Sequence[int] | Tensor | None = None,
 ) -> BudgetedResults:
     """The paper's budgeted (dynamic) evaluation for every distribution at once, vectorised.

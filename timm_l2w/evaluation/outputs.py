@@ -81,8 +81,9 @@ class ExitOutputs:
         rule = exit_rule(rule)
         value = getattr(self, rule.signal) if rule.signal in _FIELDS else (self.signals or {}).get(rule.signal)
         if value is None:
-            raise ValueError(f"the {name} outputs carry no {rule.signal} (ExitOutputs built without them): collect "
-                             f"them with collect_exit_outputs or ExitOutputs.from_logits for the {rule.name!r} exit rule")
+            raise ValueError(f"the {name} outputs carry no {rule.signal} (ExitOutputs built without them): "
+                             f"collect them with collect_exit_outputs or ExitOutputs.from_logits for the "
+                             f"{rule.name!r} exit rule")
         return value
 
     @classmethod

@@ -68,7 +68,8 @@ def calibrate_entropy_thresholds_batch(entropies: Tensor, distributions: Tensor 
 
 
 def exit_by_entropy(entropies: Tensor, thresholds: Tensor | Sequence[float]) -> Tensor:
-    """Exit of every sample: the first k with ``entropies[i, k] <= T_k`` (``[K]`` -> ``[N]``, ``[B, K]`` -> ``[B, N]``)."""
+    """Exit of every sample: the first k with ``entropies[i, k] <= T_k``
+    (``[K]`` -> ``[N]``, ``[B, K]`` -> ``[B, N]``)."""
     check_scores(entropies, "entropies")
     thresholds = torch.as_tensor(thresholds, dtype=torch.float64)
     return exit_by_threshold(-entropies, -thresholds)
@@ -144,7 +145,8 @@ class ExitRule:
         if patience is not None:
             raise ValueError(f"patience= is for rule='patience', not {self.name!r}")
         if thresholds is None:
-            raise ValueError(f"rule={self.name!r} needs one threshold per exit: use EarlyExitPredictor.from_distribution")
+            raise ValueError(f"rule={self.name!r} needs one threshold per exit: "
+                             "use EarlyExitPredictor.from_distribution")
         t = torch.as_tensor(thresholds, dtype=torch.float64).detach().cpu()
         if t.ndim != 1 or t.numel() != num_exits:
             raise ValueError(
