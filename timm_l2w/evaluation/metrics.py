@@ -142,9 +142,10 @@ def budgeted_evaluation(
     q = j/20) and applied on ``test``; expected FLOPs are ``sum_k fraction_k * flops_k``. ``flops``
     from ``timm_l2w.exit_flops(model, test.input_size)``: FLOPs counted at another image size are refused.
 
-    ``rule`` (:data:`timm_l2w.exits.EXIT_RULES`, or an :class:`~timm_l2w.exits.ExitRule`): ``'confidence'`` (max softmax, the paper's),
-    ``'entropy'`` (thresholds on the predictive entropy, calibrated the same way) or ``'patience'``
-    (no calibration: one budget per patience value, default ``1..K``; ``distributions`` not allowed).
+    ``rule`` (a name of :data:`timm_l2w.exits.EXIT_RULES` or an :class:`~timm_l2w.exits.ExitRule`):
+    ``'confidence'`` (max softmax, the paper's), ``'entropy'`` (thresholds on the predictive entropy,
+    calibrated the same way) or ``'patience'`` (no calibration: one budget per patience value, default
+    ``1..K``; ``distributions`` not allowed).
     """
     rule = exit_rule(rule)
     for name, value in (("heldout", heldout), ("test", test)):
