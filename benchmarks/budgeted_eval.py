@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from timm_l2w.evaluate import ExitOutputs, budgeted_evaluation, write_text_atomic
+from timm_l2w.evaluation import ExitOutputs, budgeted_evaluation
+from timm_l2w.files import write_text_atomic
 from timm_l2w.exits import paper_distributions
 
 

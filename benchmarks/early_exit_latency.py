@@ -30,10 +30,11 @@ import timm
 import torch
 
 import timm_l2w
-from timm_l2w import anytime_metrics, collect_exit_outputs, exit_losses, plot_curves
+from timm_l2w.evaluation import anytime_metrics, collect_exit_outputs, plot_curves
 from timm_l2w.data import create_datasets, create_loaders
 from timm_l2w.files import write_text_atomic
 from timm_l2w.flops import count_flops
+from timm_l2w.weighting import exit_losses
 from timm_l2w.models.factory import create_multi_exit_model
 
 

@@ -43,7 +43,7 @@ from early_exit_latency import short_training  # noqa: E402
 import timm_l2w  # noqa: E402
 from timm_l2w.data import create_datasets, create_loaders  # noqa: E402
 from timm_l2w.deploy import export_package  # noqa: E402
-from timm_l2w.evaluate import collect_exit_outputs  # noqa: E402
+from timm_l2w.evaluation import collect_exit_outputs  # noqa: E402
 from timm_l2w.files import write_text_atomic  # noqa: E402
 from timm_l2w.flops import MODULE_FLOP_COUNTERS  # noqa: E402
 from timm_l2w_runtime import EarlyExitRuntime  # noqa: E402

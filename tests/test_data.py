@@ -189,7 +189,7 @@ def test_imagenet_style_train_and_val_folders(tmp_path):
 
 
 def test_image_folder_routes_through_train_and_eval(tmp_path, capsys):
-    from timm_l2w.evaluate import main as eval_main
+    from timm_l2w.cli.eval import main as eval_main
     from timm_l2w.cli.train import main as train_main
 
     root = tmp_path / "tree"
@@ -210,7 +210,7 @@ def test_image_folder_routes_through_train_and_eval(tmp_path, capsys):
 
 
 def test_cifar100_python_batches_route_through_train_and_eval(cifar100_dir, tmp_path, capsys):
-    from timm_l2w.evaluate import main as eval_main
+    from timm_l2w.cli.eval import main as eval_main
     from timm_l2w.cli.train import main as train_main
 
     splits = create_datasets("torch/cifar100", data_dir=str(cifar100_dir), input_size=32, held_out=40)

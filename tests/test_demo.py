@@ -15,7 +15,7 @@ import torch
 from timm_l2w.cli.demo import main as demo_main
 from timm_l2w.data import DIGITS_AFFINE_COPIES, create_datasets
 from timm_l2w.study.stats import paired_bootstrap
-from timm_l2w.plot import plot_curves
+from timm_l2w.evaluation import plot_curves
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ddp_check import register_tiny  # noqa: E402

@@ -21,11 +21,14 @@ import timm
 import torch
 
 import timm_l2w  # noqa: F401  (registers the models)
-from timm_l2w.deploy import export_package, preprocess_from_loader
-from timm_l2w.evaluate import ExitOutputs
+from timm_l2w.deploy import export_package
+from timm_l2w.preprocessing import preprocess_from_loader
+from timm_l2w.evaluation import ExitOutputs
+from timm_l2w.exits import RULES, exit_confidence, exit_rule
 from timm_l2w.inference import EarlyExitPredictor
 from timm_l2w.models.base import MultiExitModel
 from timm_l2w_runtime import EarlyExitRuntime, PackageError, PolicyError, preprocess_image, read_policy
+from timm_l2w_runtime import rules as numpy_rules
 
 SIZE = (3, 32, 32)
 MODELS = {
@@ -59,8 +62,8 @@ RUNTIME_SCRIPT = textwrap.dedent("""
 
 
 def _predictor(model, calibration: ExitOutputs, rule: str, budget) -> EarlyExitPredictor:
-    if rule == "patience":
-        return EarlyExitPredictor(model, rule="patience", patience=budget)
+    if not exit_rule(rule).calibrated:
+        return EarlyExitPredictor(model, rule=rule, patience=budget)
     return EarlyExitPredictor.from_distribution(model, calibration, budget, rule=rule)
 
 
@@ -123,6 +126,45 @@ def test_runtime_without_torch_equals_early_exit_predictor(exported):
         if i < 3:  # the three budgets send samples to several exits (a real early exit at batch > 1)
             assert len(set(want.exit_index.tolist())) > 1, POLICIES[i]
     assert len(seen_exits) == exported.predictors[0].num_exits
+
+
+def test_the_two_rule_registries_are_twins():
+    """Every exit rule exists on both sides (torch, numpy) with the same parameter, and the runtime test above
+    exports a policy of each."""
+    assert tuple(RULES) == numpy_rules.EXIT_RULES and {rule for rule, _ in POLICIES} == set(RULES)
+    for name, rule in RULES.items():
+        twin = numpy_rules.exit_rule(name)
+        assert (twin.name, twin.parameter) == (rule.name, rule.parameter)
+    with pytest.raises(ValueError, match="unknown exit rule"):
+        numpy_rules.exit_rule("margin")
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_the_two_rules_decide_alike_stage_by_stage(name):
+    """Each registered rule and its numpy twin leave the same samples at every exit, memory and cuts included."""
+    gen = torch.Generator().manual_seed(3)
+    num_exits, n = 4, 200
+    logits = torch.randn(num_exits, n, 5, generator=gen) * torch.linspace(0.5, 3, num_exits)[:, None, None]
+    logits[1:, : n // 2] = logits[:1, : n // 2]  # half the samples agree at every exit (patience)
+    rule, twin = RULES[name], numpy_rules.exit_rule(name)
+    if rule.calibrated:
+        signal = ExitOutputs.from_logits(list(logits), torch.zeros(n, dtype=torch.long)).signal(rule)
+        params = rule.calibrate(signal, [[0.3, 0.3, 0.2, 0.2]])[0].tolist()
+    else:
+        params = 2
+    memory = twin_memory = None
+    active = torch.arange(n)
+    for k in range(num_exits - 1):
+        z = logits[k, active]
+        conf, pred = exit_confidence(z)
+        leave, memory = rule.leave(k, z, conf, pred, params, memory)
+        np_conf, np_pred = numpy_rules.exit_confidence(z.numpy())
+        np_leave, twin_memory = twin.leave(k, z.numpy(), np_conf, np_pred, params, twin_memory)
+        np.testing.assert_array_equal(np_leave, leave.numpy(), err_msg=f"{name}, exit {k}")
+        stay = ~leave
+        memory, twin_memory = rule.keep(memory, stay), twin.keep(twin_memory, np.flatnonzero(stay.numpy()))
+        active = active[stay]
+    assert 0 < len(active) < n // 2, name  # real decisions: most samples left early, some reached the last exit
 
 
 def test_manifest_describes_the_stage_graphs(exported):
@@ -323,7 +365,7 @@ def test_train_eval_export_predict_from_the_command_line(tmp_path, capsys):
 
     from timm_l2w.data import create_eval_loaders
     from timm_l2w.cli.export import main as export_main
-    from timm_l2w.evaluate import main as eval_main
+    from timm_l2w.cli.eval import main as eval_main
     from timm_l2w.cli.train import main as train_main
 
     run, ev, package = tmp_path / "run", tmp_path / "eval", tmp_path / "package"
@@ -370,7 +412,7 @@ def test_train_eval_export_predict_from_the_command_line(tmp_path, capsys):
     (["--q", "-1"], "q"),
 ])
 def test_eval_policy_flags_are_checked_first(flags, message, capsys):
-    from timm_l2w.evaluate import main as eval_main
+    from timm_l2w.cli.eval import main as eval_main
 
     assert eval_main(["--model", "msdnet_l2w_cifar_tiny", "--output", "unused", *flags]) == 2
     err = capsys.readouterr().err

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from timm_l2w.evaluate import (
+from timm_l2w.evaluation import (
     ExitOutputs,
     anytime_metrics,
     budgeted_evaluation,
@@ -156,7 +156,7 @@ def test_save_results_and_plot(tmp_path):
     data = json.loads(paths["json"].read_text())  # strict JSON: no bare Infinity
     assert data["model"] == "tiny" and data["budgeted"][0]["threshold_3"] == "-inf"
     assert data["anytime"][2]["top1"] == pytest.approx(anytime[2]["top1"])
-    from timm_l2w.plot import plot_budgeted
+    from timm_l2w.evaluation import plot_budgeted
 
     png = plot_budgeted({"a": res, "b": res.rows()[::2]}, tmp_path / "p.png", anytime={"a": anytime})
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

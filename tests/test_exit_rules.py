@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from timm_l2w.evaluate import ExitOutputs, budgeted_evaluation
+from timm_l2w.evaluation import ExitOutputs, budgeted_evaluation
 from timm_l2w.exits import (
     agreement_run_lengths,
     calibrate_entropy_thresholds_batch,
@@ -190,6 +190,41 @@ def test_predictor_rule_arguments_and_flops_budget():
     assert pred.rule == "patience" and 1 <= pred.patience <= 3
     ent = EarlyExitPredictor.from_flops_budget(model, calib, [1.0, 2.0, 3.0], 2.0, rule="entropy")
     assert ent.rule == "entropy" and ent.thresholds.shape == (3,)
+
+
+def test_a_new_rule_is_one_class_in_the_registry(monkeypatch):
+    """The walkthrough of docs/architecture.md: a rule defined and registered on its own (a top-2 margin,
+    with a signal ExitOutputs has no field for) works in budgeted evaluation and in the predictor."""
+    from timm_l2w.exits import RULES, ExitRule, calibrate_thresholds_batch, exit_by_threshold
+
+    class MarginRule(ExitRule):
+        name, signal = "margin", "margins"
+
+        def score(self, logits):
+            top = torch.softmax(logits.detach().float(), dim=-1).topk(2, dim=-1).values
+            return top[..., 0] - top[..., 1]
+
+        def calibrate(self, signal, distributions):
+            return calibrate_thresholds_batch(signal, distributions)
+
+        def exits(self, signal, params):
+            return exit_by_threshold(signal, params)
+
+        def leave(self, k, logits, conf, pred, params, memory=None):
+            return self.score(logits).double() >= params[k], None
+
+    monkeypatch.setitem(RULES, "margin", MarginRule())
+    torch.manual_seed(3)
+    model = TinyMultiExit(num_exits=4, num_classes=3, in_chans=3, width=6)
+    calib, test_x = _forward_outputs(model, torch.randn(40, 3, 10, 10)), torch.randn(37, 3, 10, 10)
+    full = _forward_outputs(model, test_x)
+    assert full.signal("margin").shape == (37, 4)
+    res = budgeted_evaluation(calib, full, [1.0, 2.0, 3.0, 4.0], rule="margin")
+    assert res.rule == "margin" and len(res) == 39
+    predictor = EarlyExitPredictor.from_distribution(model, calib, 1.0, rule="margin")
+    simulated = exit_by_threshold(full.signal("margin"), predictor.thresholds)
+    assert torch.equal(predictor.predict(test_x, batch_size=16).exit_index, simulated)
+    assert len(set(simulated.tolist())) > 1
 
 
 def test_cli_eval_exit_rule(tmp_path, monkeypatch, capsys):

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import timm_l2w
-from timm_l2w.evaluate import main as eval_main
+from timm_l2w.cli.eval import main as eval_main
 from timm_l2w.models.wrapper import GENERIC_NAME, MultiExitWrapper
 
 NUM_CLASSES = 10  # the digits data set `timm-l2w eval` runs on

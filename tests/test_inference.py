@@ -8,7 +8,7 @@ import timm
 import torch
 
 import timm_l2w
-from timm_l2w.evaluate import ExitOutputs, budgeted_evaluation
+from timm_l2w.evaluation import ExitOutputs, budgeted_evaluation
 from timm_l2w.exits import calibrate_thresholds, exit_by_threshold, exit_distribution
 from timm_l2w.inference import EarlyExitPredictor
 

@@ -206,7 +206,7 @@ def test_command_line_wraps_any_timm_model_with_a_local_timm_checkpoint_and_eval
     from safetensors.torch import save_file
 
     from timm_l2w.checkpoint import read_metadata
-    from timm_l2w.evaluate import main as eval_main
+    from timm_l2w.cli.eval import main as eval_main
     from timm_l2w.cli.train import main as train_main
 
     torch.manual_seed(0)

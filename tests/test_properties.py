@@ -31,7 +31,7 @@ from timm_l2w import cli
 from timm_l2w.checkpoint import convert_release_checkpoint, load_pretrained
 from timm_l2w.cli.train import main as train_main, parse_args
 from timm_l2w.errors import CheckpointError, LabelError, ResumeError, SettingError
-from timm_l2w.evaluate import ExitOutputs, _load_weights, collect_exit_outputs
+from timm_l2w.evaluation import ExitOutputs, collect_exit_outputs, load_weights
 from timm_l2w.meta import L2W, meta_loss
 from timm_l2w.models.factory import create_multi_exit_model
 from timm_l2w.training.checkpoints import find_checkpoint
@@ -408,7 +408,7 @@ def test_damaged_weights_are_refused_or_loaded_exactly_by_train_eval_and_convert
             if entry == "train --pretrained-path":
                 load_pretrained(model, str(path))
             elif entry == "eval":
-                _load_weights(model, path)
+                load_weights(model, path)
             else:
                 convert_release_checkpoint(path, out, MODEL, num_classes=10, in_chans=1)
         except CheckpointError as err:

@@ -44,7 +44,7 @@ def test_adamw_mixup_cutmix_clipping_and_ema_train_and_evaluate_the_ema(tmp_path
     net = timm.create_model(TINY, num_classes=10)
     net.load_state_dict(ema)
     from timm_l2w.data import create_datasets, create_loaders
-    from timm_l2w.evaluate import anytime_metrics, collect_exit_outputs
+    from timm_l2w.evaluation import anytime_metrics, collect_exit_outputs
 
     splits = create_datasets("digits", input_size=32, held_out=1197)
     test_loader = create_loaders(splits, 32)[2]

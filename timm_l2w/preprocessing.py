@@ -1,7 +1,7 @@
 """How a model's images are prepared, as an exit policy records it: the model's timm name and the
 preprocessing of the model (its ``pretrained_cfg``) or of an eval loader.
 
-A floor below :mod:`timm_l2w.inference` and :mod:`timm_l2w.deploy.policy`, which both use it; the
+A floor below :mod:`timm_l2w.inference.predictor` and :mod:`timm_l2w.inference.policy`, which both use it; the
 format itself (:func:`timm_l2w_runtime.policy.check_preprocess`) needs no PyTorch.
 """
 from __future__ import annotations

@@ -14,10 +14,11 @@ the loop a runtime in another language would write.
 """
 from .images import find_images, preprocess_files, preprocess_image, resize_bilinear
 from .policy import PolicyError, check_policy, read_policy, write_policy
-from .runtime import EarlyExitRuntime, PackageError, RuntimePrediction, exit_confidence, predictive_entropy, read_manifest
+from .rules import EXIT_RULES, RULES, ExitRule, exit_confidence, exit_rule, predictive_entropy
+from .runtime import EarlyExitRuntime, PackageError, RuntimePrediction, read_manifest
 
 __all__ = [
     "EarlyExitRuntime", "RuntimePrediction", "PackageError", "PolicyError", "read_manifest", "read_policy",
     "write_policy", "check_policy", "exit_confidence", "predictive_entropy", "preprocess_files", "preprocess_image",
-    "resize_bilinear", "find_images",
+    "resize_bilinear", "find_images", "ExitRule", "RULES", "EXIT_RULES", "exit_rule",
 ]

@@ -6,11 +6,12 @@ writes and both ``EarlyExitPredictor.load`` and the ONNX runtime read. Keys:
 * ``format`` (``"timm_l2w.exit_policy"``) and ``version`` (1).
 * ``model`` (timm name or ``null``), ``num_exits``, ``num_classes``: the model it was calibrated
   for; loading it for another model is an error.
-* ``rule``: ``"confidence"`` (leave at exit k when the max softmax is ``>= thresholds[k]``),
-  ``"entropy"`` (leave when the predictive entropy is ``<= thresholds[k]``) or ``"patience"``
-  (leave once ``patience`` consecutive exits predict the same class). ``thresholds`` holds one
-  number per exit (``"inf"`` / ``"-inf"`` as strings, since JSON has no infinity; the last is
-  ignored: the last exit takes every sample left); ``patience`` is an integer or ``null``.
+* ``rule``: the name of an exit rule (:mod:`timm_l2w_runtime.rules`): ``"confidence"`` (leave at
+  exit k when the max softmax is ``>= thresholds[k]``), ``"entropy"`` (leave when the predictive
+  entropy is ``<= thresholds[k]``) or ``"patience"`` (leave once ``patience`` consecutive exits
+  predict the same class). ``thresholds`` holds one number per exit (``"inf"`` / ``"-inf"`` as
+  strings, since JSON has no infinity; the last is ignored: the last exit takes every sample left);
+  ``patience`` is an integer or ``null``.
 * ``flops``: cumulative FLOPs to each exit for one image of ``flops_input_size`` (C, H, W).
 * ``budget``: what it was calibrated for (``{"q": 0.5}``, ``{"flops": 1.2e7}``,
   ``{"distribution": [...]}`` or ``{}``); ``expected_flops``: the mean FLOPs per image it gave
@@ -18,7 +19,7 @@ writes and both ``EarlyExitPredictor.load`` and the ONNX runtime read. Keys:
 * ``class_names``: one name per class, or ``null``.
 * ``preprocess``: how an image file becomes model input (see :func:`check_preprocess`).
 
-This module uses the standard library only, so the runtime can read policies without PyTorch.
+This module needs no PyTorch (the standard library and the numpy rule registry), so the runtime reads policies.
 """
 from __future__ import annotations
 
@@ -29,15 +30,16 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
+from .rules import RULES
+
 __all__ = [
-    "POLICY_FORMAT", "POLICY_VERSION", "EXIT_RULES", "PolicyError",
+    "POLICY_FORMAT", "POLICY_VERSION", "PolicyError",
     "check_policy", "check_preprocess", "read_policy", "write_policy", "policy_json", "check_policy_fits",
     "write_text_atomic",
 ]
 
 POLICY_FORMAT = "timm_l2w.exit_policy"
 POLICY_VERSION = 1
-EXIT_RULES = ("confidence", "entropy", "patience")
 RESIZE_MODES = ("stretch", "shorter_side")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 PathLike = Union[str, "os.PathLike[str]"]
@@ -122,10 +124,10 @@ def check_policy(policy: Mapping[str, Any], source: str = "policy") -> Dict[str,
     num_exits = _positive_int(policy.get("num_exits"), f"{source}: num_exits")
     num_classes = _positive_int(policy.get("num_classes"), f"{source}: num_classes")
     rule = policy.get("rule")
-    if rule not in EXIT_RULES:
-        raise PolicyError(f"{source}: rule must be one of {EXIT_RULES}, got {rule!r}")
+    if not isinstance(rule, str) or rule not in RULES:
+        raise PolicyError(f"{source}: rule must be one of {tuple(RULES)}, got {rule!r}")
     thresholds, patience = policy.get("thresholds"), policy.get("patience")
-    if rule == "patience":
+    if RULES[rule].parameter == "patience":
         patience = _positive_int(patience, f"{source}: patience")
         thresholds = None
     else:

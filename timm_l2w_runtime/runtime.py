@@ -5,7 +5,8 @@ tensors each graph takes and gives, and ``policy.json`` (the exit rule). Stage `
 left by stage ``k - 1`` (the image batch for ``k = 0``) and returns its new state tensors and exit
 ``k``'s logits. After every stage the samples whose exit rule fires take that exit; the state is cut
 down to the remaining samples (the rows of every state tensor) before the next stage runs, so no
-later stage is computed for a sample that left. The decisions are those of
+later stage is computed for a sample that left. The decisions are the policy's exit rule
+(:mod:`timm_l2w_runtime.rules`, the numpy twin of ``timm_l2w.exits.rules``), those of
 ``timm_l2w.EarlyExitPredictor``: max softmax ``>= thresholds[k]`` (``'confidence'``), predictive
 entropy ``<= thresholds[k]`` (``'entropy'``), or the same prediction at ``patience`` consecutive
 exits (``'patience'``); the last exit takes every sample left.
@@ -21,10 +22,11 @@ import numpy as np
 
 from .images import find_images, preprocess_files
 from .policy import check_policy_fits, read_json, read_policy
+from .rules import exit_confidence, exit_rule
 
 __all__ = [
     "MANIFEST_FORMAT", "MANIFEST_VERSION", "MANIFEST_FILE", "POLICY_FILE", "PackageError",
-    "RuntimePrediction", "EarlyExitRuntime", "exit_confidence", "predictive_entropy", "read_manifest", "select_rows",
+    "RuntimePrediction", "EarlyExitRuntime", "read_manifest", "select_rows",
 ]
 
 MANIFEST_FORMAT = "timm_l2w.early_exit_package"
@@ -36,22 +38,6 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 class PackageError(ValueError):
     """An exported package that is incomplete, damaged, or does not fit its policy."""
-
-
-def exit_confidence(logits: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Max softmax probability (float32) and predicted class of ``[B, C]`` logits."""
-    z = logits.astype(np.float32, copy=False)
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    p = e / e.sum(axis=1, keepdims=True)
-    return p.max(axis=1), p.argmax(axis=1).astype(np.int64, copy=False)
-
-
-def predictive_entropy(logits: np.ndarray) -> np.ndarray:
-    """Entropy (nats, float32) of the softmax of ``[B, C]`` logits."""
-    z = logits.astype(np.float32, copy=False)
-    z = z - z.max(axis=1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return np.maximum(-(np.exp(logp) * logp).sum(axis=1), 0).astype(np.float32)
 
 
 def select_rows(state: Mapping[str, np.ndarray], keep: np.ndarray) -> Dict[str, np.ndarray]:
@@ -142,7 +128,8 @@ class EarlyExitRuntime:
         providers = list(providers) if providers is not None else ["CPUExecutionProvider"]
         self.sessions: List[Any] = []
         self._plan: List[Tuple[Any, List[str], List[str], int, List[Tuple[str, Optional[int]]]]] = []
-        self._patience = self.policy["patience"] if self.policy["rule"] == "patience" else None
+        self.exit_rule = exit_rule(self.policy["rule"])
+        self._params = self.policy[self.exit_rule.parameter]  # the thresholds or the patience
         for k, stage in enumerate(self.manifest["stages"]):
             try:
                 session = ort.InferenceSession(str(self.root / stage["onnx"]), sess_options=options, providers=providers)
@@ -164,15 +151,6 @@ class EarlyExitRuntime:
         self.input_size = tuple(int(v) for v in self.manifest["input_size"])
         self.class_names: Optional[List[str]] = self.policy.get("class_names")
 
-    def _leave(self, k: int, logits: np.ndarray, conf: np.ndarray, agree: Optional[np.ndarray]) -> np.ndarray:
-        """Which running samples leave at exit ``k`` (not the last) under the policy's rule."""
-        rule = self.policy["rule"]
-        if rule == "patience":
-            return agree >= self._patience
-        if rule == "entropy":
-            return predictive_entropy(logits).astype(np.float64) <= self.policy["thresholds"][k]
-        return conf.astype(np.float64) >= self.policy["thresholds"][k]
-
     def _predict_batch(self, x: np.ndarray) -> RuntimePrediction:
         n = x.shape[0]
         predictions = np.empty(n, dtype=np.int64)
@@ -180,16 +158,13 @@ class EarlyExitRuntime:
         exit_index = np.empty(n, dtype=np.int64)
         active = np.arange(n)  # input positions of the samples still running
         state: Dict[str, np.ndarray] = {self.manifest["input"]: x}
-        previous = agree = None  # patience: each running sample's last prediction and its agreement run length
+        rule, memory = self.exit_rule, None  # the rule's memory of the earlier exits (patience: prediction, run)
         last = self.num_exits - 1  # its threshold is ignored: it takes every sample left
         for k, (session, inputs, outputs, logits_at, carry) in enumerate(self._plan):
             produced = session.run(outputs, {name: state[name] for name in inputs})
             logits = produced[logits_at]
             conf, pred = exit_confidence(logits)
-            if self._patience is not None:
-                agree = np.ones_like(pred) if previous is None else 1 + (pred == previous) * agree
-                previous = pred
-            leave = self._leave(k, logits, conf, agree)
+            leave, memory = rule.leave(k, logits, conf, pred, self._params, memory)
             if k == last or leave.all():  # the last exit takes every sample left
                 predictions[active], confidences[active], exit_index[active] = pred, conf, k
                 break
@@ -201,8 +176,7 @@ class EarlyExitRuntime:
                 keep = np.flatnonzero(~leave)
                 state = select_rows(state, keep)  # drop the samples that left
                 active = active[keep]
-                if previous is not None:
-                    previous, agree = previous[keep], agree[keep]
+                memory = rule.keep(memory, keep)
         return RuntimePrediction(predictions, confidences, exit_index)
 
     def check_input(self, x: Any) -> np.ndarray:

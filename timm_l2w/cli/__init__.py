@@ -11,7 +11,7 @@ from typing import List, Optional
 
 SUBCOMMANDS = {
     "train": ("timm_l2w.cli.train", "train a multi-exit model with L2W or equal weighting (accelerate)"),
-    "eval": ("timm_l2w.evaluate", "anytime and budgeted evaluation of a checkpoint, with plot"),
+    "eval": ("timm_l2w.cli.eval", "anytime and budgeted evaluation of a checkpoint, with plot"),
     "convert": ("timm_l2w.cli.convert", "convert a released .pth.tar checkpoint to .safetensors"),
     "demo": ("timm_l2w.cli.demo", "the README's demo on built-in data"),
     "export": ("timm_l2w.cli.export", "an early-exit package: per-stage ONNX + torch.export, manifest, policy"),

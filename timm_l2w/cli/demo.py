@@ -169,9 +169,8 @@ def _learned_lines(runs: Dict[int, List[Dict[str, Any]]]) -> List[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
-    from ..evaluate import budgeted_evaluation
+    from ..evaluation import budgeted_evaluation, plot_budgeted
     from ..files import csv_text, write_json_atomic, write_text_atomic
-    from ..plot import plot_budgeted
     from ..study.plots import plot_weights_vs_loss
     from ..study.stats import paired_bootstrap, seeds_for_half_width, t_interval
 

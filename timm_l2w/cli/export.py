@@ -50,13 +50,14 @@ def _run(args: argparse.Namespace) -> Path:
 
     import timm_l2w  # noqa: F401  (registers the models)
     from ..checkpoint import read_metadata
-    from ..evaluate import _load_weights, _model_from_metadata
+    from ..evaluation import load_weights
+    from .eval import model_from_metadata
 
     policy = read_policy(args.policy)
     args.num_classes = None
     if args.model is None and not (args.checkpoint and read_metadata(args.checkpoint).get("model")):
         args.model = policy.get("model")
-    name, kwargs = _model_from_metadata(args)
+    name, kwargs = model_from_metadata(args)
     kwargs.setdefault("num_classes", policy["num_classes"])
     if policy.get("preprocess"):
         kwargs.setdefault("in_chans", policy["preprocess"]["input_size"][0])
@@ -65,7 +66,7 @@ def _run(args: argparse.Namespace) -> Path:
                          f"({', '.join(timm.list_models('*l2w*'))})")
     model = timm.create_model(name, **kwargs)
     if args.checkpoint:
-        _load_weights(model, args.checkpoint)
+        load_weights(model, args.checkpoint)
         saved = read_metadata(args.checkpoint).get("class_names")
         if policy.get("class_names") is None and saved:
             policy["class_names"] = json.loads(saved)

@@ -32,7 +32,7 @@ from timm_l2w_runtime.runtime import MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VE
 
 from ..files import write_json_atomic
 from ..models.base import unwrap_model
-from .policy import model_name
+from ..preprocessing import model_name
 
 __all__ = ["export_package"]
 

@@ -124,7 +124,7 @@ def exit_rule_rows(ev: Dict[str, Any]) -> Dict[str, List[Dict[str, Any]]]:
     ``ev`` is the training run's evaluation (confidence rule, in ``record["budgeted"]``); entropy is
     calibrated like confidence (the 39 distributions), patience has one budget per p = 1..K.
     """
-    from timm_l2w.evaluate import budgeted_evaluation
+    from timm_l2w.evaluation import budgeted_evaluation
 
     return {rule: budgeted_evaluation(ev["heldout"], ev["test"], ev["flops"], rule=rule).rows() for rule in EXTRA_RULES}
 

@@ -55,7 +55,7 @@ def weights_over_training(run_dir: Path | str, held_loader: Iterable, eps: float
     on its own exit losses over ``held_loader`` (model in eval mode), as :func:`weight_loss_stats` rows
     with the checkpoint's ``step``."""
     from timm_l2w.checkpoint import load_state_dict
-    from timm_l2w.evaluate import collect_exit_outputs
+    from timm_l2w.evaluation import collect_exit_outputs
     from timm_l2w.weighting import WeightPredictor, sample_weights
 
     rows = []

@@ -168,7 +168,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     if acc.is_main_process:
         run.checkpoints.write_weights(run.output, run.checkpoints.metadata())  # atomic
         if not args.no_eval:
-            from ..evaluate import evaluate_checkpoint
+            from ..evaluation import evaluate_checkpoint
 
             if run.ema is not None:
                 print(f"timm-l2w train: evaluating the EMA weights ({EMA_FILE})", flush=True)

@@ -65,7 +65,7 @@ def plot_curves(
         fig.savefig(buf, format="png", bbox_inches="tight")  # the figure grows to hold the legend
     finally:
         plt.close(fig)
-    from .files import write_bytes_atomic
+    from ..files import write_bytes_atomic
 
     return write_bytes_atomic(path, buf.getvalue())
 
@@ -85,7 +85,7 @@ def plot_budgeted(
 ) -> Path:
     """Accuracy vs average FLOPs for each ``curves[name]`` (BudgetedResults or its rows).
 
-    ``anytime[name]`` (rows of :func:`timm_l2w.evaluate.anytime_metrics` with ``flops``) adds that
+    ``anytime[name]`` (rows of :func:`timm_l2w.evaluation.anytime_metrics` with ``flops``) adds that
     model's per-exit points. FLOPs are divided by ``flops_scale`` (default: MFLOPs).
     ``bands[name] = (flops, low, high)`` (FLOPs already scaled) shades an interval around a curve.
     """

@@ -1,13 +1,9 @@
-"""Exit distributions, confidence-based exit assignment and the exit rules.
+"""Exit distributions (the budgets), confidence-based exit assignment and threshold calibration.
 
 One implementation, shared by the L2W meta loss (:func:`assign_exits`) and by budgeted evaluation
-(:func:`calibrate_thresholds`, :func:`exit_by_threshold`). Confidences are ``[N, K]`` tensors
-(sample i, exit k), usually the max softmax probability of each exit.
-
-Exit rules (:data:`EXIT_RULES`): ``'confidence'`` (leave when the max softmax reaches the exit's
-threshold), ``'entropy'`` (leave when the predictive entropy is at most the exit's threshold;
-calibrated like confidence with the negative entropy as the score) and ``'patience'`` (leave when
-the argmax prediction has been the same at p consecutive exits; no threshold, the budget is p).
+(:func:`calibrate_thresholds`, :func:`exit_by_threshold`). Scores are ``[N, K]`` tensors (sample i,
+exit k), usually the max softmax probability of each exit; a higher score leaves earlier. The exit
+rules built on these functions are in :mod:`timm_l2w.exits.rules`.
 """
 from __future__ import annotations
 
@@ -17,7 +13,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .validation import Range, check_number
+from ..validation import Range, check_number
 
 __all__ = [
     "exit_distribution",
@@ -32,16 +28,8 @@ __all__ = [
     "calibrate_thresholds",
     "calibrate_thresholds_batch",
     "exit_by_threshold",
-    "EXIT_RULES",
-    "check_exit_rule",
-    "predictive_entropy",
-    "calibrate_entropy_thresholds_batch",
-    "exit_by_entropy",
-    "agreement_run_lengths",
-    "exit_by_patience",
+    "check_scores",
 ]
-
-EXIT_RULES = ("confidence", "entropy", "patience")
 
 
 def exit_distribution(q: float, num_exits: int) -> Tensor:
@@ -75,7 +63,8 @@ def check_distribution(p: Tensor | Sequence[float], num_exits: int) -> Tensor:
     return p
 
 
-def _check_confidences(conf: Tensor, name: str = "confidences") -> None:
+def check_scores(conf: Tensor, name: str = "confidences") -> None:
+    """Raise a ``ValueError`` unless ``conf`` is a non-empty, finite ``[num_samples, num_exits]`` tensor."""
     if not isinstance(conf, Tensor) or conf.ndim != 2:
         shape = tuple(conf.shape) if isinstance(conf, Tensor) else type(conf).__name__
         raise ValueError(f"{name} must be a [num_samples, num_exits] tensor, got {shape}")
@@ -140,7 +129,7 @@ def assign_exits(conf: Tensor, p: Tensor | Sequence[float]) -> Tensor:
     confidence at exit k go to exit k; the last exit takes every sample left. Returns ``[N]`` long.
     (Checks ``conf`` and ``p``, then :func:`assign_exits_static`.)
     """
-    _check_confidences(conf)
+    check_scores(conf)
     n, num_exits = conf.shape
     return assign_exits_static(conf, exit_counts(n, p, num_exits))
 
@@ -164,7 +153,7 @@ def calibrate_thresholds_batch(conf: Tensor, distributions: Tensor | Sequence[Se
     Vectorised over the budgets: per exit, one sort of the held-out confidences serves every budget;
     the ``floor(n * p_k)``-th not-yet-exited sample is found with a cumulative count in that order.
     """
-    _check_confidences(conf, "held-out confidences")
+    check_scores(conf, "held-out confidences")
     n, num_exits = conf.shape
     dist = check_distributions(distributions, num_exits)
     conf = conf.detach()
@@ -192,7 +181,7 @@ def calibrate_thresholds(conf: Tensor, p: Tensor | Sequence[float]) -> Tensor:
     of the ``floor(n * p_k)``-th one (``+inf`` if that count is 0 or not enough samples remain);
     then every sample with ``c >= T_k`` counts as exited. ``T_K = -inf``. Returns float64 ``[K]``.
     """
-    _check_confidences(conf, "held-out confidences")
+    check_scores(conf, "held-out confidences")
     p = check_distribution(p, conf.shape[1])
     return calibrate_thresholds_batch(conf, p[None])[0]
 
@@ -203,7 +192,7 @@ def exit_by_threshold(conf: Tensor, thresholds: Tensor | Sequence[float]) -> Ten
     ``thresholds`` is ``[K]`` (returns ``[N]`` long) or a ``[B, K]`` stack, one row per budget
     (returns ``[B, N]``).
     """
-    _check_confidences(conf)
+    check_scores(conf)
     num_exits = conf.shape[1]
     thresholds = torch.as_tensor(thresholds, dtype=torch.float64, device=conf.device)
     if thresholds.ndim not in (1, 2) or thresholds.shape[-1] != num_exits:
@@ -219,73 +208,3 @@ def exit_by_threshold(conf: Tensor, thresholds: Tensor | Sequence[float]) -> Ten
         running &= conf[k] < thresholds[..., k, None]
         exits += running
     return exits
-
-
-# ----------------------------------------------------------------------------- other exit rules
-
-
-def check_exit_rule(rule: str) -> str:
-    """Return ``rule`` after checking it is one of :data:`EXIT_RULES`."""
-    if rule not in EXIT_RULES:
-        raise ValueError(f"unknown exit rule {rule!r}: use one of {', '.join(map(repr, EXIT_RULES))}")
-    return rule
-
-
-def predictive_entropy(logits: Tensor) -> Tensor:
-    """Entropy (nats, float32) of the softmax of ``[..., C]`` logits, over the last dimension."""
-    logp = torch.log_softmax(logits.detach().float(), dim=-1)
-    return (-(logp.exp() * logp).sum(dim=-1)).clamp_(min=0)
-
-
-def calibrate_entropy_thresholds_batch(entropies: Tensor, distributions: Tensor | Sequence[Sequence[float]]) -> Tensor:
-    """Entropy thresholds ``[B, K]`` for the exit distributions (exit k takes samples with ``H <= T_k``).
-
-    :func:`calibrate_thresholds_batch` on the score ``-H``: the ``floor(n * p_k)`` not-yet-exited
-    held-out samples with the lowest entropy at exit k leave there. ``-inf``: nobody leaves; ``T_K = +inf``.
-    """
-    _check_confidences(entropies, "held-out entropies")
-    return -calibrate_thresholds_batch(-entropies, distributions)
-
-
-def exit_by_entropy(entropies: Tensor, thresholds: Tensor | Sequence[float]) -> Tensor:
-    """Exit of every sample: the first k with ``entropies[i, k] <= T_k`` (``[K]`` -> ``[N]``, ``[B, K]`` -> ``[B, N]``)."""
-    _check_confidences(entropies, "entropies")
-    thresholds = torch.as_tensor(thresholds, dtype=torch.float64)
-    return exit_by_threshold(-entropies, -thresholds)
-
-
-def agreement_run_lengths(predictions: Tensor) -> Tensor:
-    """``[N, K]`` long: how many consecutive exits up to and including k predict what exit k predicts."""
-    if not isinstance(predictions, Tensor) or predictions.ndim != 2 or predictions.shape[0] == 0:
-        shape = tuple(predictions.shape) if isinstance(predictions, Tensor) else type(predictions).__name__
-        raise ValueError(f"predictions must be a non-empty [num_samples, num_exits] tensor, got {shape}")
-    runs = torch.ones(predictions.shape, dtype=torch.long, device=predictions.device)
-    for k in range(1, predictions.shape[1]):
-        runs[:, k] += (predictions[:, k] == predictions[:, k - 1]) * runs[:, k - 1]
-    return runs
-
-
-def _check_patience(patience: int | Sequence[int] | Tensor) -> Tensor:
-    p = torch.as_tensor(patience)
-    if p.is_floating_point() or p.dtype == torch.bool or p.ndim > 1 or p.numel() == 0 or (p < 1).any():
-        raise ValueError(f"patience must be an integer >= 1 (or a list of them), got {patience!r}")
-    return p.long()
-
-
-def exit_by_patience(predictions: Tensor, patience: int | Sequence[int] | Tensor) -> Tensor:
-    """Exit of every sample: the first k where the argmax has been the same at ``patience`` consecutive
-    exits (``patience=1``: the first exit); the last exit takes the rest.
-
-    ``predictions`` is ``[N, K]`` (argmax per exit). An int ``patience`` returns ``[N]`` long, a list
-    of ``B`` values ``[B, N]``.
-    """
-    p = _check_patience(patience)
-    runs = agreement_run_lengths(predictions).T  # [K, N]
-    num_exits = runs.shape[0]
-    ps = p.reshape(-1).to(runs.device)
-    running = torch.ones(ps.shape[0], runs.shape[1], dtype=torch.bool, device=runs.device)
-    exits = torch.zeros(running.shape, dtype=torch.long, device=runs.device)
-    for k in range(num_exits - 1):
-        running &= runs[k][None] < ps[:, None]
-        exits += running
-    return exits[0] if p.ndim == 0 else exits

@@ -1,8 +1,8 @@
 """The exit policy's PyTorch side: the policy ``timm-l2w eval --q`` / ``--flops-budget`` calibrates.
 
 The file format itself (reading, writing, validation) lives in :mod:`timm_l2w_runtime.policy`, which
-needs no PyTorch; how a model's images are prepared, in that format, is :mod:`timm_l2w.preprocessing`
-(re-exported here).
+needs no PyTorch; how a model's images are prepared, in that format, is :mod:`timm_l2w.preprocessing`.
+The predictor that saves and loads a policy is :class:`~timm_l2w.inference.EarlyExitPredictor`.
 """
 from __future__ import annotations
 
@@ -12,25 +12,23 @@ from typing import Any, Iterable, Mapping, Optional, Tuple
 
 from torch import nn
 
-from ..preprocessing import model_name, preprocess_from_loader, preprocess_from_model
+from ..exits import ExitRule, exit_rule
+from ..preprocessing import preprocess_from_loader
+from ..validation import Range, check_number
+from .predictor import EarlyExitPredictor
 
-__all__ = [
-    "model_name", "preprocess_from_model", "preprocess_from_loader", "check_policy_request", "eval_policy_file",
-    "policy_from_eval",
-]
+__all__ = ["check_policy_request", "eval_policy_file", "policy_from_eval"]
 
 
 def check_policy_request(q: Optional[float], flops_budget: Optional[float],
-                         rule: str) -> Tuple[Optional[float], Optional[float]]:
+                         rule: str | ExitRule) -> Tuple[Optional[float], Optional[float]]:
     """Check that exactly one budget is given, in range, and that it fits the exit rule."""
-    from ..validation import Range, check_number
-
     if (q is None) == (flops_budget is None):
         raise ValueError("pass exactly one of --q (the paper's exit distribution p_k ∝ q**k) and --flops-budget")
     if q is not None:
         q = check_number(q, "q", Range(0, low_open=True, hint="q < 1 front-loads, q > 1 back-loads the exits"))
-        if rule == "patience":
-            raise ValueError("the patience rule has no exit distribution to calibrate for q: pass --flops-budget F "
+        if not exit_rule(rule).calibrated:
+            raise ValueError(f"the {exit_rule(rule).name} rule has no exit distribution to calibrate for q: pass --flops-budget F "
                              "(the most accurate patience within the budget) instead of --q")
     else:
         flops_budget = check_number(flops_budget, "flops_budget", Range(0, low_open=True, hint="FLOPs per image"))
@@ -56,14 +54,12 @@ def eval_policy_file(args: Any, model: nn.Module, result: Mapping[str, Any], tes
 def policy_from_eval(model: nn.Module, result: Mapping[str, Any], path: Path | str, *, q: Optional[float] = None,
                      flops_budget: Optional[float] = None, rule: str = "confidence",
                      preprocess: Optional[Mapping[str, Any]] = None,
-                     class_names: Optional[Iterable[str]] = None) -> "Any":
+                     class_names: Optional[Iterable[str]] = None) -> EarlyExitPredictor:
     """Calibrate on the held-out outputs of :func:`timm_l2w.evaluate_checkpoint` (``result``) for the
     paper's exit distribution ``q`` or an expected-FLOPs budget, and save the policy to ``path``.
 
     Returns the :class:`timm_l2w.EarlyExitPredictor`.
     """
-    from ..inference import EarlyExitPredictor
-
     q, flops_budget = check_policy_request(q, flops_budget, rule)
     heldout, flops = result["heldout"], result["flops"]
     if q is not None:

@@ -5,11 +5,11 @@ A sample leaves at the first exit k whose confidence (max softmax) reaches ``thr
 last exit takes the rest. This is exactly :func:`timm_l2w.exits.exit_by_threshold` applied to the
 confidences of every exit (``model.forward_exits``), but the later stages of a sample that left are
 never computed: after every stage the state is cut down to the remaining samples with
-:func:`timm_l2w.select_samples`. The other exit rules work the same way: ``rule='entropy'`` leaves
-when the predictive entropy is at most ``thresholds[k]`` (:func:`timm_l2w.exits.exit_by_entropy`),
-``rule='patience'`` when the prediction has been the same at ``patience`` consecutive exits
-(:func:`timm_l2w.exits.exit_by_patience`; the previous prediction and the run length of every
-running sample travel with the state).
+:func:`timm_l2w.select_samples`. Every exit rule works the same way through its
+:meth:`~timm_l2w.exits.ExitRule.leave` (:mod:`timm_l2w.exits.rules`): ``rule='entropy'`` leaves
+when the predictive entropy is at most ``thresholds[k]``, ``rule='patience'`` when the prediction has
+been the same at ``patience`` consecutive exits (the rule's memory of the earlier exits travels with
+the state).
 
 A predictor saves as an exit policy file (:meth:`EarlyExitPredictor.save`, JSON: the rule, its
 thresholds or patience, the FLOPs per exit, the budget, class names and preprocessing; format in
@@ -25,20 +25,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .evaluate import ExitOutputs, budgeted_evaluation, check_flops, exit_confidence
-from .exits import (
-    _check_patience,
-    calibrate_entropy_thresholds_batch,
-    calibrate_thresholds,
-    check_distribution,
-    check_exit_rule,
-    exit_by_entropy,
-    exit_by_threshold,
-    exit_distribution,
-    predictive_entropy,
-)
-from .models.base import select_samples, unwrap_model
-from .validation import Range, check_number
+from ..evaluation.metrics import budgeted_evaluation, check_flops
+from ..evaluation.outputs import ExitOutputs
+from ..exits import ExitRule, check_distribution, exit_confidence, exit_distribution, exit_rule
+from ..models.base import select_samples, unwrap_model
+from ..validation import Range, check_number
 
 __all__ = ["EarlyExitPrediction", "EarlyExitPredictor"]
 
@@ -66,7 +57,7 @@ class EarlyExitPredictor:
     """
 
     def __init__(self, model: nn.Module, thresholds: Tensor | Sequence[float] | None = None,
-                 rule: str = "confidence", patience: Optional[int] = None):
+                 rule: str | ExitRule = "confidence", patience: Optional[int] = None):
         self.model = unwrap_model(model)
         if not hasattr(self.model, "forward_stage") or not hasattr(self.model, "num_exits"):
             raise TypeError(
@@ -74,7 +65,8 @@ class EarlyExitPredictor:
                 "(needs num_exits and forward_stage): use a timm_l2w model"
             )
         self.num_exits = int(self.model.num_exits)
-        self.rule = check_exit_rule(rule)
+        self.exit_rule = exit_rule(rule)
+        self.rule = self.exit_rule.name
         # what a saved policy records besides the rule (set by the constructors below or by the caller)
         self.budget: Dict[str, Any] = {}  # what it was calibrated for: {"q": q}, {"flops": F}, {"distribution": p}
         self.calibration_fractions: Optional[List[float]] = None  # share of calibration samples per exit
@@ -82,59 +74,33 @@ class EarlyExitPredictor:
         self.flops_input_size: Optional[Tuple[int, ...]] = None
         self.class_names: Optional[List[str]] = None
         self.preprocess: Optional[Dict[str, Any]] = None  # see timm_l2w_runtime.policy.check_preprocess
-        self.patience: Optional[int] = None
-        if rule == "patience":
-            if patience is None or thresholds is not None:
-                raise ValueError("rule='patience' takes patience=p (consecutive agreeing exits) and no thresholds")
-            p = _check_patience(patience)
-            if p.ndim != 0:
-                raise ValueError(f"patience must be one integer >= 1, got {patience!r}")
-            self.patience = int(p)
-            self.thresholds = None
-            self.model.eval()
-            return
-        if patience is not None:
-            raise ValueError(f"patience= is for rule='patience', not {rule!r}")
-        if thresholds is None:
-            raise ValueError(f"rule={rule!r} needs one threshold per exit: use EarlyExitPredictor.from_distribution")
-        t = torch.as_tensor(thresholds, dtype=torch.float64).detach().cpu()
-        if t.ndim != 1 or t.numel() != self.num_exits:
-            raise ValueError(
-                f"need one threshold per exit ({self.num_exits}), got shape {tuple(t.shape)}: "
-                "use timm_l2w.calibrate_thresholds or EarlyExitPredictor.from_distribution"
-            )
-        if torch.isnan(t).any():
-            raise ValueError(f"thresholds contain NaN: {t.tolist()}")
-        self.thresholds = t
+        self.thresholds: Optional[Tensor]  # [K] float64, for the rules with thresholds
+        self.patience: Optional[int]  # for the patience rule
+        self.thresholds, self.patience = self.exit_rule.check_params(thresholds, patience, self.num_exits)
         self.model.eval()
 
     @classmethod
     def from_distribution(
         cls, model: nn.Module, calibration: ExitOutputs, distribution: Tensor | Sequence[float] | float,
-        rule: str = "confidence",
+        rule: str | ExitRule = "confidence",
     ) -> "EarlyExitPredictor":
         """Thresholds calibrated on ``calibration`` (held-out outputs) for an exit distribution.
 
         ``distribution`` is a per-exit share ``[K]`` or a float q (``p_k ∝ q**k``, the paper's family).
         ``rule``: ``'confidence'`` or ``'entropy'`` (``'patience'`` has no thresholds: pass ``patience=``).
         """
-        if check_exit_rule(rule) == "patience":
-            raise ValueError("the 'patience' rule has no thresholds to calibrate: use EarlyExitPredictor(model, "
-                             "rule='patience', patience=p) or from_flops_budget(..., rule='patience')")
+        rule = exit_rule(rule)
+        if not rule.calibrated:
+            raise ValueError(f"the {rule.name!r} rule has no thresholds to calibrate: use EarlyExitPredictor(model, "
+                             f"rule={rule.name!r}, patience=p) or from_flops_budget(..., rule={rule.name!r})")
         num_exits = calibration.num_exits
         if isinstance(distribution, (int, float)):
             p = exit_distribution(float(distribution), num_exits)
         else:
             p = check_distribution(distribution, num_exits)
-        if rule == "entropy":
-            from .evaluate import _entropies
-
-            entropies = _entropies(calibration, "calibration")
-            predictor = cls(model, calibrate_entropy_thresholds_batch(entropies, p[None])[0], rule="entropy")
-            exits = exit_by_entropy(entropies, predictor.thresholds)
-        else:
-            predictor = cls(model, calibrate_thresholds(calibration.confidences, p))
-            exits = exit_by_threshold(calibration.confidences, predictor.thresholds)
+        signal = calibration.signal(rule, "calibration")
+        predictor = cls(model, rule.calibrate(signal, p[None])[0], rule=rule)
+        exits = rule.exits(signal, predictor.thresholds)
         predictor.budget = {"q": float(distribution)} if isinstance(distribution, (int, float)) else {"distribution": p.tolist()}
         predictor.calibration_fractions = (torch.bincount(exits, minlength=num_exits).double() / len(exits)).tolist()
         return predictor
@@ -147,11 +113,12 @@ class EarlyExitPredictor:
         flops: Sequence[float] | Tensor,
         budget: float,
         distributions: Tensor | Sequence[Sequence[float]] | None = None,
-        rule: str = "confidence",
+        rule: str | ExitRule = "confidence",
     ) -> "EarlyExitPredictor":
         """The most accurate candidate distribution (paper's 39 by default) whose expected FLOPs on
         ``calibration`` stay within ``budget`` (same unit as ``flops``). ``rule='patience'``: the most
         accurate patience ``1..K`` within the budget."""
+        rule = exit_rule(rule)
         f = check_flops(flops, calibration.num_exits)
         res = budgeted_evaluation(calibration, calibration, flops, distributions, rule=rule)  # checks the image size
         fits = res.heldout_expected_flops <= float(budget)
@@ -162,10 +129,10 @@ class EarlyExitPredictor:
             )
         score = torch.where(fits, res.heldout_top1, torch.full_like(res.heldout_top1, -1.0))
         best = int(score.argmax())
-        if rule == "patience":
-            predictor = cls(model, rule="patience", patience=int(res.patience[best]))
-        else:
+        if rule.calibrated:
             predictor = cls(model, res.thresholds[best], rule=rule)
+        else:
+            predictor = cls(model, rule=rule, patience=int(res.patience[best]))
         predictor.budget = {"flops": float(budget)}
         predictor.calibration_fractions = res.heldout_exit_fractions[best].tolist()
         predictor.record_flops(f.tolist(), getattr(flops, "input_size", None) or calibration.input_size)
@@ -186,8 +153,8 @@ class EarlyExitPredictor:
         """
         from timm_l2w_runtime.policy import POLICY_FORMAT, POLICY_VERSION, check_policy
 
-        from .preprocessing import model_name, preprocess_from_model
-        from .flops import exit_flops
+        from ..flops import exit_flops
+        from ..preprocessing import model_name, preprocess_from_model
 
         pre = self.preprocess or preprocess_from_model(self.model, input_size or self.flops_input_size)
         size = tuple(pre["input_size"])
@@ -217,16 +184,13 @@ class EarlyExitPredictor:
         (name, number of exits or classes) is a :class:`timm_l2w_runtime.PolicyError` (a ``ValueError``)."""
         from timm_l2w_runtime.policy import check_policy_fits, read_policy
 
-        from .preprocessing import model_name
+        from ..preprocessing import model_name
 
         policy = read_policy(path)
         net = unwrap_model(model)
         check_policy_fits(policy, model_name(net), int(getattr(net, "num_exits", 0)), getattr(net, "num_classes", None),
                           source=str(path))
-        if policy["rule"] == "patience":
-            predictor = cls(model, rule="patience", patience=policy["patience"])
-        else:
-            predictor = cls(model, policy["thresholds"], rule=policy["rule"])
+        predictor = cls(model, policy["thresholds"], rule=policy["rule"], patience=policy["patience"])
         predictor.budget = dict(policy["budget"])
         predictor.calibration_fractions = policy.get("calibration_exit_fractions")
         if policy["flops"] is not None:
@@ -241,24 +205,18 @@ class EarlyExitPredictor:
         confidences = torch.empty(n, dtype=torch.float32, device=device)
         exit_index = torch.empty(n, dtype=torch.long, device=device)
         active = torch.arange(n, device=device)  # input positions of the samples still running
-        thresholds = self.thresholds.tolist() if self.thresholds is not None else None
-        previous = run = None  # patience: each running sample's last prediction and its agreement run length
+        rule = self.exit_rule
+        params = self.thresholds.tolist() if self.thresholds is not None else self.patience
+        memory = None  # the rule's memory of the earlier exits (patience: last prediction, agreement run length)
         state = x
         for k in range(self.num_exits):
             state, logits = self.model.forward_stage(k, state)
             conf, pred = exit_confidence(logits)
             last = k == self.num_exits - 1
-            if self.rule == "patience":
-                run = torch.ones_like(pred) if previous is None else 1 + (pred == previous) * run
-                previous = pred
             if last:
                 leave = torch.ones_like(conf, dtype=torch.bool)
-            elif self.rule == "patience":
-                leave = run >= self.patience
-            elif self.rule == "entropy":
-                leave = predictive_entropy(logits).double() <= thresholds[k]
             else:
-                leave = conf.double() >= thresholds[k]
+                leave, memory = rule.leave(k, logits, conf, pred, params, memory)
             idx = active[leave]
             predictions[idx], confidences[idx], exit_index[idx] = pred[leave], conf[leave], k
             if last:
@@ -269,8 +227,7 @@ class EarlyExitPredictor:
                 break
             if num_stay < stay.numel():
                 state, active = select_samples(state, stay), active[stay]
-                if previous is not None:
-                    previous, run = previous[stay], run[stay]
+                memory = rule.keep(memory, stay)
         return EarlyExitPrediction(predictions, confidences, exit_index)
 
     def predict(self, x: Tensor, batch_size: Optional[int] = None) -> EarlyExitPrediction:
