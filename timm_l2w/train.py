@@ -321,8 +321,8 @@ class _Run:
         train_loader, self.held_loader, self.test_loader = create_loaders(
             self.splits, self.per_rank, args.eval_batch_size, seed=args.seed, num_workers=args.workers)
         _set_tf32(args.tf32)
-        if args.device_data:  # the whole training set on the device (timm_l2w.device_data)
-            from .device_data import DeviceLoader
+        if args.device_data:  # the whole training set on the device (timm_l2w.accel.device_data)
+            from .accel.device_data import DeviceLoader
 
             augment = args.device_augment
             if augment == "auto":
@@ -607,7 +607,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             done = run.step - epoch * run.steps_per_epoch
             steps_here = min(run.steps_per_epoch, run.total_steps - epoch * run.steps_per_epoch)
             loader = run.train_loader
-            if done:  # resumed inside an epoch (timm_l2w.device_data's loader skips on its own)
+            if done:  # resumed inside an epoch (timm_l2w.accel.device_data's loader skips on its own)
                 skip = getattr(loader, "skip_first_batches", None)
                 loader = skip(done) if skip is not None else acc.skip_first_batches(loader, done)
             # the data order depends only on (seed, epoch); accelerate's loaders re-apply their own
