@@ -5,7 +5,7 @@
 #
 # Steps, each under its own time limit, each writing its results (and the summary so far) as it ends:
 #   1. tests      the CUDA tests: tests/test_cuda.py, tests/test_cuda_graphs.py (captured update against eager,
-#                 L2W(cuda_graphs=True) against eager, the L2W update under torch.cuda.set_sync_debug_mode('error'))
+#                 capture_meta_updates(l2w) against eager, the L2W update under torch.cuda.set_sync_debug_mode('error'))
 #   2. throughput benchmarks/train_throughput.py on the quiet GPU: images/s and time over equal weighting,
 #                 msdnet_l2w_cifar then msdnet_l2w_cifar_tiny, batch 1024 then 64, L2W at meta interval
 #                 1 / 10 / 100, eager and CUDA graphs (the JSON is rewritten after every model and batch)
