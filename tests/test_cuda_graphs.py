@@ -157,7 +157,8 @@ def test_the_l2w_options_replay_schedule_run_eagerly_is_the_unshared_meta_step(m
     reference, ref_params = _l2w_run(False, share_forward=False)
     monkeypatch.setattr(graphs, "GraphedUpdates", Eager)
     graphed, params = _l2w_run(True)
-    assert len(graphed.meta_runner.graphs.graphs) == 2 and graphed.meta_runner.graphs.replays == 4  # 6 meta steps: 2 kinds x (warm-up, capture, replay)
+    runner = graphed.meta_runner.graphs
+    assert len(runner.graphs) == 2 and runner.replays == 4  # 6 meta steps: 2 kinds x (warm-up, capture, replay)
     assert all(torch.equal(a, b) for a, b in zip(ref_params, params))
     assert graphed.last_meta_loss == reference.last_meta_loss
 
@@ -167,6 +168,7 @@ def test_the_l2w_option_captures_the_meta_update_on_cuda(recwarn):
     reference, ref_params = _l2w_run(False, "cuda", share_forward=False, updates=4)
     graphed, params = _l2w_run(True, "cuda", updates=4)
     assert not [w for w in recwarn if "CUDA graphs off" in str(w.message)], [str(w.message) for w in recwarn]
-    assert len(graphed.meta_runner.graphs.graphs) == 2 and graphed.meta_runner.graphs.replays >= 4 and graphed.meta_skipped == 0
+    runner = graphed.meta_runner.graphs
+    assert len(runner.graphs) == 2 and runner.replays >= 4 and graphed.meta_skipped == 0
     for a, b in zip(ref_params, params):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)

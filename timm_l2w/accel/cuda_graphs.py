@@ -226,7 +226,8 @@ def capture_meta_updates(l2w: Any) -> GraphedMetaUpdates:
                               gradient_accumulation=l2w.grad_accum_steps > 1,
                               meta_precision_amp=l2w.meta_precision == "amp")
     if blocker is None and type(real) is not torch.optim.SGD:
-        blocker = f"the captured virtual step reads the learning rate on the device for torch SGD only, not {type(real).__name__}"
+        blocker = ("the captured virtual step reads the learning rate on the device for torch SGD only, "
+                   f"not {type(real).__name__}")
     graphs = GraphedUpdates([l2w.meta_optimizer, real], blocker=blocker,
                             log=lambda line: warnings.warn(line.replace("timm-l2w train", "L2W"), RuntimeWarning))
     l2w.meta_runner = GraphedMetaUpdates(l2w, graphs)

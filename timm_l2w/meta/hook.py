@@ -145,7 +145,7 @@ class L2W:
         self.model, self.optimizer, self.accelerator = model, optimizer, accelerator
         check_optimizer(optimizer)  # fail early on an optimizer the virtual step cannot reproduce
         self.clip_grad, self.clip_mode = check_clip(clip_grad, clip_mode)
-        accelerate_steps = self._accelerate_accum_steps()
+        accelerate_steps = accelerate_accum_steps(accelerator)
         if grad_accum_steps is not None:
             grad_accum_steps = check_number(grad_accum_steps, "grad_accum_steps", Range(1, integer=True, hint=(
                 "micro-batches (calls of loss() inside split()) per optimizer update")))
@@ -177,7 +177,6 @@ class L2W:
         ref = next(net.parameters())
         dtype = ref.dtype if ref.is_floating_point() else None
         self.precision = MetaPrecision(meta_precision, accelerator, dtype)
-        self.meta_precision = self.precision.policy
         if weight_net is None:
             weight_net = WeightPredictor(num_exits, input_type, hidden_sizes)
         self.weight_net = weight_net.to(device=ref.device, dtype=dtype)
@@ -226,6 +225,11 @@ class L2W:
     @meta_scaler.setter
     def meta_scaler(self, scaler: Optional[torch.amp.GradScaler]) -> None:
         self.precision.scaler = scaler
+
+    @property
+    def meta_precision(self) -> str:
+        """``'fp32'`` or ``'amp'``: the meta step's arithmetic (:mod:`timm_l2w.meta.precision`)."""
+        return self.precision.policy
 
     @property
     def meta_due(self) -> bool:
@@ -309,7 +313,7 @@ class L2W:
         in_split = self._halves is not None and self._current in (0, 1)
         updates = in_split and self._updates_now()
         if in_split and self.grad_accum_steps > 1 and self._micro == 0:
-            self._check_window_start()
+            check_window_start(self._backend.params())
         self.meta_step_ran = updates and self.meta_due
         if self.meta_step_ran:
             train_batch = (self._halves[self._current][0], target)
@@ -322,8 +326,10 @@ class L2W:
             plugged = runner is not None and runner.run(current, lambda: self.meta_update(  # its own training forward
                 self._halves[current], meta_batch, read_loss=False))
             if not plugged:
+                accumulated = (accumulated_grads(self._backend.params(), self.accelerator)
+                               if self.grad_accum_steps > 1 else None)
                 self.meta_update(train_batch, meta_batch, outputs if shared else None, self._rng if shared else None,
-                                 self._accumulated_grads() if self.grad_accum_steps > 1 else None, read_loss=False)
+                                 accumulated, read_loss=False)
         loss, weights = weighted_multi_exit_loss(
             outputs, target, self.weight_net, self.eps, self.constraint, distill=self.distill, criterion=self.criterion
         )
@@ -342,21 +348,12 @@ class L2W:
             self._set_meta_lr()
 
     # -- accumulation (timm_l2w.meta.update) --------------------------------------------------
-    def _accelerate_accum_steps(self) -> int:
-        return accelerate_accum_steps(self.accelerator)
-
     def _updates_now(self) -> bool:
         """Whether the optimizer steps after this micro-batch's backward: accelerate's ``sync_gradients``
         under its accumulation, else every ``grad_accum_steps``-th micro-batch."""
-        if self._accelerate_accum_steps() > 1:
+        if accelerate_accum_steps(self.accelerator) > 1:
             return bool(self.accelerator.sync_gradients)
         return self._micro + 1 >= self.grad_accum_steps
-
-    def _accumulated_grads(self) -> List[Optional[Tensor]]:
-        return accumulated_grads(self._backend.params(), self.accelerator)
-
-    def _check_window_start(self) -> None:
-        check_window_start(self._backend.params())
 
     def _set_meta_lr(self) -> None:
         """Cosine annealing of the meta learning rate over ``total_steps`` model updates, computed from the

@@ -47,7 +47,7 @@ def rng_state(device: torch.device | str | None = None) -> Optional[RngState]:
     """The CPU (and CUDA ``device``) random state, to replay the same dropout masks later."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return None  # a CUDA graph captures no RNG state (timm_l2w.accel.cuda_graphs refuses stochastic models with 'func')
+        return None  # a CUDA graph captures no RNG state (accel.cuda_graphs refuses stochastic models with 'func')
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return torch.get_rng_state(), cuda
 
@@ -56,7 +56,7 @@ def rng_state(device: torch.device | str | None = None) -> Optional[RngState]:
 def replay_rng(state: Optional[RngState], device: torch.device) -> Iterator[None]:
     """Run the block with the random state ``state`` (:func:`rng_state`), the caller's state restored after."""
     if state is None or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        yield  # (a CUDA graph can neither read nor set the RNG state: timm_l2w.accel.cuda_graphs refuses dropout with 'func')
+        yield  # (a CUDA graph can neither read nor set the RNG state: accel.cuda_graphs refuses dropout with 'func')
         return
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
