@@ -6,7 +6,7 @@
 # Steps, in this order, each writing its results (and summary.md / gpu_paper_study.json so far) as it ends;
 # their limits on the GPU in seconds (each also cut to what is left of GPU_PAPER_SECONDS):
 #   1. tests       90  the CUDA tests: tests/test_cuda.py, tests/test_cuda_graphs.py (captured update against
-#                      eager, L2W(cuda_graphs=True) against eager, the L2W update under set_sync_debug_mode('error'))
+#                      eager, capture_meta_updates(l2w) against eager, the L2W update under set_sync_debug_mode('error'))
 #   2. throughput 120  benchmarks/train_throughput.py on the quiet GPU: images/s and time over equal weighting,
 #                      msdnet_l2w_cifar then msdnet_l2w_cifar_tiny, batch 1024 then 64, L2W at meta interval
 #                      1 / 10 / 100, eager and CUDA graphs (the JSON is rewritten after every model and batch)

@@ -1,4 +1,4 @@
-"""CUDA graphs of the update (timm_l2w.cuda_graphs, `timm-l2w train --cuda-graphs`).
+"""CUDA graphs of the update (timm_l2w.accel.cuda_graphs, `timm-l2w train --cuda-graphs`).
 
 On the CPU: the switch falls back with one log line; the replay schedule (static batch buffers, one kind per
 half and meta step, the host bookkeeping after each "replay", the device learning rates) run eagerly gives
@@ -45,7 +45,7 @@ def test_without_cuda_the_switch_says_why_and_trains_eagerly(tmp_path, capsys):
 def test_the_replay_schedule_run_eagerly_is_the_ordinary_run(tmp_path, monkeypatch, extra):
     """GraphedUpdates(capture=False): staging, warm-up counts, per-kind "replays" (the update without its host
     side, then the host side) and the learning-rate mirrors, on the CPU: the same weights bit for bit."""
-    import timm_l2w.cuda_graphs as graphs
+    import timm_l2w.accel.cuda_graphs as graphs
 
     replays = []
 
@@ -127,8 +127,11 @@ def _l2w_run(cuda_graphs, device="cpu", share_forward=True, updates=3):
     opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9, weight_decay=1e-3)
     torch.manual_seed(1)
     net = WeightPredictor(3, hidden_sizes=(8,)).to(device)
-    l2w = L2W(model, opt, weight_net=net, backend="func", meta_lr=1e-2, total_steps=20, cuda_graphs=cuda_graphs,
-              share_forward=share_forward)
+    l2w = L2W(model, opt, weight_net=net, backend="func", meta_lr=1e-2, total_steps=20, share_forward=share_forward)
+    if cuda_graphs:
+        from timm_l2w.accel import capture_meta_updates
+
+        capture_meta_updates(l2w)
     gen = torch.Generator().manual_seed(2)
     for _ in range(updates):
         x, y = torch.randn(16, 1, 8, 8, generator=gen).to(device), torch.randint(0, 4, (16,), generator=gen).to(device)
@@ -139,13 +142,13 @@ def _l2w_run(cuda_graphs, device="cpu", share_forward=True, updates=3):
 def test_the_l2w_option_warns_and_runs_eagerly_without_cuda():
     with pytest.warns(RuntimeWarning, match=r"L2W: CUDA graphs off \(CUDA graphs need a CUDA device"):
         l2w, _ = _l2w_run(True, updates=1)
-    assert l2w._graphs.disabled is not None and l2w.step == 2
+    assert l2w.meta_runner.graphs.disabled is not None and l2w.step == 2
 
 
 def test_the_l2w_options_replay_schedule_run_eagerly_is_the_unshared_meta_step(monkeypatch):
-    """L2W(cuda_graphs=True) with the capture replaced by eager calls: the meta update of the static halves
+    """capture_meta_updates(l2w) with the capture replaced by eager calls: the meta update of the static halves
     (its own training forward) is what share_forward=False computes, bit for bit."""
-    import timm_l2w.cuda_graphs as graphs
+    import timm_l2w.accel.cuda_graphs as graphs
 
     class Eager(graphs.GraphedUpdates):
         def __init__(self, optimizers, log=print, warmup=1, capture=True, blocker=None):
@@ -154,7 +157,8 @@ def test_the_l2w_options_replay_schedule_run_eagerly_is_the_unshared_meta_step(m
     reference, ref_params = _l2w_run(False, share_forward=False)
     monkeypatch.setattr(graphs, "GraphedUpdates", Eager)
     graphed, params = _l2w_run(True)
-    assert len(graphed._graphs.graphs) == 2 and graphed._graphs.replays == 4  # 6 meta steps: 2 kinds x (warm-up, capture, replay)
+    runner = graphed.meta_runner.graphs
+    assert len(runner.graphs) == 2 and runner.replays == 4  # 6 meta steps: 2 kinds x (warm-up, capture, replay)
     assert all(torch.equal(a, b) for a, b in zip(ref_params, params))
     assert graphed.last_meta_loss == reference.last_meta_loss
 
@@ -164,6 +168,7 @@ def test_the_l2w_option_captures_the_meta_update_on_cuda(recwarn):
     reference, ref_params = _l2w_run(False, "cuda", share_forward=False, updates=4)
     graphed, params = _l2w_run(True, "cuda", updates=4)
     assert not [w for w in recwarn if "CUDA graphs off" in str(w.message)], [str(w.message) for w in recwarn]
-    assert len(graphed._graphs.graphs) == 2 and graphed._graphs.replays >= 4 and graphed.meta_skipped == 0
+    runner = graphed.meta_runner.graphs
+    assert len(runner.graphs) == 2 and runner.replays >= 4 and graphed.meta_skipped == 0
     for a, b in zip(ref_params, params):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)

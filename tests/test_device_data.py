@@ -1,4 +1,4 @@
-"""The GPU-resident input pipeline (timm_l2w.device_data), on the CPU: the ordinary loader's batches without
+"""The GPU-resident input pipeline (timm_l2w.accel.device_data), on the CPU: the ordinary loader's batches without
 augmentation, the CIFAR recipe's crop + flip checked by construction and by statistics, determinism by seed."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from timm_l2w.data import DataSplits, create_datasets, create_loaders
-from timm_l2w.device_data import DeviceLoader, crop_flip, device_arrays
+from timm_l2w.accel.device_data import DeviceLoader, crop_flip, device_arrays
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ddp_check import register_tiny  # noqa: E402

@@ -192,7 +192,7 @@ def test_eval_takes_the_model_from_the_checkpoint_metadata(tmp_path, capsys):
 import math  # noqa: E402
 import warnings  # noqa: E402
 
-from timm_l2w import meta as meta_mod  # noqa: E402
+from timm_l2w.meta import step as meta_mod  # noqa: E402
 
 
 def test_skipped_first_meta_step_gives_no_scheduler_warning_and_the_meta_lr_follows_the_updates(monkeypatch):

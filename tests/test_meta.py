@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import timm_l2w
-from timm_l2w import L2W, WeightPredictor, assign_exits, exit_distribution, meta_loss, meta_step, virtual_sgd_step
-from timm_l2w.meta import sgd_slots
+from timm_l2w import L2W, WeightPredictor, assign_exits, exit_distribution, meta_loss, meta_step
+from timm_l2w.optim_step import virtual_step
 from timm_l2w.weighting import exit_confidences
 
 from conftest import TinyMultiExit
@@ -109,7 +109,7 @@ def test_virtual_sgd_step_reproduces_torch_sgd(kw, warm):
         grads = [p.grad.clone() for p in params]
         grads[0] = None  # a parameter without gradient is skipped, like SGD does
         params[0].grad = None
-        expected = virtual_sgd_step(params, grads, sgd_slots(opt, params))
+        expected = virtual_step(opt, params, grads)
         opt.step()
         for e, p in zip(expected, params):
             torch.testing.assert_close(e, p, rtol=1e-12, atol=1e-12)
@@ -376,3 +376,31 @@ def test_an_op_without_second_derivatives_names_the_other_backend():
         meta_step(model, opt, net, (x[:4], y[:4]), (x[4:], y[4:]), p, backend="higher")
     result = meta_step(model, opt, net, (x[:4], y[:4]), (x[4:], y[4:]), p, backend="func")
     assert torch.isfinite(result.meta_loss) and any(g.abs().sum() > 0 for g in result.grads)
+
+
+def test_meta_imports_no_accelerator_or_upper_layer_and_models_import_no_higher():
+    """The layer rule for the meta step (docs/architecture.md): ``timm_l2w.meta`` imports nothing from the
+    accelerators or above, and the models know nothing of the 'higher' backend."""
+    import ast
+    from pathlib import Path
+
+    root = Path(timm_l2w.__file__).parent
+    upper = ("accel", "evaluation", "evaluate", "inference", "training", "train", "cli", "deploy", "study",
+             "checkpoint", "data", "demo")
+
+    def imported(path):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                parts = path.parent.relative_to(root.parent).parts  # ('timm_l2w', 'meta')
+                base = ".".join(parts[:len(parts) - node.level + 1]) if node.level else ""
+                module = ".".join(p for p in (base, node.module or "") if p)
+                yield module
+                yield from (f"{module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                yield from (a.name for a in node.names)
+
+    bad = [(p.name, m) for p in (root / "meta").glob("*.py") for m in imported(p)
+           if m.startswith("timm_l2w.") and m.split(".")[1] in upper]
+    assert not bad, bad
+    higher = [(p.name, m) for p in (root / "models").glob("*.py") for m in imported(p) if m.split(".")[0] == "higher"]
+    assert not higher, higher

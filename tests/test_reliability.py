@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import timm_l2w.meta as meta_mod
+import timm_l2w.meta.step as meta_mod
 from timm_l2w.meta import L2W
 from timm_l2w.cli.train import main
 from timm_l2w.training.checkpoints import find_checkpoint

@@ -74,7 +74,7 @@ from pathlib import Path  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
 
-import timm_l2w.meta as meta_mod  # noqa: E402
+import timm_l2w.meta.step as meta_mod  # noqa: E402
 from timm_l2w import L2W, WeightPredictor  # noqa: E402
 from timm_l2w.weighting import exit_confidences, exit_losses  # noqa: E402
 

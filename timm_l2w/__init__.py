@@ -18,7 +18,7 @@ from .exits import (
 
 # Each part adds its public names below (one import line per module).
 from .weighting import ExitCriterion, WeightPredictor, WeightedMultiExitLoss, check_targets, exit_confidences, exit_losses, normalize_weights, predictor_inputs, sample_weights, weighted_multi_exit_loss  # weighting / meta (issue 3)
-from .meta import L2W, MetaStepResult, meta_loss, meta_step, virtual_sgd_step  # weighting / meta (issue 3)
+from .meta import L2W, MetaStepResult, meta_loss, meta_step  # weighting / meta (issue 3)
 from .optim_step import clip_gradients, virtual_step  # the virtual step of any supported optimizer (issue 21)
 from .evaluation import ExitOutputs, BudgetedResults, collect_exit_outputs, anytime_metrics, budgeted_evaluation, save_results, evaluate_checkpoint
 from .exits import calibrate_thresholds_batch  # evaluate / inference (issue 4)

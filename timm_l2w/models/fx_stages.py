@@ -25,15 +25,14 @@ accelerate's wrappers) are what the stages use. This is why the split is done he
 ``torch.fx.passes.split_module``: its sub-GraphModules copy the modules they call into a new module
 tree of their own (new names, new parents), so functional re-binding by the wrapper's parameter names
 would not reach them. ``higher`` sets a patched module's own parameters only when that module's
-``forward`` runs, which the stages skip for the backbone's containers: :func:`refresh_higher_fast_weights`
-sets them.
+``forward`` runs, which the stages skip for the backbone's containers: the runner leaves a hook that
+:func:`refresh_rebound_parameters` calls before each stage.
 """
 from __future__ import annotations
 
 import inspect
 import linecache
 import os
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -446,36 +445,17 @@ def _resolve_point(backbone: nn.Module, module_outputs: Dict[str, Any], name: st
     raise SplitError(f"feature_info names module '{name}', which forward_features does not run")
 
 
-def refresh_higher_fast_weights(module: nn.Module) -> None:
-    """Under the ``higher`` monkeypatch, give ``module``'s whole subtree the current fast weights.
+REBOUND_HOOK = "_refresh_rebound_parameters"
 
-    ``higher`` sets a patched module's own parameters when that module's ``forward`` is called; the
-    stages call only the leaf modules and read the other parameters (ViT's ``pos_embed``, layer scales)
-    directly, so they are set here, the way ``higher`` lays them out (its per-module offsets into the
-    expanded fast-weight list, pre-order over ``_modules``). No-op for modules ``higher`` did not patch.
-    """
-    higher_patch = sys.modules.get("higher.patch")
-    if higher_patch is None or not isinstance(module, higher_patch._MonkeyPatchBase):
-        return
-    root = module.root
-    if root.fast_params is None:
-        return
-    expanded = root._expand_params(root.fast_params)
-    inside = {id(m) for m in module.modules()}
-    offset = 0
 
-    def visit(m: nn.Module) -> None:
-        nonlocal offset
-        names = list(getattr(m, "_param_names", ()))
-        if id(m) in inside:
-            for i, name in enumerate(names):
-                m._parameters[name] = expanded[offset + i]
-        offset += len(names)
-        for child in m._modules.values():
-            if child is not None:
-                visit(child)
-
-    visit(root)
+def refresh_rebound_parameters(module: nn.Module) -> None:
+    """Before a stage runs on ``module``: a parameter-rebinding runner that sets a module's parameters only
+    when that module's ``forward`` runs (the ``'higher'`` meta backend's monkeypatch,
+    :mod:`timm_l2w.meta.backends`) leaves a function under :data:`REBOUND_HOOK` in the patched modules'
+    ``__dict__``, which is called with ``module`` to set its whole subtree's parameters. No-op otherwise."""
+    hook = module.__dict__.get(REBOUND_HOOK)
+    if hook is not None:
+        hook(module)
 
 
 class BackboneStages:
@@ -565,6 +545,7 @@ class BackboneStages:
         batch = next(t for (kind, _), t in zip(stage.in_kinds, inputs) if kind in (_BATCHED, _GROUPED))
         batch_size = tree_leaves(batch)[0].shape[0]
         args = [_unpack(kind, v, batch_size) for (kind, _), v in zip(stage.in_kinds, inputs)]
+        refresh_rebound_parameters(backbone)  # e.g. the 'higher' meta backend's fast weights, on every module
         outs = stage.fn(backbone, *args)
         return tuple(_pack(kind, extra, v) for (kind, extra), v in zip(stage.out_kinds, outs))
 

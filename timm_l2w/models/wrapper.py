@@ -47,7 +47,7 @@ from timm.models import get_model_input_config
 
 from ..errors import SplitError
 from .base import MultiExitModel
-from .fx_stages import BackboneStages, TensorSpec, fake_tensors, refresh_higher_fast_weights
+from .fx_stages import BackboneStages, TensorSpec, fake_tensors
 from .heads import ConvHead, LinearHead, PoolHead, TokenHead
 from .layers import exit_classifier, is_symbolic
 
@@ -327,7 +327,6 @@ class MultiExitWrapper(MultiExitModel):
 
     def forward_block(self, index: int, state: Any) -> Any:
         """The backbone's code from exit ``index - 1``'s point to exit ``index``'s (the image for ``index=0``)."""
-        refresh_higher_fast_weights(self.backbone)  # the 'higher' meta backend's fast weights, on every module
         return self._stages.run(self.backbone, index, state)
 
     def _exit_value(self, index: int, state: Any) -> Any:

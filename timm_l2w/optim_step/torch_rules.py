@@ -39,7 +39,7 @@ from torch.optim.radam import radam
 from torch.optim.rmsprop import rmsprop
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["RULES", "REFUSED", "GLOBAL_INPUTS", "SGDSlot", "sgd_slots", "sgd_update", "sgd_coefficient",
+__all__ = ["RULES", "REFUSED", "GLOBAL_INPUTS", "SGDSlot", "sgd_update", "sgd_coefficient",
            "zero_safe_sqrt"]
 
 Rule = Callable[[List[Tensor], List[Tensor], List[Dict[str, Any]], Dict[str, Any]], List[Tensor]]
@@ -125,7 +125,7 @@ def _functional(fn: Callable[..., None], new: List[Tensor], grads: Sequence[Tens
 class SGDSlot:
     """What ``torch.optim.SGD`` would use to update one parameter (its group's settings + buffer)."""
 
-    lr: float | Tensor  # a 0-dim device tensor when a CUDA graph reads the lr there (timm_l2w.cuda_graphs)
+    lr: float | Tensor  # a 0-dim device tensor when a CUDA graph reads the lr there (timm_l2w.accel.cuda_graphs)
     momentum: float
     dampening: float
     nesterov: bool
@@ -144,13 +144,6 @@ def _sgd_slot(group: Dict[str, Any], state: Dict[str, Any]) -> SGDSlot:
         maximize=bool(group.get("maximize", False)),
         buffer=state.get("momentum_buffer"),
     )
-
-
-def sgd_slots(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> List[Optional[SGDSlot]]:
-    """The SGD settings and momentum buffer of every parameter (``None``: not in the optimizer)."""
-    by_id = {id(p): _sgd_slot(group, optimizer.state.get(p, {}))
-             for group in optimizer.param_groups for p in group["params"]}
-    return [by_id.get(id(p)) if p.requires_grad else None for p in params]
 
 
 def sgd_update(p: Tensor, g: Tensor, s: SGDSlot) -> Tensor:

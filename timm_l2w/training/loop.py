@@ -109,7 +109,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             done = run.step - epoch * run.steps_per_epoch
             steps_here = min(run.steps_per_epoch, run.total_steps - epoch * run.steps_per_epoch)
             loader = run.train_loader
-            if done:  # resumed inside an epoch (timm_l2w.device_data's loader skips on its own)
+            if done:  # resumed inside an epoch (timm_l2w.accel.device_data's loader skips on its own)
                 skip = getattr(loader, "skip_first_batches", None)
                 loader = skip(done) if skip is not None else acc.skip_first_batches(loader, done)
             # the data order depends only on (seed, epoch); accelerate's loaders re-apply their own

@@ -117,8 +117,8 @@ class Run:
         train_loader, self.held_loader, self.test_loader = create_loaders(
             self.splits, self.per_rank, args.eval_batch_size, seed=args.seed, num_workers=args.workers)
         _set_tf32(args.tf32)
-        if args.device_data:  # the whole training set on the device (timm_l2w.device_data)
-            from ..device_data import DeviceLoader
+        if args.device_data:  # the whole training set on the device (timm_l2w.accel.device_data)
+            from ..accel.device_data import DeviceLoader
 
             augment = args.device_augment
             if augment == "auto":

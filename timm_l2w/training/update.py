@@ -2,8 +2,8 @@
 
 :class:`Updater` owns the update and what only it changes: the count of optimizer updates (the
 scheduler's and the EMA's), the run of non-finite losses behind ``--max-nonfinite``, the sync-free path
-(a non-finite step skipped on the device, :mod:`timm_l2w.device_step`) and ``--cuda-graphs``
-(:mod:`timm_l2w.cuda_graphs`). It is an object given the run's pieces (model, optimizer, L2W, EMA,
+(a non-finite step skipped on the device, :mod:`timm_l2w.accel.device_step`) and ``--cuda-graphs``
+(:mod:`timm_l2w.accel.cuda_graphs`). It is an object given the run's pieces (model, optimizer, L2W, EMA,
 criterion) rather than a mixin of the run, so that its switches and counters (``device_skip``,
 ``stepped``, the stop check) are its own attributes and not shared with checkpointing or the epoch
 summary; the loop passes it each loader batch's step, which it reads only for messages and the test
@@ -37,10 +37,10 @@ class Updater:
         self._build_sync_free()
 
     def _build_sync_free(self) -> None:
-        """Sync-free updates (timm_l2w.device_step): the skip of a non-finite update decided on the device,
+        """Sync-free updates (timm_l2w.accel.device_step): the skip of a non-finite update decided on the device,
         where the optimizer has a fused kernel and neither fp16 loss scaling, EMA nor accumulation decide on
         the host; then CUDA graphs (--cuda-graphs) where the update can be captured."""
-        from ..device_step import fused_blocker, use_fused
+        from ..accel.device_step import fused_blocker, use_fused
 
         args, acc = self.args, self.accelerator
         host = {"fp16 loss scaling": acc.scaler is not None, "model EMA": self.ema is not None,
@@ -54,7 +54,7 @@ class Updater:
         self._since_check = 0
         self.graphs = None
         if args.cuda_graphs:
-            from ..cuda_graphs import GraphedUpdates, capture_blocker
+            from ..accel.cuda_graphs import GraphedUpdates, capture_blocker
 
             optimizers = [self.optimizer] + ([self.l2w.meta_optimizer] if self.l2w is not None else [])
             blocker = (f"the update skips non-finite steps on the host ({reason})" if reason else capture_blocker(
@@ -74,7 +74,7 @@ class Updater:
         with self.accelerator.accumulate(self.model):  # --grad-accum-steps: the step ends the window
             if self.graphs is not None and self.device_skip and self.stepped:  # --cuda-graphs: captured, replayed
                 l2w = self.l2w
-                meta_due = l2w is not None and l2w.step % l2w.meta_interval == 0
+                meta_due = l2w is not None and l2w.meta_due
                 result = self.graphs.run((x.data_ptr(), meta_due),
                                          lambda graphed: self._device_update(x, y, graphed, step),
                                          after=l2w.advance if l2w is not None else (lambda: None),
@@ -88,7 +88,7 @@ class Updater:
         """Forward, (meta step,) weighted loss, backward, optimizer step. The values it returns stay on the
         device; with ``device_skip`` it reads nothing back (a non-finite update is skipped there), so a CUDA
         graph can record it (``graphed``: L2W leaves its counters to the graph runner)."""
-        from ..device_step import restore_unless, step_unless
+        from ..accel.device_step import restore_unless, step_unless
         from ..weighting import exit_losses, training_losses
 
         acc, model = self.accelerator, self.model
@@ -97,12 +97,8 @@ class Updater:
         kept = self._snapshot_buffers()  # BN running stats, restored if this update is skipped
         with acc.autocast():
             outputs = model(x)  # train mode: the tuple of every exit's logits (through DDP for gradient sync)
-        if self.l2w is not None:
-            self.l2w.host_bookkeeping = not graphed
-            try:
-                loss = self.l2w.loss(outputs, y)
-            finally:
-                self.l2w.host_bookkeeping = True
+        if self.l2w is not None:  # a replayed graph leaves L2W's host side to the runner's after()
+            loss = self.l2w.loss(outputs, y, advance=not graphed)
         else:
             loss = training_losses(outputs, y, distill=self.distill, criterion=self.criterion).mean(dim=0).sum()
         # whether L2W applied its meta update (False: non-finite meta loss or gradient, same on every rank)

@@ -17,14 +17,14 @@ from typing import Any, List, Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..optim_step import unwrap_optimizer
+
 __all__ = ["FUSED_OPTIMIZERS", "fused_blocker", "use_fused", "step_unless", "restore_unless"]
 
 FUSED_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
 
 def _inner(optimizer: Any) -> torch.optim.Optimizer:
-    from .optim_step import unwrap_optimizer
-
     return unwrap_optimizer(optimizer)
 
 

@@ -22,8 +22,8 @@ from typing import Any, Iterator, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .data import BatchTransform, DataSplits, EpochShuffleSampler
-from .validation import check_labels
+from ..data import BatchTransform, DataSplits, EpochShuffleSampler
+from ..validation import check_labels
 
 __all__ = ["AUGMENTATIONS", "DeviceLoader", "device_arrays", "crop_flip"]
 

@@ -1,8 +1,9 @@
-"""CUDA graphs of the whole training update (``timm-l2w train --cuda-graphs``).
+"""CUDA graphs of the whole training update (``timm-l2w train --cuda-graphs``) or of the L2W hook's meta
+update in your own loop (:func:`capture_meta_updates`).
 
 An L2W update launches thousands of small kernels (virtual step, meta backward, predictor step, real
 forward, backward, optimizer step); on a fast GPU the launches, not the arithmetic, set the pace. Once
-the update is free of host synchronisation (:mod:`timm_l2w.meta`, :mod:`timm_l2w.device_step`) it can be
+the update is free of host synchronisation (:mod:`timm_l2w.meta`, :mod:`timm_l2w.accel.device_step`) it can be
 recorded once per kind of update and replayed: :class:`GraphedUpdates` does that for a fixed batch shape.
 
 A *kind* (``key``) is e.g. (half 0 or 1 of the loader batch, meta step due or not): each gets its own
@@ -17,12 +18,16 @@ learning rate, a batch of another shape) falls back to the eager update with one
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GraphedUpdates", "capture_blocker", "stochastic_modules"]
+from ..optim_step import unwrap_optimizer
+from .device_step import fused_blocker
+
+__all__ = ["GraphedUpdates", "GraphedMetaUpdates", "capture_blocker", "capture_meta_updates", "stochastic_modules"]
 
 
 def stochastic_modules(model: nn.Module) -> List[str]:
@@ -40,8 +45,6 @@ def capture_blocker(device: torch.device, optimizers: Sequence[Any], backend: Op
                     model: Optional[nn.Module] = None, **settings: Any) -> Optional[str]:
     """Why the update cannot be captured (None: it can). ``settings`` are further (name, value) pairs that
     block capture when true, e.g. ``ema=True`` -> "ema"."""
-    from .device_step import fused_blocker
-
     if device.type != "cuda" or not torch.cuda.is_available():
         return f"CUDA graphs need a CUDA device (training on {device})"
     for opt in optimizers:
@@ -68,8 +71,6 @@ class GraphedUpdates:
 
     def __init__(self, optimizers: Sequence[Any], log: Callable[[str], None] = print, warmup: int = 1,
                  capture: bool = True, blocker: Optional[str] = None):
-        from .optim_step import unwrap_optimizer
-
         self.optimizers = [unwrap_optimizer(o) for o in optimizers]
         self.log, self.warmup, self.capture = log, int(warmup), capture
         self.disabled: Optional[str] = None
@@ -187,3 +188,47 @@ class GraphedUpdates:
         self.replays += 1
         after()
         return outputs
+
+
+class GraphedMetaUpdates:
+    """The :class:`~timm_l2w.meta.L2W` hook's meta update as a CUDA graph per half of the loader batch: the
+    :class:`~timm_l2w.meta.MetaUpdateRunner` that :func:`capture_meta_updates` installs. ``graphs`` is the
+    :class:`GraphedUpdates` that captures and replays (its ``disabled`` says why not, when not)."""
+
+    def __init__(self, l2w: Any, graphs: GraphedUpdates):
+        self.l2w, self.graphs = l2w, graphs
+
+    def stage(self, x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
+        return self.graphs.stage(x, y)
+
+    def run(self, half: int, update: Callable[[], Any]) -> bool:
+        if self.graphs.disabled is not None:
+            return False  # the hook's eager meta update (it may reuse the user's forward)
+        self.graphs.run(half, lambda graphed: update(), reset=lambda: self.l2w.meta_optimizer.zero_grad())
+        return True
+
+
+def capture_meta_updates(l2w: Any) -> GraphedMetaUpdates:
+    """Record ``l2w``'s meta update (the training half's forward, virtual step, meta loss, second-order
+    backward, predictor step) as a CUDA graph per half of the loader batch and replay it; installed as
+    ``l2w.meta_runner`` and returned. :meth:`~timm_l2w.meta.L2W.split` then copies each loader batch into
+    static buffers, and the meta update takes the targets given to ``split``.
+
+    It needs a CUDA device, torch SGD as the real optimizer and the fused Adam of the predictor (no
+    gradient accumulation, no ``meta_precision='amp'``, and the ``'higher'`` backend for models with
+    dropout); otherwise, or when the capture fails, a RuntimeWarning says why and the meta update runs
+    eagerly. ``timm-l2w train --cuda-graphs`` captures its whole update instead (the real step too).
+    """
+    net = l2w._backend.model
+    device = next(net.parameters()).device
+    real = unwrap_optimizer(l2w.optimizer)
+    blocker = capture_blocker(device, [l2w.meta_optimizer], l2w._backend.name, net,
+                              gradient_accumulation=l2w.grad_accum_steps > 1,
+                              meta_precision_amp=l2w.meta_precision == "amp")
+    if blocker is None and type(real) is not torch.optim.SGD:
+        blocker = ("the captured virtual step reads the learning rate on the device for torch SGD only, "
+                   f"not {type(real).__name__}")
+    graphs = GraphedUpdates([l2w.meta_optimizer, real], blocker=blocker,
+                            log=lambda line: warnings.warn(line.replace("timm-l2w train", "L2W"), RuntimeWarning))
+    l2w.meta_runner = GraphedMetaUpdates(l2w, graphs)
+    return l2w.meta_runner
