@@ -78,7 +78,7 @@ def load_batches(dataset: str, count: int, batch: int, input_size: int = 32) -> 
 def build_state(model_name: str, num_classes: int, checkpoint: Optional[str], seed: int = 0
                 ) -> Tuple[nn.Module, WeightPredictor]:
     """The model and predictor at initialisation (``checkpoint=None``) or loaded from a run folder / file."""
-    from timm_l2w.checkpoint import load_state_dict
+    from timm_l2w.files import load_state_dict
 
     torch.manual_seed(seed)
     model = create_multi_exit_model(model_name, num_classes=num_classes)

@@ -30,7 +30,8 @@ import torch
 from timm.optim import create_optimizer_v2
 
 import timm_l2w  # noqa: F401  (registers msdnet_l2w_cifar in timm)
-from timm_l2w import L2W, weighted_multi_exit_loss
+from timm_l2w import L2W
+from timm_l2w.weighting import weighted_multi_exit_loss
 
 MODES = ("plain", "interval1", "interval100")  # + "interval1_<other backend>" with --compare; "<mode>@<opt>" with --opt
 OPT_SETTINGS = {"adamw": dict(lr=1e-3, weight_decay=0.05)}  # create_optimizer_v2 settings per --opt (else lr=1e-3)

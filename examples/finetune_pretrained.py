@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 import timm_l2w
-from timm_l2w.checkpoint import read_metadata
+from timm_l2w.files import read_metadata
 from timm_l2w.data import create_datasets, create_loaders
 
 

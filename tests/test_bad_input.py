@@ -92,7 +92,7 @@ API_CASES = [
      ["truncated or corrupt"]),
     ("truncated .pth", lambda t: timm_l2w.load_state_dict(t / "truncated.pth"), ["truncated or corrupt"]),
     ("checkpoint of another architecture",
-     lambda t: timm_l2w.check_state_dict(_model(), timm_l2w.load_state_dict(t / "other.safetensors")),
+     lambda t: timm_l2w.state_checks.check_state_dict(_model(), timm_l2w.load_state_dict(t / "other.safetensors")),
      ["missing keys", "fix:"]),
     ("malicious pickle", lambda t: timm_l2w.load_state_dict(t / "evil.pth"), ["weights_only", "trust"]),
 ]

@@ -10,7 +10,8 @@ from safetensors import safe_open
 
 import timm_l2w
 from timm_l2w import cli
-from timm_l2w.checkpoint import convert_release_checkpoint, load_state_dict, save_safetensors
+from timm_l2w.checkpoint import convert_release_checkpoint, save_safetensors
+from timm_l2w.files import load_state_dict
 from timm_l2w.errors import StateDictMismatchError
 from timm_l2w.state_checks import check_state_dict
 

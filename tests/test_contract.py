@@ -52,6 +52,6 @@ def test_unwrap_model_dataparallel(tiny_model):
 
 def test_check_multi_exit_output():
     with pytest.raises(TypeError, match="forward_exits"):
-        timm_l2w.check_multi_exit_output(torch.zeros(2, 3))
+        timm_l2w.models.base.check_multi_exit_output(torch.zeros(2, 3))
     with pytest.raises(ValueError, match="expected 3"):
-        timm_l2w.check_multi_exit_output([torch.zeros(2, 3)], num_exits=3)
+        timm_l2w.models.base.check_multi_exit_output([torch.zeros(2, 3)], num_exits=3)

@@ -129,7 +129,7 @@ def check_model(name: str, tmp: Path, default_flops: bool = False) -> Dict[str, 
     thresholds = (ordered[2] + ordered[3]) / 2
     thresholds[-1] = float("inf")
     predicted = timm_l2w.EarlyExitPredictor(model, thresholds).predict(x)
-    simulated = timm_l2w.exit_by_threshold(conf, thresholds)
+    simulated = timm_l2w.exits.exit_by_threshold(conf, thresholds)
     assert torch.equal(predicted.exit_index, simulated), (predicted.exit_index, simulated)
     stacked = torch.stack(exits)  # [K, N, C]
     expected = stacked[simulated, torch.arange(6)].argmax(-1)

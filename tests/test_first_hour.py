@@ -279,7 +279,7 @@ def test_early_exit_budget_refuses_flops_counted_at_another_size():
 # ----------------------------------------------------------------------------- round three (issue 23)
 
 from timm_l2w import cli  # noqa: E402
-from timm_l2w.checkpoint import read_metadata  # noqa: E402
+from timm_l2w.files import read_metadata  # noqa: E402
 
 
 def _checkpoints(out: Path) -> list:

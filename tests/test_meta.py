@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import timm_l2w
-from timm_l2w import L2W, WeightPredictor, assign_exits, exit_distribution, meta_loss, meta_step
+from timm_l2w import L2W, WeightPredictor, meta_step
+from timm_l2w.exits import assign_exits, exit_distribution
+from timm_l2w.meta import meta_loss
 from timm_l2w.optim_step import virtual_step
 from timm_l2w.weighting import exit_confidences
 
@@ -200,7 +202,7 @@ def test_l2w_schedule_interval_updated_weights_and_cosine_meta_lr():
             loss = l2w.loss(outputs, yt)
             # the real step's weights come from the (updated) predictor, on the detached losses
             with torch.no_grad():
-                expected = timm_l2w.sample_weights(l2w.weight_net, timm_l2w.exit_losses(outputs, yt), outputs)
+                expected = timm_l2w.weighting.sample_weights(l2w.weight_net, timm_l2w.weighting.exit_losses(outputs, yt), outputs)
             torch.testing.assert_close(l2w.last_weights, expected)
             opt.zero_grad()
             loss.backward()

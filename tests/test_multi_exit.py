@@ -188,7 +188,7 @@ def test_meta_step_through_the_split_backbone_both_backends(backbone):
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))
     net = WeightPredictor(model.num_exits, hidden_sizes=(8,))
-    p = timm_l2w.exit_distribution(0.75, model.num_exits)
+    p = timm_l2w.exits.exit_distribution(0.75, model.num_exits)
     results = {b: meta_step(model, opt, net, (x[:4], y[:4]), (x[4:], y[4:]), p, backend=b) for b in ("higher", "func")}
     torch.testing.assert_close(results["higher"].meta_loss, results["func"].meta_loss)
     scale = max(float(g.abs().max()) for g in results["func"].grads)
@@ -197,7 +197,7 @@ def test_meta_step_through_the_split_backbone_both_backends(backbone):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * scale)
     # the virtual step's parameters are what the stages ran with: the meta loss differs from the loss at theta
     with torch.no_grad():
-        at_theta = timm_l2w.meta_loss(model.train()(x[4:]), y[4:], p)
+        at_theta = timm_l2w.meta.meta_loss(model.train()(x[4:]), y[4:], p)
     assert not torch.allclose(at_theta, results["func"].meta_loss)
 
 
@@ -205,7 +205,7 @@ def test_command_line_wraps_any_timm_model_with_a_local_timm_checkpoint_and_eval
     """``timm-l2w train --model <timm name> --exit-indices ... --pretrained FILE`` -> ``timm-l2w eval FILE``."""
     from safetensors.torch import save_file
 
-    from timm_l2w.checkpoint import read_metadata
+    from timm_l2w.files import read_metadata
     from timm_l2w.cli.eval import main as eval_main
     from timm_l2w.cli.train import main as train_main
 

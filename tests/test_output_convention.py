@@ -116,15 +116,15 @@ def test_check_multi_exit_output_explains_an_eval_mode_tensor(tiny_model):
     x = torch.randn(4, 1, 8, 8)
     single = _eval_tensor(tiny_model, x)
     with pytest.raises(TypeError, match=r"eval mode returns only its last exit.*forward_exits.*train mode"):
-        timm_l2w.check_multi_exit_output(single)
-    assert timm_l2w.check_multi_exit_output(tiny_model.forward_exits(x), 3)[0].shape == (4, 4)
-    assert isinstance(timm_l2w.check_multi_exit_output([single, single]), list)  # a list is accepted too
+        timm_l2w.models.base.check_multi_exit_output(single)
+    assert timm_l2w.models.base.check_multi_exit_output(tiny_model.forward_exits(x), 3)[0].shape == (4, 4)
+    assert isinstance(timm_l2w.models.base.check_multi_exit_output([single, single]), list)  # a list is accepted too
     with pytest.raises(TypeError, match="tuple of exit logits, got dict"):
-        timm_l2w.check_multi_exit_output({"logits": single})
+        timm_l2w.models.base.check_multi_exit_output({"logits": single})
     with pytest.raises(TypeError, match=r"\[batch, num_classes\]"):
-        timm_l2w.check_multi_exit_output((single[0],))
+        timm_l2w.models.base.check_multi_exit_output((single[0],))
     with pytest.raises(TypeError, match=r"\[batch, num_classes\]"):
-        timm_l2w.check_multi_exit_output(())
+        timm_l2w.models.base.check_multi_exit_output(())
 
 
 def test_weighted_loss_and_l2w_hook_reject_an_eval_mode_tensor(tiny_model):

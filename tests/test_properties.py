@@ -215,7 +215,7 @@ def test_label_entry_points_accept_every_integer_dtype_and_refuse_the_rest(case)
     labels, num_classes = case
     before = labels.clone()
     logits = [torch.randn(labels.shape[0], num_classes, generator=torch.Generator().manual_seed(k)) for k in range(3)]
-    p = timm_l2w.exit_distribution(0.75, 3)
+    p = timm_l2w.exits.exit_distribution(0.75, 3)
     calls = {
         "exit_losses": lambda y: exit_losses(logits, y),
         "weighted loss": lambda y: WeightedMultiExitLoss(eps=0.0)(logits, y),

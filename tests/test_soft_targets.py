@@ -7,7 +7,8 @@ from timm.data import Mixup
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
-from timm_l2w import ExitCriterion, WeightedMultiExitLoss, WeightPredictor, exit_losses, weighted_multi_exit_loss
+from timm_l2w import ExitCriterion, WeightedMultiExitLoss, WeightPredictor
+from timm_l2w.weighting import exit_losses, weighted_multi_exit_loss
 from timm_l2w.errors import LabelError
 
 

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from timm.models import register_model
 from torch import nn
 
-from timm_l2w import L2W, Distillation, WeightPredictor, exit_distribution, meta_step
+from timm_l2w import L2W, Distillation, WeightPredictor, meta_step
+from timm_l2w.exits import exit_distribution
 from timm_l2w.models.base import MultiExitModel, equilibrium_split
 from timm_l2w.weighting import distillation_losses, exit_losses, training_losses, weighted_multi_exit_loss
 

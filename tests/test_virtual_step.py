@@ -22,7 +22,10 @@ from timm.optim import create_optimizer_v2
 from timm.utils import dispatch_clip_grad
 
 from conftest import TinyMultiExit
-from timm_l2w import L2W, WeightPredictor, assign_exits, exit_confidences, exit_distribution, meta_loss, meta_step
+from timm_l2w import L2W, WeightPredictor, meta_step
+from timm_l2w.exits import assign_exits, exit_distribution
+from timm_l2w.meta import meta_loss
+from timm_l2w.weighting import exit_confidences
 from timm_l2w import optim_step
 from timm_l2w.optim_step import clip_gradients, virtual_step
 from timm_l2w.weighting import weighted_multi_exit_loss

@@ -6,16 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timm_l2w import (
-    WeightedMultiExitLoss,
-    WeightPredictor,
-    exit_confidences,
-    exit_losses,
-    normalize_weights,
-    predictor_inputs,
-    sample_weights,
-    weighted_multi_exit_loss,
-)
+from timm_l2w import WeightedMultiExitLoss, WeightPredictor
+from timm_l2w.weighting import exit_confidences, exit_losses, normalize_weights, predictor_inputs, sample_weights, weighted_multi_exit_loss
 
 
 def _outputs(batch=6, num_exits=3, num_classes=5):

@@ -1,34 +1,34 @@
 """timm_l2w: Learning to Weight Samples for Dynamic Early-exiting Networks (L2W) as a timm plugin.
 
 ``import timm_l2w`` registers the multi-exit models in timm's registry, so
-``timm.create_model('msdnet_l2w_cifar')`` works.
+``timm.create_model('msdnet_l2w_cifar')`` works. The names below are what a timm user needs in their own
+loop; everything else is reached through its submodule (docs/architecture.md shows the layers).
 """
-from .models import *  # noqa: F401,F403  (registers the models in timm)
-from .models import MultiExitModel, check_multi_exit_output, select_samples, unwrap_model
-from .flops import exit_flops, register_flop_counter
-from .exits import (
-    assign_exits,
-    calibrate_thresholds,
-    check_distribution,
-    exit_by_threshold,
-    exit_distribution,
-    paper_distributions,
-    paper_qs,
-)
-
-# Each part adds its public names below (one import line per module).
-from .weighting import ExitCriterion, WeightPredictor, WeightedMultiExitLoss, check_targets, exit_confidences, exit_losses, normalize_weights, predictor_inputs, sample_weights, weighted_multi_exit_loss  # weighting / meta (issue 3)
-from .meta import L2W, MetaStepResult, meta_loss, meta_step  # weighting / meta (issue 3)
-from .optim_step import clip_gradients, virtual_step  # the virtual step of any supported optimizer (issue 21)
-from .evaluation import ExitOutputs, BudgetedResults, collect_exit_outputs, anytime_metrics, budgeted_evaluation, save_results, evaluate_checkpoint
-from .exits import calibrate_thresholds_batch  # evaluate / inference (issue 4)
-from .inference import EarlyExitPredictor, EarlyExitPrediction  # evaluate / inference (issue 4)
-from .exits import EXIT_RULES, exit_by_entropy, exit_by_patience, predictive_entropy  # exit rules (issue 15)
-from .weighting import Distillation, distillation_losses, training_losses  # IMTA's methods (issue 15)
-from .models.base import equilibrium_split  # IMTA's methods (issue 15)
-from .evaluation import plot_budgeted, plot_curves
-from .checkpoint import convert_release_checkpoint, load_state_dict, save_safetensors
-from .state_checks import check_state_dict
+from .checkpoint import convert_release_checkpoint, save_safetensors
 from .errors import CheckpointError, LabelError, ResumeError, SettingError, SplitError, StateDictMismatchError
+from .evaluation import BudgetedResults, ExitOutputs, anytime_metrics, budgeted_evaluation, collect_exit_outputs
+from .exits import RULES, ConfidenceRule, EntropyRule, ExitRule, PatienceRule
+from .files import load_state_dict
+from .flops import count_flops, exit_flops
+from .inference import EarlyExitPrediction, EarlyExitPredictor
+from .meta import L2W, MetaStepResult, meta_step
+from .models import MSDNet, MultiExitModel, MultiExitWrapper, RANet, create_multi_exit_model
+from .version import __version__
+from .weighting import Distillation, ExitCriterion, WeightedMultiExitLoss, WeightPredictor
 
-__version__ = "0.1.0"
+__all__ = [
+    # models (registered in timm on import)
+    "MultiExitModel", "MultiExitWrapper", "MSDNet", "RANet", "create_multi_exit_model",
+    # L2W in a training loop
+    "L2W", "meta_step", "MetaStepResult", "WeightPredictor", "WeightedMultiExitLoss", "ExitCriterion",
+    "Distillation",
+    # evaluation and early exit
+    "collect_exit_outputs", "ExitOutputs", "anytime_metrics", "budgeted_evaluation", "BudgetedResults",
+    "exit_flops", "count_flops", "EarlyExitPredictor", "EarlyExitPrediction",
+    "ExitRule", "ConfidenceRule", "EntropyRule", "PatienceRule", "RULES",
+    # weights files
+    "save_safetensors", "load_state_dict", "convert_release_checkpoint",
+    # errors
+    "SettingError", "LabelError", "CheckpointError", "ResumeError", "StateDictMismatchError", "SplitError",
+    "__version__",
+]

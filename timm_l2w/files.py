@@ -1,4 +1,6 @@
-"""Atomic file writes: a file is either its old self or completely new, never half-written.
+"""Files: atomic writes, and reading weights files.
+
+A write leaves a file either its old self or completely new, never half-written.
 
 The new file gets the permissions an ordinary ``open(path, "w")`` would give it (``0o666`` less the
 process umask), or keeps those of the file it replaces; the temporary file's private ``0o600`` never
@@ -11,12 +13,23 @@ import csv
 import io
 import json
 import os
+import pickle
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Dict, Iterator, Mapping, Sequence, Union
 
-__all__ = ["atomic_path", "write_bytes_atomic", "write_text_atomic", "write_json_atomic", "csv_text"]
+import torch
+from torch import Tensor
+
+from .errors import CheckpointError
+
+__all__ = ["atomic_path", "write_bytes_atomic", "write_text_atomic", "write_json_atomic", "csv_text", "load_state_dict",
+           "read_metadata"]
+
+NESTED_KEYS = ("state_dict", "model")  # where training scripts put the weights inside a checkpoint dict
+_SHOWN = 25  # keys named in a message
+PathLike = Union[str, os.PathLike]
 
 
 @contextlib.contextmanager
@@ -73,3 +86,66 @@ def csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- reading weights files
+
+
+def _unwrap_checkpoint(obj: Any, path: Path) -> Mapping[str, Any]:
+    while isinstance(obj, Mapping):
+        nested = next((k for k in NESTED_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if nested is None:
+            break
+        obj = obj[nested]
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
+        found = sorted(map(str, obj))[:_SHOWN] if isinstance(obj, Mapping) else type(obj).__name__
+        raise CheckpointError(
+            f"{path} holds no state dict of tensors (found {found}): pass a file saved from model.state_dict() "
+            f"or a checkpoint dict with one of the keys {NESTED_KEYS}")
+    return obj
+
+
+def load_state_dict(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Tensor]:
+    """Load a state dict from ``.safetensors`` or a PyTorch checkpoint (``weights_only=True``).
+
+    A nested ``'state_dict'`` / ``'model'`` entry is unwrapped and ``module.`` (DDP) / ``_orig_mod.``
+    (torch.compile) prefixes are stripped.
+    """
+    from timm.models import clean_state_dict
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist: check the path")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            obj: Any = load_file(str(path), device=str(map_location))
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ... : whatever a damaged file raises
+            raise CheckpointError(f"{path} is not a readable safetensors file ({e}): it may be truncated or "
+                                  "corrupt; save or download it again") from e
+    else:
+        try:
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(
+                f"{path} holds Python objects that weights_only loading refuses ({str(e).splitlines()[0]}): "
+                "if you trust the file, re-save only its state_dict (tensors) and load that") from e
+        except Exception as e:  # noqa: BLE001 - RuntimeError, EOFError, BadZipFile, ... from a damaged file
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e}): it may "
+                                  "be truncated or corrupt; save or download it again") from e
+    return dict(clean_state_dict(dict(_unwrap_checkpoint(obj, path))))
+
+
+def read_metadata(path: PathLike) -> Dict[str, str]:
+    """The metadata a ``.safetensors`` file was saved with (``{}`` for other or unreadable files)."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # noqa: BLE001 - unreadable files are reported by load_state_dict
+        return {}

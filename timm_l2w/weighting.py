@@ -91,7 +91,7 @@ class WeightPredictor(nn.Sequential):
             raise ValueError(
                 f"weight predictor expects [batch, {self.in_features}] inputs "
                 f"(input_type={self.input_type!r}, {self.num_exits} exits), got {tuple(inputs.shape)}: "
-                "build the inputs with timm_l2w.predictor_inputs"
+                "build the inputs with timm_l2w.weighting.predictor_inputs"
             )
         return super().forward(inputs.to(self[0].weight.dtype))
 

@@ -23,7 +23,7 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def version_text(prog: str = "timm-l2w") -> str:
     """``'timm-l2w 0.1.0'`` (the installed package's version)."""
-    from .. import __version__
+    from ..version import __version__
 
     return f"{prog} {__version__}"
 

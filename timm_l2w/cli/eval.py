@@ -66,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def model_from_metadata(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
     """The model name and ``create_model`` arguments: the flags, else the checkpoint's metadata."""
-    from ..checkpoint import read_metadata, recorded_model
+    from ..checkpoint import recorded_model
+    from ..files import read_metadata
 
     meta = read_metadata(args.checkpoint) if args.checkpoint else {}
     name = recorded_model(args.checkpoint, args.model) if args.checkpoint else args.model
@@ -84,7 +85,7 @@ def model_from_metadata(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
 def _data_from_metadata(args: argparse.Namespace) -> None:
     """``--dataset``, ``--data-dir``, ``--input-size`` and ``--held-out`` left unset: the data the checkpoint
     records (``timm-l2w train`` writes it); a data set not given and not recorded is digits, said aloud."""
-    from ..checkpoint import read_metadata
+    from ..files import read_metadata
 
     meta = read_metadata(args.checkpoint) if args.checkpoint else {}
     recorded = args.dataset is None and "dataset" in meta

@@ -49,7 +49,7 @@ def _run(args: argparse.Namespace) -> Path:
     import timm
 
     import timm_l2w  # noqa: F401  (registers the models)
-    from ..checkpoint import read_metadata
+    from ..files import read_metadata
     from ..evaluation import load_weights
     from .eval import model_from_metadata
 

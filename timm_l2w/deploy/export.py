@@ -31,6 +31,7 @@ from timm_l2w_runtime.policy import check_policy, check_policy_fits, write_polic
 from timm_l2w_runtime.runtime import MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, POLICY_FILE
 
 from ..files import write_json_atomic
+from ..version import __version__
 from ..models.base import unwrap_model
 from ..preprocessing import model_name
 
@@ -242,16 +243,10 @@ def export_package(model: nn.Module, output: Union[str, Path], policy: Union[Map
             "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "model": model_name(net),
             "num_exits": int(net.num_exits), "num_classes": num_classes, "input_size": list(size),
             "input": IMAGE_INPUT, "policy": POLICY_FILE, "tensors": tensors, "stages": stages,
-            "exporter": {"torch": torch.__version__, "timm_l2w": _version()},
+            "exporter": {"torch": torch.__version__, "timm_l2w": __version__},
         }
         if verify:
             manifest["verified_max_relative_difference"] = _verify(net, root, manifest, size)
     write_policy(root / POLICY_FILE, doc)
     write_json_atomic(root / MANIFEST_FILE, manifest)
     return root
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__

@@ -63,7 +63,7 @@ def save_results(
 
 def load_weights(model: nn.Module, checkpoint: Path | str) -> None:
     """Load ``.safetensors`` / ``.pth`` weights into ``model`` (names every mismatched key on error)."""
-    from ..checkpoint import load_state_dict
+    from ..files import load_state_dict
     from ..state_checks import check_state_dict
 
     state = load_state_dict(checkpoint)

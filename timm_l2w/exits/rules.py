@@ -151,7 +151,7 @@ class ExitRule:
         if t.ndim != 1 or t.numel() != num_exits:
             raise ValueError(
                 f"need one threshold per exit ({num_exits}), got shape {tuple(t.shape)}: "
-                "use timm_l2w.calibrate_thresholds or EarlyExitPredictor.from_distribution"
+                "use timm_l2w.exits.calibrate_thresholds or EarlyExitPredictor.from_distribution"
             )
         if torch.isnan(t).any():
             raise ValueError(f"thresholds contain NaN: {t.tolist()}")

@@ -39,7 +39,7 @@ def eval_policy_file(args: Any, model: nn.Module, result: Mapping[str, Any], tes
                      info: Mapping[str, Any], name: str) -> Path:
     """``timm-l2w eval --q`` / ``--flops-budget``: write ``OUTPUT/<name>_policy.json``; class names from the
     checkpoint's metadata, else the data set's; preprocessing as the eval loader prepares images."""
-    from ..checkpoint import read_metadata
+    from ..files import read_metadata
 
     saved = read_metadata(args.checkpoint).get("class_names") if args.checkpoint else None
     path = Path(args.output) / f"{name}_policy.json"
@@ -55,7 +55,7 @@ def policy_from_eval(model: nn.Module, result: Mapping[str, Any], path: Path | s
                      flops_budget: Optional[float] = None, rule: str = "confidence",
                      preprocess: Optional[Mapping[str, Any]] = None,
                      class_names: Optional[Iterable[str]] = None) -> EarlyExitPredictor:
-    """Calibrate on the held-out outputs of :func:`timm_l2w.evaluate_checkpoint` (``result``) for the
+    """Calibrate on the held-out outputs of :func:`timm_l2w.evaluation.evaluate_checkpoint` (``result``) for the
     paper's exit distribution ``q`` or an expected-FLOPs budget, and save the policy to ``path``.
 
     Returns the :class:`timm_l2w.EarlyExitPredictor`.

@@ -5,7 +5,7 @@ A sample leaves at the first exit k whose confidence (max softmax) reaches ``thr
 last exit takes the rest. This is exactly :func:`timm_l2w.exits.exit_by_threshold` applied to the
 confidences of every exit (``model.forward_exits``), but the later stages of a sample that left are
 never computed: after every stage the state is cut down to the remaining samples with
-:func:`timm_l2w.select_samples`. Every exit rule works the same way through its
+:func:`timm_l2w.models.base.select_samples`. Every exit rule works the same way through its
 :meth:`~timm_l2w.exits.ExitRule.leave` (:mod:`timm_l2w.exits.rules`): ``rule='entropy'`` leaves
 when the predictive entropy is at most ``thresholds[k]``, ``rule='patience'`` when the prediction has
 been the same at ``patience`` consecutive exits (the rule's memory of the earlier exits travels with

@@ -41,7 +41,7 @@ def _checkpoint_keys(path: str) -> List[str]:
 
         with safe_open(str(path), framework="pt") as f:
             return list(f.keys())
-    from ..checkpoint import load_state_dict
+    from ..files import load_state_dict
 
     return list(load_state_dict(path))
 
@@ -61,7 +61,7 @@ def _names_wrapper_checkpoint(cfg: Dict[str, Any]) -> bool:
 
 def _saved_kwargs(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """The wrapper arguments a checkpoint file's metadata records (``{}`` when none)."""
-    from ..checkpoint import read_metadata
+    from ..files import read_metadata
 
     file = cfg.get("file")
     meta = read_metadata(file) if file else {}

@@ -12,7 +12,7 @@ The state between stages is the values that cross the cut. Values that do not de
 (parameters, buffers, embeddings computed from them) are not carried: each stage that reads one
 recomputes it from the live module. Values that depend on the input but not on the batch (a grid
 size, a mask computed from the image size) travel wrapped in :class:`Shared`, which
-:func:`~timm_l2w.select_samples` leaves alone; batch-size integers (``x.shape[0]``) are re-read from
+:func:`~timm_l2w.models.base.select_samples` leaves alone; batch-size integers (``x.shape[0]``) are re-read from
 the batch at each stage; a ``[B * m, ...]`` value (TNT's pixel tokens, windows) travels as
 ``[B, m, ...]``. Which is which is found by running the graph on fake tensors (``FakeTensorMode``:
 shapes only, no compute; a real run where an op has no fake kernel) with two batch sizes.

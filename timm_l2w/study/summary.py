@@ -127,7 +127,7 @@ def _train_q_gain(runs: Dict[int, Any], reference: Dict[int, Any], paired: Seque
 
 def compare_variant(runs: Dict[int, Dict[str, Any]], reference: Dict[int, Dict[str, Any]],
                     on_grid: Dict[int, np.ndarray], on_grid_ref: Dict[int, np.ndarray]) -> Dict[str, Any]:
-    """Everything issue 14 asks of one L2W variant against equal weighting (see ``summarize_records``)."""
+    """The comparison of one L2W variant against equal weighting (see ``summarize_records``)."""
     mean_v = np.mean(np.stack(list(on_grid.values())), 0)
     mean_r = np.mean(np.stack(list(on_grid_ref.values())), 0)
     gain = mean_v - mean_r

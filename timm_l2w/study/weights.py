@@ -37,8 +37,8 @@ def _model_from_file(path: Path) -> torch.nn.Module:
     """The multi-exit model a ``timm-l2w train`` weights file records (name, model_kwargs, classes), loaded."""
     import timm
 
-    import timm_l2w  # noqa: F401  (registers the models)
-    from timm_l2w.checkpoint import load_state_dict, read_metadata
+    import timm_l2w.models  # noqa: F401  (registers the models)
+    from timm_l2w.files import load_state_dict, read_metadata
 
     meta = read_metadata(path)
     if "model" not in meta:
@@ -54,7 +54,7 @@ def weights_over_training(run_dir: Path | str, held_loader: Iterable, eps: float
     """For every complete checkpoint of an L2W run (``run_dir/checkpoints/step_*``): its predictor's weights
     on its own exit losses over ``held_loader`` (model in eval mode), as :func:`weight_loss_stats` rows
     with the checkpoint's ``step``."""
-    from timm_l2w.checkpoint import load_state_dict
+    from timm_l2w.files import load_state_dict
     from timm_l2w.evaluation import collect_exit_outputs
     from timm_l2w.weighting import WeightPredictor, sample_weights
 

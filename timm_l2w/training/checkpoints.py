@@ -98,7 +98,7 @@ def _save_tensors(tensors: Dict[str, Tensor], path: Path, metadata: Dict[str, st
 
 def _load_ema(path: Path, module: nn.Module) -> Dict[str, Tensor]:
     """The EMA weights of checkpoint ``path`` (a clear error when a --model-ema run's file is missing)."""
-    from ..checkpoint import load_state_dict
+    from ..files import load_state_dict
     from ..state_checks import check_state_dict
     from ..errors import ResumeError
 
