@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from timm_l2w.evaluation import ExitOutputs, budgeted_evaluation
-from timm_l2w.files import write_text_atomic
 from timm_l2w.exits import paper_distributions
+from timm_l2w.files import write_text_atomic
 
 
 def synthetic_outputs(n: int, num_exits: int, num_classes: int, seed: int) -> ExitOutputs:

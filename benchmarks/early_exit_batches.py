@@ -38,6 +38,7 @@ import timm_l2w
 
 sys.path.insert(0, str(Path(__file__).parent))
 from early_exit_latency import digits_loaders, short_training  # noqa: E402
+
 from timm_l2w.models.factory import create_multi_exit_model  # noqa: E402
 
 CSV_FIELDS = ["model", "backend", "provider", "device", "batch", "q", "exit_fractions", "flops_expected",
@@ -119,9 +120,10 @@ def onnx_rows(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
     try:
         import numpy as np
         import onnxruntime as ort
-        from timm_l2w_runtime import EarlyExitRuntime
         from onnx_early_exit import export_full_model
+
         from timm_l2w.deploy import export_package
+        from timm_l2w_runtime import EarlyExitRuntime
     except ImportError as error:
         return f"not run: {error}"
     if x.is_cuda and "CUDAExecutionProvider" not in ort.get_available_providers():

@@ -30,12 +30,12 @@ import timm
 import torch
 
 import timm_l2w
-from timm_l2w.evaluation import anytime_metrics, collect_exit_outputs, plot_curves
 from timm_l2w.data import create_datasets, create_loaders
+from timm_l2w.evaluation import anytime_metrics, collect_exit_outputs, plot_curves
 from timm_l2w.files import write_text_atomic
 from timm_l2w.flops import count_flops
-from timm_l2w.weighting import exit_losses
 from timm_l2w.models.factory import create_multi_exit_model
+from timm_l2w.weighting import exit_losses
 
 
 def digits_loaders(batch_size: int = 64, eval_batch_size: int = 256):

@@ -52,8 +52,8 @@ from typing import Optional, Sequence
 
 from timm_l2w.study.runner import ROOT, VARIANTS, WEIGHTINGS, launch_all, run_one
 from timm_l2w.study.stats import mean_with_intervals  # noqa: F401  (the study's names, as before the split)
-from timm_l2w.study.summary import (cost_ratio, load_records, markdown as _markdown, run_costs,  # noqa: F401
-                                    summarize, summarize_records)
+from timm_l2w.study.summary import cost_ratio, load_records, run_costs, summarize, summarize_records  # noqa: F401
+from timm_l2w.study.summary import markdown as _markdown  # noqa: F401
 from timm_l2w.study.weights import predictor_summary  # noqa: F401
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "fidelity"

@@ -30,7 +30,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from meta_precision import (  # noqa: E402
-    build_state, compare, hook_step, load_batches, reference, short_training, write_result,
+    build_state,
+    compare,
+    hook_step,
+    load_batches,
+    reference,
+    short_training,
+    write_result,
 )
 
 SETTINGS = {"off": (False, False), "default": (None, None), "on": (True, True)}  # (cudnn, matmul); None: torch's
@@ -122,7 +128,7 @@ def run(args: argparse.Namespace, log=print) -> Dict[str, Any]:
                for s in summary.values())
     verdict = (f"TF32 {'keeps' if safe else 'does NOT keep'} the fp32 meta gradient within {args.tolerance} median "
                f"cosine of true fp32 (float64 reference) in every state" +
-               (f"; ms per L2W loader batch: " + ", ".join(f"{k} {v:.1f}" for k, v in ms.items()) if ms else ""))
+               ("; ms per L2W loader batch: " + ", ".join(f"{k} {v:.1f}" for k, v in ms.items()) if ms else ""))
     return {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
             "torch": torch.__version__, "config": {k: v for k, v in vars(args).items() if k != "out"},
             "rows": rows, "summary": summary, "ms_per_loader_batch": ms, "tf32_safe": safe, "verdict": verdict}

@@ -22,8 +22,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 import timm_l2w
-from timm_l2w.files import read_metadata
 from timm_l2w.data import create_datasets, create_loaders
+from timm_l2w.files import read_metadata
 
 
 def main(argv: Optional[List[str]] = None) -> int:

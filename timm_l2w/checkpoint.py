@@ -18,9 +18,9 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from .errors import CheckpointError
 from .files import atomic_path, load_state_dict, read_metadata
 from .models.base import unwrap_model
-from .errors import CheckpointError
 from .state_checks import check_state_dict, check_weights
 
 __all__ = [

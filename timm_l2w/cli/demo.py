@@ -268,7 +268,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     weights = {job["seed"]: res["weights"] for job, res in zip(jobs, results) if job["weighting"] == "l2w"}
     learned = _learned_lines(weights)
     seed_part = (f"over the {args.seeds} seeds [{mean_lo:+.2f}, {mean_hi:+.2f}] (per seed {_signed(per_seed)}; "
-                 f"seed spread {spread:.2f})" if args.seeds > 1 else f"over the seeds: n/a with one seed")
+                 f"seed spread {spread:.2f})" if args.seeds > 1 else "over the seeds: n/a with one seed")
     summary_lines = [
         f"exits ({' / '.join(f'{f:.2f}' for f in exit_mflops)} MFLOPs), top-1 % averaged over seeds:",
         f"  L2W             {' / '.join(f'{x:.1f}' for x in exits['l2w'])}",

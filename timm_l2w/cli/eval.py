@@ -128,9 +128,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _run(args: argparse.Namespace, timm: Any) -> int:
-    from ..data import create_eval_loaders
-
     import timm_l2w  # noqa: F401  (registers the models)
+
+    from ..data import create_eval_loaders
 
     check_settings(args, EVAL_SETTINGS)  # numbers in range before any data or model is built
     if args.checkpoint and not Path(args.checkpoint).is_file():

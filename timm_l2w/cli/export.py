@@ -49,8 +49,9 @@ def _run(args: argparse.Namespace) -> Path:
     import timm
 
     import timm_l2w  # noqa: F401  (registers the models)
-    from ..files import read_metadata
+
     from ..evaluation import load_weights
+    from ..files import read_metadata
     from .eval import model_from_metadata
 
     policy = read_policy(args.policy)

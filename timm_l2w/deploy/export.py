@@ -31,9 +31,9 @@ from timm_l2w_runtime.policy import check_policy, check_policy_fits, write_polic
 from timm_l2w_runtime.runtime import MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, POLICY_FILE
 
 from ..files import write_json_atomic
-from ..version import __version__
 from ..models.base import unwrap_model
 from ..preprocessing import model_name
+from ..version import __version__
 
 __all__ = ["export_package"]
 

@@ -25,8 +25,8 @@ from ..weighting import (
 from . import step as _step
 from .backends import BACKENDS, make_backend
 from .loss import RngState, rng_state
-from .precision import MetaPrecision
 from .plug import MetaUpdateRunner
+from .precision import MetaPrecision
 from .update import accelerate_accum_steps, accumulated_grads, check_clip, check_window_start
 
 __all__ = ["L2W"]

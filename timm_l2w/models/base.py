@@ -23,9 +23,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.autograd.forward_ad as fwAD
+from timm.models import checkpoint
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map
-from timm.models import checkpoint
 
 from .layers import is_symbolic
 

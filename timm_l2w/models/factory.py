@@ -19,10 +19,14 @@ from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import timm
-from torch import nn
 from timm.models import (
-    build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model, resolve_pretrained_cfg,
+    build_model_with_cfg,
+    generate_default_cfgs,
+    get_pretrained_cfg,
+    register_model,
+    resolve_pretrained_cfg,
 )
+from torch import nn
 
 from .wrapper import GENERIC_NAME, MultiExitWrapper
 

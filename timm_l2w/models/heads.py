@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-from torch import Tensor, nn
 from timm.layers import SelectAdaptivePool2d, global_pool_nlc
 from timm.models import register_notrace_function
+from torch import Tensor, nn
 
 from .layers import exit_classifier
 

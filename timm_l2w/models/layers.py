@@ -4,8 +4,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
 from timm.layers import SelectAdaptivePool2d
+from torch import Tensor, nn
 
 __all__ = ["ExitPool", "exit_classifier", "is_symbolic"]
 

@@ -22,11 +22,10 @@ import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import Tensor, nn
-
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models._features import feature_take_indices  # what timm's own models use
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices  # what timm's own models use
+from torch import Tensor, nn
 
 from .base import MultiExitModel
 from .layers import ExitPool, exit_classifier, is_symbolic

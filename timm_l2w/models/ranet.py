@@ -34,11 +34,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_function
 from timm.models._features import feature_take_indices  # what timm's own models use
+from torch import Tensor, nn
 
 from .base import MultiExitModel
 from .layers import ExitPool, exit_classifier, is_symbolic

@@ -41,9 +41,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
+from timm.models import get_model_input_config
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map
-from timm.models import get_model_input_config
 
 from ..errors import SplitError
 from .base import MultiExitModel

@@ -43,7 +43,7 @@ Kron, MADGRAD, Mars, Muon, NvNovoGrad and the Lookahead wrapper.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Sequence, Union
 
 import torch
 from timm.optim import (

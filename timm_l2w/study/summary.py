@@ -13,8 +13,17 @@ import numpy as np
 
 from timm_l2w.files import write_text_atomic
 from timm_l2w.study.plots import plot_curves, plot_gain_vs_cost
-from timm_l2w.study.runner import (EXTRA_RULES, LABELS, METHOD_LABELS, REFERENCE, VARIANTS, WEIGHTINGS, result_path,
-                                   shown, write_json)
+from timm_l2w.study.runner import (
+    EXTRA_RULES,
+    LABELS,
+    METHOD_LABELS,
+    REFERENCE,
+    VARIANTS,
+    WEIGHTINGS,
+    result_path,
+    shown,
+    write_json,
+)
 from timm_l2w.study.stats import N_BOOTSTRAP, mean_std, mean_with_intervals
 from timm_l2w.study.weights import predictor_summary
 

@@ -54,8 +54,8 @@ def weights_over_training(run_dir: Path | str, held_loader: Iterable, eps: float
     """For every complete checkpoint of an L2W run (``run_dir/checkpoints/step_*``): its predictor's weights
     on its own exit losses over ``held_loader`` (model in eval mode), as :func:`weight_loss_stats` rows
     with the checkpoint's ``step``."""
-    from timm_l2w.files import load_state_dict
     from timm_l2w.evaluation import collect_exit_outputs
+    from timm_l2w.files import load_state_dict
     from timm_l2w.weighting import WeightPredictor, sample_weights
 
     rows = []

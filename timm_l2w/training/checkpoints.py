@@ -98,9 +98,9 @@ def _save_tensors(tensors: Dict[str, Tensor], path: Path, metadata: Dict[str, st
 
 def _load_ema(path: Path, module: nn.Module) -> Dict[str, Tensor]:
     """The EMA weights of checkpoint ``path`` (a clear error when a --model-ema run's file is missing)."""
+    from ..errors import ResumeError
     from ..files import load_state_dict
     from ..state_checks import check_state_dict
-    from ..errors import ResumeError
 
     file = path / EMA_FILE
     if not file.is_file():
