@@ -89,7 +89,7 @@ def torch_rows(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tens
     full_top1 = 100.0 * float((torch.cat(full()).argmax(1) == labels).double().mean())
     rows = []
     for q, predictor in predictors.items():
-        def early():
+        def early(predictor=predictor):  # bound now: the closure must not see a later loop's predictor
             return [predictor.predict(inp) for inp in inputs]
 
         best = best_times({"full": full, "early": early}, args.repeats, cuda)
@@ -149,8 +149,8 @@ def onnx_rows(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
             full_out = np.concatenate([full.run(None, {"image": inp})[0] for inp in inputs])
             full_top1 = 100.0 * float((full_out.argmax(1) == labels).mean())
             for q, runtime in runtimes.items():
-                fns = {"full": lambda: [full.run(None, {"image": inp}) for inp in inputs],
-                       "early": lambda: [runtime.predict(inp) for inp in inputs]}
+                fns = {"full": lambda inputs=inputs: [full.run(None, {"image": inp}) for inp in inputs],
+                       "early": lambda runtime=runtime, inputs=inputs: [runtime.predict(inp) for inp in inputs]}
                 best = best_times(fns, args.repeats, False)
                 results = fns["early"]()
                 index = np.concatenate([r.exit_index for r in results])

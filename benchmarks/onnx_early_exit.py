@@ -205,10 +205,10 @@ def main() -> None:
                    "same_as_torch_predictor": bool((result.exit_index == torch_result.exit_index.numpy()).all()
                                                    and (result.predictions == torch_result.predictions.numpy()).all())}
             for batch, fns in (
-                (64, {"full": lambda: full.run(None, {"image": xb}), "early": lambda: runtime.predict(xb),
+                (64, {"full": lambda: full.run(None, {"image": xb}), "early": lambda runtime=runtime: runtime.predict(xb),
                       "chained": lambda: chained.predict(xb)}),
                 (1, {"full": lambda: [full.run(None, {"image": s}) for s in singles],
-                     "early": lambda: [runtime.predict(s) for s in singles],
+                     "early": lambda runtime=runtime: [runtime.predict(s) for s in singles],
                      "chained": lambda: [chained.predict(s) for s in singles]}),
             ):
                 rounds = alternate(fns, args.repeats)

@@ -229,6 +229,7 @@ def capture_meta_updates(l2w: Any) -> GraphedMetaUpdates:
         blocker = ("the captured virtual step reads the learning rate on the device for torch SGD only, "
                    f"not {type(real).__name__}")
     graphs = GraphedUpdates([l2w.meta_optimizer, real], blocker=blocker,
-                            log=lambda line: warnings.warn(line.replace("timm-l2w train", "L2W"), RuntimeWarning))
+                            log=lambda line: warnings.warn(line.replace("timm-l2w train", "L2W"), RuntimeWarning,
+                                                           stacklevel=1))
     l2w.meta_runner = GraphedMetaUpdates(l2w, graphs)
     return l2w.meta_runner

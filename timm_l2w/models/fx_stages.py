@@ -488,7 +488,7 @@ class BackboneStages:
             if not training:
                 self.feature_shapes = [tuple(values2[c].shape[1:]) for c in cuts]
                 out = next(n for n in reversed(graph.nodes) if n.op == "output").args[0]
-                out_value = fx.node.map_arg(out, lambda n: values2[n])
+                out_value = fx.node.map_arg(out, lambda n, values=values2: values[n])
                 self.output_value = tree_map(lambda t: TensorSpec(t) if isinstance(t, Tensor) else t, out_value)
             self.plans[training] = _ModePlan(graph, cuts, through_end, values2, values3, self._describe)
 

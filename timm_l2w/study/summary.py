@@ -56,7 +56,7 @@ def load_records(out: Path, seeds: Sequence[int]) -> Dict[str, Dict[int, Dict[st
                 records.setdefault(variant, {})[seed] = json.loads(path.read_text())
             except json.JSONDecodeError as exc:
                 raise SystemExit(f"{shown(path)} is not a readable result file ({exc}); delete it and rerun the "
-                                 "study's command (runs whose result file exists are skipped)")
+                                 "study's command (runs whose result file exists are skipped)") from exc
     return records
 
 
