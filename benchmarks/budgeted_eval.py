@@ -33,7 +33,10 @@ def synthetic_outputs(n: int, num_exits: int, num_classes: int, seed: int) -> Ex
 
 
 def loop_budgeted(heldout: ExitOutputs, test: ExitOutputs, dist, flops):
-    """The procedure of docs/method.md §6 sample by sample in plain Python: (test top-1 %, expected FLOPs) per budget."""
+    """The procedure of docs/method.md §6 sample by sample in plain Python.
+
+    Returns (test top-1 %, expected FLOPs) per budget.
+    """
     h_conf, t_conf = heldout.confidences.tolist(), test.confidences.tolist()
     t_correct = test.correct.tolist()
     n, num_exits = len(h_conf), len(h_conf[0])
@@ -82,8 +85,9 @@ def main() -> None:
         times.append(time.perf_counter() - start)
     t_vec = statistics.median(times)
 
-    small_h = ExitOutputs(*(getattr(heldout, f)[: args.loop_n] for f in ("confidences", "predictions", "top5", "losses", "targets")))
-    small_t = ExitOutputs(*(getattr(test, f)[: args.loop_n] for f in ("confidences", "predictions", "top5", "losses", "targets")))
+    fields = ("confidences", "predictions", "top5", "losses", "targets")
+    small_h = ExitOutputs(*(getattr(heldout, f)[: args.loop_n] for f in fields))
+    small_t = ExitOutputs(*(getattr(test, f)[: args.loop_n] for f in fields))
     start = time.perf_counter()
     loop = loop_budgeted(small_h, small_t, dist, flops)
     t_loop_small = time.perf_counter() - start

@@ -2,7 +2,8 @@
 
 For several exit distributions (budgets), thresholds are calibrated on the held-out split and a
 batch of 256 test images runs (a) through the full network and (b) through
-:class:`timm_l2w.EarlyExitPredictor`, alternating, one thread, fastest of ``--repeats`` (wall clock; CPU time reported too). Per budget:
+:class:`timm_l2w.EarlyExitPredictor`, alternating, one thread, fastest of ``--repeats`` (wall clock; CPU time
+reported too). Per budget:
 
     efficiency = (time_full / time_early) / (flops_full / flops_expected)
 
@@ -167,7 +168,8 @@ def main() -> None:
         cf, ce = (min(t[1] for t in times[n]) for n in ("full", "early"))
         flops_ratio = float(flops[-1]) / flops_expected
         # what the early-exit run really computed, counted while it runs (models counted on the ops they run)
-        measured = count_flops(predictor.predict, x) / len(x) if getattr(model, "flop_counting", None) == "aten" else None
+        counted = getattr(model, "flop_counting", None) == "aten"
+        measured = count_flops(predictor.predict, x) / len(x) if counted else None
         efficiency = (tf / te) / flops_ratio
         rows.append({
             "q": q, "exit_fractions": fractions.tolist(), "flops_expected": flops_expected,
@@ -191,11 +193,13 @@ def main() -> None:
     if profile:
         print(f"split overhead (staged eval forward / the backbone's own forward + classifier): "
               f"{profile['split_overhead']:.3f}; time share to each exit "
-              f"{[round(t, 3) for t in profile['time_share']]} vs FLOPs share {[round(f, 3) for f in profile['flops_share']]}")
+              f"{[round(t, 3) for t in profile['time_share']]} vs FLOPs share "
+              f"{[round(f, 3) for f in profile['flops_share']]}")
 
     out_dir = Path(args.out_dir)
     stem = "early_exit_latency" if args.model == "msdnet_l2w_cifar" else f"early_exit_latency_{args.model}"
-    report = {"model": args.model, "device": args.device, "checkpoint": args.checkpoint, "train_steps": steps, "batch_size": len(x),
+    report = {"model": args.model, "device": args.device, "checkpoint": args.checkpoint, "train_steps": steps,
+              "batch_size": len(x),
               "threads": 1, "flops": flops.tolist(), "anytime": anytime, "budgets": rows, "stage_profile": profile,
               "min_efficiency": min(r["efficiency"] for r in rows)}
     write_text_atomic(out_dir / f"{stem}.json", json.dumps(report, indent=2) + "\n")

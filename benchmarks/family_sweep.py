@@ -39,7 +39,8 @@ def table(rows: List[Dict[str, Any]]) -> str:
     """Markdown: the working families, then the others with their reason."""
     working = [r for r in rows if r["ok"]]
     lines = [f"{len(working)} of {len(rows)} timm families work ({100 * len(working) / max(len(rows), 1):.0f}%).", "",
-             "| family | model | exits (feature_info index: layout) | input | MFLOPs per exit |", "|---|---|---|---|---|"]
+             "| family | model | exits (feature_info index: layout) | input | MFLOPs per exit |",
+             "|---|---|---|---|---|"]
     for r in working:
         exits = ", ".join(f"{i}: {lay.upper()}" for i, lay in zip(r["exit_indices"], r["layouts"]))
         size = "x".join(str(s) for s in r["default_size"][1:])

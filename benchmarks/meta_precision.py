@@ -261,7 +261,8 @@ def accuracy(states: Dict[str, Tuple[nn.Module, WeightPredictor]], batches: Sequ
                            "meta_loss": loss, "meta_loss_fp64": ref_loss}
                     rows.append(row)
                     err = f"cos {row['cos']:+.4f} rel {row['rel']:.4f}" if row["finite"] else "non-finite meta gradient"
-                    log(f"{state:8s} batch {b} {precision} {policy:12s} {err} meta loss {loss:.4f} (fp64 {ref_loss:.4f})")
+                    log(f"{state:8s} batch {b} {precision} {policy:12s} {err} "
+                        f"meta loss {loss:.4f} (fp64 {ref_loss:.4f})")
     return rows
 
 

@@ -161,7 +161,8 @@ def main() -> int:
     extra = ""
     if args.opt:
         o = args.opt
-        print(f"{o}: plain step {t['plain@' + o] * 1e3:9.1f} ms, L2W meta_interval=1 {t['interval1@' + o] * 1e3:9.1f} ms, "
+        print(f"{o}: plain step {t['plain@' + o] * 1e3:9.1f} ms, "
+              f"L2W meta_interval=1 {t['interval1@' + o] * 1e3:9.1f} ms, "
               f"meta_interval=100 {t['interval100@' + o] * 1e3:9.1f} ms per loader batch")
         extra = (f" {o}_ratio_interval1={t['interval1@' + o] / t['plain@' + o]:.2f}"
                  f" {o}_ratio_interval100={t['interval100@' + o] / t['plain@' + o]:.3f}")

@@ -189,7 +189,8 @@ def main() -> None:
                      1: sum(stage_seconds(chained, single, 1) for single in singles) / len(singles)}
         print("stage graphs, ms per image at batch 64:", np.round(per_stage[64] * 1e3 / 64, 3).tolist(),
               "at batch 1:", np.round(per_stage[1] * 1e3, 3).tolist())
-        print("ms per MFLOP at batch 64:", np.round(per_stage[64] * 1e3 / 64 / (np.diff(flops, prepend=0) / 1e6), 4).tolist())
+        stage_mflops = np.diff(flops, prepend=0) / 1e6
+        print("ms per MFLOP at batch 64:", np.round(per_stage[64] * 1e3 / 64 / stage_mflops, 4).tolist())
         rows = []
         for q, runtime in runtimes.items():
             result = runtime.predict(xb)
@@ -205,7 +206,8 @@ def main() -> None:
                    "same_as_torch_predictor": bool((result.exit_index == torch_result.exit_index.numpy()).all()
                                                    and (result.predictions == torch_result.predictions.numpy()).all())}
             for batch, fns in (
-                (64, {"full": lambda: full.run(None, {"image": xb}), "early": lambda runtime=runtime: runtime.predict(xb),
+                (64, {"full": lambda: full.run(None, {"image": xb}),
+                      "early": lambda runtime=runtime: runtime.predict(xb),
                       "chained": lambda: chained.predict(xb)}),
                 (1, {"full": lambda: [full.run(None, {"image": s}) for s in singles],
                      "early": lambda runtime=runtime: [runtime.predict(s) for s in singles],
@@ -220,7 +222,8 @@ def main() -> None:
                 reached = np.array([(result.exit_index >= k).mean() for k in range(model.num_exits)])
                 predicted = float(per_stage[batch] @ reached) * (1 if batch == 64 else len(singles))
                 row[f"batch{batch}"] = {
-                    "time_full_s": best["full"], "time_early_s": best["early"], "time_chained_no_exit_s": best["chained"],
+                    "time_full_s": best["full"], "time_early_s": best["early"],
+                    "time_chained_no_exit_s": best["chained"],
                     "wall_full_s": wall["full"], "wall_early_s": wall["early"],
                     "wall_speedup": wall["full"] / wall["early"],
                     "wall_efficiency": wall["full"] / wall["early"] / promise,

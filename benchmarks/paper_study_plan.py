@@ -27,7 +27,8 @@ TRAIN_IMAGES = 55_000  # Fashion-MNIST's 60,000 training images less the 5,000 h
 
 def _rate(rows, weighting: str, mode: str) -> Optional[float]:
     for r in rows:
-        if r["weighting"] == weighting and r.get("mode", "eager") == mode and r.get("path", "sync-free") == "sync-free" \
+        if r["weighting"] == weighting and r.get("mode", "eager") == mode \
+                and r.get("path", "sync-free") == "sync-free" \
                 and (weighting == "uniform" or r["meta_interval"] == 1):
             if mode == "graphs" and not str(r.get("graphs", "")).startswith("on"):
                 return None  # graphs fell back: this row is an eager one

@@ -104,7 +104,9 @@ class Config:
         graphs = self.run.updater.graphs
         if graphs is None:
             return None
-        return f"off: {graphs.disabled}" if graphs.disabled else f"on ({len(graphs.graphs)} graphs, {graphs.replays} replays)"
+        if graphs.disabled:
+            return f"off: {graphs.disabled}"
+        return f"on ({len(graphs.graphs)} graphs, {graphs.replays} replays)"
 
 
 def run_group(model: str, size: int, batch: int, args: argparse.Namespace) -> List[Dict[str, Any]]:
@@ -156,7 +158,8 @@ def run(args: argparse.Namespace, log=print, partial=lambda result: None) -> Dic
                 interval = f" meta interval {row['meta_interval']}" if row["meta_interval"] else ""
                 log(f"{model_name} {size}px batch {batch} {row['weighting']}{interval} {row['mode']} {row['path']}: "
                     f"{row['images_per_s']:.1f} images/s ({row['time_over_uniform']:.2f}x the time of equal "
-                    f"weighting, {row['meta_steps']} meta steps){' graphs ' + row['graphs'] if 'graphs' in row else ''}",
+                    f"weighting, {row['meta_steps']} meta steps)"
+                    f"{' graphs ' + row['graphs'] if 'graphs' in row else ''}",
                     flush=True)
             partial(_result(args, rows))
     return _result(args, rows)
