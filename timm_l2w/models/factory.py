@@ -148,8 +148,8 @@ def _create_multi_exit(variant: str, backbone_name: Optional[str], pretrained: b
         backbone_name = kwargs.pop("backbone", DEFAULT_BACKBONE)
         if not isinstance(backbone_name, str) or not timm.is_model(backbone_name):
             raise ValueError(f"{GENERIC_NAME} wraps a timm backbone: pass backbone='<timm model name>' (one of "
-                             f"timm.list_models()), e.g. timm.create_model('{GENERIC_NAME}', backbone='efficientnet_b0', "
-                             f"num_classes=10); got {backbone_name!r}")
+                             f"timm.list_models()), e.g. timm.create_model('{GENERIC_NAME}', "
+                             f"backbone='efficientnet_b0', num_classes=10); got {backbone_name!r}")
     backbone_kwargs: Dict[str, Any] = {}
     if pretrained and not full_checkpoint and (overlay.get("file") or overlay.get("state_dict") is not None):
         backbone_kwargs["pretrained_cfg_overlay"] = {k: overlay[k] for k in ("file", "state_dict") if k in overlay}
@@ -171,8 +171,8 @@ def _create_multi_exit(variant: str, backbone_name: Optional[str], pretrained: b
     if isinstance(model, MultiExitWrapper):
         if variant == GENERIC_NAME:  # the backbone's input settings, the source of the weights it was given
             resolved = dict(model.pretrained_cfg)
-            model.pretrained_cfg = model.default_cfg = {
-                **model._own_cfg(), **{k: resolved[k] for k in ("file", "source", "hf_hub_id", "url", "tag") if resolved.get(k)}}
+            source = {k: resolved[k] for k in ("file", "source", "hf_hub_id", "url", "tag") if resolved.get(k)}
+            model.pretrained_cfg = model.default_cfg = {**model._own_cfg(), **source}
         else:
             model._model_args = {}  # the variant's name rebuilds it; create_model adds the arguments it was given
     return model
@@ -215,10 +215,12 @@ def resnet18_l2w(pretrained: bool = False, **kwargs: Any) -> MultiExitWrapper:
 @register_model
 def convnext_atto_l2w(pretrained: bool = False, **kwargs: Any) -> MultiExitWrapper:
     """ConvNeXt-Atto with an exit after each of its four stages."""
-    return _create_multi_exit("convnext_atto_l2w", "convnext_atto", pretrained, **dict(dict(exit_indices=(0, 1, 2, 3)), **kwargs))
+    return _create_multi_exit("convnext_atto_l2w", "convnext_atto", pretrained,
+                              **dict(dict(exit_indices=(0, 1, 2, 3)), **kwargs))
 
 
 @register_model
 def vit_tiny_l2w(pretrained: bool = False, **kwargs: Any) -> MultiExitWrapper:
     """ViT-Tiny/16 with exits after blocks 3, 6, 9 and 12."""
-    return _create_multi_exit("vit_tiny_l2w", "vit_tiny_patch16_224", pretrained, **dict(dict(exit_indices=(2, 5, 8, 11)), **kwargs))
+    return _create_multi_exit("vit_tiny_l2w", "vit_tiny_patch16_224", pretrained,
+                              **dict(dict(exit_indices=(2, 5, 8, 11)), **kwargs))

@@ -274,7 +274,8 @@ def _crossing_kind(v2: Any, v3: Any) -> Tuple[str, Any]:
         return "unsupported", None
     tensors = [isinstance(a, Tensor) for a in l2]
     if all(tensors):
-        if all(a.ndim > 0 and a.shape[0] == 2 and b.shape[0] == 3 and a.shape[1:] == b.shape[1:] for a, b in zip(l2, l3)):
+        if all(a.ndim > 0 and a.shape[0] == 2 and b.shape[0] == 3 and a.shape[1:] == b.shape[1:]
+               for a, b in zip(l2, l3)):
             return _BATCHED, None
         if all(a.shape == b.shape for a, b in zip(l2, l3)):
             return _SHARED, None

@@ -90,7 +90,8 @@ class ConvHead(PoolHead):
         self.layout, self.num_prefix_tokens = layout, num_prefix_tokens
         layers: List[nn.Module] = []
         for c in (in_chs, width):
-            layers += [nn.Conv2d(c, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+            layers += [nn.Conv2d(c, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width),
+                       nn.ReLU(inplace=True)]
         self.features = nn.Sequential(*layers)
 
     def forward_features(self, x: Tensor) -> Tensor:

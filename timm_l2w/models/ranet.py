@@ -306,7 +306,8 @@ class RANet(MultiExitModel):
         self._taps = [max(j for j, lv in enumerate(in_levels) if lv == level)
                       for level in range(in_levels[0], -1, -1) if level in in_levels]
         self.feature_info = [
-            dict(num_chs=pre_chs[j], reduction=stem_reduction * 2 ** (top - in_levels[j]), module=f"flows.{n_flows - 1}.{j}")
+            dict(num_chs=pre_chs[j], reduction=stem_reduction * 2 ** (top - in_levels[j]),
+                 module=f"flows.{n_flows - 1}.{j}")
             for j in self._taps
         ]
         self._init_weights()

@@ -170,7 +170,8 @@ class MultiExitWrapper(MultiExitModel):
         self.backbone = backbone
         info = [dict(d) for d in backbone.feature_info]
         n_points = len(info)
-        name = backbone_name or (getattr(backbone, "pretrained_cfg", None) or {}).get("architecture") or type(backbone).__name__
+        name = (backbone_name or (getattr(backbone, "pretrained_cfg", None) or {}).get("architecture")
+                or type(backbone).__name__)
         exit_indices = _default_exits(info) if exit_indices is None else [int(i) for i in exit_indices]
         if not exit_indices or any(not 0 <= i < n_points for i in exit_indices):
             raise ValueError(
@@ -189,14 +190,16 @@ class MultiExitWrapper(MultiExitModel):
                              **({"global_pool": global_pool} if global_pool is not None else {}),
                              **self._backbone_kwargs(backbone, backbone_name, timm_kwargs))
         param = next(backbone.parameters(), None)
-        example = torch.zeros(1, *_input_size(backbone, self.in_chans), device=param.device if param is not None else None)
+        example = torch.zeros(1, *_input_size(backbone, self.in_chans),
+                              device=param.device if param is not None else None)
         through_end = head == "linear" and exit_indices[-1] == n_points - 1
         try:
             self._stages = BackboneStages(backbone, [info[i] for i in exit_indices], through_end, example)
         except SplitError as err:
             raise SplitError(f"{name} cannot be split into exits at {exit_indices}: {err}; {_ALTERNATIVE}") from None
         fmt = getattr(backbone, "output_fmt", "NCHW")
-        layouts = [_layout(shape, info[i]["num_chs"], fmt) for shape, i in zip(self._stages.feature_shapes, exit_indices)]
+        layouts = [_layout(shape, info[i]["num_chs"], fmt)
+                   for shape, i in zip(self._stages.feature_shapes, exit_indices)]
         self.exit_layouts = [lay for lay, _ in layouts]
         self.exit_channels = [chs for _, chs in layouts]
         self.layout = self.exit_layouts[-1]
@@ -206,12 +209,14 @@ class MultiExitWrapper(MultiExitModel):
         self._set_feature_sizes()
         # features_only: the backbone's intermediate points (module names inside this wrapper)
         self.feature_info = [dict(d, module=f"backbone.{d['module']}") for d in info]
-        self.pretrained_cfg = self.default_cfg = self._own_cfg()  # registered variants get theirs from build_model_with_cfg
+        # registered variants get theirs from build_model_with_cfg
+        self.pretrained_cfg = self.default_cfg = self._own_cfg()
         self._model_args = dict(self._rebuild)  # timm's save_for_hf records these (model_args in config.json)
 
     # -- construction helpers ------------------------------------------------------------------
     @staticmethod
-    def _backbone_kwargs(backbone: nn.Module, backbone_name: Optional[str], timm_kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    def _backbone_kwargs(backbone: nn.Module, backbone_name: Optional[str],
+                         timm_kwargs: Dict[str, Any]) -> Dict[str, Any]:
         """The timm arguments that rebuild the backbone (JSON values only; weights come from checkpoints)."""
         given = dict(timm_kwargs) if backbone_name else dict(getattr(backbone, "_model_args", {}) or {})
         skip = {"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "num_classes", "global_pool", "cache_dir",
@@ -318,7 +323,8 @@ class MultiExitWrapper(MultiExitModel):
             return
         patch_embed = getattr(self.backbone, "patch_embed", None)
         img_size = getattr(patch_embed, "img_size", None)
-        if img_size is not None and getattr(patch_embed, "strict_img_size", False) and tuple(x.shape[-2:]) != tuple(img_size):
+        strict = img_size is not None and getattr(patch_embed, "strict_img_size", False)
+        if strict and tuple(x.shape[-2:]) != tuple(img_size):
             raise ValueError(
                 f"input is {tuple(x.shape[-2:])}, this model expects {tuple(img_size)}: pass img_size="
                 f"{x.shape[-1]} (or dynamic_img_size=True where the family has it) when creating the model, "
@@ -363,7 +369,8 @@ class MultiExitWrapper(MultiExitModel):
     def trunk_features(self, x: Tensor) -> Any:
         """The backbone's ``forward_features`` output computed by the stages (the last exit on its head)."""
         if not self._stages.through_end:
-            raise RuntimeError("the last exit has a head of its own: the stages stop before the end of forward_features")
+            raise RuntimeError("the last exit has a head of its own: "
+                               "the stages stop before the end of forward_features")
         state: Any = x
         for k in range(self.num_exits):
             state = self.forward_block(k, state)
@@ -376,7 +383,8 @@ class MultiExitWrapper(MultiExitModel):
     def load_backbone_state_dict(self, state_dict: Dict[str, Tensor], strict: bool = True):
         """Load a plain timm state_dict into the trunk, dropping the classifier it had (``fc``, ``head``...)."""
         own = self.backbone.state_dict()
-        classifier = self.backbone.pretrained_cfg.get("classifier") if hasattr(self.backbone, "pretrained_cfg") else None
+        has_cfg = hasattr(self.backbone, "pretrained_cfg")
+        classifier = self.backbone.pretrained_cfg.get("classifier") if has_cfg else None
         names = (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
         kept = {k: v for k, v in state_dict.items() if k in own or not any(k.startswith(n + ".") for n in names)}
         return self.backbone.load_state_dict(kept, strict=strict)

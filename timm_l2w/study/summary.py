@@ -130,7 +130,8 @@ def _train_q_gain(runs: Dict[int, Any], reference: Dict[int, Any], paired: Seque
         return None
     return {"q": q, "variant": mean_std([r["test_top1"] for r in rows["variant"]]),
             "reference": mean_std([r["test_top1"] for r in rows["reference"]]),
-            "gain": mean_with_intervals([a["test_top1"] - b["test_top1"] for a, b in zip(rows["variant"], rows["reference"])]),
+            "gain": mean_with_intervals([a["test_top1"] - b["test_top1"]
+                                         for a, b in zip(rows["variant"], rows["reference"])]),
             "mflops": {side: mean_std([r["expected_flops"] / 1e6 for r in rows[side]]) for side in rows}}
 
 
@@ -221,7 +222,8 @@ def summarize_records(records: Dict[str, Dict[int, Dict[str, Any]]], points: int
                       for v in variants},
         "anytime_top1": {v: [mean_std([r["anytime"][k]["top1"] for r in records[v].values()]) for k in range(num_exits)]
                          for v in variants},
-        "peak_budgeted_top1": {v: mean_std([max(row["test_top1"] for row in r["budgeted"]) for r in records[v].values()])
+        "peak_budgeted_top1": {v: mean_std([max(row["test_top1"] for row in r["budgeted"])
+                                            for r in records[v].values()])
                                for v in variants},
         "cost": {v: run_costs(records[v]) for v in variants},
         "comparisons": {v: compare_variant(records[v], records[REFERENCE], on_grid[v], on_grid[REFERENCE])
@@ -384,11 +386,13 @@ def markdown(s: Dict[str, Any]) -> str:
     lines += ["", "Same comparison budget by budget (same q, thresholds from the held-out split, no "
               "interpolation; paired by seed), at the training distribution's q, and at each curve's peak:", "",
               "| variant | gain by budget index | 95% t-interval | ahead (seed-mean gain > 0) | at training q: "
-              "variant / equal (MFLOPs) | gain at training q | peak: variant / equal | peak gain |", "|---|---|---|---|---|---|---|---|"]
+              "variant / equal (MFLOPs) | gain at training q | peak: variant / equal | peak gain |",
+              "|---|---|---|---|---|---|---|---|"]
     for v in l2w:
         c = s["comparisons"][v]
         bi, tq = c["mean_gain_by_budget_index"], c["gain_at_training_q"]
-        at_q = ("n/a" if tq is None else f"q = {tq['q']:.2f}: {_pm(tq['variant'])} ({tq['mflops']['variant']['mean']:.2f}) / "
+        at_q = ("n/a" if tq is None else
+                f"q = {tq['q']:.2f}: {_pm(tq['variant'])} ({tq['mflops']['variant']['mean']:.2f}) / "
                 f"{_pm(tq['reference'])} ({tq['mflops']['reference']['mean']:.2f})")
         share = c["share_ahead_by_budget_index"]
         lines.append(f"| {lab[v]} | {_pm(bi, 3, True)} | {_ci(bi, 'ci95_t')} | "
@@ -396,15 +400,17 @@ def markdown(s: Dict[str, Any]) -> str:
                      f"{_pm(tq and tq['gain'], 2, True)} | {_pm(s['peak_budgeted_top1'][v])} / "
                      f"{_pm(s['peak_budgeted_top1'][ref])} | {_pm(c['peak_gain'], 2, True)} |")
     shown = s["variants"]
-    lines += ["", "## Budgeted curves (test top-1 %, mean ± std over seeds; every 4th grid point, all in summary.json)", "",
-              "| avg MFLOPs | " + " | ".join(lab[v] for v in shown) + " | " + " | ".join(f"gain {lab[v]}" for v in l2w) + " |",
+    gains = " | ".join(f"gain {lab[v]}" for v in l2w)
+    lines += ["", "## Budgeted curves (test top-1 %, mean ± std over seeds; every 4th grid point, all in summary.json)",
+              "",
+              "| avg MFLOPs | " + " | ".join(lab[v] for v in shown) + " | " + gains + " |",
               "|---|" + "---|" * (len(shown) + len(l2w))]
     for i in range(0, len(s["grid_mflops"]), 4):
         lines.append(f"| {s['grid_mflops'][i]:.2f} | "
                      + " | ".join(f"{s['curve_mean'][v][i]:.2f} ± {s['curve_std'][v][i]:.2f}" for v in shown) + " | "
                      + " | ".join(f"{s['comparisons'][v]['gain_on_grid'][i]:+.2f}" for v in l2w) + " |")
     lines += ["", "## Anytime top-1 per exit (test %, mean ± std over seeds; gain: paired by seed)", "",
-              "| exit | MFLOPs | " + " | ".join(lab[v] for v in shown) + " | " + " | ".join(f"gain {lab[v]}" for v in l2w) + " |",
+              "| exit | MFLOPs | " + " | ".join(lab[v] for v in shown) + " | " + gains + " |",
               "|---|---|" + "---|" * (len(shown) + len(l2w))]
     for k, mf in enumerate(s["exit_mflops"]):
         lines.append(f"| {k + 1} | {mf:.2f} | " + " | ".join(_pm(s["anytime_top1"][v][k]) for v in shown) + " | "
@@ -422,7 +428,8 @@ def markdown(s: Dict[str, Any]) -> str:
     for v in shown:
         cost, c = s["cost"][v], s["comparisons"].get(v)
         lines.append(f"| {lab[v]} | {len(s['seeds'][v])} | {cost['resumed_seeds'] or 'none'} | "
-                     f"{_pm(cost['cpu_s_stats'], 0)} | {_pm(cost['wall_s_stats'], 0)} | {_pm(cost['train_s_stats'], 0)} | "
+                     f"{_pm(cost['cpu_s_stats'], 0)} | {_pm(cost['wall_s_stats'], 0)} | "
+                     f"{_pm(cost['train_s_stats'], 0)} | "
                      f"{'1 (reference)' if c is None else _ratio_text(c['cost_ratio_cpu'])} | "
                      f"{'1 (reference)' if c is None else _ratio_text(c['cost_ratio_wall'])} |")
     lines += ["", "## Predictor: weight vs loss correlation per exit", "",
@@ -464,8 +471,9 @@ def _exit_rules_markdown(s: Dict[str, Any]) -> List[str]:
              "Each curve is read at the FLOPs of every exit (linear interpolation, only inside the FLOPs range the "
              "curve covers; n/a outside). Mean on grid: the curve's mean over the comparison grid above "
              "(n/a where the curve does not cover the whole grid).", "",
-             "| variant | rule | mean on grid | " + " | ".join(f"at exit {k + 1} ({m:.2f} MFLOPs)" for k, m in enumerate(mf))
-             + " |", "|---|---|---|" + "---|" * len(mf)]
+             "| variant | rule | mean on grid | "
+             + " | ".join(f"at exit {k + 1} ({m:.2f} MFLOPs)" for k, m in enumerate(mf)) + " |",
+             "|---|---|---|" + "---|" * len(mf)]
     for v in s["variants"]:
         for rule, row in rules["table"].get(v, {}).items():
             lines.append(f"| {lab[v]} | {rule} | {_pm(row['mean_on_grid'])} | "
