@@ -125,8 +125,8 @@ def check_pretrained(model: nn.Module, state: Mapping[str, Tensor], path: PathLi
     exit-classifier keys whose shapes differ (another ``num_classes``: they keep their fresh init).
 
     Anything else that differs -- missing, unexpected or differently shaped tensors outside the exit
-    classifiers -- raises a :class:`~timm_l2w.errors.CheckpointError` (a ``ValueError``) naming the model the file was saved from when its metadata
-    says (``model_name`` names ``model`` in the message).
+    classifiers -- raises a :class:`~timm_l2w.errors.CheckpointError` (a ``ValueError``) naming the model the
+    file was saved from when its metadata says (``model_name`` names ``model`` in the message).
     """
     net = unwrap_model(model)
     own = net.state_dict()

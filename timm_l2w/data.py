@@ -183,7 +183,8 @@ def _digits(size: int, in_chans: int, held_out: Optional[int], affine: bool = Fa
         gen = torch.Generator().manual_seed(SPLIT_SEED)
         canvas = [F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False) for x, _ in splits]
         copies = (DIGITS_AFFINE_COPIES, 1, 1)
-        splits = [(random_affine(x.repeat(c, 1, 1, 1), gen), y.repeat(c)) for x, (_, y), c in zip(canvas, splits, copies)]
+        splits = [(random_affine(x.repeat(c, 1, 1, 1), gen), y.repeat(c))
+                  for x, (_, y), c in zip(canvas, splits, copies)]
     mean = float(splits[0][0].mean())
     std = float(splits[0][0].std())
     collate = BatchTransform(size, in_chans, [mean] * in_chans, [std] * in_chans)

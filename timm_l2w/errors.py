@@ -50,7 +50,8 @@ class ResumeError(CheckpointError):
         super().__init__(f"checkpoint {checkpoint} cannot be resumed: {why}; {fix}", checkpoint)
 
     @classmethod
-    def from_exception(cls, checkpoint: PathLike, err: BaseException, older: Optional[PathLike] = None) -> "ResumeError":
+    def from_exception(cls, checkpoint: PathLike, err: BaseException,
+                       older: Optional[PathLike] = None) -> "ResumeError":
         """Wrap whatever reading the checkpoint raised: a :class:`CheckpointError`'s own message, else the
         first line of the loader's. A :class:`SettingError` (other flags than the run that wrote it) asks
         for the same flags instead of offering an older checkpoint (written with the same flags)."""

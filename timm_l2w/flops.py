@@ -151,7 +151,8 @@ def _numel(shape: Sequence[int]) -> int:
 
 
 def _first_shape(out_shape: Any) -> Sequence[int]:
-    return out_shape[0] if isinstance(out_shape, (tuple, list)) and out_shape and isinstance(out_shape[0], (tuple, list, torch.Size)) else out_shape
+    nested = isinstance(out_shape, (tuple, list)) and out_shape and isinstance(out_shape[0], (tuple, list, torch.Size))
+    return out_shape[0] if nested else out_shape
 
 
 def _addmm_with_bias(bias_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
@@ -167,7 +168,8 @@ def _per_input(x_shape, *args, out_shape=None, **kwargs) -> int:
 
 
 def _pool_window(x_shape, kernel_size, *args, out_shape=None, **kwargs) -> int:
-    kh, kw = _pair(kernel_size if not isinstance(kernel_size, (list, tuple)) or len(kernel_size) > 1 else kernel_size[0])
+    one = isinstance(kernel_size, (list, tuple)) and len(kernel_size) <= 1
+    kh, kw = _pair(kernel_size[0] if one else kernel_size)
     return 2 * _numel(_first_shape(out_shape)) * kh * kw
 
 

@@ -235,7 +235,8 @@ def check_labels(labels: Any, num_classes: Optional[int] = None, batch: Optional
         in_range = labels.min() >= 0
         if num_classes is not None:
             in_range &= labels.max() < num_classes
-        if assert_on_device(in_range, f"{name} must be class indices in [0, {'inf' if num_classes is None else num_classes - 1}]"):
+        top = "inf" if num_classes is None else num_classes - 1
+        if assert_on_device(in_range, f"{name} must be class indices in [0, {top}]"):
             return labels
         low, high = (int(v) for v in torch.stack([labels.min(), labels.max()]).tolist())
         if low < 0 or (num_classes is not None and high >= num_classes):

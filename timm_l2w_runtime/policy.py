@@ -167,7 +167,8 @@ def check_policy_fits(policy: Mapping[str, Any], model: Optional[str], num_exits
                           "(timm-l2w eval CHECKPOINT --q Q) or use the model it belongs to")
     if policy["num_exits"] != num_exits:
         raise PolicyError(f"{source} has {policy['num_exits']} exits, this model {num_exits}"
-                          f"{f' ({model})' if model else ''}: it belongs to another model; calibrate one for this model")
+                          f"{f' ({model})' if model else ''}: it belongs to another model; "
+                          "calibrate one for this model")
     if num_classes is not None and policy["num_classes"] != num_classes:
         raise PolicyError(f"{source} is for {policy['num_classes']} classes, this model has {num_classes}: "
                           "it belongs to another model; calibrate one for this model")

@@ -53,7 +53,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"timm-l2w predict: error: {err}", file=sys.stderr)
         return 2
     rows = [{"file": str(f), "prediction": int(p), "label": runtime.label(int(p)), "confidence": f"{float(c):.6g}",
-             "exit": int(e) + 1} for f, p, c, e in zip(files, result.predictions, result.confidences, result.exit_index)]
+             "exit": int(e) + 1}
+            for f, p, c, e in zip(files, result.predictions, result.confidences, result.exit_index)]
     _write_csv(Path(args.output), rows)
     shares = ", ".join(f"{100 * s:.0f}%" for s in result.exit_fractions(runtime.num_exits))
     flops = runtime.expected_flops(result)

@@ -132,10 +132,12 @@ class EarlyExitRuntime:
         self._params = self.policy[self.exit_rule.parameter]  # the thresholds or the patience
         for k, stage in enumerate(self.manifest["stages"]):
             try:
-                session = ort.InferenceSession(str(self.root / stage["onnx"]), sess_options=options, providers=providers)
+                session = ort.InferenceSession(str(self.root / stage["onnx"]), sess_options=options,
+                                               providers=providers)
             except Exception as err:  # noqa: BLE001 - InvalidProtobuf, Fail, ...: whatever a damaged graph raises
                 raise PackageError(f"stage {k} ({self.root / stage['onnx']}) is not a loadable ONNX graph "
-                                   f"({type(err).__name__}: {err}): the file is damaged; export the package again") from None
+                                   f"({type(err).__name__}: {err}): the file is damaged; "
+                                   "export the package again") from None
             names = {i.name for i in session.get_inputs()}
             if names != set(stage["inputs"]) or not set(stage["outputs"]) <= {o.name for o in session.get_outputs()}:
                 raise PackageError(f"stage {k} ({stage['onnx']}) does not have the inputs/outputs its manifest lists: "
@@ -215,7 +217,10 @@ class EarlyExitRuntime:
         return preprocess_files(list(paths), pre)
 
     def predict_files(self, paths: Sequence[PathLike], batch_size: int = 64) -> Tuple[List[Path], RuntimePrediction]:
-        """Image files (folders are searched for images) to ``(files, predictions)``, ``batch_size`` images at a time."""
+        """Image files (folders are searched for images) to ``(files, predictions)``.
+
+        ``batch_size`` images at a time.
+        """
         files = find_images(paths)
         parts = [self.predict(self.preprocess(files[i:i + batch_size])) for i in range(0, len(files), batch_size)]
         return files, RuntimePrediction(*(np.concatenate([getattr(p, f) for p in parts])

@@ -104,7 +104,8 @@ class DeviceLoader:
         self._start = 0
 
     @classmethod
-    def from_splits(cls, splits: DataSplits, batch_size: int, device: torch.device | str, **kwargs: Any) -> "DeviceLoader":
+    def from_splits(cls, splits: DataSplits, batch_size: int, device: torch.device | str,
+                    **kwargs: Any) -> "DeviceLoader":
         """The loader of ``splits``' training set (:func:`device_arrays`)."""
         images, labels, transform = device_arrays(splits)
         return cls(images, labels, transform, batch_size, device, num_classes=splits.num_classes, **kwargs)

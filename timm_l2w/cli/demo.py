@@ -157,7 +157,8 @@ def _learned_lines(runs: Dict[int, List[Dict[str, Any]]]) -> List[str]:
     agree = f"in every seed the weight {' and '.join(said)}" if said else "no exit where every seed agrees on the sign"
     return [f"what L2W learns (every checkpoint's predictor applied to its own exit losses on the held-out images): "
             f"correlation of a sample's weight with its loss per exit, mean over {n} seeds, at step {p['steps'][0]} "
-            f"{' / '.join(f'{c:+.2f}' for c in first)}, at step {p['steps'][-1]} {' / '.join(f'{c:+.2f}' for c in corr)} "
+            f"{' / '.join(f'{c:+.2f}' for c in first)}, at step {p['steps'][-1]} "
+            f"{' / '.join(f'{c:+.2f}' for c in corr)} "
             f"(seeds ending positive: {' / '.join(map(str, pos))} of {n}); the weights' spread within an exit (std) "
             f"went from {spread[0]:.2f} to {spread[1]:.2f}, range at the end {p['weight_range_end'][0]:.2f} to "
             f"{p['weight_range_end'][1]:.2f}",
@@ -195,7 +196,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         common += ["--data-dir", args.data_dir]
     if args.meta_lr is not None:
         common += ["--meta-lr", str(args.meta_lr)]
-    ckpt = ["--checkpoint-every", str(args.checkpoint_every), "--keep-checkpoints", "1000"] if args.checkpoint_every else []
+    ckpt = (["--checkpoint-every", str(args.checkpoint_every), "--keep-checkpoints", "1000"]
+            if args.checkpoint_every else [])
     jobs = [{"weighting": w, "label": LABELS[w], "seed": s,
              "argv": common + (ckpt if w == "l2w" else []) + ["--weighting", w, "--seed", str(s),
                                                               "--output", str(out / f"{w}_seed{s}")]}
@@ -243,7 +245,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows = [{"budget": j + 1, "q": round(float(q[j]), 4),
              "l2w_mflops": r4(mflops["l2w"][j]), "l2w_top1": r4(stats["a"][j]),
              "uniform_mflops": r4(mflops["uniform"][j]), "uniform_top1": r4(stats["b"][j]),
-             "diff": r4(stats["diff"][j]), f"diff_seed_lo{LEVEL}": r4(seed_lo[j]), f"diff_seed_hi{LEVEL}": r4(seed_hi[j]),
+             "diff": r4(stats["diff"][j]),
+             f"diff_seed_lo{LEVEL}": r4(seed_lo[j]), f"diff_seed_hi{LEVEL}": r4(seed_hi[j]),
              f"diff_lo{LEVEL}": r4(stats["diff_lo"][j]), f"diff_hi{LEVEL}": r4(stats["diff_hi"][j])}
             for j in range(len(q))]
     write_text_atomic(out / "comparison.csv", csv_text(rows))
@@ -258,8 +261,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"{'budget':>6} {'q':>5} {'MFLOPs':>7} {'L2W':>6} {'MFLOPs':>7} {'equal':>6} {'diff':>6}  "
           f"{'seeds':^17}  {'test images':^17}")
     for r in rows:
-        print(f"{r['budget']:>6} {r['q']:>5.2f} {r['l2w_mflops']:>7.2f} {r['l2w_top1']:>6.2f} {r['uniform_mflops']:>7.2f} "
-              f"{r['uniform_top1']:>6.2f} {r['diff']:>+6.2f}  {interval(r[f'diff_seed_lo{LEVEL}'], r[f'diff_seed_hi{LEVEL}'])}"
+        print(f"{r['budget']:>6} {r['q']:>5.2f} {r['l2w_mflops']:>7.2f} {r['l2w_top1']:>6.2f} "
+              f"{r['uniform_mflops']:>7.2f} {r['uniform_top1']:>6.2f} {r['diff']:>+6.2f}  "
+              f"{interval(r[f'diff_seed_lo{LEVEL}'], r[f'diff_seed_hi{LEVEL}'])}"
               f"  {interval(r[f'diff_lo{LEVEL}'], r[f'diff_hi{LEVEL}'])}")
 
     ahead, behind = int((stats["diff"] > 0).sum()), int((stats["diff"] < 0).sum())
@@ -275,11 +279,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"  equal weighting {' / '.join(f'{x:.1f}' for x in exits['uniform'])}",
         f"  accuracy rises with FLOPs: from exit 1 to exit {len(exit_mflops)} "
         + ", ".join(f"{exits[w][-1] - exits[w][0]:+.1f} points ({LABELS[w]})" for w in exits),
-        f"budgeted curves, cheapest to costliest budget: equal weighting {stats['b'][0]:.1f} -> {stats['b'][-1]:.1f} %, "
+        f"budgeted curves, cheapest to costliest budget: "
+        f"equal weighting {stats['b'][0]:.1f} -> {stats['b'][-1]:.1f} %, "
         f"L2W {stats['a'][0]:.1f} -> {stats['a'][-1]:.1f} %",
         f"L2W - equal weighting over the 39 budgets: {mean_diff:+.2f} points on average; {LEVEL}% interval "
         f"{seed_part}; over the test images [{float(stats['mean_diff_lo']):+.2f}, {float(stats['mean_diff_hi']):+.2f}]",
-        f"L2W ahead at {ahead}, behind at {behind} of {len(q)} budgets; the seed interval lies above zero at {above} and "
+        f"L2W ahead at {ahead}, behind at {behind} of {len(q)} budgets; "
+        f"the seed interval lies above zero at {above} and "
         f"below zero at {below} of them (39 overlapping tests: expect a few by chance)",
         *learned,
         f"what it says: {text}",

@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="root folder of the data set files (default: the one the "
                    "checkpoint records with its data set)")
     add_input_size(p, None, "square input side of the model (default: the one the checkpoint records, else 32)")
-    p.add_argument("--held-out", type=int, default=None, help="held-out images for the thresholds (default: the data set's)")
+    p.add_argument("--held-out", type=int, default=None,
+                   help="held-out images for the thresholds (default: the data set's)")
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     add_device(p, "cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--exit-rule", choices=EXIT_RULES, default="confidence",

@@ -26,7 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", required=True,
                    help="exit policy JSON (timm-l2w eval CHECKPOINT --q Q or --flops-budget F writes one)")
     p.add_argument("--output", required=True, help="package folder to write")
-    p.add_argument("--model", default=None, help="timm model name (default: the checkpoint's metadata, else the policy's)")
+    p.add_argument("--model", default=None,
+                   help="timm model name (default: the checkpoint's metadata, else the policy's)")
     p.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
                    help="extra timm.create_model arguments (default: those recorded in the checkpoint's metadata)")
     p.add_argument("--no-pt2", action="store_true", help="skip the torch.export .pt2 programs (ONNX only)")

@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=300, help="passes over the training set (the paper: 300 on CIFAR)")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many loader batches (overrides --epochs)")
+    g.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many loader batches (overrides --epochs)")
     g.add_argument("--batch-size", type=int, default=64, help="global batch; each rank gets batch/world_size")
     g.add_argument("--lr", type=float, default=0.1, help="peak learning rate (cosine schedule)")
     g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine schedule")
@@ -75,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay")
     g.add_argument("--warmup-steps", type=int, default=0, help="linear warmup, in updates")
     g.add_argument("--warmup-lr", type=float, default=1e-5, help="learning rate at the start of the warmup")
-    g.add_argument("--label-smoothing", type=float, default=None, help=_preset_help("label smoothing", "label_smoothing"))
+    g.add_argument("--label-smoothing", type=float, default=None,
+                   help=_preset_help("label smoothing", "label_smoothing"))
     g.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no", help="autocast precision")
     g.add_argument("--seed", type=int, default=0, help="seed of the model initialisation and data order")
     add_device(g, "cpu, or cuda when there is a GPU (the default then; more GPUs: accelerate launch)",
@@ -119,11 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=_preset_help("what the weight predictor sees", "input_type"))
     g.add_argument("--target-p-index", type=int, default=None,
                    help=_preset_help("training exit distribution q = j/20", "target_p_index"))
-    g.add_argument("--meta-interval", type=int, default=None, help=_preset_help("meta step every N updates", "meta_interval"))
-    g.add_argument("--meta-lr", type=float, default=None, help=_preset_help("Adam lr of the weight predictor", "meta_lr"))
+    g.add_argument("--meta-interval", type=int, default=None,
+                   help=_preset_help("meta step every N updates", "meta_interval"))
+    g.add_argument("--meta-lr", type=float, default=None,
+                   help=_preset_help("Adam lr of the weight predictor", "meta_lr"))
     g.add_argument("--meta-weight-decay", type=float, default=None,
                    help=_preset_help("Adam weight decay of the weight predictor", "meta_weight_decay"))
-    g.add_argument("--hidden", type=int, default=None, help=_preset_help("hidden size of the weight predictor", "hidden"))
+    g.add_argument("--hidden", type=int, default=None,
+                   help=_preset_help("hidden size of the weight predictor", "hidden"))
     g.add_argument("--backend", choices=["higher", "func"], default="higher", help="virtual-step backend")
     g.add_argument("--meta-precision", choices=["fp32", "amp"], default="fp32",
                    help="meta step under --mixed-precision bf16/fp16: fp32 (autocast off; the bf16 meta gradient is "

@@ -160,7 +160,8 @@ def _export_stage(net: nn.Module, k: int, state: Any, names: List[Optional[str]]
     except Exception as err:  # noqa: BLE001 - torch.export raises many error types
         raise RuntimeError(f"stage {k} of {type(net).__name__} could not be exported with a dynamic batch size "
                            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}): its forward_stage "
-                           "must keep the batch as the first dimension of every state tensor and not depend on it") from err
+                           "must keep the batch as the first dimension of every state tensor and not depend on it"
+                           ) from err
     if pt2:
         torch.export.save(program, str(root / f"stage_{k}.pt2"))
         entry["pt2"] = f"stage_{k}.pt2"
@@ -193,8 +194,9 @@ def _verify(net: nn.Module, root: Path, manifest: Mapping[str, Any], input_size:
         ref = expected[k].float().numpy()
         diff = float(np.abs(outputs[stage["logits"]] - ref).max() / max(1.0, float(np.abs(ref).max())))
         if not diff <= tolerance:
-            raise RuntimeError(f"the ONNX graph of stage {k} differs from PyTorch by {diff:.3g} (relative) on a batch of "
-                               f"{VERIFY_BATCH}: the export is wrong; please report it with the model name")
+            raise RuntimeError(f"the ONNX graph of stage {k} differs from PyTorch by {diff:.3g} (relative) "
+                               f"on a batch of {VERIFY_BATCH}: the export is wrong; "
+                               "please report it with the model name")
         worst = max(worst, diff)
         state = {n: outputs[n] if n in outputs else state[n] for n in stage.get("state", [])}
     return worst
@@ -222,8 +224,8 @@ def export_package(model: nn.Module, output: Union[str, Path], policy: Union[Map
                          "EarlyExitPredictor.save, which records both")
     size = tuple(int(v) for v in size)
     if input_size is not None and tuple(int(v) for v in input_size) != size:
-        raise ValueError(f"input_size {tuple(input_size)} differs from the policy's {size}: calibrate the policy at the "
-                         "size you export (its FLOPs and preprocessing depend on it)")
+        raise ValueError(f"input_size {tuple(input_size)} differs from the policy's {size}: "
+                         "calibrate the policy at the size you export (its FLOPs and preprocessing depend on it)")
     root = Path(output)
     root.mkdir(parents=True, exist_ok=True)
     (root / MANIFEST_FILE).unlink(missing_ok=True)  # a failed export leaves no manifest, not a stale one

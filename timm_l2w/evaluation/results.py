@@ -116,4 +116,5 @@ def evaluate_checkpoint(
                  "exit_rule": exit_rule}
         files = save_results(out_dir, anytime, budgeted, name=name, extra=extra)
         files["plot"] = plot_budgeted({name: budgeted}, Path(out_dir) / f"{name}.png", anytime={name: anytime})
-    return {"anytime": anytime, "budgeted": budgeted, "heldout": heldout, "test": test, "flops": list(flops), "files": files}
+    return {"anytime": anytime, "budgeted": budgeted, "heldout": heldout, "test": test, "flops": list(flops),
+            "files": files}

@@ -167,7 +167,8 @@ def calibrate_thresholds_batch(conf: Tensor, distributions: Tensor | Sequence[Se
         rank = remaining.index_select(1, order).cumsum(dim=1, dtype=torch.int32)  # rank among the remaining
         count = counts[k]
         valid = (count > 0) & (rank[:, -1] >= count)
-        position = torch.searchsorted(rank, count[:, None].to(torch.int32).contiguous()).squeeze(1).clamp_(max=n - 1)  # first rank >= count
+        # first rank >= count
+        position = torch.searchsorted(rank, count[:, None].to(torch.int32).contiguous()).squeeze(1).clamp_(max=n - 1)
         t_k = torch.where(valid, values[position], torch.full_like(values[position], torch.inf))
         thresholds[:, k] = t_k.to(torch.float64)
         remaining &= ~(conf[:, k][None] >= t_k[:, None])  # t_k holds confidence values: exact in conf's dtype

@@ -28,8 +28,8 @@ def check_policy_request(q: Optional[float], flops_budget: Optional[float],
     if q is not None:
         q = check_number(q, "q", Range(0, low_open=True, hint="q < 1 front-loads, q > 1 back-loads the exits"))
         if not exit_rule(rule).calibrated:
-            raise ValueError(f"the {exit_rule(rule).name} rule has no exit distribution to calibrate for q: pass --flops-budget F "
-                             "(the most accurate patience within the budget) instead of --q")
+            raise ValueError(f"the {exit_rule(rule).name} rule has no exit distribution to calibrate for q: "
+                             "pass --flops-budget F (the most accurate patience within the budget) instead of --q")
     else:
         flops_budget = check_number(flops_budget, "flops_budget", Range(0, low_open=True, hint="FLOPs per image"))
     return q, flops_budget

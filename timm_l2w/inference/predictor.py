@@ -101,7 +101,8 @@ class EarlyExitPredictor:
         signal = calibration.signal(rule, "calibration")
         predictor = cls(model, rule.calibrate(signal, p[None])[0], rule=rule)
         exits = rule.exits(signal, predictor.thresholds)
-        predictor.budget = {"q": float(distribution)} if isinstance(distribution, (int, float)) else {"distribution": p.tolist()}
+        predictor.budget = ({"q": float(distribution)} if isinstance(distribution, (int, float))
+                            else {"distribution": p.tolist()})
         predictor.calibration_fractions = (torch.bincount(exits, minlength=num_exits).double() / len(exits)).tolist()
         return predictor
 

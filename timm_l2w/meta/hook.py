@@ -130,7 +130,8 @@ class L2W:
                     "num_classes=...)")
             num_exits = int(model_exits)
         if model_exits is not None and int(model_exits) != num_exits:
-            raise ValueError(f"num_exits={num_exits} but the model has {model_exits} exits: pass num_exits={model_exits}")
+            raise ValueError(f"num_exits={num_exits} but the model has {model_exits} exits: "
+                             f"pass num_exits={model_exits}")
         if weight_net is not None and weight_net.num_exits != num_exits:
             raise ValueError(
                 f"weight_net predicts {weight_net.num_exits} exits but the model has {num_exits}: "
@@ -138,7 +139,8 @@ class L2W:
             )
         check_number(meta_interval, "meta_interval", Range(1, integer=True, hint="paper: 1 CIFAR, 100 ImageNet"))
         if total_steps is not None:
-            check_number(total_steps, "total_steps", Range(1, integer=True, hint="updates, or None for a constant meta lr"))
+            check_number(total_steps, "total_steps",
+                         Range(1, integer=True, hint="updates, or None for a constant meta lr"))
         meta_lr = check_number(meta_lr, "meta_lr", Range(0, low_open=True, hint="paper: 1e-4"))
         meta_weight_decay = check_number(meta_weight_decay, "meta_weight_decay", Range(0, hint="paper: 1e-4"))
         _check_choice(backend, BACKENDS, "backend")

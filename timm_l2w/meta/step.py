@@ -49,7 +49,8 @@ def _check_batch(batch: Any, name: str) -> Batch:
         raise TypeError(f"{name} must be an (inputs, targets) pair of tensors, got {type(batch).__name__}")
     x, y = batch
     if x.shape[0] == 0 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"{name}: inputs and targets need the same non-zero batch size, got {x.shape[0]} and {y.shape[0]}")
+        raise ValueError(f"{name}: inputs and targets need the same non-zero batch size, "
+                         f"got {x.shape[0]} and {y.shape[0]}")
     return x, y
 
 
@@ -140,7 +141,8 @@ def _derivatives_of(backend: str) -> Iterator[None]:
 
 def _meta_step(model, optimizer, weight_net, train_batch, meta_batch, p, eps, constraint, backend,
                label_smoothing, train_outputs, train_rng, autocast, scale, distill=None,
-               criterion: Optional[ExitCriterion] = None, real_update: Tuple = (None, "norm", None, 1)) -> MetaStepResult:
+               criterion: Optional[ExitCriterion] = None,
+               real_update: Tuple = (None, "norm", None, 1)) -> MetaStepResult:
     eps = _check_eps(eps)
     _check_choice(constraint, CONSTRAINTS, "constraint")
     x_train, y_train = _check_batch(train_batch, "train_batch")

@@ -63,7 +63,8 @@ def check_clip(clip_grad: Optional[float], clip_mode: str) -> Tuple[Optional[flo
     clip_mode = _check_choice(clip_mode, CLIP_MODES, "clip_mode")
     if clip_grad is not None:
         clip_grad = check_number(clip_grad, "clip_grad", Range(0, low_open=True, hint=(
-            "the max norm ('norm'), max |value| ('value') or clip factor ('agc'), as timm's --clip-grad; None: no clipping")))
+            "the max norm ('norm'), max |value| ('value') or clip factor ('agc'), as timm's --clip-grad; "
+            "None: no clipping")))
     return clip_grad, clip_mode
 
 

@@ -65,7 +65,8 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):  # AcceleratedOptimizer is one too
         optimizer = optimizer.optimizer
     if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"expected a torch.optim.Optimizer (or accelerate's wrapper of one), got {type(optimizer).__name__}")
+        raise TypeError(f"expected a torch.optim.Optimizer (or accelerate's wrapper of one), "
+                        f"got {type(optimizer).__name__}")
     return optimizer
 
 
@@ -124,7 +125,8 @@ def virtual_step(optimizer: Any, params: Sequence[Tensor], grads: Sequence[Optio
     rule = rule_for(opt)
     values = list(params) if values is None else list(values)
     if len(values) != len(params) or len(grads) != len(params):
-        raise ValueError(f"params, grads and values need the same length, got {len(params)}, {len(grads)}, {len(values)}")
+        raise ValueError(f"params, grads and values need the same length, "
+                         f"got {len(params)}, {len(grads)}, {len(values)}")
     index = {id(p): i for i, p in enumerate(params)}
     groups = [[index[id(p)] for p in group["params"] if id(p) in index and grads[index[id(p)]] is not None]
               for group in opt.param_groups]

@@ -81,11 +81,15 @@ def _is_device_error(err: BaseException) -> bool:
     """torch's errors for a storage that cannot be restored on this device (not a damaged file)."""
     text = str(err)
     return isinstance(err, RuntimeError) and any(
-        words in text for words in ("restore data location", "deserialize object on", "torch.cuda.is_available() is False"))
+        words in text
+        for words in ("restore data location", "deserialize object on", "torch.cuda.is_available() is False"))
 
 
 def _older_checkpoint(path: Path) -> Optional[Path]:
-    """The newest complete checkpoint beside ``path`` that is older than it (offered when ``path`` cannot be resumed)."""
+    """The newest complete checkpoint beside ``path`` that is older than it.
+
+    Offered when ``path`` cannot be resumed.
+    """
     older = [p for p in complete_checkpoints(path.parent) if p.name < path.name]
     return older[-1] if older else None
 

@@ -52,7 +52,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     if acc.is_main_process:
         n = acc.num_processes
         kind = f", {acc.distributed_type.value}" if n > 1 else ""
-        print(f"timm-l2w train: world size {n} ({n} process{'es' if n > 1 else ''}{kind}), device {acc.device}, mixed precision {acc.mixed_precision}, "
+        print(f"timm-l2w train: world size {n} ({n} process{'es' if n > 1 else ''}{kind}), device {acc.device}, "
+              f"mixed precision {acc.mixed_precision}, "
               f"{torch.get_num_threads()} CPU thread(s) per process; {args.model} on {args.dataset}, batch "
               f"{args.batch_size} ({run.per_rank} per process), {run.total_steps} steps", flush=True)
         from ..data import describe_splits, held_out_too_small
@@ -141,7 +142,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
                 mid_epoch_ckpt = bool(args.checkpoint_every) and run.step % args.checkpoint_every == 0
                 boundary = run.step % run.steps_per_epoch == 0 or run.step >= run.total_steps
                 window_ends = (2 * run.step) % args.grad_accum_steps == 0  # a signal waits for the window's update
-                if (stop and window_ends or pause or mid_epoch_ckpt) and not boundary:  # at a boundary the epoch ends first
+                # at a boundary the epoch ends first
+                if (stop and window_ends or pause or mid_epoch_ckpt) and not boundary:
                     run.summary.add_time(time.perf_counter() - t0)
                     t0 = time.perf_counter()
                     run.summary.flush(stats, device)
@@ -157,7 +159,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             path = run.save_checkpoint()
             if acc.is_main_process:  # the per-epoch summary stays with --no-progress
                 meta = f" meta {row['meta_loss']:.4f}" if row["meta_loss"] is not None else ""
-                print(f"epoch {row['epoch']}: loss {row['loss']:.4f} (sum over the {run.num_exits} exits){meta} last-exit acc "
+                print(f"epoch {row['epoch']}: loss {row['loss']:.4f} (sum over the {run.num_exits} exits){meta} "
+                      f"last-exit acc "
                       f"{row[f'acc_{run.num_exits}']:.1f}% lr {row['lr']:.4g} ({row['time_s']:.1f}s)", flush=True)
             _maybe_stop(run, path, stop, pause)
     finally:
@@ -212,7 +215,8 @@ def _check_fresh_output(output: Path, args: argparse.Namespace) -> None:
     found = complete_checkpoints(root)
     if found:
         raise ValueError(
-            f"--output {output} holds another run (checkpoints up to step {int(found[-1].name[len(CHECKPOINT_PREFIX):])}): "
+            f"--output {output} holds another run "
+            f"(checkpoints up to step {int(found[-1].name[len(CHECKPOINT_PREFIX):])}): "
             f"continue it with --resume auto, start over with --overwrite (deletes its checkpoints, logs and "
             f"weights), or pass a fresh --output")
 

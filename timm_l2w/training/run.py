@@ -86,8 +86,9 @@ class Run:
         self.accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu, log_with=log_with,
                                        project_dir=args.output, gradient_accumulation_plugin=accumulation)
         if args.mixed_precision == "fp16" and self.accelerator.scaler is None:
-            raise ValueError(f"--mixed-precision fp16 needs a GPU: accelerate has no fp16 autocast or loss scaling on "
-                             f"{self.accelerator.device.type} and would train in fp32; use --mixed-precision bf16 there")
+            raise ValueError(f"--mixed-precision fp16 needs a GPU: accelerate has no fp16 autocast or loss scaling "
+                             f"on {self.accelerator.device.type} and would train in fp32; "
+                             f"use --mixed-precision bf16 there")
         self.per_rank = _check_args(args, self.accelerator.num_processes)
         set_seed(args.seed)
         self.output = Path(args.output)

@@ -114,7 +114,8 @@ class Updater:
             self.optimizer.zero_grad(set_to_none=True)
             restore_unless(self._buffer_groups, kept, finite)
         elif bool(finite):
-            acc.backward(loss)  # fp16: accelerate's GradScaler scales the loss ... (and divides it by --grad-accum-steps)
+            # fp16: accelerate's GradScaler scales the loss ... (and divides it by --grad-accum-steps)
+            acc.backward(loss)
             if acc.sync_gradients:
                 self._clip_gradients()
             self.optimizer.step()  # ... and skips the step when the gradients overflowed (then lowers the scale);
