@@ -41,7 +41,8 @@ dataset-fashion-mnist``) or the four IDX files in ``--data-dir``.
     python benchmarks/fidelity.py --summarize-only --out DIR --seeds 0 1 2 --variants l2w uniform l2w_int10 l2w_int100
 
 This file is the command line; the study lives in :mod:`timm_l2w.study` (``runner``: the runs;
-``stats``: the intervals; ``weights``: the predictor analysis; ``summary`` and ``plots``: the report).
+``stats``: the intervals; ``weights``: the predictor analysis; ``summary``: the comparison;
+``report`` and ``plots``: the report files).
 """
 from __future__ import annotations
 
@@ -50,10 +51,11 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from timm_l2w.study.report import markdown as _markdown  # noqa: F401
+from timm_l2w.study.report import summarize
 from timm_l2w.study.runner import ROOT, VARIANTS, WEIGHTINGS, launch_all, run_one
 from timm_l2w.study.stats import mean_with_intervals  # noqa: F401  (the study's names, as before the split)
-from timm_l2w.study.summary import cost_ratio, load_records, run_costs, summarize, summarize_records  # noqa: F401
-from timm_l2w.study.summary import markdown as _markdown  # noqa: F401
+from timm_l2w.study.summary import cost_ratio, load_records, run_costs, summarize_records  # noqa: F401
 from timm_l2w.study.weights import predictor_summary  # noqa: F401
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "fidelity"
