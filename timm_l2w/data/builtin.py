@@ -1,137 +1,33 @@
-"""Built-in data for training and evaluating multi-exit models: train / held-out / test splits.
-
-Every dataset comes with a *held-out* split carved from its training data (the paper calibrates the
-budgeted-evaluation thresholds on it), so one call gives the three sets the protocol needs:
-
-- ``digits``: scikit-learn's 1,797 handwritten 8x8 digits (ships inside the wheel: fully offline),
-  upscaled to the model input and repeated to 3 channels, fixed seeded split.
-- ``digits-affine``: the same digits, each randomly rotated (up to 30 degrees), scaled (up to 25%)
-  and shifted (up to 18% of the side) on a 16x16 canvas: a harder task where deeper exits pay off.
-  The transforms are fixed by seed: :data:`DIGITS_AFFINE_COPIES` transformed copies of every training
-  image, one of every held-out and test image (so resumed runs see exactly the same data).
-- ``fashion-mnist``: Fashion-MNIST from its IDX files (plain or gzipped), by default where Debian's
-  ``dataset-fashion-mnist`` package puts them, 28x28 resized to the model input.
-- ``torch/cifar10``, ``torch/cifar100`` (torchvision's python-pickle batch files, through timm's
-  :func:`timm.data.create_dataset`) and ImageFolder trees (any other name, with ``data_dir``; timm's
-  ``ImageDataset``): ``DIR/train/<class>/`` + ``DIR/val/<class>/`` (the ImageNet layout: test = val), or
-  class folders only, which are split by a fixed seed (a fifth of the images is the test split); images
-  go through :func:`timm.data.create_transform`.
-
-The small built-in sets stay in memory as uint8/float tensors; resizing, channel repeat and
-normalisation run once per batch in the collate function (vectorised), so loaders are fast.
+"""The built-in data sets (digits, digits-affine, Fashion-MNIST, CIFAR, ImageFolder trees) as
+:class:`~timm_l2w.data.splits.DataSplits`; :func:`create_datasets` picks one by name.
 """
 from __future__ import annotations
 
 import gzip
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import Subset
 
-__all__ = [
-    "DataSplits",
-    "InMemoryImages",
-    "EpochShuffleSampler",
-    "BUILTIN_DATASETS",
-    "FASHION_MNIST_DIR",
-    "create_datasets",
-    "create_loaders",
-    "create_eval_loaders",
-    "describe_splits",
-    "held_out_too_small",
-    "read_idx",
-]
+from .splits import SPLIT_SEED, BatchTransform, DataSplits, InMemoryImages, check_held_out, split_indices, split_sizes
+
+__all__ = ["BUILTIN_DATASETS", "DIGITS_AFFINE_COPIES", "FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "create_datasets",
+           "random_affine", "read_idx"]
 
 BUILTIN_DATASETS = ("digits", "digits-affine", "fashion-mnist", "torch/cifar10", "torch/cifar100")
 DIGITS_AFFINE_COPIES = 6  # transformed copies of each training image in ``digits-affine``
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist package
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                          "Ankle boot")
-SPLIT_SEED = 0  # the train / held-out / test split is fixed, independent of the training seed
 IMAGEFOLDER_TRAIN = ("train", "training")  # an ImageFolder tree's training folder (as timm names it)
 IMAGEFOLDER_EVAL = ("val", "valid", "validation", "eval", "evaluation", "test")  # ... and its test folder
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-@dataclass
-class DataSplits:
-    """The three splits of the paper's protocol plus what a model needs to know about them."""
-
-    train: Dataset
-    held_out: Dataset
-    test: Dataset
-    num_classes: int
-    input_size: Tuple[int, int, int]
-    collate_fn: Optional[Callable] = None
-    train_collate_fn: Optional[Callable] = None
-    class_names: Optional[Tuple[str, ...]] = None  # one name per class index, when the data set has them
-    note: Optional[str] = None  # how the splits were made, when the data did not come split
-
-
-class InMemoryImages(Dataset):
-    """Images ``[N, C, h, w]`` (uint8 or float in [0, 1]) and labels ``[N]`` held in memory."""
-
-    def __init__(self, images: Tensor, labels: Tensor):
-        if images.ndim != 4 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
-            raise ValueError(
-                f"images must be [N, C, H, W] and labels [N] with the same N, got "
-                f"{tuple(images.shape)} and {tuple(labels.shape)}"
-            )
-        self.images, self.labels = images, labels.long()
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def __getitem__(self, index: int) -> Tuple[Tensor, Tensor]:
-        return self.images[index], self.labels[index]
-
-
-class BatchTransform:
-    """Collate function: stack a batch, scale to [0, 1], resize, repeat channels, normalise."""
-
-    def __init__(self, size: int, in_chans: int, mean: Sequence[float], std: Sequence[float]):
-        self.size, self.in_chans = size, in_chans
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-
-    def __call__(self, batch: List[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
-        images = torch.stack([b[0] for b in batch])
-        labels = torch.stack([b[1] for b in batch])
-        return self.transform(images), labels
-
-    def transform(self, images: Tensor) -> Tensor:
-        """Vectorised transform of a raw ``[B, C, h, w]`` batch into normalised model input."""
-        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-        if x.shape[-1] != self.size or x.shape[-2] != self.size:
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        if x.shape[1] == 1 and self.in_chans != 1:
-            x = x.expand(-1, self.in_chans, -1, -1)
-        return (x - self.mean) / self.std
-
-
-def _split_indices(n: int, sizes: Sequence[int]) -> List[Tensor]:
-    """A fixed seeded permutation of ``range(n)`` cut into consecutive pieces of ``sizes``."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
-    out, start = [], 0
-    for size in sizes:
-        out.append(perm[start:start + size])
-        start += size
-    return out
-
-
-def _check_held_out(held_out: int, n_train: int, name: str) -> None:
-    if not 0 < held_out < n_train:
-        raise ValueError(
-            f"held_out={held_out} must be between 1 and {n_train - 1} (the {name} training split has "
-            f"{n_train} images): pass a smaller --held-out"
-        )
 
 
 def _load_digits() -> Tuple[np.ndarray, np.ndarray]:
@@ -176,8 +72,8 @@ def _digits(size: int, in_chans: int, held_out: Optional[int], affine: bool = Fa
     n = labels.shape[0]
     n_test = 300
     held_out = 300 if held_out is None else held_out
-    _check_held_out(held_out, n - n_test, "digits")
-    test_idx, held_idx, train_idx = _split_indices(n, [n_test, held_out, n - n_test - held_out])
+    check_held_out(held_out, n - n_test, "digits")
+    test_idx, held_idx, train_idx = split_indices(n, [n_test, held_out, n - n_test - held_out])
     splits = [(images[i], labels[i]) for i in (train_idx, held_idx, test_idx)]
     if affine:
         gen = torch.Generator().manual_seed(SPLIT_SEED)
@@ -240,21 +136,14 @@ def _fashion_mnist(data_dir: Optional[str], size: int, in_chans: int, held_out: 
         raise ValueError(f"Fashion-MNIST files in {root} disagree on the number of images: re-download them")
     n = train_y.shape[0]
     held_out = min(5000, max(1, n // 10)) if held_out is None else held_out
-    _check_held_out(held_out, n, "fashion-mnist")
-    held_idx, train_idx = _split_indices(n, [held_out, n - held_out])
+    check_held_out(held_out, n, "fashion-mnist")
+    held_idx, train_idx = split_indices(n, [held_out, n - held_out])
     mean, std = 0.2860, 0.3530  # Fashion-MNIST training-set statistics
     collate = BatchTransform(size, in_chans, [mean] * in_chans, [std] * in_chans)
     sets = [InMemoryImages(train_x[train_idx], train_y[train_idx]),
             InMemoryImages(train_x[held_idx], train_y[held_idx]), InMemoryImages(test_x, test_y)]
     return DataSplits(*sets, num_classes=10, input_size=(in_chans, size, size), collate_fn=collate,
                       train_collate_fn=collate, class_names=FASHION_MNIST_CLASSES)
-
-
-def _split_sizes(n: int, held_out: Optional[int], name: str) -> int:
-    """The held-out size for ``n`` training images: the flag's, else a tenth (at most 5,000), checked."""
-    held_out = min(5000, max(1, n // 10)) if held_out is None else held_out
-    _check_held_out(held_out, n, name)
-    return held_out
 
 
 def _subfolder(root: Path, names: Sequence[str]) -> Optional[Path]:
@@ -276,8 +165,8 @@ def _cifar(name: str, data_dir: str, size: int, held_out: Optional[int], downloa
 
     train_full, held_full, test = make("train"), make("train"), make("test")
     n = len(train_full)
-    held = _split_sizes(n, held_out, name)
-    held_idx, train_idx = _split_indices(n, [held, n - held])
+    held = split_sizes(n, held_out, name)
+    held_idx, train_idx = split_indices(n, [held, n - held])
     mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
     train_full.transform = create_transform(size, is_training=True, mean=mean, std=std, scale=(0.6, 1.0),
                                             hflip=0.5, color_jitter=None)
@@ -312,14 +201,14 @@ def _image_folder(data_dir: str, size: int, in_chans: int, held_out: Optional[in
     if eval_root is not None:
         _check_eval_classes(eval_root, class_to_idx, train_root)
         test = ImageDataset(str(eval_root), class_map=class_to_idx)
-        held = _split_sizes(n, held_out, "ImageFolder")
-        held_idx, train_idx = _split_indices(n, [held, n - held])
+        held = split_sizes(n, held_out, "ImageFolder")
+        held_idx, train_idx = split_indices(n, [held, n - held])
         test_idx, note = None, f"test = {eval_root.name}/"
     else:
         test = ImageDataset(str(train_root))
         n_test = max(1, n // 5)
-        held = _split_sizes(n - n_test, held_out, "ImageFolder")
-        test_idx, held_idx, train_idx = _split_indices(n, [n_test, held, n - n_test - held])
+        held = split_sizes(n - n_test, held_out, "ImageFolder")
+        test_idx, held_idx, train_idx = split_indices(n, [n_test, held, n - n_test - held])
         note = (f"no val/ folder: a fixed seeded fifth of {train_root.name}/ is the test split, the rest gives "
                 f"the training and held-out images")
     cfg = resolve_data_config({"input_size": (in_chans, size, size)})
@@ -339,55 +228,6 @@ def _check_eval_classes(eval_root: Path, class_to_idx: dict, train_root: Path) -
         raise ValueError(f"{eval_root} must hold class folders named as in {train_root} "
                          + (f"(unknown: {', '.join(unknown[:8])})" if unknown else "(it has none)")
                          + ": rename them, or remove it to draw the test split from the training images")
-
-
-class EpochShuffleSampler(Sampler[int]):
-    """A shuffle that depends only on ``(seed, epoch)``: call :meth:`set_epoch` before each epoch.
-
-    Unlike a shared RNG, the order of epoch e is the same whether training ran straight through or
-    was stopped and resumed, and it is the same on every rank (accelerate then shards the batches).
-    """
-
-    def __init__(self, num_samples: int, seed: int = 0):
-        self.num_samples, self.seed, self.epoch = int(num_samples), int(seed), 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self):
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=gen).tolist())
-
-
-def describe_splits(splits: DataSplits, shown: int = 10) -> str:
-    """One line: images per split, the classes (names when known, the first ``shown``) and how the data was split."""
-    sizes = " / ".join(f"{len(s):,}" for s in (splits.train, splits.held_out, splits.test))
-    text = f"{sizes} images (train / held-out / test), {splits.num_classes} classes"
-    names = splits.class_names or ()
-    if names:
-        more = f", ... ({len(names) - shown} more)" if len(names) > shown else ""
-        text += ": " + ", ".join(names[:shown]) + more
-    return text + (f"; {splits.note}" if splits.note else "")
-
-
-def held_out_too_small(n: int, num_exits: int) -> Optional[str]:
-    """A warning text when ``n`` held-out images cannot give the paper's 39 budgets 39 different
-    calibrations (the exit counts ``floor(n p_k)`` of neighbouring budgets coincide), else None."""
-    from .exits import paper_distributions
-
-    def distinct(m: int) -> int:
-        return len({tuple(row) for row in torch.floor(m * paper_distributions(num_exits)).tolist()})
-
-    budgets = paper_distributions(num_exits).shape[0]
-    have = distinct(n)
-    if have >= budgets:
-        return None
-    enough = next((m for m in range(n + 1, 100 * budgets) if distinct(m) == budgets), 100 * budgets)
-    return (f"the held-out split has {n} images: too few to calibrate the {budgets} budgets (only {have} get "
-            f"thresholds of their own, neighbours share them); pass --held-out {enough} or more for {num_exits} exits")
 
 
 def create_datasets(name: str, data_dir: Optional[str] = None, input_size: int = 32, in_chans: int = 3,
@@ -416,38 +256,3 @@ def create_datasets(name: str, data_dir: Optional[str] = None, input_size: int =
         f"unknown dataset '{name}': choose one of {', '.join(BUILTIN_DATASETS)}, or pass --data-dir DIR "
         f"with an ImageFolder tree (and any name, e.g. 'folder')"
     )
-
-
-def create_loaders(splits: DataSplits, batch_size: int, eval_batch_size: Optional[int] = None,
-                   seed: int = 0, num_workers: int = 0, drop_last: bool = True
-                   ) -> Tuple[DataLoader, DataLoader, DataLoader]:
-    """Train (shuffled by :class:`EpochShuffleSampler`, ``drop_last``), held-out and test loaders of ``splits``.
-
-    Set the training epoch with ``train.sampler.set_epoch(epoch)`` to get a new order each epoch.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if drop_last and len(splits.train) < batch_size:
-        raise ValueError(
-            f"batch size {batch_size} is larger than the training set ({len(splits.train)} images): "
-            f"pass a smaller --batch-size"
-        )
-    eval_batch_size = eval_batch_size or batch_size
-    train = DataLoader(splits.train, batch_size=batch_size, sampler=EpochShuffleSampler(len(splits.train), seed),
-                       drop_last=drop_last, num_workers=num_workers, collate_fn=splits.train_collate_fn)
-    held = DataLoader(splits.held_out, batch_size=eval_batch_size, shuffle=False, num_workers=num_workers,
-                      collate_fn=splits.collate_fn)
-    test = DataLoader(splits.test, batch_size=eval_batch_size, shuffle=False, num_workers=num_workers,
-                      collate_fn=splits.collate_fn)
-    return train, held, test
-
-
-def create_eval_loaders(name: str, data_dir: Optional[str] = None, batch_size: int = 256, input_size: int = 32,
-                        in_chans: int = 3, held_out: Optional[int] = None, num_workers: int = 0
-                        ) -> Tuple[DataLoader, DataLoader, dict]:
-    """Held-out and test loaders of ``name`` plus ``{"num_classes", "in_chans", "input_size"}``."""
-    splits = create_datasets(name, data_dir=data_dir, input_size=input_size, in_chans=in_chans, held_out=held_out)
-    _, held, test = create_loaders(splits, batch_size, seed=0, num_workers=num_workers, drop_last=False)
-    info = {"num_classes": splits.num_classes, "in_chans": splits.input_size[0], "input_size": splits.input_size,
-            "class_names": splits.class_names}
-    return held, test, info
