@@ -215,7 +215,7 @@ def _aten_stage_flops(model: nn.Module, input_size: Sequence[int]) -> List[float
     """Cumulative paper-convention FLOPs after each stage, counted by FlopCounterMode on one image."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .models.fx_stages import fake_tensors
+    from .models.fx_trace import fake_tensors
 
     try:  # shapes are all the formulas need: fake tensors skip the compute (big backbones, large images)
         with fake_tensors(model), FlopCounterMode(display=False, custom_mapping=_paper_mapping()) as counter:

@@ -47,7 +47,8 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from ..errors import SplitError
 from .base import MultiExitModel
-from .fx_stages import BackboneStages, TensorSpec, fake_tensors
+from .fx_stages import BackboneStages, TensorSpec
+from .fx_trace import fake_tensors
 from .heads import ConvHead, LinearHead, PoolHead, TokenHead
 from .layers import exit_classifier, is_symbolic
 
