@@ -15,6 +15,9 @@ timm's model API: ``forward_features`` is every block and the last exit's two co
 pooling reads, 2x2 at the native size), ``forward_head`` that exit's pooling and linear layer.
 ``feature_info`` / ``forward_intermediates`` (``features_only=True``) give one map per scale, each
 taken after the last block that still has that scale (reductions 4, 8, 16, 32 on ImageNet).
+
+One file for the family, as timm lays out its models (over 400 lines): the layers, the network, its
+timm API and the registered variants are read together.
 """
 from __future__ import annotations
 

@@ -27,6 +27,9 @@ timm's model API: ``forward_features`` is the trunk and the last classifier's tw
 pooling reads), ``forward_head`` that classifier's pooling and linear layer. ``feature_info`` /
 ``forward_intermediates`` (``features_only=True``) give the highest-resolution flow at each of its
 resolutions (the last block at that resolution, before its transition), finest first.
+
+One file for the family, as timm lays out its models (over 400 lines): the layers, the network, its
+timm API and the registered variants are read together.
 """
 from __future__ import annotations
 

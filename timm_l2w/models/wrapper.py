@@ -32,7 +32,8 @@ exit's pooling and classifier. ``feature_info`` is the backbone's, and ``feature
 the backbone's maps at the exit points (``forward_intermediates`` of the backbone).
 
 The registered names and the factory that builds a wrapper from a model name live in
-:mod:`timm_l2w.models.factory`.
+:mod:`timm_l2w.models.factory`; the split itself in :mod:`.fx_stages` and :mod:`.fx_trace`. This module is
+just over 400 lines because it is one class (the wrapper and its heads' wiring), timm's one file per family.
 """
 from __future__ import annotations
 
