@@ -51,7 +51,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from timm_l2w.study.report import markdown as _markdown  # noqa: F401
+from timm_l2w.study.report import markdown as _markdown  # noqa: F401  (tests render the report through it)
 from timm_l2w.study.report import summarize
 from timm_l2w.study.runner import ROOT, VARIANTS, WEIGHTINGS, launch_all, run_one
 from timm_l2w.study.stats import mean_with_intervals  # noqa: F401  (the study's names, as before the split)
