@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Iterable, Mapping, Optional, Union
 
 import torch
 from torch import Tensor
@@ -19,7 +19,7 @@ from torch import Tensor
 from .errors import LabelError, SettingError
 
 __all__ = [
-    "Range", "check_number", "check_settings", "check_train_settings", "check_label_smoothing",
+    "Range", "check_number", "check_choice", "check_settings", "check_train_settings", "check_label_smoothing",
     "TRAIN_SETTINGS", "EVAL_SETTINGS", "CONVERT_SETTINGS", "FLAG_NAMES", "PAPER_P_INDICES", "negative_weights_note",
     "check_labels", "assert_on_device",
 ]
@@ -60,6 +60,14 @@ class Range:
         if self.high is not None and (value >= self.high if self.high_open else value > self.high):
             return False
         return True
+
+
+def check_choice(value: str, choices: Iterable[str], name: str) -> str:
+    """``value`` when it is one of ``choices``, else a ValueError naming them."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}: use one of {', '.join(map(repr, choices))}")
+    return value
 
 
 def check_number(value: Any, name: str, allowed: Range = Range()) -> Union[int, float]:

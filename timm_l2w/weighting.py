@@ -18,7 +18,7 @@ earlier exit, and the weights multiply each exit's whole training loss.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +26,10 @@ from torch import Tensor, nn
 
 from .errors import LabelError
 from .models.base import check_multi_exit_output
-from .validation import Range, assert_on_device, check_label_smoothing, check_labels, check_number
+from .validation import Range, assert_on_device, check_choice, check_label_smoothing, check_labels, check_number
 
 __all__ = [
+    "check_eps",
     "INPUT_TYPES",
     "CONSTRAINTS",
     "WeightPredictor",
@@ -50,14 +51,8 @@ INPUT_TYPES = ("loss", "conf", "both")
 CONSTRAINTS = {"row": 0, "col": 1, "mat": None}  # axis of the mean; None = all entries
 
 
-def _check_choice(value: str, choices: Iterable[str], name: str) -> str:
-    choices = tuple(choices)
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}: use one of {', '.join(map(repr, choices))}")
-    return value
-
-
-def _check_eps(eps: float) -> float:
+def check_eps(eps: float) -> float:
+    """``eps``, the weights' floor of docs/method.md eq. 4, checked (>= 0)."""
     return float(check_number(eps, "eps", Range(0, hint="0 = equal weighting; paper: 0.8 CIFAR, 0.3 ImageNet")))
 
 
@@ -72,7 +67,7 @@ class WeightPredictor(nn.Sequential):
     def __init__(self, num_exits: int, input_type: str = "loss", hidden_sizes: Sequence[int] = (500,)):
         if not isinstance(num_exits, int) or num_exits < 1:
             raise ValueError(f"num_exits must be a positive int (the model's exits), got {num_exits!r}")
-        _check_choice(input_type, INPUT_TYPES, "input_type")
+        check_choice(input_type, INPUT_TYPES, "input_type")
         hidden_sizes = tuple(int(h) for h in hidden_sizes)
         if any(h < 1 for h in hidden_sizes):
             raise ValueError(f"hidden_sizes must be positive, got {hidden_sizes}")
@@ -120,8 +115,8 @@ class WeightPredictor(nn.Sequential):
 
 def normalize_weights(G: Tensor, eps: float, constraint: str = "col") -> Tensor:
     """``W = 1 + eps * (G - mean(G))``, the mean over the batch (``row``), exits (``col``) or all (``mat``)."""
-    eps = _check_eps(eps)
-    dim = CONSTRAINTS[_check_choice(constraint, CONSTRAINTS, "constraint")]
+    eps = check_eps(eps)
+    dim = CONSTRAINTS[check_choice(constraint, CONSTRAINTS, "constraint")]
     if G.ndim != 2:
         raise ValueError(f"G must be a [batch, num_exits] tensor, got shape {tuple(G.shape)}")
     mean = G.mean() if dim is None else G.mean(dim=dim, keepdim=True)
@@ -170,7 +165,7 @@ class ExitCriterion:
     pos_weight: Optional[Tensor] = None
 
     def __post_init__(self) -> None:
-        _check_choice(self.kind, _LOSS_KINDS, "loss kind")
+        check_choice(self.kind, _LOSS_KINDS, "loss kind")
         object.__setattr__(self, "label_smoothing", check_label_smoothing(self.label_smoothing))
 
     @classmethod
@@ -310,7 +305,7 @@ def exit_confidences(outputs: Sequence[Tensor]) -> Tensor:
 
 def predictor_inputs(losses: Tensor, outputs: Optional[Sequence[Tensor]] = None, input_type: str = "loss") -> Tensor:
     """Detached predictor input: the loss row, the confidence row, or both concatenated."""
-    _check_choice(input_type, INPUT_TYPES, "input_type")
+    check_choice(input_type, INPUT_TYPES, "input_type")
     if input_type == "loss":
         return losses.detach()
     if outputs is None:
@@ -330,8 +325,8 @@ def sample_weights(
 
     With ``weight_net=None`` or ``eps=0`` the weights are all ones (equal weighting).
     """
-    eps = _check_eps(eps)
-    _check_choice(constraint, CONSTRAINTS, "constraint")
+    eps = check_eps(eps)
+    check_choice(constraint, CONSTRAINTS, "constraint")
     if weight_net is None or eps == 0:
         return torch.ones_like(losses.detach())
     if weight_net.num_exits != losses.shape[1]:
@@ -384,8 +379,8 @@ class WeightedMultiExitLoss(nn.Module):
         super().__init__()
         self.weight_net = weight_net
         self.distill = distill
-        self.eps = _check_eps(eps)
-        self.constraint = _check_choice(constraint, CONSTRAINTS, "constraint")
+        self.eps = check_eps(eps)
+        self.constraint = check_choice(constraint, CONSTRAINTS, "constraint")
         self.label_smoothing = check_label_smoothing(label_smoothing)
         self.criterion = ExitCriterion.from_module(criterion, self.label_smoothing)  # carries the smoothing
         self.last_weights: Optional[Tensor] = None

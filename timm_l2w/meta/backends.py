@@ -1,6 +1,6 @@
 """Run the model with given parameters, and the two ways to get the meta gradient through it.
 
-Every backend is one parameter-rebinding runner: :meth:`_Backend.forward` runs the (unwrapped) model
+Every backend is one parameter-rebinding runner: :meth:`Backend.forward` runs the (unwrapped) model
 with a list of parameters in ``model.named_parameters()`` order, in train mode (so its forward returns
 the tuple of every exit's logits, :mod:`timm_l2w.models.base`) and on cloned buffers, so the real
 parameters, optimizer state and BatchNorm statistics are never touched; neither copies the model per step.
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..models.base import unwrap_model
 from ..models.fx_stages import REBOUND_HOOK
-from ..weighting import _check_choice
+from ..validation import check_choice
 from .loss import RngState, replay_rng
 from .update import RealUpdate
 
@@ -39,7 +39,7 @@ BACKENDS = ("higher", "func")
 
 @dataclass
 class VirtualStep:
-    """One meta step as :func:`~timm_l2w.meta.meta_step` set it up, for a backend's :meth:`~_Backend.meta_gradient`."""
+    """One meta step as :func:`~timm_l2w.meta.meta_step` set it up, for a backend's :meth:`~Backend.meta_gradient`."""
 
     params: List[Tensor]  # the model's parameters (backend order)
     trainable: List[int]  # indices of those in the optimizer
@@ -56,7 +56,7 @@ class VirtualStep:
     device: torch.device
 
 
-class _Backend:
+class Backend:
     """Runs ``model`` (unwrapped) with a list of parameters in ``model.named_parameters()`` order."""
 
     name = ""
@@ -77,7 +77,7 @@ class _Backend:
         raise NotImplementedError
 
 
-class FuncBackend(_Backend):
+class FuncBackend(Backend):
     """``torch.func.functional_call`` with the given parameters and clones of the buffers; the meta
     gradient by one reverse product through the update and one forward-mode product of the losses."""
 
@@ -158,7 +158,7 @@ class FuncBackend(_Backend):
         ))
 
 
-class HigherBackend(_Backend):
+class HigherBackend(Backend):
     """A ``higher.patch.monkeypatch`` of the model, built once and fed the fast weights each call; the
     meta gradient through the virtual step (reverse over reverse).
 
@@ -257,11 +257,11 @@ def _refresh_fast_weights(module: nn.Module) -> None:
     visit(root)
 
 
-def make_backend(backend: str | _Backend, model: nn.Module) -> _Backend:
+def make_backend(backend: str | Backend, model: nn.Module) -> Backend:
     """A backend object for ``model`` (unwrapped first) from its name, or ``backend`` as it is."""
-    if isinstance(backend, _Backend):
+    if isinstance(backend, Backend):
         return backend
-    _check_choice(backend, BACKENDS, "backend")
+    check_choice(backend, BACKENDS, "backend")
     model = unwrap_model(model)
     return HigherBackend(model) if backend == "higher" else FuncBackend(model)
 

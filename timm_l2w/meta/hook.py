@@ -11,15 +11,14 @@ from torch import Tensor, nn
 from ..exits import check_distribution, distribution_values, exit_distribution
 from ..models.base import check_multi_exit_output, unwrap_model
 from ..optim_step import check_optimizer
-from ..validation import PAPER_P_INDICES, Range, check_label_smoothing, check_number
+from ..validation import PAPER_P_INDICES, Range, check_choice, check_label_smoothing, check_number
 from ..weighting import (
     CONSTRAINTS,
     INPUT_TYPES,
     Distillation,
     ExitCriterion,
     WeightPredictor,
-    _check_choice,
-    _check_eps,
+    check_eps,
     weighted_multi_exit_loss,
 )
 from . import step as _step
@@ -143,7 +142,7 @@ class L2W:
                          Range(1, integer=True, hint="updates, or None for a constant meta lr"))
         meta_lr = check_number(meta_lr, "meta_lr", Range(0, low_open=True, hint="paper: 1e-4"))
         meta_weight_decay = check_number(meta_weight_decay, "meta_weight_decay", Range(0, hint="paper: 1e-4"))
-        _check_choice(backend, BACKENDS, "backend")
+        check_choice(backend, BACKENDS, "backend")
         self.model, self.optimizer, self.accelerator = model, optimizer, accelerator
         check_optimizer(optimizer)  # fail early on an optimizer the virtual step cannot reproduce
         self.clip_grad, self.clip_mode = check_clip(clip_grad, clip_mode)
@@ -159,9 +158,9 @@ class L2W:
         self._micro = 0  # micro-batches since the last real update
         self.meta_step_ran = False  # whether the last loss() call ran a meta step
         self.num_exits = num_exits
-        self.eps = _check_eps(eps)
-        self.constraint = _check_choice(constraint, CONSTRAINTS, "constraint")
-        self.input_type = _check_choice(input_type, INPUT_TYPES, "input_type")
+        self.eps = check_eps(eps)
+        self.constraint = check_choice(constraint, CONSTRAINTS, "constraint")
+        self.input_type = check_choice(input_type, INPUT_TYPES, "input_type")
         if target_p is None:
             check_number(target_p_index, "target_p_index", PAPER_P_INDICES)
             target_p = exit_distribution(target_p_index / 20, num_exits)

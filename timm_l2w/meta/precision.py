@@ -15,7 +15,7 @@ from typing import Any, Callable, ContextManager, Dict, Optional, Sequence, Tupl
 import torch
 from torch import Tensor
 
-from ..weighting import _check_choice
+from ..validation import check_choice
 
 __all__ = ["META_PRECISIONS", "MetaPrecision"]
 
@@ -28,7 +28,7 @@ class MetaPrecision:
     user's training-half outputs fit it."""
 
     def __init__(self, policy: str, accelerator: Any = None, dtype: Optional[torch.dtype] = None):
-        self.policy = _check_choice(policy, META_PRECISIONS, "meta_precision")
+        self.policy = check_choice(policy, META_PRECISIONS, "meta_precision")
         self.accelerator, self.dtype = accelerator, dtype
         self.scaler: Optional[torch.amp.GradScaler] = None
         self._scaler_state: Optional[Dict[str, Any]] = None  # loaded before the scaler exists

@@ -14,19 +14,18 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..exits import distribution_values
 from ..models.base import check_multi_exit_output
 from ..optim_step import in_optimizer
-from ..validation import Range, check_number
+from ..validation import Range, check_choice, check_number
 from ..weighting import (
     CONSTRAINTS,
     Distillation,
     ExitCriterion,
     WeightPredictor,
-    _check_choice,
-    _check_eps,
+    check_eps,
     exit_losses,
     sample_weights,
     training_losses,
 )
-from .backends import VirtualStep, _Backend, make_backend
+from .backends import Backend, VirtualStep, make_backend
 from .loss import RngState, meta_loss, rng_state
 from .update import RealUpdate, check_clip
 
@@ -64,7 +63,7 @@ def meta_step(
     *,
     eps: float = 0.8,
     constraint: str = "col",
-    backend: str | _Backend = "higher",
+    backend: str | Backend = "higher",
     label_smoothing: float = 0.0,
     train_outputs: Optional[Sequence[Tensor]] = None,
     train_rng: Optional[RngState] = None,
@@ -112,7 +111,7 @@ def meta_step(
     # scaled_dot_product_attention kernels have no second-order / forward-mode derivatives.
     clip_grad, clip_mode = check_clip(clip_grad, clip_mode)
     grad_accum_steps = check_number(grad_accum_steps, "grad_accum_steps", Range(1, integer=True))
-    name = backend.name if isinstance(backend, _Backend) else backend
+    name = backend.name if isinstance(backend, Backend) else backend
     with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), _derivatives_of(name):
         return _meta_step(model, optimizer, weight_net, train_batch, meta_batch, p, eps, constraint, backend,
                           label_smoothing, train_outputs, train_rng, autocast, float(loss_scale), distill,
@@ -143,8 +142,8 @@ def _meta_step(model, optimizer, weight_net, train_batch, meta_batch, p, eps, co
                label_smoothing, train_outputs, train_rng, autocast, scale, distill=None,
                criterion: Optional[ExitCriterion] = None,
                real_update: Tuple = (None, "norm", None, 1)) -> MetaStepResult:
-    eps = _check_eps(eps)
-    _check_choice(constraint, CONSTRAINTS, "constraint")
+    eps = check_eps(eps)
+    check_choice(constraint, CONSTRAINTS, "constraint")
     x_train, y_train = _check_batch(train_batch, "train_batch")
     x_meta, y_meta = _check_batch(meta_batch, "meta_batch")
     runner = make_backend(backend, model)

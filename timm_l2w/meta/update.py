@@ -14,8 +14,7 @@ import torch
 from torch import Tensor
 
 from ..optim_step import CLIP_MODES, clip_gradients, grad_coefficients, virtual_step
-from ..validation import Range, check_number
-from ..weighting import _check_choice
+from ..validation import Range, check_choice, check_number
 
 __all__ = ["RealUpdate", "check_clip", "accelerate_accum_steps", "accumulated_grads", "check_window_start"]
 
@@ -60,7 +59,7 @@ class RealUpdate:
 
 def check_clip(clip_grad: Optional[float], clip_mode: str) -> Tuple[Optional[float], str]:
     """``(clip_grad, clip_mode)`` checked: timm's ``--clip-grad`` / ``--clip-mode``."""
-    clip_mode = _check_choice(clip_mode, CLIP_MODES, "clip_mode")
+    clip_mode = check_choice(clip_mode, CLIP_MODES, "clip_mode")
     if clip_grad is not None:
         clip_grad = check_number(clip_grad, "clip_grad", Range(0, low_open=True, hint=(
             "the max norm ('norm'), max |value| ('value') or clip factor ('agc'), as timm's --clip-grad; "
