@@ -175,3 +175,15 @@ def test_the_checker_sees_circles_and_function_level_imports(tmp_path):
     (tmp_path / "a.py").write_text(source)
     assert list(imports_of("p.a", tmp_path / "a.py", {"p.b"})) == [("p.b", 2)]
     assert longest_chain({"p.a": {"p.b": 1}, "p.b": {"p.c": 1}, "p.c": {}}) == ["p.a", "p.b", "p.c"]
+
+
+def test_no_module_imports_another_modules_private_names():
+    """A name starting with ``_`` stays in its module: another module that needs it gets a public name."""
+    found = []
+    for package in ("timm_l2w", "timm_l2w_runtime"):
+        for name, path in package_modules(package).items():
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith(package)):
+                    found += [f"{name}:{node.lineno} imports {a.name}" for a in node.names
+                              if a.name.startswith("_") and not a.name.startswith("__")]
+    assert found == []
