@@ -13,6 +13,7 @@ from typing import Sequence
 
 import timm
 import torch
+from safetensors.torch import load_file
 from timm.models import register_model
 from torch import nn
 
@@ -112,6 +113,23 @@ def accelerate_launch(args: Sequence[str], processes: int = 2, timeout: int = 90
         if proc.returncode == 0 or not clash:
             return proc
     return proc
+
+
+def cpu_accelerator(**kwargs):
+    """A fresh CPU ``Accelerator(**kwargs)`` (accelerate's shared state reset first: another precision is allowed)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(cpu=True, **kwargs)
+
+
+def saved_weights(out: Path, require_predictor: bool = False) -> dict:
+    """A run's saved tensors: the model's, and the weight predictor's as ``wp.NAME`` (if saved, or required)."""
+    tensors = load_file(out / "model.safetensors")
+    if require_predictor or (out / "weight_predictor.safetensors").exists():
+        tensors.update({f"wp.{k}": v for k, v in load_file(out / "weight_predictor.safetensors").items()})
+    return tensors
 
 
 def assert_staged_matches_forward(model, x, keep=None):

@@ -8,26 +8,16 @@ exactly the ordinary run; the virtual step reads a device learning rate as it re
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from tests.helpers import TinyMultiExit, l2w_loader_batch, register_tiny
+from tests.helpers import TinyMultiExit, l2w_loader_batch, register_tiny, saved_weights
 from timm_l2w.cli.train import main
 
 TINY = register_tiny()
 BASE = ["--model", TINY, "--no-progress", "--batch-size", "32", "--lr", "0.05", "--no-eval", "--log-with", "none",
         "--held-out", "1197", "--warmup-steps", "2"]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_paper_study.sh)")
-
-
-def _weights(out: Path) -> dict:
-    tensors = load_file(out / "model.safetensors")
-    if (out / "weight_predictor.safetensors").exists():
-        tensors.update({f"wp.{k}": v for k, v in load_file(out / "weight_predictor.safetensors").items()})
-    return tensors
 
 
 def test_without_cuda_the_switch_says_why_and_trains_eagerly(tmp_path, capsys):
@@ -57,7 +47,7 @@ def test_the_replay_schedule_run_eagerly_is_the_ordinary_run(tmp_path, monkeypat
     kinds = 4 if "l2w" in extra else 2  # (half 0 / 1) x (meta step due or not)
     assert len(runner.seen) == kinds and runner.replays == 14 - 1 - kinds  # 14 updates: 1 before, 1 warm-up per kind
     assert runner.disabled is None
-    plain, graphed = _weights(tmp_path / "plain"), _weights(tmp_path / "graphs")
+    plain, graphed = saved_weights(tmp_path / "plain"), saved_weights(tmp_path / "graphs")
     assert plain.keys() == graphed.keys()
     for key in plain:
         assert torch.equal(plain[key], graphed[key]), key
@@ -88,7 +78,7 @@ def test_captured_training_matches_eager_training_on_cuda(tmp_path, capsys, back
     assert main(args + ["--cuda-graphs", "--output", str(tmp_path / "graphs")]) == 0
     out = capsys.readouterr().out
     assert "CUDA graphs on" in out and "CUDA graphs off" not in out, out
-    eager, graphed = _weights(tmp_path / "eager"), _weights(tmp_path / "graphs")
+    eager, graphed = saved_weights(tmp_path / "eager"), saved_weights(tmp_path / "graphs")
     for key in eager:
         torch.testing.assert_close(graphed[key].float(), eager[key].float(), rtol=1e-4, atol=1e-5, msg=key)
 

@@ -10,8 +10,6 @@ from timm_l2w.cli.train import build_parser
 from timm_l2w.cli.train import main as train_main
 
 TINY = register_tiny()
-
-
 BASE = ["--model", TINY, "--batch-size", "32", "--lr", "0.05", "--held-out", "1197", "--log-with", "none"]
 
 

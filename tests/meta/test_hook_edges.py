@@ -14,8 +14,6 @@ from timm_l2w.cli.train import main as train_main
 from timm_l2w.meta import step as meta_mod
 
 TINY = register_tiny()
-
-
 BASE = ["--model", TINY, "--batch-size", "32", "--lr", "0.05", "--held-out", "1197", "--log-with", "none"]
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import TinyMultiExit, register_tiny
+from tests.helpers import TinyMultiExit, cpu_accelerator, register_tiny
 from timm_l2w import L2W, WeightPredictor, meta_step
 from timm_l2w.data import FASHION_MNIST_DIR
 
@@ -17,11 +17,7 @@ TINY = register_tiny()
 
 
 def _accelerator(precision: str):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=precision, cpu=True)
+    return cpu_accelerator(mixed_precision=precision)
 
 
 def _setup(seed: int = 0):

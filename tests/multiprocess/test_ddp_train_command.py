@@ -12,8 +12,6 @@ pytestmark = pytest.mark.multiprocess
 
 
 TINY = register_tiny()
-
-
 BASE = ["--model", TINY, "--batch-size", "32", "--lr", "0.05", "--held-out", "1197", "--log-with", "none"]
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from timm.utils import dispatch_clip_grad
 
-from tests.helpers import P3, TinyMultiExit
+from tests.helpers import P3, TinyMultiExit, cpu_accelerator
 from timm_l2w import L2W, WeightPredictor, meta_step, optim_step
 from timm_l2w.exits import assign_exits, exit_distribution
 from timm_l2w.meta import meta_loss
@@ -327,14 +327,6 @@ def test_l2w_checks_the_clip_and_accumulation_settings(tiny_model):
 
 
 # --- L2W's accumulation schedule ------------------------------------------------------------------------
-def _accelerator(**kwargs):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(cpu=True, **kwargs)
-
-
 def _accumulating_run(use_accelerate: bool, batches: Sequence[Tuple[torch.Tensor, torch.Tensor]], meta_interval=1,
                       clip=None, scaler_scale: Optional[float] = None, dtype=F64):
     """L2W with AdamW in a loop accumulating 2 micro-batches (the halves of a loader batch) per update,
@@ -345,7 +337,7 @@ def _accumulating_run(use_accelerate: bool, batches: Sequence[Tuple[torch.Tensor
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
     kwargs = {} if clip is None else dict(clip_grad=clip[1], clip_mode=clip[0])
     if use_accelerate:
-        acc = _accelerator(gradient_accumulation_steps=2)
+        acc = cpu_accelerator(gradient_accumulation_steps=2)
         if scaler_scale is not None:  # accelerate's fp16 loss scaling, on the CPU
             acc.scaler = torch.amp.GradScaler("cpu", init_scale=scaler_scale)
         l2w = L2W(model, opt, meta_interval=meta_interval, hidden_sizes=(8,), backend="func", accelerator=acc, **kwargs)
@@ -434,7 +426,7 @@ def test_accumulation_unscales_accelerates_fp16_loss_scale():
 def test_accumulation_with_zero_grad_before_backward_is_a_clear_error():
     """README's order (zero_grad, backward, step) under accumulate() drops the window's earlier gradients
     on the step and leaks the last ones into the next window: L2W says which order to use."""
-    acc = _accelerator(gradient_accumulation_steps=2)
+    acc = cpu_accelerator(gradient_accumulation_steps=2)
     torch.manual_seed(0)
     model = LayeredTiny()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -452,7 +444,7 @@ def test_accumulation_with_zero_grad_before_backward_is_a_clear_error():
 
 
 def test_accumulation_steps_given_twice_must_agree(tiny_model):
-    acc = _accelerator(gradient_accumulation_steps=2)
+    acc = cpu_accelerator(gradient_accumulation_steps=2)
     opt = torch.optim.SGD(tiny_model.parameters(), lr=0.1)
     assert L2W(tiny_model, opt, accelerator=acc, grad_accum_steps=2).grad_accum_steps == 2
     assert L2W(tiny_model, opt, accelerator=acc).grad_accum_steps == 2

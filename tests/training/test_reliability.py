@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 import timm_l2w.meta.step as meta_mod
-from tests.helpers import register_tiny, root_on_pythonpath
+from tests.helpers import register_tiny, root_on_pythonpath, saved_weights
 from timm_l2w.cli.train import main
 from timm_l2w.meta import L2W
 from timm_l2w.training.checkpoints import find_checkpoint
@@ -42,9 +42,7 @@ def _cli(args, fault=None, timeout=300):
 
 
 def _weights(out: Path) -> dict:
-    tensors = load_file(out / "model.safetensors")
-    tensors.update({f"wp.{k}": v for k, v in load_file(out / "weight_predictor.safetensors").items()})
-    return tensors
+    return saved_weights(out, require_predictor=True)
 
 
 def _assert_same(a: dict, b: dict) -> None:

@@ -4,19 +4,16 @@ from __future__ import annotations
 import csv
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import ROOT, register_tiny
+from tests.helpers import ROOT, register_tiny, saved_weights
 from timm_l2w.cli.train import main
 from timm_l2w.training.checkpoints import find_checkpoint
 
 TINY = register_tiny()
-
-
 BASE = ["--model", TINY, "--no-progress", "--batch-size", "32", "--lr", "0.05"]
 
 
@@ -46,13 +43,6 @@ def test_short_run_writes_everything_and_loss_goes_down(tmp_path, weighting):
     assert (out / f"{TINY}_{weighting}.png").stat().st_size > 1000
 
 
-def _weights(out: Path) -> dict:
-    tensors = load_file(out / "model.safetensors")
-    if (out / "weight_predictor.safetensors").exists():
-        tensors.update({f"wp.{k}": v for k, v in load_file(out / "weight_predictor.safetensors").items()})
-    return tensors
-
-
 @pytest.mark.parametrize("stop_at", [4, 9])  # mid-epoch and at the end of epoch 1 (9 steps per epoch)
 def test_resume_gives_identical_final_weights(tmp_path, stop_at):
     args = BASE + ["--max-steps", "12", "--held-out", "1197", "--no-eval", "--warmup-steps", "3"]  # 300 images
@@ -62,7 +52,7 @@ def test_resume_gives_identical_final_weights(tmp_path, stop_at):
     assert find_checkpoint("auto", again).name == f"step_{stop_at:08d}"
     assert not (again / "model.safetensors").exists()  # it really stopped early
     assert main(args + ["--output", str(again), "--resume", "auto"]) == 0
-    a, b = _weights(tmp_path / "straight"), _weights(again)
+    a, b = saved_weights(tmp_path / "straight"), saved_weights(again)
     assert set(a) == set(b) and any(k.startswith("wp.") for k in a)
     diff = [k for k in a if not torch.equal(a[k], b[k])]
     assert not diff, f"resumed run differs in {diff[:5]}"
