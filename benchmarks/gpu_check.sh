@@ -6,14 +6,14 @@
 #
 # On a CUDA machine it runs, each under its own time limit (a step that fails or runs out is recorded
 # and the next one starts):
-#   1. tests     the CUDA tests (tests/test_cuda.py) and the precision / meta-step tests
+#   1. tests     the CUDA tests (tests/accel/test_cuda.py) and the precision / meta-step tests
 #   2. meta_step benchmarks/meta_step.py --device cuda, both backends: time ratios and peak memory
 #   3. early_exit benchmarks/early_exit_latency.py --device cuda
 #   4. precision benchmarks/meta_precision.py --device cuda, bf16 and fp16 (backend higher, then func)
 #   5. throughput benchmarks/train_throughput.py: images/s at bf16, equal weighting vs L2W at meta
 #                interval 1 and 100, msdnet_l2w_cifar (32 px) and msdnet_l2w (224 px), batch 64
 # Without CUDA it says so and runs a CPU-sized smoke of the same steps into benchmarks/results/gpu/cpu-smoke/
-# (tiny model, one batch, a step or two each), which tests/test_gpu_check.py runs in the default test suite.
+# (tiny model, one batch, a step or two each), which tests/benchmarks/test_gpu_check.py runs in the default test suite.
 # GPU_CHECK_OUT=DIR writes elsewhere; GPU_CHECK_ONLY="tests throughput" runs only the steps named;
 # GPU_CHECK_SMOKE=1 runs the smoke on a GPU machine too; PYTHON=... picks the interpreter (default:
 # .venv/bin/python if present). The preamble (wheels from .whl/, PYTHONPATH, CUDA, the steps) is steps.sh.
@@ -86,7 +86,7 @@ DATASET=digits
 [ -d /usr/share/datasets/fashion-mnist ] && DATASET=fashion-mnist
 
 if [ "$MODE" = cuda ]; then
-    step tests 80 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_precision.py tests/test_meta.py
+    step tests 80 "$PY" -m pytest -q -p no:cacheprovider tests/accel/test_cuda.py tests/meta/test_precision.py tests/meta/test_meta.py
     step meta_step 60 "$PY" benchmarks/meta_step.py --device cuda --backend func --compare --rounds 5
     step early_exit 60 "$PY" benchmarks/early_exit_latency.py --device cuda --train-seconds 15 --out-dir "$RESULTS"
     step precision_higher 120 "$PY" benchmarks/meta_precision.py --device cuda --dataset "$DATASET" \
@@ -99,7 +99,7 @@ if [ "$MODE" = cuda ]; then
         --models msdnet_l2w_cifar msdnet_l2w --sizes 32 224 --batch 64 --steps 50 --intervals 1 100 \
         --out "$RESULTS/train_throughput.json"
 else
-    step tests 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+    step tests 60 "$PY" -m pytest -q -p no:cacheprovider tests/accel/test_cuda.py
     step meta_step 120 "$PY" benchmarks/meta_step.py --device cpu --backend func --compare --rounds 1 --batch 4 \
         --no-memory
     step early_exit 120 "$PY" benchmarks/early_exit_latency.py --device cpu --model msdnet_l2w_cifar_tiny \

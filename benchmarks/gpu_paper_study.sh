@@ -5,7 +5,7 @@
 #
 # Steps, in this order, each writing its results (and summary.md / gpu_paper_study.json so far) as it ends;
 # their limits on the GPU in seconds (each also cut to what is left of GPU_PAPER_SECONDS):
-#   1. tests       90  the CUDA tests: tests/test_cuda.py, tests/test_cuda_graphs.py (captured update against
+#   1. tests       90  the CUDA tests: tests/accel/test_cuda.py, tests/accel/test_cuda_graphs.py (captured update against
 #                      eager, capture_meta_updates(l2w) against eager, the L2W update under set_sync_debug_mode('error'))
 #   2. throughput 120  benchmarks/train_throughput.py on the quiet GPU: images/s and time over equal weighting,
 #                      msdnet_l2w_cifar then msdnet_l2w_cifar_tiny, batch 1024 then 64, L2W at meta interval
@@ -104,7 +104,7 @@ DATA=${GPU_PAPER_DATA:-.gpu_data/fashion-mnist}
 
 if [ "$SMOKE" = 1 ]; then
     MODEL=msdnet_l2w_cifar_tiny
-    step tests 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py
+    step tests 60 "$PY" -m pytest -q -p no:cacheprovider tests/accel/test_cuda_graphs.py
     step throughput 60 "$PY" benchmarks/train_throughput.py --device "$DEVICE" --models $MODEL --sizes 32 \
         --batch 8 --steps 1 --warmup 1 --intervals 1 4 --modes eager graphs --out "$RESULTS/train_throughput.json"
     step tf32 60 "$PY" benchmarks/tf32_precision.py --device "$DEVICE" --model $MODEL --dataset digits --batch 8 \
@@ -133,7 +133,7 @@ EOF
     BATCH=8 LR=0.05 SEEDS="0" JOBS=2 STUDY_SECONDS=120
 else
     MODEL=msdnet_l2w_cifar
-    step tests 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_cuda_graphs.py
+    step tests 90 "$PY" -m pytest -q -p no:cacheprovider tests/accel/test_cuda.py tests/accel/test_cuda_graphs.py
     step throughput 120 "$PY" benchmarks/train_throughput.py --device cuda --models $MODEL msdnet_l2w_cifar_tiny \
         --sizes 32 32 --batch 1024 64 --intervals 1 10 100 --modes eager graphs --steps 10 --warmup 3 \
         --out "$RESULTS/train_throughput.json"

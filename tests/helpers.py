@@ -1,0 +1,155 @@
+"""What the tests share: the tiny multi-exit model, its timm registration, the multi-process launcher.
+
+Tests import it as ``tests.helpers`` (the repository root is on ``sys.path``: ``pythonpath`` in pytest.ini);
+the fixtures built on it live in ``tests/conftest.py``. No test module imports another test module.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import timm
+import torch
+from safetensors.torch import load_file
+from timm.models import register_model
+from torch import nn
+
+from timm_l2w.exits import exit_distribution
+from timm_l2w.models.base import MultiExitModel, select_samples
+from timm_l2w.models.ranet import RANet
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository
+TESTS = ROOT / "tests"
+DATA = TESTS / "data"  # files the tests read (reference manifests)
+LAUNCH = TESTS / "launch"  # scripts run under a launcher (accelerate launch), never imported
+TINY_MODEL = "l2w_test_tiny"
+P3 = exit_distribution(0.75, 3)  # the exit distribution of the three-exit meta-step tests
+
+
+class TinyMultiExit(MultiExitModel):
+    """``num_exits`` conv-BN-ReLU blocks, each followed by a pooled linear exit head: fast enough for CPU tests.
+
+    The default is the fixture's model (stride 1, widths ``width * (k + 1)``, 4 classes, 1 channel).
+    ``stride=2, doubling=True`` gives the registered ``l2w_test_tiny`` (:func:`tiny_net`: widths
+    ``width * 2 ** k``, stride 2); both build their parameters in the same order, so a seed gives the same
+    weights as the two separate classes they replace.
+    """
+
+    def __init__(self, num_exits: int = 3, num_classes: int = 4, in_chans: int = 1, width: int = 4,
+                 stride: int = 1, doubling: bool = False):
+        super().__init__()
+        self.num_exits, self.num_classes, self.in_chans = num_exits, num_classes, in_chans
+        chans = [in_chans] + [width * (2 ** k if doubling else k + 1) for k in range(num_exits)]
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(chans[k], chans[k + 1], 3, stride=stride, padding=1, bias=False),
+                          nn.BatchNorm2d(chans[k + 1]), nn.ReLU())
+            for k in range(num_exits)
+        )
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(chans[k + 1], num_classes))
+            for k in range(num_exits)
+        )
+
+    def forward_stage(self, index, state):
+        state = self.blocks[index](state)
+        return state, self.heads[index](state)
+
+
+class DropoutMultiExit(TinyMultiExit):
+    """TinyMultiExit with dropout before every head: the backends must see the same masks."""
+
+    def forward_stage(self, index, state):
+        state = self.blocks[index](state)
+        return state, self.heads[index](nn.functional.dropout(state, 0.3, self.training))
+
+
+def small_ranet(**kwargs) -> RANet:
+    """A RANet small enough for CPU tests (5 classes, three scales); ``kwargs`` override its settings."""
+    args = dict(scale_list=(1, 2, 3), gr_factor=(2, 1, 1), bn_factor=(2, 1, 1), growth_rate=2, num_channels=4,
+                step=1, head_width=8, num_classes=5)
+    args.update(kwargs)
+    return RANet(**args)
+
+
+def tiny_net(num_classes: int = 10, in_chans: int = 3, width: int = 8) -> TinyMultiExit:
+    """The registered ``l2w_test_tiny``: three stride-2 stages of widths ``width, 2 width, 4 width``."""
+    return TinyMultiExit(3, num_classes=num_classes, in_chans=in_chans, width=width, stride=2, doubling=True)
+
+
+def register_tiny() -> str:
+    """Register :func:`tiny_net` in timm as ``l2w_test_tiny`` (once); return the name."""
+    if not timm.is_model(TINY_MODEL):
+        def l2w_test_tiny(pretrained: bool = False, **kwargs):
+            return tiny_net(num_classes=kwargs.get("num_classes", 10), in_chans=kwargs.get("in_chans", 3))
+
+        l2w_test_tiny.__module__ = __name__
+        register_model(l2w_test_tiny)
+    return TINY_MODEL
+
+
+def root_on_pythonpath(env: dict) -> dict:
+    """``env`` with the repository first on PYTHONPATH: a child process can import ``tests.helpers``."""
+    return dict(env, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p))
+
+
+def accelerate_launch(args: Sequence[str], processes: int = 2, timeout: int = 900,
+                      attempts: int = 3) -> subprocess.CompletedProcess:
+    """``accelerate launch`` of ``args`` on ``processes`` CPU ranks (the README's multi-process CPU command).
+
+    Every attempt takes a free port of its own (``--main_process_port 0``), not the shared default 29500
+    that another test run on the same machine may hold; a port taken between choosing and binding it is
+    retried (up to ``attempts`` launches). ``timeout`` is generous: a loaded machine slows the ranks down.
+    """
+    env = root_on_pythonpath(dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1"))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+           "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
+           *args]
+    for _ in range(attempts):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        clash = any(words in proc.stderr.lower() for words in ("address already in use", "eaddrinuse"))
+        if proc.returncode == 0 or not clash:
+            return proc
+    return proc
+
+
+def cpu_accelerator(**kwargs):
+    """A fresh CPU ``Accelerator(**kwargs)`` (accelerate's shared state reset first: another precision is allowed)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(cpu=True, **kwargs)
+
+
+def saved_weights(out: Path, require_predictor: bool = False) -> dict:
+    """A run's saved tensors: the model's, and the weight predictor's as ``wp.NAME`` (if saved, or required)."""
+    tensors = load_file(out / "model.safetensors")
+    if require_predictor or (out / "weight_predictor.safetensors").exists():
+        tensors.update({f"wp.{k}": v for k, v in load_file(out / "weight_predictor.safetensors").items()})
+    return tensors
+
+
+def assert_staged_matches_forward(model, x, keep=None):
+    """Stage-by-stage logits equal ``forward_exits``'; with ``keep``, samples are dropped after stage 0."""
+    model.eval()
+    with torch.no_grad():
+        outs = model.forward_exits(x)
+        assert len(outs) == model.num_exits and all(o.shape == (len(x), model.num_classes) for o in outs)
+        state = x
+        for k in range(model.num_exits):
+            state, logits = model.forward_stage(k, state)
+            torch.testing.assert_close(logits, outs[k] if keep is None or k == 0 else outs[k][keep])
+            if k == 0 and keep is not None:
+                state = select_samples(state, keep)
+
+
+def l2w_loader_batch(l2w, model, opt, x, y):
+    """The two updates of one loader batch, as README's loop runs them."""
+    for xt, yt in l2w.split(x, y):
+        loss = l2w.loss(model(xt), yt)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
