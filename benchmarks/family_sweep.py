@@ -1,4 +1,4 @@
-"""Every timm family as a multi-exit model: run the slow sweep of tests/test_family_sweep.py, make its table.
+"""Every timm family as a multi-exit model: run the slow sweep of tests/models/test_family_sweep.py, make its table.
 
 ``run`` starts the sweep (one small model per timm family: wrap, train forward + backward, eval ==
 last exit == the backbone's classifier path, increasing exit FLOPs, real early exit == simulated,
@@ -63,8 +63,8 @@ def main(argv: List[str] | None = None) -> int:
         print(table(read_rows(Path(args.results))))
         return 0
     env = dict(os.environ, L2W_SWEEP_RESULTS=args.results, L2W_SWEEP_SECONDS=str(args.seconds), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "slow", "tests/test_family_sweep.py", "-k", "every_family",
-           "-p", "no:cacheprovider"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "slow", "tests/models/test_family_sweep.py",
+           "-k", "every_family", "-p", "no:cacheprovider"]
     return subprocess.call(cmd, cwd=ROOT, env=env)
 
 

@@ -1,6 +1,6 @@
 """The exit rules in numpy: the twin of :mod:`timm_l2w.exits.rules` for the exported runtime.
 
-Same names, same registry, same decisions as the PyTorch rules (``tests/test_deploy.py`` checks them
+Same names, same registry, same decisions as the PyTorch rules (``tests/deploy/test_deploy.py`` checks them
 side by side); only what the runtime needs: the streaming decision at exit k (:meth:`ExitRule.leave`,
 with the rule's memory of the earlier exits cut down by :meth:`ExitRule.keep`) and the parameter the
 policy file carries for the rule (:attr:`ExitRule.parameter`). Uses numpy only.
