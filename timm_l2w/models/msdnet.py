@@ -25,13 +25,14 @@ import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices  # what timm's own models use
 from torch import Tensor, nn
 
 from .base import MultiExitModel
-from .layers import ExitPool, exit_classifier, is_symbolic
+from .layers import ExitPool, check_timm_kwargs, exit_classifier, is_symbolic, set_bn_args
 
 __all__ = ["MSDNet", "msdnet_kwargs_from_release_args", "CIFAR_MEAN", "CIFAR_STD"]
 
@@ -166,12 +167,14 @@ class Transition(nn.Module):
 
 
 class ExitHead(nn.Module):
-    """Exit classifier on the coarsest scale: 2x (3x3/s2 conv-BN-ReLU), pooling (the release's 2x2 average), linear."""
+    """Exit classifier on the coarsest scale: 2x (3x3/s2 conv-BN-ReLU), pooling (the release's 2x2 average),
+    dropout (``drop_rate``, timm's classifier dropout; none by default, as in the release), linear."""
 
-    def __init__(self, in_chs: int, width: int, num_classes: int, global_pool: str = "avg"):
+    def __init__(self, in_chs: int, width: int, num_classes: int, global_pool: str = "avg", drop_rate: float = 0.0):
         super().__init__()
         self.m = nn.Sequential(ConvBNReLU(in_chs, width, 3, 2, 1), ConvBNReLU(width, width, 3, 2, 1))
         self.num_features = width
+        self.drop_rate = drop_rate
         self.pool = ExitPool(global_pool)
         self.linear = _linear(width * self.pool.feat_mult(), num_classes, global_pool)
 
@@ -186,6 +189,8 @@ class ExitHead(nn.Module):
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.pool(x)  # at the native input size the map is 2x2: the 2x2 average pool is global
+        if self.drop_rate > 0:
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
         return x if pre_logits else self.linear(x)
 
     def forward(self, x: List[Tensor]) -> Tensor:
@@ -227,6 +232,9 @@ class MSDNet(MultiExitModel):
         in_chans: image channels.
         global_pool: exit pooling: ``'avg'`` (the release's 2x2 average), ``''`` (none, with
             ``num_classes=0``: exits return maps) or a timm pool type (``'max'``, ``'avgmax'``...).
+        drop_rate: dropout before every exit's linear layer (timm's classifier dropout; 0: none, the release's).
+        drop_path_rate, drop_block_rate: timm's standard arguments; MSDNet has neither, so only ``None`` / 0.
+        bn_momentum, bn_eps: set on every BatchNorm (``None``: PyTorch's defaults, the release's).
     """
 
     def __init__(
@@ -248,11 +256,15 @@ class MSDNet(MultiExitModel):
             num_classes: int = 1000,
             in_chans: int = 3,
             global_pool: str = "avg",
+            drop_rate: float = 0.0,
+            drop_path_rate: Optional[float] = None,
+            drop_block_rate: Optional[float] = None,
+            bn_momentum: Optional[float] = None,
+            bn_eps: Optional[float] = None,
             **kwargs: Any,
     ):
         super().__init__()
-        if kwargs:
-            raise TypeError(f"MSDNet got unexpected arguments {sorted(kwargs)}: see MSDNet's docstring for its options")
+        check_timm_kwargs(MSDNet, drop_rate, drop_path_rate, drop_block_rate, bn_momentum, bn_eps, **kwargs)
         if step_mode not in STEP_MODES:
             raise ValueError(f"unknown step_mode {step_mode!r}: use one of {STEP_MODES}")
         if stem not in STEMS:
@@ -279,6 +291,7 @@ class MSDNet(MultiExitModel):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
+        self.drop_rate = drop_rate
         self.n_scales = n_scales
         self.stem = stem
         self.steps = _block_steps(n_blocks, step_mode, step, base)
@@ -309,7 +322,7 @@ class MSDNet(MultiExitModel):
             self.blocks.append(nn.Sequential(*layers))
             block_out.append((chs, out_scales))
             head_in = chs * gr_factor[-1]
-            self.classifier.append(ExitHead(head_in, head_channels or head_in, num_classes, global_pool))
+            self.classifier.append(ExitHead(head_in, head_channels or head_in, num_classes, global_pool, drop_rate))
         self.num_features = self.classifier[-1].num_features
         self.head_hidden_size = self.num_features * self.classifier[-1].pool.feat_mult()
         # features_only: each scale after the last block that still has it (list position in that block's output)
@@ -326,6 +339,7 @@ class MSDNet(MultiExitModel):
         # total downsampling before the head's 2x2 pool: stem, the scales, the head's two stride-2 convs
         self.downsample = (1 if stem == "cifar" else 4) * 2 ** (n_scales - 1) * 4
         self._init_weights()
+        set_bn_args(self, bn_momentum, bn_eps)
 
     def _init_weights(self) -> None:
         for m in self.modules():

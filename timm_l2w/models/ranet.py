@@ -43,7 +43,7 @@ from timm.models._features import feature_take_indices  # what timm's own models
 from torch import Tensor, nn
 
 from .base import MultiExitModel
-from .layers import ExitPool, exit_classifier, is_symbolic
+from .layers import ExitPool, check_timm_kwargs, exit_classifier, is_symbolic, set_bn_args
 
 __all__ = ["RANet"]
 
@@ -184,7 +184,9 @@ class RANet(MultiExitModel):
         head_width: classifier conv width; ``None`` uses the head's input width (ImageNet head).
         global_pool: classifier pooling: ``'avg'`` (2x2 average), ``''`` (none, with ``num_classes=0``:
             exits return maps) or a timm pool type (``'max'``, ``'avgmax'``...).
-        drop_rate: dropout before every classifier's linear layer.
+        drop_rate: dropout before every classifier's linear layer (timm's classifier dropout; 0: none).
+        drop_path_rate, drop_block_rate: timm's standard arguments; RANet has neither, so only ``None`` / 0.
+        bn_momentum, bn_eps: set on every BatchNorm (``None``: PyTorch's defaults).
     """
 
     def __init__(
@@ -206,8 +208,14 @@ class RANet(MultiExitModel):
         in_chans: int = 3,
         drop_rate: float = 0.0,
         global_pool: str = "avg",
+        drop_path_rate: Optional[float] = None,
+        drop_block_rate: Optional[float] = None,
+        bn_momentum: Optional[float] = None,
+        bn_eps: Optional[float] = None,
+        **kwargs: Any,
     ):
         super().__init__()
+        check_timm_kwargs(RANet, drop_rate, drop_path_rate, drop_block_rate, bn_momentum, bn_eps, **kwargs)
         if isinstance(scale_list, str):
             scale_list = [int(v) for v in scale_list.split("-")]
         scale_list = [int(s) for s in scale_list]
@@ -314,6 +322,7 @@ class RANet(MultiExitModel):
             for j in self._taps
         ]
         self._init_weights()
+        set_bn_args(self, bn_momentum, bn_eps)
 
     def _init_weights(self) -> None:
         for m in self.modules():

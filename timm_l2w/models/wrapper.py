@@ -37,11 +37,15 @@ just over 400 lines because it is one class (the wrapper and its heads' wiring),
 """
 from __future__ import annotations
 
+import inspect
 import json
+import re
+import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
+import torch.nn.functional as F
 from timm.models import get_model_input_config
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map
@@ -51,7 +55,7 @@ from .base import MultiExitModel
 from .fx_stages import BackboneStages, TensorSpec
 from .fx_trace import fake_tensors
 from .heads import ConvHead, LinearHead, PoolHead, TokenHead
-from .layers import exit_classifier, is_symbolic
+from .layers import exit_classifier, is_symbolic, set_bn_args
 
 __all__ = ["MultiExitWrapper", "GENERIC_NAME"]
 
@@ -111,6 +115,40 @@ def _json_ready(value: Any) -> Any:
     return value
 
 
+_TIMM_STANDARD = ("drop_rate", "drop_path_rate", "drop_block_rate", "global_pool", "bn_momentum", "bn_eps")
+_NEUTRAL_RATES = ("drop_rate", "drop_path_rate", "drop_block_rate")
+_UNEXPECTED = re.compile(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'")
+
+
+def _create_backbone(name: str, pretrained: bool, timm_kwargs: Dict[str, Any]) -> nn.Module:
+    """``timm.create_model(name, num_classes=0, ...)``. timm's standard arguments at their neutral value (a drop
+    rate of 0) are dropped where the backbone has no such argument (removed from ``timm_kwargs``); any other
+    argument the backbone refuses is a ``TypeError`` naming what it takes."""
+    while True:
+        try:
+            return timm.create_model(name, pretrained=pretrained, num_classes=0, **timm_kwargs)
+        except TypeError as err:
+            match = _UNEXPECTED.search(str(err))
+            key = match.group(2) if match else None
+            if key not in timm_kwargs:
+                raise
+            if key in _NEUTRAL_RATES and not timm_kwargs[key]:
+                del timm_kwargs[key]  # neutral: as if not given
+                continue
+            try:
+                module = sys.modules.get(timm.models.model_entrypoint(name.split(".")[0]).__module__)
+            except Exception:  # noqa: BLE001 - a hub name: no class to read the options from
+                module = None
+            cls = getattr(module, match.group(1), None)
+            params = inspect.signature(cls).parameters if isinstance(cls, type) else {}
+            takes = [k for k in _TIMM_STANDARD if k in params] or ["none of them"]
+            raise TypeError(
+                f"backbone {name} ({match.group(1)}) does not take {key}={timm_kwargs[key]!r}: of timm's standard "
+                f"create_model arguments it takes {', '.join(takes)}; the multi-exit model's own options are "
+                "exit_indices, head, head_width, num_classes, global_pool, drop_rate (dropout before every exit's "
+                "classifier) and the backbone's timm arguments") from None
+
+
 class MultiExitWrapper(MultiExitModel):
     """A timm backbone with exit heads after chosen ``feature_info`` points (see the module docstring).
 
@@ -128,7 +166,10 @@ class MultiExitWrapper(MultiExitModel):
         global_pool: pooling of every exit (timm's values; ``None``: the backbone's own, ``'avg'`` for
             map heads); the backbone is created or reset with it.
         **timm_kwargs: passed to ``timm.create_model`` (``img_size``, ``dynamic_img_size``, ``in_chans``,
-            ``drop_path_rate``...).
+            ``drop_path_rate``...). timm's standard arguments go to the backbone as timm passes them;
+            ``drop_rate`` is also dropout before every other exit's classifier, ``bn_momentum`` / ``bn_eps``
+            (where the backbone takes them) also set the conv heads' BatchNorms, and a drop rate of 0 the
+            backbone has no argument for is dropped. Others the backbone refuses: a ``TypeError`` naming what it takes.
 
     Raises:
         SplitError (a ``TypeError``): the backbone cannot be cut at those points; the message says why
@@ -155,7 +196,7 @@ class MultiExitWrapper(MultiExitModel):
         if isinstance(backbone, str):
             if global_pool is not None:
                 timm_kwargs["global_pool"] = global_pool
-            backbone = timm.create_model(backbone, pretrained=pretrained, num_classes=0, **timm_kwargs)
+            backbone = _create_backbone(backbone, pretrained, timm_kwargs)
         elif not isinstance(backbone, nn.Module):
             raise TypeError(f"backbone must be a timm model name or nn.Module, got {type(backbone).__name__}")
         elif timm_kwargs or pretrained:
@@ -198,6 +239,11 @@ class MultiExitWrapper(MultiExitModel):
         try:
             self._stages = BackboneStages(backbone, [info[i] for i in exit_indices], through_end, example)
         except SplitError as err:
+            if timm_kwargs.get("drop_block_rate"):  # timm's DropBlock2d branches on the map size
+                raise SplitError(
+                    f"{name} with drop_block_rate={timm_kwargs['drop_block_rate']!r} cannot be split into exits: "
+                    f"torch.fx cannot trace timm's DropBlock ({err}); pass drop_block_rate=0 or leave it unset "
+                    "(drop_rate, drop_path_rate and global_pool work on wrapped backbones)") from None
             raise SplitError(f"{name} cannot be split into exits at {exit_indices}: {err}; {_ALTERNATIVE}") from None
         fmt = getattr(backbone, "output_fmt", "NCHW")
         layouts = [_layout(shape, info[i]["num_chs"], fmt)
@@ -207,7 +253,10 @@ class MultiExitWrapper(MultiExitModel):
         self.layout = self.exit_layouts[-1]
         self.num_prefix_tokens = self._prefix_tokens(backbone, info, example)
         self.global_pool = _pool_type(backbone) if global_pool is None else global_pool
+        # timm's classifier dropout before every exit (the backbone's own head applies it on the last one)
+        self.drop_rate = float(timm_kwargs.get("drop_rate") or 0.0)
         self.heads = nn.ModuleList(self._make_head(k) for k in range(self.num_exits))
+        set_bn_args(self.heads, timm_kwargs.get("bn_momentum"), timm_kwargs.get("bn_eps"))  # the backbone took them
         self._set_feature_sizes()
         # features_only: the backbone's intermediate points (module names inside this wrapper)
         self.feature_info = [dict(d, module=f"backbone.{d['module']}") for d in info]
@@ -351,7 +400,11 @@ class MultiExitWrapper(MultiExitModel):
 
     def forward_exit_head(self, index: int, x: Tensor, pre_logits: bool = False) -> Tensor:
         if self._uses_backbone_head(index):
-            x = self.backbone.forward_head(x, pre_logits=True)
+            x = self.backbone.forward_head(x, pre_logits=True)  # with the backbone's own dropout (drop_rate)
+        elif self.drop_rate > 0:
+            head = self.heads[index]
+            x = F.dropout(head.forward_head(x, pre_logits=True), p=self.drop_rate, training=self.training)
+            return x if pre_logits else head.fc(x)
         return self.heads[index].forward_head(x, pre_logits)
 
     def intermediate_features(self, x: Tensor, indices: Optional[Union[int, List[int]]] = None,
