@@ -10,12 +10,15 @@ runs per-sample early exit at any batch size::
     result.predictions, result.confidences, result.exit_index
 
 This package imports neither torch nor ``timm_l2w``; see docs/deploy.md for the package layout and
-the loop a runtime in another language would write.
+the loop a runtime in another language would write. It installs on its own (``pip install ./runtime``
+from a clone of timm_l2w: numpy, onnxruntime and pillow) and gives the ``timm-l2w-predict`` command.
 """
 from .images import find_images, preprocess_files, preprocess_image, resize_bilinear
 from .policy import PolicyError, check_policy, read_policy, write_policy
 from .rules import EXIT_RULES, RULES, ExitRule, exit_confidence, exit_rule, predictive_entropy
 from .runtime import EarlyExitRuntime, PackageError, RuntimePrediction, read_manifest
+
+__version__ = "0.1.0"  # runtime/pyproject.toml's, and timm_l2w's (they move together)
 
 __all__ = [
     "EarlyExitRuntime", "RuntimePrediction", "PackageError", "PolicyError", "read_manifest", "read_policy",

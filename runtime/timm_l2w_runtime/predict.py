@@ -1,9 +1,10 @@
 """``timm-l2w predict DIR IMAGES... --output predictions.csv``: early-exit predictions for image files.
 
-Runs the exported package in ``DIR`` with onnxruntime (no PyTorch; also ``python -m timm_l2w_runtime``)
-and writes one CSV row per image: ``file``, ``prediction`` (class index), ``label`` (class name, or
-the index when the policy has none), ``confidence`` (max softmax at the exit taken) and ``exit``
-(1-based, cheapest first, as in the ``timm-l2w eval`` tables).
+Runs the exported package in ``DIR`` with onnxruntime (no PyTorch; also ``timm-l2w-predict`` and
+``python -m timm_l2w_runtime`` from the torch-free install, ``pip install ./runtime``) and writes one CSV
+row per image: ``file``, ``prediction`` (class index), ``label`` (class name, or the index when the
+policy has none), ``confidence`` (max softmax at the exit taken) and ``exit`` (1-based, cheapest first,
+as in the ``timm-l2w eval`` tables).
 """
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-__all__ = ["main"]
+__all__ = ["main", "console"]
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="timm-l2w predict",
+        prog=prog,
         description="Early-exit predictions for image files with an exported package (numpy + onnxruntime).")
     p.add_argument("package", help="folder written by timm-l2w export")
     p.add_argument("images", nargs="+", help="image files, or folders searched for them")
@@ -40,8 +41,8 @@ def _write_csv(path: Path, rows: List[dict]) -> None:
     write_text_atomic(path, buf.getvalue())
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+def main(argv: Optional[List[str]] = None, prog: str = "timm-l2w predict") -> int:
+    args = _parser(prog).parse_args(argv)
     from .runtime import EarlyExitRuntime
 
     try:
@@ -50,7 +51,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         runtime = EarlyExitRuntime(args.package, policy=args.policy, threads=args.threads)
         files, result = runtime.predict_files(args.images, batch_size=args.batch_size)
     except (ValueError, OSError, ImportError) as err:
-        print(f"timm-l2w predict: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     rows = [{"file": str(f), "prediction": int(p), "label": runtime.label(int(p)), "confidence": f"{float(c):.6g}",
              "exit": int(e) + 1}
@@ -63,6 +64,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"{len(files)} images, rule {runtime.policy['rule']}: exits {shares}{cost}")
     print(f"wrote {args.output}")
     return 0
+
+
+def console() -> int:
+    """The ``timm-l2w-predict`` command of the torch-free install (``pip install ./runtime``)."""
+    return main(prog="timm-l2w-predict")
 
 
 if __name__ == "__main__":

@@ -99,8 +99,9 @@ def _onnxruntime() -> Any:
     try:
         import onnxruntime
     except ImportError:
-        raise ImportError("the early-exit runtime needs onnxruntime: pip install onnxruntime "
-                          "(or pip install timm_l2w[deploy])") from None
+        raise ImportError("the early-exit runtime needs onnxruntime: install the torch-free runtime with its "
+                          "dependencies (numpy, onnxruntime, pillow): pip install ./runtime from a clone of timm_l2w "
+                          "(or pip install onnxruntime)") from None
     return onnxruntime
 
 
