@@ -99,6 +99,7 @@ def test_runtime_installs_without_torch_and_predicts_like_the_predictor(tmp_path
     assert len(set(want.exit_index.tolist())) > 1  # a real early exit: several exits taken
     assert [int(r["prediction"]) for r in rows] == want.predictions.tolist()
     np.testing.assert_allclose([float(r["confidence"]) for r in rows], want.confidences.numpy(), atol=1e-5)
+    assert all(r["error"] == "" for r in rows)
 
 
 def test_timm_l2w_predict_runs_the_runtime_and_a_missing_onnxruntime_names_the_torch_free_install(
