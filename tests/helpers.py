@@ -153,3 +153,33 @@ def l2w_loader_batch(l2w, model, opt, x, y):
         opt.zero_grad()
         loss.backward()
         opt.step()
+
+
+def tiny_package(root: Path, q: float = 1.0):
+    """A grayscale TinyMultiExit (3 exits, 10 classes, 16x16 'L' images, stretch preprocessing) with a confidence
+    policy calibrated for ``q`` on random images, exported (ONNX only) to ``root / "package"``.
+
+    Returns ``(predictor, package)``: the torch side and the folder the runtime reads.
+    """
+    from timm_l2w.deploy import export_package
+    from timm_l2w.evaluation import ExitOutputs
+    from timm_l2w.inference import EarlyExitPredictor
+
+    torch.manual_seed(0)
+    model = TinyMultiExit(3, num_classes=10, in_chans=1, width=4, stride=2, doubling=True).eval()
+    with torch.no_grad():
+        x = torch.rand(96, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+        calibration = ExitOutputs.from_logits(model.forward_exits(x), torch.zeros(96, dtype=torch.long))
+    predictor = EarlyExitPredictor.from_distribution(model, calibration, q)
+    predictor.preprocess = {"input_size": [1, 16, 16], "color": "L", "resize": "stretch", "mean": [0.5],
+                            "std": [0.25]}
+    package = export_package(model, root / "package", predictor, input_size=(1, 16, 16), pt2=False)
+    return predictor, package
+
+
+def gray_images(count: int, size: int = 12, seed: int = 0):
+    """``count`` 8-bit grayscale images ``[count, size, size]`` uint8: smooth random blobs of varied contrast."""
+    gen = torch.Generator().manual_seed(seed)
+    low = torch.rand(count, 1, 4, 4, generator=gen) * torch.rand(count, 1, 1, 1, generator=gen) * 3
+    up = torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+    return (up.clamp(0, 1)[:, 0] * 255).round().to(torch.uint8).numpy()

@@ -7,9 +7,14 @@ can use it without an import circle.
 from __future__ import annotations
 
 import argparse
+import math
+import re
 from typing import Optional, Sequence
 
-__all__ = ["DefaultsHelpFormatter", "add_version", "add_input_size", "add_device", "version_text"]
+__all__ = ["DefaultsHelpFormatter", "add_version", "add_input_size", "add_device", "version_text", "flops_amount"]
+
+FLOPS_SUFFIXES = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+_FLOPS = re.compile(r"\s*([0-9.eE+-]+)\s*([kKmMgGtT]?)\s*(?:flops?)?\s*", re.IGNORECASE)
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -26,6 +31,20 @@ def version_text(prog: str = "timm-l2w") -> str:
     from ..version import __version__
 
     return f"{prog} {__version__}"
+
+
+def flops_amount(text: str) -> float:
+    """A FLOPs count as a command line gives it: ``3000000``, ``3e6``, ``3M``, ``3.5 MFLOPs``, ``0.5G`` (suffixes
+    k, M, G, T: 1e3, 1e6, 1e9, 1e12; any case, an optional ``FLOPs`` after them); an argparse type."""
+    match = _FLOPS.fullmatch(str(text))
+    try:
+        value = float(match.group(1)) * FLOPS_SUFFIXES[match.group(2).lower()] if match else math.nan
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive FLOPs count: write 3000000, 3e6 or 3M "
+                                         "(suffixes k, M, G; 3M = 3 MFLOPs, the unit timm-l2w eval prints)")
+    return value
 
 
 def add_version(parser: argparse.ArgumentParser) -> None:

@@ -17,7 +17,7 @@ import torch
 from ..evaluation.results import evaluate_checkpoint
 from ..exits import EXIT_RULES
 from ..validation import EVAL_SETTINGS, check_settings
-from .common import DefaultsHelpFormatter, add_device, add_input_size, add_version
+from .common import DefaultsHelpFormatter, add_device, add_input_size, add_version, flops_amount
 
 __all__ = ["main", "model_from_metadata"]
 
@@ -57,9 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--q", type=float, default=None,
                    help="also write <name>_policy.json, the exit policy for timm-l2w export: thresholds calibrated on "
                         "the held-out set for the paper's exit distribution p_k ∝ q**k")
-    p.add_argument("--flops-budget", type=float, default=None,
+    p.add_argument("--flops-budget", type=flops_amount, default=None, metavar="FLOPS",
                    help="also write <name>_policy.json for the most accurate exit distribution (patience: patience "
-                        "value) whose expected FLOPs per image on the held-out set stay within this budget")
+                        "value) whose expected FLOPs per image on the held-out set stay within this budget. In "
+                        "FLOPs per image: 3000000, 3e6 and 3M are the same budget (suffixes k, M, G); the tables "
+                        "this command prints are in MFLOPs, so a row's '3.5 MFLOPs' is --flops-budget 3.5M")
     p.add_argument("--no-progress", action="store_true",
                    help="hide the progress bar (it is off anyway when stderr is not a terminal)")
     return p

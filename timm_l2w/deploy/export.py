@@ -65,8 +65,8 @@ class _Stage(nn.Module):
 def _require_onnx() -> None:
     missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if not _importable(m)]
     if missing:
-        raise ImportError(f"exporting needs {', '.join(missing)}: pip install timm_l2w[deploy] "
-                          "(onnx, onnxscript and onnxruntime)")
+        raise ImportError(f"exporting needs {', '.join(missing)}: pip install timm_l2w[deploy] (onnx, onnxscript; "
+                          "onnxruntime comes with the runtime: pip install ./runtime from the clone)")
 
 
 def _importable(name: str) -> bool:

@@ -20,13 +20,13 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .images import find_images, preprocess_files
+from .images import find_images, preprocess_each, preprocess_files
 from .policy import check_policy_fits, read_json, read_policy
 from .rules import exit_confidence, exit_rule
 
 __all__ = [
     "MANIFEST_FORMAT", "MANIFEST_VERSION", "MANIFEST_FILE", "POLICY_FILE", "PackageError",
-    "RuntimePrediction", "EarlyExitRuntime", "read_manifest", "select_rows",
+    "RuntimePrediction", "FilePredictions", "EarlyExitRuntime", "read_manifest", "select_rows",
 ]
 
 MANIFEST_FORMAT = "timm_l2w.early_exit_package"
@@ -56,6 +56,28 @@ class RuntimePrediction:
     def exit_fractions(self, num_exits: int) -> np.ndarray:
         """Share of the samples leaving at each exit, ``[K]`` float64."""
         return np.bincount(self.exit_index, minlength=num_exits) / max(len(self.exit_index), 1)
+
+
+def concatenate(parts: Sequence[RuntimePrediction]) -> RuntimePrediction:
+    """One prediction of ``parts`` in order (an empty one for no parts)."""
+    if not parts:
+        return RuntimePrediction(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64))
+    return RuntimePrediction(*(np.concatenate([getattr(p, f) for p in parts])
+                               for f in ("predictions", "confidences", "exit_index")))
+
+
+@dataclass
+class FilePredictions:
+    """Every file asked for, in order, and the predictions of those that could be read.
+
+    ``result`` row ``j`` is the prediction of ``files[read[j]]``; ``errors[i]`` says why ``files[i]`` was not
+    predicted (it does not exist, is not an image, is damaged, has no known value range, ...).
+    """
+
+    files: List[Path]
+    result: RuntimePrediction
+    read: List[int]
+    errors: Dict[int, str]
 
 
 def read_manifest(package: PathLike) -> Dict[str, Any]:
@@ -99,8 +121,9 @@ def _onnxruntime() -> Any:
     try:
         import onnxruntime
     except ImportError:
-        raise ImportError("the early-exit runtime needs onnxruntime: pip install onnxruntime "
-                          "(or pip install timm_l2w[deploy])") from None
+        raise ImportError("the early-exit runtime needs onnxruntime: install the torch-free runtime with its "
+                          "dependencies (numpy, onnxruntime, pillow): pip install ./runtime from a clone of timm_l2w "
+                          "(or pip install onnxruntime)") from None
     return onnxruntime
 
 
@@ -199,14 +222,12 @@ class EarlyExitRuntime:
             raise ValueError(f"batch_size must be an integer >= 1 (images per chunk), got {batch_size!r}")
         if batch_size is None or batch_size >= len(x):
             return self._predict_batch(x)
-        parts = [self._predict_batch(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
-        return RuntimePrediction(*(np.concatenate([getattr(p, f) for p in parts])
-                                   for f in ("predictions", "confidences", "exit_index")))
+        return concatenate([self._predict_batch(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
     __call__ = predict
 
-    def preprocess(self, paths: Sequence[PathLike]) -> np.ndarray:
-        """Image files to the normalised ``[N, C, H, W]`` batch the model expects (the policy's ``preprocess``)."""
+    def _preprocessing(self) -> Mapping[str, Any]:
+        """The policy's ``preprocess`` entry, checked against the package."""
         pre = self.policy.get("preprocess")
         if pre is None:
             raise PackageError("the policy has no 'preprocess' entry, so image files cannot be prepared: pass "
@@ -214,17 +235,46 @@ class EarlyExitRuntime:
         if tuple(pre["input_size"]) != self.input_size:
             raise PackageError(f"the policy prepares {pre['input_size']} images but the package takes "
                                f"{list(self.input_size)}: use a policy calibrated at the package's input size")
-        return preprocess_files(list(paths), pre)
+        return pre
+
+    def preprocess(self, paths: Sequence[PathLike]) -> np.ndarray:
+        """Image files to the normalised ``[N, C, H, W]`` batch the model expects (the policy's ``preprocess``)."""
+        return preprocess_files(list(paths), self._preprocessing())
 
     def predict_files(self, paths: Sequence[PathLike], batch_size: int = 64) -> Tuple[List[Path], RuntimePrediction]:
         """Image files (folders are searched for images) to ``(files, predictions)``.
 
-        ``batch_size`` images at a time.
+        ``batch_size`` images at a time; the first file that cannot be read raises (:meth:`predict_each_file`
+        predicts the others and reports it).
         """
         files = find_images(paths)
         parts = [self.predict(self.preprocess(files[i:i + batch_size])) for i in range(0, len(files), batch_size)]
-        return files, RuntimePrediction(*(np.concatenate([getattr(p, f) for p in parts])
-                                          for f in ("predictions", "confidences", "exit_index")))
+        return files, concatenate(parts)
+
+    def predict_each_file(self, paths: Sequence[PathLike], batch_size: int = 64) -> FilePredictions:
+        """Image files (folders are searched for images) to predictions of every file that can be read, and
+        the reason for each that cannot (a missing path, a folder without images, a damaged file): one bad
+        file does not stop the others. ``batch_size`` files at a time."""
+        pre = self._preprocessing()
+        files: List[Path] = []
+        errors: Dict[int, str] = {}
+        for item in paths:
+            try:
+                files += find_images([item])
+            except (ValueError, OSError) as err:
+                errors[len(files)] = str(err)
+                files.append(Path(item))
+        todo = [i for i in range(len(files)) if i not in errors]
+        read: List[int] = []
+        parts: List[RuntimePrediction] = []
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            ok, x, failed = preprocess_each([files[i] for i in chunk], pre)
+            errors.update({chunk[j]: message for j, message in failed.items()})
+            if ok:
+                read += [chunk[j] for j in ok]
+                parts.append(self.predict(x))
+        return FilePredictions(files, concatenate(parts), read, dict(sorted(errors.items())))
 
     def label(self, prediction: int) -> str:
         """The class name of ``prediction`` (its number when the policy has no class names)."""

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable, List, Mapping, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple, Union
 
 import numpy as np
 
-__all__ = ["IMAGE_SUFFIXES", "load_image", "preprocess_image", "preprocess_files", "resize_bilinear", "find_images"]
+__all__ = ["IMAGE_SUFFIXES", "load_image", "to_eight_bits", "preprocess_image", "preprocess_files", "preprocess_each",
+           "resize_bilinear", "find_images"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 PathLike = Union[str, "os.PathLike[str]"]
@@ -45,17 +46,43 @@ def resize_bilinear(x: np.ndarray, size: Sequence[int]) -> np.ndarray:
     return rows[..., c0] * (1 - wc) + rows[..., c1] * wc
 
 
+def to_eight_bits(img: Any) -> Any:
+    """``img`` with 8-bit channels: 16-bit grayscale (``'I;16'`` and its byte orders, and ``'I'`` as PIL opens a
+    16-bit PNG) scaled to 8 bits (``round(v / 257)``: ``v * 257`` gives ``v`` back), not clipped as PIL's
+    ``convert`` would; other modes as they are (PIL converts them). A ``'F'`` (floating point) or a non-PNG
+    ``'I'`` (32-bit integer) image has no known value range: a ValueError says so."""
+    from PIL import Image
+
+    mode = img.mode
+    if mode.startswith("I;16") or (mode == "I" and getattr(img, "format", None) == "PNG"):
+        a = np.asarray(img).astype(np.float64)
+        if a.min() < 0 or a.max() > 65535:
+            raise ValueError(f"a 16-bit image holds values outside 0..65535 ({a.min():g}..{a.max():g})")
+        return Image.fromarray(np.rint(a / 257.0).astype(np.uint8), mode="L")
+    if mode in ("I", "F"):
+        kind = "32-bit integer" if mode == "I" else "floating point"
+        raise ValueError(f"a {kind} image (mode {mode!r}) has no known value range: save it as an 8-bit or "
+                         "16-bit PNG (or an 8-bit JPEG)")
+    return img
+
+
 def load_image(path: PathLike, color: str) -> Any:
-    """Open an image file as a PIL image in ``color`` mode (``'RGB'`` or ``'L'``)."""
-    from PIL import Image, UnidentifiedImageError
+    """Open an image file as a PIL image in ``color`` mode (``'RGB'`` or ``'L'``).
+
+    16-bit grayscale is scaled to 8 bits first (:func:`to_eight_bits`); 16-bit colour PNGs are read as 8 bits
+    by PIL. A file that is not an image, or is damaged, or has no known value range raises a ValueError naming it.
+    """
+    from PIL import Image
 
     try:
         with Image.open(path) as img:
-            return img.convert(color)
+            img.load()
+            return to_eight_bits(img).convert(color)
     except FileNotFoundError:
         raise FileNotFoundError(f"image {path} does not exist: check the path") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"{path} is not a readable image ({err}): pass PNG/JPEG/... files") from None
+    except Exception as err:  # noqa: BLE001 - UnidentifiedImageError, OSError, SyntaxError, zlib.error, ...
+        reason = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+        raise ValueError(f"{path} is not a readable image ({reason}): pass PNG/JPEG/... files") from None
 
 
 def _pil_resample(name: str) -> int:
@@ -108,10 +135,28 @@ def preprocess_image(img: Any, pre: Mapping[str, Any]) -> np.ndarray:
 
 
 def preprocess_files(paths: Sequence[PathLike], pre: Mapping[str, Any]) -> np.ndarray:
-    """Image files to one ``[N, C, H, W]`` float32 batch."""
+    """Image files to one ``[N, C, H, W]`` float32 batch (the first unreadable file raises)."""
     if not paths:
         raise ValueError("no images given: pass image files or folders holding them")
     return np.stack([preprocess_image(load_image(p, pre["color"]), pre) for p in paths])
+
+
+def preprocess_each(paths: Sequence[PathLike], pre: Mapping[str, Any]) -> Tuple[List[int], np.ndarray, Dict[int, str]]:
+    """Image files to ``(readable, batch, errors)``: the positions of the files read, their ``[n, C, H, W]``
+    float32 batch (``n`` may be 0), and why each other file could not be read, by position."""
+    readable: List[int] = []
+    images: List[np.ndarray] = []
+    errors: Dict[int, str] = {}
+    for i, path in enumerate(paths):
+        try:
+            images.append(preprocess_image(load_image(path, pre["color"]), pre))
+        except (ValueError, OSError) as err:
+            errors[i] = str(err)
+            continue
+        readable.append(i)
+    channels, height, width = pre["input_size"]
+    batch = np.stack(images) if images else np.zeros((0, channels, height, width), dtype=np.float32)
+    return readable, batch, errors
 
 
 def find_images(items: Iterable[PathLike]) -> List[Path]:
