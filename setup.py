@@ -9,9 +9,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    # the torch-free runtime is its own distribution (runtime/, `pip install ./runtime`): requirements*.txt
-    # install it from the clone before this package
-    packages=find_packages(include=["timm_l2w", "timm_l2w.*"]),
+    # the runtime's code ships here too (timm_l2w writes and checks its policy and package format); on a
+    # machine without torch, `pip install ./runtime` installs it alone (runtime/pyproject.toml)
+    packages=find_packages(include=["timm_l2w", "timm_l2w.*"]) + ["timm_l2w_runtime"],
+    package_dir={"timm_l2w_runtime": "runtime/timm_l2w_runtime"},
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.1",
@@ -22,12 +23,16 @@ setup(
         "tqdm",
         "matplotlib",
         "scikit-learn",
-        f"timm-l2w-runtime=={VERSION}",  # the policy file and package format; numpy, onnxruntime, pillow
+        "numpy",
+        "pillow",
     ],
     extras_require={
         "dev": ["pytest", "pytest-timeout", "hypothesis"],
-        # timm-l2w export: the ONNX exporter (onnx + onnxscript); the runtime (timm-l2w-runtime) is always there
-        "deploy": ["onnx>=1.16", "onnxscript>=0.2"],
+        # timm-l2w export / predict: the ONNX exporter (onnx + onnxscript) and onnxruntime
+        "deploy": ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.17"],
     },
-    entry_points={"console_scripts": ["timm-l2w=timm_l2w.cli:main"]},
+    entry_points={"console_scripts": [
+        "timm-l2w=timm_l2w.cli:main",
+        "timm-l2w-predict=timm_l2w_runtime.predict:console",
+    ]},
 )

@@ -36,7 +36,7 @@ def _run(args, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env, **kwargs)
 
 
-def test_the_runtime_distribution_declares_three_dependencies_and_one_version():
+def test_the_runtime_distribution_declares_three_dependencies_and_one_version_and_ships_in_timm_l2w_too():
     tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((RUNTIME / "pyproject.toml").read_text())["project"]
     assert project["name"] == "timm-l2w-runtime"
@@ -45,11 +45,15 @@ def test_the_runtime_distribution_declares_three_dependencies_and_one_version():
     assert project["scripts"] == {"timm-l2w-predict": "timm_l2w_runtime.predict:console"}
     assert project["version"] == timm_l2w_runtime.__version__ == timm_l2w.__version__
     assert {p.name for p in (RUNTIME / "timm_l2w_runtime").glob("*.py")} >= {"__init__.py", "runtime.py", "predict.py"}
+    # timm_l2w ships the same package from runtime/ (it writes the policy and package format), with
+    # onnxruntime only in its deploy extra
     setup = (ROOT / "setup.py").read_text()
-    assert 'f"timm-l2w-runtime=={VERSION}"' in setup and '"timm_l2w_runtime"' not in setup
+    assert 'package_dir={"timm_l2w_runtime": "runtime/timm_l2w_runtime"}' in setup
+    install_requires = setup[setup.index("install_requires"):setup.index("extras_require")]
+    assert "onnxruntime" not in install_requires and "timm-l2w-runtime" not in install_requires
     for requirements in ("requirements.txt", "requirements-dev.txt"):
         lines = [line for line in (ROOT / requirements).read_text().splitlines() if line.startswith("-e ")]
-        assert lines[0] == "-e ./runtime" and lines[1].startswith("-e ."), requirements
+        assert lines == ["-e .[dev,deploy]"] if requirements == "requirements-dev.txt" else lines == ["-e ."]
 
 
 def test_runtime_installs_without_torch_and_predicts_like_the_predictor(tmp_path):
