@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import timm_l2w.meta.step as meta_mod
-from tests.helpers import TinyMultiExit
+from tests.helpers import TinyMultiExit, l2w_loader_batch
 from timm_l2w import L2W, WeightPredictor
 from timm_l2w.errors import LabelError
 from timm_l2w.exits import assign_exits, assign_exits_static, check_distribution, exit_counts, exit_distribution
@@ -156,15 +156,6 @@ def test_a_non_finite_meta_step_is_skipped_on_the_device_exactly_as_on_the_host(
     new, _, new_l2w = _train(backend, False, monkeypatch, poison={2, 3})
     assert old_l2w.meta_skipped == new_l2w.meta_skipped == 2 and not new_l2w.last_meta_skipped
     _same(old, new)
-
-
-def l2w_loader_batch(l2w, model, opt, x, y):
-    """The two updates of one loader batch, as README's loop runs them."""
-    for xt, yt in l2w.split(x, y):
-        loss = l2w.loss(model(xt), yt)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
 
 
 class _HostReads:
