@@ -219,10 +219,10 @@ def capture_meta_updates(l2w: Any) -> GraphedMetaUpdates:
     dropout); otherwise, or when the capture fails, a RuntimeWarning says why and the meta update runs
     eagerly. ``timm-l2w train --cuda-graphs`` captures its whole update instead (the real step too).
     """
-    net = l2w._backend.model
+    net = l2w.backend.model
     device = next(net.parameters()).device
     real = unwrap_optimizer(l2w.optimizer)
-    blocker = capture_blocker(device, [l2w.meta_optimizer], l2w._backend.name, net,
+    blocker = capture_blocker(device, [l2w.meta_optimizer], l2w.backend.name, net,
                               gradient_accumulation=l2w.grad_accum_steps > 1,
                               meta_precision_amp=l2w.meta_precision == "amp")
     if blocker is None and type(real) is not torch.optim.SGD:

@@ -174,7 +174,7 @@ class L2W:
             raise TypeError(f"distill must be a timm_l2w.Distillation(temperature, alpha) or None, got {distill!r}")
         self.distill = distill
         self._fused_attention = any(getattr(m, "fused_attn", False) for m in unwrap_model(model).modules())
-        self._backend = make_backend(backend, net)
+        self.backend = make_backend(backend, net)
         ref = next(net.parameters())
         dtype = ref.dtype if ref.is_floating_point() else None
         self.precision = MetaPrecision(meta_precision, accelerator, dtype)
@@ -256,7 +256,7 @@ class L2W:
         try:
             for self._current in (0, 1):
                 # the 'func' backend replays the dropout masks of the user's forward on this half
-                self._rng = rng_state(x.device) if self._backend.name == "func" else None
+                self._rng = rng_state(x.device) if self.backend.name == "func" else None
                 yield self._halves[self._current]
         finally:
             self._halves, self._current = None, -1
@@ -281,7 +281,7 @@ class L2W:
         with outer:
             result = _step.meta_step(
                 self.model, self.optimizer, self.weight_net, train_batch, meta_batch, self._p_values,
-                eps=self.eps, constraint=self.constraint, backend=self._backend, criterion=self.criterion,
+                eps=self.eps, constraint=self.constraint, backend=self.backend, criterion=self.criterion,
                 train_outputs=train_outputs, train_rng=train_rng, autocast=autocast, distill=self.distill,
                 # scaler.scale(1) is the current scale (and creates it on the first step)
                 loss_scale=float(scaler.scale(torch.ones((), device=device))) if scaler is not None else 1.0,
@@ -314,7 +314,7 @@ class L2W:
         in_split = self._halves is not None and self._current in (0, 1)
         updates = in_split and self._updates_now()
         if in_split and self.grad_accum_steps > 1 and self._micro == 0:
-            check_window_start(self._backend.params())
+            check_window_start(self.backend.params())
         self.meta_step_ran = updates and self.meta_due
         if self.meta_step_ran:
             train_batch = (self._halves[self._current][0], target)
@@ -327,7 +327,7 @@ class L2W:
             plugged = runner is not None and runner.run(current, lambda: self.meta_update(  # its own training forward
                 self._halves[current], meta_batch, read_loss=False))
             if not plugged:
-                accumulated = (accumulated_grads(self._backend.params(), self.accelerator)
+                accumulated = (accumulated_grads(self.backend.params(), self.accelerator)
                                if self.grad_accum_steps > 1 else None)
                 self.meta_update(train_batch, meta_batch, outputs if shared else None, self._rng if shared else None,
                                  accumulated, read_loss=False)
