@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..exits import check_exit_rule
+from .. import exits
 from ..files import csv_text, write_text_atomic
 from ..models.base import unwrap_model
 from ..state_checks import check_weights
@@ -93,7 +93,7 @@ def evaluate_checkpoint(
     ``exit_rule`` picks the budgeted exit rule (see :func:`budgeted_evaluation`).
     Returns ``{"anytime", "budgeted", "heldout", "test", "flops", "files"}``.
     """
-    check_exit_rule(exit_rule)
+    exits.exit_rule(exit_rule)  # an unknown rule fails before any work
     if checkpoint is not None:
         load_weights(model, checkpoint)
     if device is not None:

@@ -29,7 +29,6 @@ from .rules import (
     PatienceRule,
     agreement_run_lengths,
     calibrate_entropy_thresholds_batch,
-    check_exit_rule,
     check_patience,
     exit_by_entropy,
     exit_by_patience,
@@ -43,6 +42,6 @@ __all__ = [
     "distribution_values", "exit_counts", "assign_exits", "assign_exits_static", "calibrate_thresholds",
     "calibrate_thresholds_batch", "exit_by_threshold", "check_scores",
     "ExitRule", "ConfidenceRule", "EntropyRule", "PatienceRule", "RULES", "EXIT_RULES", "exit_rule",
-    "check_exit_rule", "exit_confidence", "predictive_entropy", "calibrate_entropy_thresholds_batch",
+    "exit_confidence", "predictive_entropy", "calibrate_entropy_thresholds_batch",
     "exit_by_entropy", "agreement_run_lengths", "check_patience", "exit_by_patience",
 ]

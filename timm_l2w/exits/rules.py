@@ -37,7 +37,7 @@ from .distributions import calibrate_thresholds_batch, check_scores, exit_by_thr
 
 __all__ = [
     "ExitRule", "ConfidenceRule", "EntropyRule", "PatienceRule", "RULES", "EXIT_RULES", "exit_rule",
-    "check_exit_rule", "exit_confidence", "predictive_entropy", "calibrate_entropy_thresholds_batch",
+    "exit_confidence", "predictive_entropy", "calibrate_entropy_thresholds_batch",
     "exit_by_entropy", "agreement_run_lengths", "check_patience", "exit_by_patience",
 ]
 
@@ -257,8 +257,3 @@ def exit_rule(rule: str | ExitRule) -> ExitRule:
     if not isinstance(rule, str) or rule not in RULES:
         raise ValueError(f"unknown exit rule {rule!r}: use one of {', '.join(map(repr, EXIT_RULES))}")
     return RULES[rule]
-
-
-def check_exit_rule(rule: str) -> str:
-    """Return ``rule`` after checking it is one of :data:`EXIT_RULES`."""
-    return exit_rule(rule).name
