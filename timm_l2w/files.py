@@ -1,4 +1,4 @@
-"""Files: atomic writes, and reading weights files.
+"""Files: atomic writes, reading weights files, and the digest that names a set of weights.
 
 A write leaves a file either its old self or completely new, never half-written.
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import os
@@ -20,12 +21,12 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, Mapping, Sequence, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .errors import CheckpointError
 
 __all__ = ["atomic_path", "write_bytes_atomic", "write_text_atomic", "write_json_atomic", "csv_text", "load_state_dict",
-           "read_metadata"]
+           "read_metadata", "weights_digest"]
 
 NESTED_KEYS = ("state_dict", "model")  # where training scripts put the weights inside a checkpoint dict
 _SHOWN = 25  # keys named in a message
@@ -149,3 +150,27 @@ def read_metadata(path: PathLike) -> Dict[str, str]:
             return dict(f.metadata() or {})
     except Exception:  # noqa: BLE001 - unreadable files are reported by load_state_dict
         return {}
+
+
+def weights_digest(weights: Union[nn.Module, Mapping[str, Any]]) -> str:
+    """The sha256 (hex) of a model's ``state_dict()`` or of a state dict: what ties an exit policy to the weights
+    it was calibrated on.
+
+    Per tensor, in sorted name order: its name, dtype and shape, then the raw bytes of the contiguous CPU tensor;
+    names are cleaned as :func:`load_state_dict` cleans them (``module.`` / ``_orig_mod.`` prefixes), and entries
+    that are not tensors (a module's extra state) are left out. The same weights give the same digest on any device
+    and in any memory layout; a changed value, dtype or shape gives another.
+    """
+    from timm.models import clean_state_dict
+
+    state = clean_state_dict(dict(weights.state_dict() if isinstance(weights, nn.Module) else weights))
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name]
+        if not isinstance(tensor, Tensor):
+            continue
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        digest.update(f"{name}\0{str(tensor.dtype).replace('torch.', '')}\0{list(tensor.shape)}\0{data.size}\0"
+                      .encode("utf-8"))
+        digest.update(data)
+    return digest.hexdigest()

@@ -15,14 +15,15 @@ the loop a runtime in another language would write. It installs on its own (``pi
 from a clone of timm_l2w: numpy, onnxruntime and pillow) and gives the ``timm-l2w-predict`` command.
 """
 from .images import find_images, preprocess_each, preprocess_files, preprocess_image, resize_bilinear, to_eight_bits
-from .policy import PolicyError, check_policy, read_policy, write_policy
+from .policy import PolicyError, PolicyWarning, check_policy, read_policy, write_policy
 from .rules import EXIT_RULES, RULES, ExitRule, exit_confidence, exit_rule, predictive_entropy
 from .runtime import EarlyExitRuntime, FilePredictions, PackageError, RuntimePrediction, read_manifest
 
 __version__ = "0.1.0"  # runtime/pyproject.toml's, and timm_l2w's (they move together)
 
 __all__ = [
-    "EarlyExitRuntime", "RuntimePrediction", "FilePredictions", "PackageError", "PolicyError", "read_manifest",
+    "EarlyExitRuntime", "RuntimePrediction", "FilePredictions", "PackageError", "PolicyError", "PolicyWarning",
+    "read_manifest",
     "read_policy", "write_policy", "check_policy", "exit_confidence", "predictive_entropy", "preprocess_files",
     "preprocess_image", "preprocess_each", "to_eight_bits", "resize_bilinear", "find_images", "ExitRule", "RULES",
     "EXIT_RULES", "exit_rule",

@@ -18,6 +18,10 @@ writes and both ``EarlyExitPredictor.load`` and the ONNX runtime read. Keys:
   on the calibration set (or ``null``).
 * ``class_names``: one name per class, or ``null``.
 * ``preprocess``: how an image file becomes model input (see :func:`check_preprocess`).
+* ``weights_sha256`` (optional): the digest of the weights it was calibrated on (``timm_l2w.files.weights_digest``:
+  sha256 over the state_dict's tensors). ``timm-l2w export`` and the runtime refuse a policy whose digest differs
+  from the weights they ship (:func:`check_policy_weights`); a policy without one (an older or hand-written file)
+  is accepted with a :class:`PolicyWarning` that it cannot be checked.
 
 This module needs no PyTorch (the standard library and the numpy rule registry), so the runtime reads policies.
 """
@@ -26,27 +30,38 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import sys
 import tempfile
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Iterator, Mapping, Optional, Union
 
 from .rules import RULES
 
 __all__ = [
-    "POLICY_FORMAT", "POLICY_VERSION", "PolicyError",
+    "POLICY_FORMAT", "POLICY_VERSION", "WEIGHTS_KEY", "PolicyError", "PolicyWarning",
     "check_policy", "check_preprocess", "read_policy", "write_policy", "policy_json", "check_policy_fits",
-    "write_text_atomic",
+    "check_policy_weights", "print_policy_warnings", "write_text_atomic",
 ]
 
 POLICY_FORMAT = "timm_l2w.exit_policy"
 POLICY_VERSION = 1
 RESIZE_MODES = ("stretch", "shorter_side")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+WEIGHTS_KEY = "weights_sha256"  # the policy's and the manifest's digest of the weights (a sha256, 64 hex digits)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+SHOWN_DIGITS = 12  # of a digest, in messages
 PathLike = Union[str, "os.PathLike[str]"]
 
 
 class PolicyError(ValueError):
-    """A policy file that cannot be read, is malformed, or belongs to another model."""
+    """A policy file that cannot be read, is malformed, or belongs to another model or other weights."""
+
+
+class PolicyWarning(UserWarning):
+    """A policy that is used although it cannot be checked against the weights (it records no digest)."""
 
 
 def _number(value: Any, where: str) -> float:
@@ -155,7 +170,53 @@ def check_policy(policy: Mapping[str, Any], source: str = "policy") -> Dict[str,
                budget=dict(policy.get("budget") or {}))
     if out.get("expected_flops") is not None:
         out["expected_flops"] = _number(out["expected_flops"], f"{source}: expected_flops")
+    digest = out.get(WEIGHTS_KEY)
+    if digest is not None and not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
+        raise PolicyError(f"{source}: {WEIGHTS_KEY} must be a sha256 digest (64 lowercase hex digits) or null, got "
+                          f"{digest!r}: write the policy again with timm-l2w eval or EarlyExitPredictor.save")
     return out
+
+
+def check_policy_weights(policy: Mapping[str, Any], digest: Optional[str], source: str = "the policy",
+                         weights: str = "these weights", warn: bool = True) -> bool:
+    """Raise :class:`PolicyError` when ``policy`` was calibrated on other weights than those whose
+    ``weights_sha256`` is ``digest``; return whether the two could be compared.
+
+    When either records no digest, nothing can be checked: with ``warn`` a :class:`PolicyWarning` says so.
+    """
+    recorded = policy.get(WEIGHTS_KEY)
+    if recorded and digest and recorded != digest:
+        raise PolicyError(f"{source} was calibrated on weights with sha256 {recorded[:SHOWN_DIGITS]}..., but {weights} "
+                          f"have sha256 {digest[:SHOWN_DIGITS]}...: calibrate a policy for this checkpoint with "
+                          "timm-l2w eval CHECKPOINT --q Q (or --flops-budget F), or pass the policy of this checkpoint")
+    if recorded and digest:
+        return True
+    if warn:
+        why, fix = ((f"{source} records no {WEIGHTS_KEY} (an older or hand-written policy)",
+                     "timm-l2w eval CHECKPOINT --q Q writes policies that record it") if not recorded else
+                    (f"{weights} record no {WEIGHTS_KEY} (a package exported by an older timm_l2w)",
+                     "export the package again to record it"))
+        warnings.warn(f"{why}: whether it was calibrated on {weights} cannot be checked; {fix}",
+                      PolicyWarning, stacklevel=2)
+    return False
+
+
+@contextmanager
+def print_policy_warnings(prog: str) -> Iterator[None]:
+    """Within: a :class:`PolicyWarning` is one line ``PROG: warning: MESSAGE`` on stderr (a command's output);
+    other warnings show as usual."""
+    shown = warnings.showwarning
+
+    def show(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if issubclass(category, PolicyWarning):
+            print(f"{prog}: warning: {message}", file=sys.stderr, flush=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", PolicyWarning)
+        warnings.showwarning = show
+        yield
 
 
 def check_policy_fits(policy: Mapping[str, Any], model: Optional[str], num_exits: int, num_classes: Optional[int],

@@ -59,12 +59,14 @@ def _rows(runtime, out) -> List[dict]:
 
 def main(argv: Optional[List[str]] = None, prog: str = "timm-l2w predict") -> int:
     args = _parser(prog).parse_args(argv)
+    from .policy import print_policy_warnings
     from .runtime import EarlyExitRuntime
 
     try:
         if args.batch_size < 1 or (args.threads is not None and args.threads < 1):
             raise ValueError("--batch-size and --threads must be integers >= 1")
-        runtime = EarlyExitRuntime(args.package, policy=args.policy, threads=args.threads)
+        with print_policy_warnings(prog):  # a policy that cannot be checked against the package's weights
+            runtime = EarlyExitRuntime(args.package, policy=args.policy, threads=args.threads)
         out = runtime.predict_each_file(args.images, batch_size=args.batch_size)
     except (ValueError, OSError, ImportError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)

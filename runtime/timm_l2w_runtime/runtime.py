@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .images import find_images, preprocess_each, preprocess_files
-from .policy import check_policy_fits, read_json, read_policy
+from .policy import WEIGHTS_KEY, check_policy_fits, check_policy_weights, read_json, read_policy
 from .rules import exit_confidence, exit_rule
 
 __all__ = [
@@ -130,7 +130,9 @@ def _onnxruntime() -> Any:
 class EarlyExitRuntime:
     """Load a package folder and run per-sample early exit on image batches.
 
-    ``policy``: another policy file for the same model (default: the package's ``policy.json``).
+    ``policy``: another policy file for the same model (default: the package's ``policy.json``); one calibrated
+    on other weights than the package's (``weights_sha256`` of policy and manifest) is a :class:`PolicyError`,
+    one that records no digest is used with a :class:`PolicyWarning` (the package's own was checked at export).
     ``threads``: onnxruntime intra-op threads (default: onnxruntime's choice).
     ``providers``: onnxruntime execution providers (default: ``['CPUExecutionProvider']``).
     """
@@ -143,6 +145,10 @@ class EarlyExitRuntime:
         self.policy = read_policy(policy_path)  # a PolicyError says what is wrong with it
         check_policy_fits(self.policy, self.manifest.get("model"), self.manifest["num_exits"],
                           self.manifest["num_classes"], source=str(policy_path))
+        source = self.manifest.get("checkpoint")
+        check_policy_weights(self.policy, self.manifest.get(WEIGHTS_KEY), source=str(policy_path),
+                             weights=f"the weights of {self.root}" + (f" (exported from {source})" if source else ""),
+                             warn=policy is not None)
         ort = _onnxruntime()
         options = ort.SessionOptions()
         if threads is not None:

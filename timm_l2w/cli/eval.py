@@ -55,13 +55,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="eval_results", help="folder for the CSV/JSON tables and the plot")
     p.add_argument("--name", default=None, help="file name stem and curve label (default: the model name)")
     p.add_argument("--q", type=float, default=None,
-                   help="also write <name>_policy.json, the exit policy for timm-l2w export: thresholds calibrated on "
+                   help="also write <name>_<rule>_q<Q>_policy.json, the exit policy for timm-l2w export (it records "
+                        "the digest of the checkpoint's weights): thresholds calibrated on "
                         "the held-out set for the paper's exit distribution p_k ∝ q**k")
     p.add_argument("--flops-budget", type=flops_amount, default=None, metavar="FLOPS",
-                   help="also write <name>_policy.json for the most accurate exit distribution (patience: patience "
+                   help="also write <name>_<rule>_flops<F>_policy.json (e.g. _flops3M_) for the most accurate exit "
+                        "distribution (patience: patience "
                         "value) whose expected FLOPs per image on the held-out set stay within this budget. In "
                         "FLOPs per image: 3000000, 3e6 and 3M are the same budget (suffixes k, M, G); the tables "
                         "this command prints are in MFLOPs, so a row's '3.5 MFLOPs' is --flops-budget 3.5M")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a policy file of the same name (default: refuse, before evaluating)")
     p.add_argument("--no-progress", action="store_true",
                    help="hide the progress bar (it is off anyway when stderr is not a terminal)")
     return p
@@ -143,9 +147,10 @@ def _run(args: argparse.Namespace, timm: Any) -> int:
     model_name, kwargs = model_from_metadata(args)  # before the data: a wrong --model is the first thing to say
     _data_from_metadata(args)
     if args.q is not None or args.flops_budget is not None:
-        from ..inference.policy import check_policy_request
+        from ..inference.policy import check_policy_request, eval_policy_path
 
         check_policy_request(args.q, args.flops_budget, args.exit_rule)
+        eval_policy_path(args, args.name or model_name)  # an existing policy: refused before the work
     heldout_loader, test_loader, info = create_eval_loaders(
         args.dataset, data_dir=args.data_dir, batch_size=args.batch_size, input_size=args.input_size,
         in_chans=args.in_chans or 3, held_out=args.held_out,

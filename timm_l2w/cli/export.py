@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from timm_l2w_runtime.policy import read_policy
+from timm_l2w_runtime.policy import print_policy_warnings, read_policy
 
 from ..deploy.export import export_package
 
@@ -20,25 +20,32 @@ def _parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="timm-l2w export",
-        description="Export a multi-exit checkpoint as an early-exit package: one ONNX graph (and torch.export "
-                    "program) per stage, a manifest and the exit policy. Run it with timm-l2w predict.")
+        description="Export a multi-exit checkpoint as an early-exit package: one ONNX graph (with --pt2 also a "
+                    "torch.export program) per stage, a manifest and the exit policy. The policy must be calibrated "
+                    "on these weights (its weights_sha256; one without a digest is used with a warning). Run the "
+                    "package with timm-l2w predict.")
     p.add_argument("checkpoint", nargs="?", default=None, help=".safetensors (or .pth) weights; omit for random init")
     p.add_argument("--policy", required=True,
-                   help="exit policy JSON (timm-l2w eval CHECKPOINT --q Q or --flops-budget F writes one)")
+                   help="exit policy JSON calibrated on this checkpoint (timm-l2w eval CHECKPOINT --q Q or "
+                        "--flops-budget F writes one)")
     p.add_argument("--output", required=True, help="package folder to write")
     p.add_argument("--model", default=None,
                    help="timm model name (default: the checkpoint's metadata, else the policy's)")
     p.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
                    help="extra timm.create_model arguments (default: those recorded in the checkpoint's metadata)")
-    p.add_argument("--no-pt2", action="store_true", help="skip the torch.export .pt2 programs (ONNX only)")
+    p.add_argument("--pt2", action="store_true",
+                   help="also write a torch.export program (stage_K.pt2) per stage, for PyTorch runtimes "
+                        "(default: ONNX only)")
+    p.add_argument("--no-progress", action="store_true", help="no line per exported stage on stderr")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """``timm-l2w export``: writes DIR/manifest.json, DIR/policy.json and DIR/stage_K.onnx (+ .pt2)."""
+    """``timm-l2w export``: writes DIR/manifest.json, DIR/policy.json and DIR/stage_K.onnx (+ .pt2 with --pt2)."""
     args = _parser().parse_args(argv)
     try:
-        out = _run(args)
+        with print_policy_warnings("timm-l2w export"):
+            out = _run(args)
     except (ValueError, OSError, TypeError, RuntimeError, ImportError) as err:
         print(f"timm-l2w export: error: {err}", file=sys.stderr)
         return 2
@@ -72,4 +79,5 @@ def _run(args: argparse.Namespace) -> Path:
         saved = read_metadata(args.checkpoint).get("class_names")
         if policy.get("class_names") is None and saved:
             policy["class_names"] = json.loads(saved)
-    return export_package(model, args.output, policy, pt2=not args.no_pt2)
+    return export_package(model, args.output, policy, pt2=args.pt2, checkpoint=args.checkpoint,
+                          progress=not args.no_progress)

@@ -1,4 +1,5 @@
-"""Export a multi-exit model as an early-exit package: one ONNX graph and one torch.export program per stage.
+"""Export a multi-exit model as an early-exit package: one ONNX graph (and, on request, one torch.export
+program) per stage.
 
 Only the multi-exit contract is used (``num_exits`` and ``forward_stage(k, state)``, the state being
 any pytree of tensors whose first dimension is the batch), so every timm_l2w model and any
@@ -8,9 +9,10 @@ tensors of its new state that it computed, then exit ``k``'s logits. A state ten
 on unchanged (RANet's image pyramid) is not a graph output: the manifest names it as the same
 tensor, and the runtime keeps it. The batch size is dynamic in every graph.
 
-``DIR`` (see docs/deploy.md): ``manifest.json`` (tensor names, shapes and order per stage),
-``policy.json`` (the exit policy), ``stage_K.onnx`` and, unless ``pt2=False``, ``stage_K.pt2``.
-The export runs the ONNX graphs with onnxruntime on a random batch of another size and compares
+``DIR`` (see docs/deploy.md): ``manifest.json`` (tensor names, shapes and order per stage, the digest of
+the exported weights and the checkpoint they came from), ``policy.json`` (the exit policy), ``stage_K.onnx``
+and, with ``pt2=True``, ``stage_K.pt2``. A policy calibrated on other weights (its ``weights_sha256``) is
+refused. The export runs the ONNX graphs with onnxruntime on a random batch of another size and compares
 every exit's logits with PyTorch before writing the manifest.
 
 The command line is ``timm-l2w export CHECKPOINT --policy POLICY.json --output DIR`` (:mod:`timm_l2w.cli.export`).
@@ -18,6 +20,8 @@ The command line is ``timm-l2w export CHECKPOINT --policy POLICY.json --output D
 from __future__ import annotations
 
 import io
+import sys
+import time
 import warnings
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
@@ -27,10 +31,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_unflatten
 
-from timm_l2w_runtime.policy import check_policy, check_policy_fits, write_policy
+from timm_l2w_runtime.policy import WEIGHTS_KEY, check_policy, check_policy_fits, check_policy_weights, write_policy
 from timm_l2w_runtime.runtime import MANIFEST_FILE, MANIFEST_FORMAT, MANIFEST_VERSION, POLICY_FILE
 
-from ..files import write_json_atomic
+from ..files import weights_digest, write_json_atomic
 from ..models.base import unwrap_model
 from ..preprocessing import model_name
 from ..version import __version__
@@ -88,6 +92,22 @@ def _export_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
         if equilibrium:
             model.gradient_equilibrium = True
+
+
+@contextmanager
+def _step(progress: bool, text: str) -> Iterator[None]:
+    """With ``progress``: ``TEXT ... 3.1 s`` on stderr around the work (``failed`` when it raises)."""
+    if not progress:
+        yield
+        return
+    print(f"{text} ...", end="", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    try:
+        yield
+    except BaseException:
+        print(" failed", file=sys.stderr, flush=True)
+        raise
+    print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
 
 def _tensor_info(t: Tensor, path: str) -> Dict[str, Any]:
@@ -203,13 +223,19 @@ def _verify(net: nn.Module, root: Path, manifest: Mapping[str, Any], input_size:
 
 
 def export_package(model: nn.Module, output: Union[str, Path], policy: Union[Mapping[str, Any], Any],
-                   input_size: Optional[Sequence[int]] = None, pt2: bool = True, verify: bool = True) -> Path:
+                   input_size: Optional[Sequence[int]] = None, pt2: bool = False, verify: bool = True,
+                   checkpoint: Optional[Union[str, Path]] = None, progress: bool = False) -> Path:
     """Write the early-exit package of ``model`` to the folder ``output``; returns its path.
 
     ``policy``: an :class:`timm_l2w.EarlyExitPredictor` (saved with
     :meth:`~timm_l2w.EarlyExitPredictor.to_policy` at ``input_size``) or a policy document; its
-    ``preprocess.input_size`` (C, H, W) is the exported input size (the graphs take that size only).
+    ``preprocess.input_size`` (C, H, W) is the exported input size (the graphs take that size only). A policy
+    whose ``weights_sha256`` is not the digest of ``model``'s weights (:func:`timm_l2w.files.weights_digest`)
+    is a :class:`timm_l2w_runtime.PolicyError`; one without a digest is exported with a
+    :class:`timm_l2w_runtime.PolicyWarning` (it cannot be checked).
     ``pt2``: also write torch.export programs. ``verify``: compare the ONNX graphs with PyTorch (onnxruntime).
+    ``checkpoint``: the weights file ``model`` was loaded from (its name is recorded in the manifest).
+    ``progress``: one line per stage on stderr (``exporting stage 2/5 (ONNX) ... 3.1 s``).
     """
     _require_onnx()
     net = unwrap_model(model)
@@ -218,6 +244,9 @@ def export_package(model: nn.Module, output: Union[str, Path], policy: Union[Map
                         "forward_stage): use a timm_l2w model")
     doc = check_policy(policy.to_policy(input_size) if hasattr(policy, "to_policy") else policy, "the policy")
     check_policy_fits(doc, model_name(net), int(net.num_exits), getattr(net, "num_classes", None))
+    digest = weights_digest(net)
+    weights = f"the weights of {Path(checkpoint).name}" if checkpoint else "the weights exported"
+    check_policy_weights(doc, digest, weights=weights)
     size = (doc["preprocess"] or {}).get("input_size") or doc.get("flops_input_size")
     if not size:
         raise ValueError("the policy records no input size (preprocess.input_size or flops_input_size): save it with "
@@ -229,6 +258,8 @@ def export_package(model: nn.Module, output: Union[str, Path], policy: Union[Map
     root = Path(output)
     root.mkdir(parents=True, exist_ok=True)
     (root / MANIFEST_FILE).unlink(missing_ok=True)  # a failed export leaves no manifest, not a stale one
+    for stale in [*root.glob("stage_*.onnx"), *root.glob("stage_*.pt2")]:  # nor stages of an earlier export
+        stale.unlink()
     x = torch.randn(EXAMPLE_BATCH, *size, generator=torch.Generator().manual_seed(0))
     if hasattr(net, "check_input"):
         net.check_input(x)
@@ -238,17 +269,20 @@ def export_package(model: nn.Module, output: Union[str, Path], policy: Union[Map
         state: Any = x
         names: List[Optional[str]] = [IMAGE_INPUT]
         for k in range(net.num_exits):
-            entry, state, names = _export_stage(net, k, state, names, root, pt2, tensors)
+            with _step(progress, f"exporting stage {k + 1}/{net.num_exits} ({'ONNX + .pt2' if pt2 else 'ONNX'})"):
+                entry, state, names = _export_stage(net, k, state, names, root, pt2, tensors)
             stages.append(entry)
         num_classes = int(tensors[f"logits{net.num_exits - 1}"]["shape"][1])
         manifest = {
             "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "model": model_name(net),
             "num_exits": int(net.num_exits), "num_classes": num_classes, "input_size": list(size),
             "input": IMAGE_INPUT, "policy": POLICY_FILE, "tensors": tensors, "stages": stages,
+            WEIGHTS_KEY: digest, "checkpoint": Path(checkpoint).name if checkpoint else None,
             "exporter": {"torch": torch.__version__, "timm_l2w": __version__},
         }
         if verify:
-            manifest["verified_max_relative_difference"] = _verify(net, root, manifest, size)
+            with _step(progress, f"checking the {net.num_exits} ONNX graphs against PyTorch (onnxruntime)"):
+                manifest["verified_max_relative_difference"] = _verify(net, root, manifest, size)
     write_policy(root / POLICY_FILE, doc)
     write_json_atomic(root / MANIFEST_FILE, manifest)
     return root

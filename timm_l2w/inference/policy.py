@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
 
 from torch import nn
 
@@ -17,7 +17,47 @@ from ..preprocessing import preprocess_from_loader
 from ..validation import Range, check_number
 from .predictor import EarlyExitPredictor
 
-__all__ = ["check_policy_request", "eval_policy_file", "policy_from_eval"]
+__all__ = ["check_policy_request", "eval_policy_file", "policy_from_eval", "policy_file_name", "requested_budget",
+           "eval_policy_path", "BUDGET_LABELS"]
+
+
+def _count(value: float) -> str:
+    """``3000000`` -> ``3M``, ``2.5e9`` -> ``2.5G`` (as ``--flops-budget`` takes it back)."""
+    for suffix, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:g}{suffix}"
+    return f"{value:g}"
+
+
+# how each budget of a policy (its ``budget`` entry) reads in a file name: a new budget adds its key here
+BUDGET_LABELS: Dict[str, Callable[[Any], str]] = {
+    "q": lambda q: f"q{q:g}",
+    "flops": lambda flops: f"flops{_count(flops)}",
+}
+
+
+def policy_file_name(name: str, rule: str, budget: Mapping[str, Any]) -> str:
+    """``<name>_<rule>_<budget>_policy.json``: ``msdnet_confidence_q0.5_policy.json``,
+    ``msdnet_patience_flops3M_policy.json`` (one part per budget entry, :data:`BUDGET_LABELS`; a key without a
+    label reads ``<key><value>``), so policies of other rules or budgets do not overwrite each other."""
+    parts = [BUDGET_LABELS[key](value) if key in BUDGET_LABELS
+             else f"{key}{value:g}" if isinstance(value, (int, float)) else key for key, value in budget.items()]
+    return "_".join([name, rule, *parts, "policy.json"])
+
+
+def requested_budget(args: Any) -> Dict[str, Any]:
+    """The budget ``timm-l2w eval`` was asked for, as the policy records it (``{"q": 0.5}``, ``{"flops": 3e6}``)."""
+    return {"q": args.q} if args.q is not None else {"flops": args.flops_budget}
+
+
+def eval_policy_path(args: Any, name: str) -> Path:
+    """Where ``timm-l2w eval`` writes its policy: ``OUTPUT/`` :func:`policy_file_name`; a file already there is a
+    ``FileExistsError`` unless ``args.overwrite``."""
+    path = Path(args.output) / policy_file_name(name, args.exit_rule, requested_budget(args))
+    if path.exists() and not getattr(args, "overwrite", False):
+        raise FileExistsError(f"{path} exists (the policy of an earlier eval): pass --overwrite to replace it, or "
+                              "--output / --name for another file")
+    return path
 
 
 def check_policy_request(q: Optional[float], flops_budget: Optional[float],
@@ -37,12 +77,13 @@ def check_policy_request(q: Optional[float], flops_budget: Optional[float],
 
 def eval_policy_file(args: Any, model: nn.Module, result: Mapping[str, Any], test_loader: Any,
                      info: Mapping[str, Any], name: str) -> Path:
-    """``timm-l2w eval --q`` / ``--flops-budget``: write ``OUTPUT/<name>_policy.json``; class names from the
-    checkpoint's metadata, else the data set's; preprocessing as the eval loader prepares images."""
+    """``timm-l2w eval --q`` / ``--flops-budget``: write the policy to :func:`eval_policy_path`; class names from
+    the checkpoint's metadata, else the data set's; preprocessing as the eval loader prepares images; the digest
+    of the model's weights (the checkpoint's, loaded)."""
     from ..files import read_metadata
 
     saved = read_metadata(args.checkpoint).get("class_names") if args.checkpoint else None
-    path = Path(args.output) / f"{name}_policy.json"
+    path = eval_policy_path(args, name)
     predictor = policy_from_eval(model, result, path, q=args.q, flops_budget=args.flops_budget, rule=args.exit_rule,
                                  preprocess=preprocess_from_loader(test_loader, info["input_size"]),
                                  class_names=json.loads(saved) if saved else info.get("class_names"))

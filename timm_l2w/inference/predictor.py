@@ -12,7 +12,8 @@ been the same at ``patience`` consecutive exits (the rule's memory of the earlie
 the state).
 
 A predictor saves as an exit policy file (:meth:`EarlyExitPredictor.save`, JSON: the rule, its
-thresholds or patience, the FLOPs per exit, the budget, class names and preprocessing; format in
+thresholds or patience, the FLOPs per exit, the budget, class names, preprocessing and the digest of the
+weights it was calibrated on; format in
 :mod:`timm_l2w_runtime.policy`) that :meth:`EarlyExitPredictor.load` and the ONNX runtime of
 ``timm-l2w export`` packages read back (docs/deploy.md).
 """
@@ -74,6 +75,8 @@ class EarlyExitPredictor:
         self.flops_input_size: Optional[Tuple[int, ...]] = None
         self.class_names: Optional[List[str]] = None
         self.preprocess: Optional[Dict[str, Any]] = None  # see timm_l2w_runtime.policy.check_preprocess
+        # the weights it was calibrated on (timm_l2w.files.weights_digest); None: the model's, when saved
+        self.weights_sha256: Optional[str] = None
         self.thresholds: Optional[Tensor]  # [K] float64, for the rules with thresholds
         self.patience: Optional[int]  # for the patience rule
         self.thresholds, self.patience = self.exit_rule.check_params(thresholds, patience, self.num_exits)
@@ -150,10 +153,12 @@ class EarlyExitPredictor:
 
         ``preprocess`` defaults to timm's eval transform of the model's ``pretrained_cfg`` (at
         ``input_size``, else the size the FLOPs were counted at); the FLOPs are counted at the
-        preprocessing's input size unless recorded at that size.
+        preprocessing's input size unless recorded at that size. ``weights_sha256``: the digest of the
+        model's weights now, unless set (:meth:`load` keeps the file's).
         """
-        from timm_l2w_runtime.policy import POLICY_FORMAT, POLICY_VERSION, check_policy
+        from timm_l2w_runtime.policy import POLICY_FORMAT, POLICY_VERSION, WEIGHTS_KEY, check_policy
 
+        from ..files import weights_digest
         from ..flops import exit_flops
         from ..preprocessing import model_name, preprocess_from_model
 
@@ -171,6 +176,7 @@ class EarlyExitPredictor:
             "flops": [float(v) for v in flops], "flops_input_size": list(size), "budget": dict(self.budget),
             "expected_flops": None if fractions is None else float(sum(p * f for p, f in zip(fractions, flops))),
             "calibration_exit_fractions": fractions, "class_names": self.class_names, "preprocess": pre,
+            WEIGHTS_KEY: self.weights_sha256 or weights_digest(self.model),
         }, "the policy")
 
     def save(self, path: Path | str, input_size: Optional[Sequence[int]] = None) -> Path:
@@ -183,7 +189,7 @@ class EarlyExitPredictor:
     def load(cls, path: Path | str, model: nn.Module) -> "EarlyExitPredictor":
         """The predictor a policy file describes, for ``model``; a policy saved for another model
         (name, number of exits or classes) is a :class:`timm_l2w_runtime.PolicyError` (a ``ValueError``)."""
-        from timm_l2w_runtime.policy import check_policy_fits, read_policy
+        from timm_l2w_runtime.policy import WEIGHTS_KEY, check_policy_fits, read_policy
 
         from ..preprocessing import model_name
 
@@ -197,6 +203,7 @@ class EarlyExitPredictor:
         if policy["flops"] is not None:
             predictor.record_flops(policy["flops"], policy.get("flops_input_size"))
         predictor.class_names, predictor.preprocess = policy["class_names"], policy["preprocess"]
+        predictor.weights_sha256 = policy.get(WEIGHTS_KEY)
         return predictor
 
     @torch.inference_mode()
