@@ -46,7 +46,7 @@ def test_eval_writes_the_same_policy_for_2_5M_and_2500000(tmp_path, capsys):
         torch.manual_seed(0)  # the same random weights for both runs
         assert eval_main(["--model", "msdnet_l2w_cifar_tiny", "--model-kwargs", "n_blocks=2", "--dataset", "digits",
                           "--flops-budget", budget, "--output", str(out), "--no-progress", "--cpu"]) == 0
-        policies.append(json.loads((out / "msdnet_l2w_cifar_tiny_policy.json").read_text()))
+        policies.append(json.loads((out / "msdnet_l2w_cifar_tiny_confidence_flops2.5M_policy.json").read_text()))
     assert "MFLOPs" in capsys.readouterr().out  # the unit a user reads the budget off
     assert policies[0]["budget"] == policies[1]["budget"] == {"flops": 2.5e6}
     assert policies[0]["thresholds"] == policies[1]["thresholds"]

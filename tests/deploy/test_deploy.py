@@ -380,11 +380,11 @@ def test_train_eval_export_predict_from_the_command_line(tmp_path, capsys):
     with safe_open(str(checkpoint), framework="pt") as f:
         assert json.loads(f.metadata()["class_names"]) == [str(d) for d in range(10)]
     assert eval_main([str(checkpoint), "--dataset", "digits", "--q", "0.5", "--output", str(ev), "--no-progress"]) == 0
-    policy = ev / "msdnet_l2w_cifar_tiny_policy.json"
+    policy = ev / "msdnet_l2w_cifar_tiny_confidence_q0.5_policy.json"
     doc = read_policy(policy)
     assert doc["budget"] == {"q": 0.5} and doc["class_names"][3] == "3" and doc["preprocess"]["resize"] == "stretch"
-    assert export_main([str(checkpoint), "--policy", str(policy), "--output", str(package), "--no-pt2"]) == 0
-    assert not list(package.glob("*.pt2"))
+    assert export_main([str(checkpoint), "--policy", str(policy), "--output", str(package)]) == 0
+    assert not list(package.glob("*.pt2"))  # ONNX only unless --pt2
 
     _, test_loader, _ = create_eval_loaders("digits", batch_size=40, input_size=32)
     raw = (test_loader.dataset.images[:40, 0] * 255).round().to(torch.uint8)  # digits as 8x8 PNG files

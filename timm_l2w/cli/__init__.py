@@ -14,7 +14,7 @@ SUBCOMMANDS = {
     "eval": ("timm_l2w.cli.eval", "anytime and budgeted evaluation of a checkpoint, with plot"),
     "convert": ("timm_l2w.cli.convert", "convert a released .pth.tar checkpoint to .safetensors"),
     "demo": ("timm_l2w.cli.demo", "the README's demo on built-in data"),
-    "export": ("timm_l2w.cli.export", "an early-exit package: per-stage ONNX + torch.export, manifest, policy"),
+    "export": ("timm_l2w.cli.export", "an early-exit package: per-stage ONNX (+ torch.export), manifest, policy"),
     "predict": ("timm_l2w_runtime.predict", "early-exit predictions for images with a package (onnxruntime)"),
 }
 

@@ -24,7 +24,9 @@ def _parser() -> argparse.ArgumentParser:
                     "torch.export program) per stage, a manifest and the exit policy. The policy must be calibrated "
                     "on these weights (its weights_sha256; one without a digest is used with a warning). Run the "
                     "package with timm-l2w predict.")
-    p.add_argument("checkpoint", nargs="?", default=None, help=".safetensors (or .pth) weights; omit for random init")
+    p.add_argument("checkpoint", nargs="?", default=None,
+                   help=".safetensors (or .pth) weights the policy was calibrated on; omit for random init (which "
+                        "only a policy recording no weights digest accepts)")
     p.add_argument("--policy", required=True,
                    help="exit policy JSON calibrated on this checkpoint (timm-l2w eval CHECKPOINT --q Q or "
                         "--flops-budget F writes one)")

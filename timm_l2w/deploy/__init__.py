@@ -1,6 +1,6 @@
 """Ship an early-exit model: the per-stage ONNX / torch.export package.
 
-* :func:`export_package` (``timm-l2w export``): one ONNX graph and one ``.pt2`` program per stage,
+* :func:`export_package` (``timm-l2w export``): one ONNX graph (and, on request, one ``.pt2`` program) per stage,
   ``manifest.json`` and ``policy.json`` in a folder.
 * :mod:`timm_l2w_runtime` (``timm-l2w predict``): runs that folder with numpy + onnxruntime only.
 
