@@ -23,8 +23,7 @@ __version__ = "0.1.0"  # runtime/pyproject.toml's, and timm_l2w's (they move tog
 
 __all__ = [
     "EarlyExitRuntime", "RuntimePrediction", "FilePredictions", "PackageError", "PolicyError", "PolicyWarning",
-    "read_manifest",
-    "read_policy", "write_policy", "check_policy", "exit_confidence", "predictive_entropy", "preprocess_files",
-    "preprocess_image", "preprocess_each", "to_eight_bits", "resize_bilinear", "find_images", "ExitRule", "RULES",
-    "EXIT_RULES", "exit_rule",
+    "read_manifest", "read_policy", "write_policy", "check_policy", "exit_confidence", "predictive_entropy",
+    "preprocess_files", "preprocess_image", "preprocess_each", "to_eight_bits", "resize_bilinear", "find_images",
+    "ExitRule", "RULES", "EXIT_RULES", "exit_rule",
 ]

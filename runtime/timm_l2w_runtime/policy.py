@@ -52,7 +52,7 @@ RESIZE_MODES = ("stretch", "shorter_side")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 WEIGHTS_KEY = "weights_sha256"  # the policy's and the manifest's digest of the weights (a sha256, 64 hex digits)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-SHOWN_DIGITS = 12  # of a digest, in messages
+_SHOWN_DIGITS = 12  # of a digest, in messages
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -186,9 +186,10 @@ def check_policy_weights(policy: Mapping[str, Any], digest: Optional[str], sourc
     """
     recorded = policy.get(WEIGHTS_KEY)
     if recorded and digest and recorded != digest:
-        raise PolicyError(f"{source} was calibrated on weights with sha256 {recorded[:SHOWN_DIGITS]}..., but {weights} "
-                          f"have sha256 {digest[:SHOWN_DIGITS]}...: calibrate a policy for this checkpoint with "
-                          "timm-l2w eval CHECKPOINT --q Q (or --flops-budget F), or pass the policy of this checkpoint")
+        raise PolicyError(f"{source} was calibrated on weights with sha256 {recorded[:_SHOWN_DIGITS]}..., but "
+                          f"{weights} have sha256 {digest[:_SHOWN_DIGITS]}...: calibrate a policy for this checkpoint "
+                          "with timm-l2w eval CHECKPOINT --q Q (or --flops-budget F), or pass the policy of this "
+                          "checkpoint")
     if recorded and digest:
         return True
     if warn:
