@@ -10,9 +10,9 @@ Both risks compare a policy's early exit with the model's last exit, sample by s
 
 The candidates are tested from the most expensive to the cheapest (fixed-sequence testing), each at level
 ``delta = 1 - confidence`` (a candidate passes when its upper bound is within ``max_risk``); the choice is the
-last candidate before the first one that fails. The compute
-functions are pure and vectorised over any leading dimensions (the coverage tests run thousands of calibration
-draws at once); :func:`risk_controlled_choice` applies them to held-out :class:`~timm_l2w.ExitOutputs`.
+last candidate before the first one that fails. The compute functions are pure and vectorised over any leading
+dimensions (the coverage tests run thousands of calibration draws at once); :func:`risk_controlled_choice`
+applies them to held-out :class:`~timm_l2w.ExitOutputs`.
 """
 from __future__ import annotations
 

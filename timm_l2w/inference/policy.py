@@ -32,8 +32,8 @@ def check_policy_request(q: Optional[float], flops_budget: Optional[float], rule
     if sum(value is not None for value in budgets.values()) != 1:
         raise ValueError("pass exactly one of --q (the paper's exit distribution p_k ∝ q**k), --flops-budget F "
                          "(FLOPs per image) and --max-risk EPS (a risk guarantee)")
-    if max_risk is not None:
-        check_risk_request(max_risk, 0.9 if confidence is None else confidence, risk or RISKS[0])  # from_risk's
+    if max_risk is not None:  # what is not given takes from_risk's defaults
+        check_risk_request(max_risk, 0.9 if confidence is None else confidence, risk or RISKS[0])
     elif q is not None:
         q = check_number(q, "q", Range(0, low_open=True, hint="q < 1 front-loads, q > 1 back-loads the exits"))
         if not exit_rule(rule).calibrated:
