@@ -64,6 +64,15 @@ def short_training(model: torch.nn.Module, loader, seconds: float, device: str =
     return steps
 
 
+def load_or_train(model: torch.nn.Module, checkpoint, loader, seconds: float) -> int:
+    """``checkpoint``'s weights into ``model`` (0 steps), else :func:`short_training` on ``loader``; returns steps."""
+    if checkpoint:
+        model.load_state_dict(timm_l2w.load_state_dict(checkpoint))
+        model.eval()
+        return 0
+    return short_training(model, loader, seconds)
+
+
 def timed(fn, x):
     """(wall seconds, CPU seconds of this process) of ``fn(x)`` (CUDA: synchronised before and after)."""
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)

@@ -14,8 +14,9 @@ writes and both ``EarlyExitPredictor.load`` and the ONNX runtime read. Keys:
   ``patience`` is an integer or ``null``.
 * ``flops``: cumulative FLOPs to each exit for one image of ``flops_input_size`` (C, H, W).
 * ``budget``: what it was calibrated for (``{"q": 0.5}``, ``{"flops": 1.2e7}``,
-  ``{"distribution": [...]}`` or ``{}``); ``expected_flops``: the mean FLOPs per image it gave
-  on the calibration set (or ``null``).
+  ``{"distribution": [...]}``, a risk guarantee ``{"risk": "disagreement", "max_risk": 0.05, "confidence": 0.9,
+  "risk_upper_bound": ..., "heldout_risk": ..., "n": ...}`` or ``{}``); ``expected_flops``: the mean FLOPs per
+  image it gave on the calibration set (or ``null``).
 * ``class_names``: one name per class, or ``null``.
 * ``preprocess``: how an image file becomes model input (see :func:`check_preprocess`).
 * ``weights_sha256`` (optional): the digest of the weights it was calibrated on (``timm_l2w.files.weights_digest``:

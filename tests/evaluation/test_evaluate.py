@@ -223,3 +223,16 @@ def test_checkpoint_that_does_not_fit(tiny_model, tmp_path):
         evaluate_checkpoint(tiny_model, loader, loader, checkpoint=ckpt)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         evaluate_checkpoint(tiny_model, loader, loader, checkpoint=tmp_path / "nope.safetensors")
+
+
+def test_subset_keeps_every_table_of_the_chosen_samples_in_order():
+    logits = [torch.randn(6, 4), torch.randn(6, 4)]
+    out = ExitOutputs.from_logits(logits, torch.tensor([0, 1, 2, 3, 0, 1]))
+    out.input_size = (3, 8, 8)
+    rows = torch.tensor([4, 0, 4])
+    part = out.subset(rows)
+    for name in ("confidences", "predictions", "top5", "losses", "targets", "entropies"):
+        assert torch.equal(getattr(part, name), getattr(out, name)[rows]), name
+    assert part.input_size == (3, 8, 8) and part.num_samples == 3
+    mask = torch.tensor([True, False, True, False, False, False])
+    assert torch.equal(out.subset(mask).confidences, out.confidences[[0, 2]])

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 
 from ..evaluation.results import evaluate_checkpoint
+from ..evaluation.risk import RISKS
 from ..exits import EXIT_RULES
 from ..validation import EVAL_SETTINGS, check_settings
 from .common import DefaultsHelpFormatter, add_device, add_input_size, add_version, flops_amount
@@ -64,6 +65,19 @@ def _parser() -> argparse.ArgumentParser:
                         "value) whose expected FLOPs per image on the held-out set stay within this budget. In "
                         "FLOPs per image: 3000000, 3e6 and 3M are the same budget (suffixes k, M, G); the tables "
                         "this command prints are in MFLOPs, so a row's '3.5 MFLOPs' is --flops-budget 3.5M")
+    p.add_argument("--max-risk", type=float, default=None, metavar="EPS",
+                   help="also write <name>_<rule>_<risk>_<EPS>_conf<1-DELTA>_policy.json for the cheapest policy "
+                        "(lowest expected FLOPs) whose --risk is at most EPS (a fraction: 0.05 is 5%%) with "
+                        "probability at least --confidence: an upper "
+                        "confidence bound on the held-out split, tested from the most expensive policy down "
+                        "(Learn then Test; assumptions and equations in docs/risk.md)")
+    p.add_argument("--confidence", type=float, default=None, metavar="1-DELTA",
+                   help="with --max-risk: the probability, over the draw of the held-out set, that the risk on new "
+                        "data of the same distribution is within EPS (default 0.9)")
+    p.add_argument("--risk", choices=RISKS, default=None,
+                   help="with --max-risk: disagreement (the early prediction differs from the last exit's; needs no "
+                        "labels) or top1-drop (early-exit errors minus last-exit errors, per image) (default "
+                        "disagreement)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a policy file of the same name (default: refuse, before evaluating)")
     p.add_argument("--no-progress", action="store_true",
@@ -146,10 +160,10 @@ def _run(args: argparse.Namespace, timm: Any) -> int:
                                 + (" (that is a folder)" if Path(args.checkpoint).is_dir() else ""))
     model_name, kwargs = model_from_metadata(args)  # before the data: a wrong --model is the first thing to say
     _data_from_metadata(args)
-    if args.q is not None or args.flops_budget is not None:
+    if any(v is not None for v in (args.q, args.flops_budget, args.max_risk, args.confidence, args.risk)):
         from ..inference.policy import check_policy_request, eval_policy_path
 
-        check_policy_request(args.q, args.flops_budget, args.exit_rule)
+        check_policy_request(args.q, args.flops_budget, args.exit_rule, args.max_risk, args.confidence, args.risk)
         eval_policy_path(args, args.name or model_name)  # an existing policy: refused before the work
     heldout_loader, test_loader, info = create_eval_loaders(
         args.dataset, data_dir=args.data_dir, batch_size=args.batch_size, input_size=args.input_size,
@@ -184,7 +198,7 @@ def _run(args: argparse.Namespace, timm: Any) -> int:
     best = max(result["budgeted"].rows(), key=lambda r: r["test_top1"])
     print(f"budgeted: best test top1 {best['test_top1']:.2f}% at {best['expected_flops'] / 1e6:.2f} MFLOPs "
           f"(exit rule: {args.exit_rule})")
-    if args.q is not None or args.flops_budget is not None:  # the exit policy timm-l2w export reads
+    if any(v is not None for v in (args.q, args.flops_budget, args.max_risk)):  # the policy timm-l2w export reads
         from ..inference.policy import eval_policy_file
 
         result["files"]["policy"] = eval_policy_file(args, model, result, test_loader, info, name)

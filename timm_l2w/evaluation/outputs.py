@@ -109,6 +109,13 @@ class ExitOutputs:
         signals = {name: torch.stack(values, dim=1).cpu() for name, (_, values) in extra.items()}
         return cls(conf, pred, top5, loss, targets.cpu(), entropies=ent, signals=signals or None)
 
+    def subset(self, rows: Tensor) -> "ExitOutputs":
+        """The outputs of the samples ``rows`` (indices ``[M]`` or a ``[N]`` bool mask), in that order."""
+        rows = torch.as_tensor(rows)
+        tables = {f: getattr(self, f) for f in ("confidences", "predictions", "top5", "losses", "targets", "entropies")}
+        return type(self)(**{f: None if t is None else t[rows] for f, t in tables.items()}, input_size=self.input_size,
+                          signals={n: t[rows] for n, t in self.signals.items()} if self.signals else None)
+
     @classmethod
     def cat(cls, parts: Sequence["ExitOutputs"]) -> "ExitOutputs":
         """Concatenate along the samples."""

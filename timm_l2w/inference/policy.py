@@ -1,4 +1,4 @@
-"""The exit policy's PyTorch side: the policy ``timm-l2w eval --q`` / ``--flops-budget`` calibrates.
+"""The exit policy's PyTorch side: the policy ``timm-l2w eval --q`` / ``--flops-budget`` / ``--max-risk`` calibrates.
 
 The file format itself (reading, writing, validation) lives in :mod:`timm_l2w_runtime.policy`, which
 needs no PyTorch; how a model's images are prepared, in that format, is :mod:`timm_l2w.preprocessing`.
@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
 
 from torch import nn
 
+from ..evaluation.risk import RISKS, check_risk_request
 from ..exits import ExitRule, exit_rule
 from ..preprocessing import preprocess_from_loader
 from ..validation import Range, check_number
@@ -33,6 +34,9 @@ def _count(value: float) -> str:
 BUDGET_LABELS: Dict[str, Callable[[Any], str]] = {
     "q": lambda q: f"q{q:g}",
     "flops": lambda flops: f"flops{_count(flops)}",
+    "risk": str,  # disagreement / top1-drop, followed by its max_risk and confidence
+    "max_risk": lambda eps: f"{eps:g}",
+    "confidence": lambda c: f"conf{c:g}",
 }
 
 
@@ -46,7 +50,11 @@ def policy_file_name(name: str, rule: str, budget: Mapping[str, Any]) -> str:
 
 
 def requested_budget(args: Any) -> Dict[str, Any]:
-    """The budget ``timm-l2w eval`` was asked for, as the policy records it (``{"q": 0.5}``, ``{"flops": 3e6}``)."""
+    """The budget ``timm-l2w eval`` was asked for, as the policy records it (``{"q": 0.5}``, ``{"flops": 3e6}``,
+    ``{"risk": "disagreement", "max_risk": 0.05, "confidence": 0.9}``)."""
+    if getattr(args, "max_risk", None) is not None:
+        return {"risk": args.risk or RISKS[0], "max_risk": args.max_risk,
+                "confidence": 0.9 if args.confidence is None else args.confidence}
     return {"q": args.q} if args.q is not None else {"flops": args.flops_budget}
 
 
@@ -60,12 +68,20 @@ def eval_policy_path(args: Any, name: str) -> Path:
     return path
 
 
-def check_policy_request(q: Optional[float], flops_budget: Optional[float],
-                         rule: str | ExitRule) -> Tuple[Optional[float], Optional[float]]:
-    """Check that exactly one budget is given, in range, and that it fits the exit rule."""
-    if (q is None) == (flops_budget is None):
-        raise ValueError("pass exactly one of --q (the paper's exit distribution p_k ∝ q**k) and --flops-budget")
-    if q is not None:
+def check_policy_request(q: Optional[float], flops_budget: Optional[float], rule: str | ExitRule,
+                         max_risk: Optional[float] = None, confidence: Optional[float] = None,
+                         risk: Optional[str] = None) -> Tuple[Optional[float], Optional[float]]:
+    """Check that exactly one budget is given, in range, and that it fits the exit rule; returns ``(q, flops_budget)``
+    checked (``--max-risk`` is checked here and used by :func:`policy_from_eval`)."""
+    if max_risk is None and (confidence is not None or risk is not None):
+        raise ValueError("--confidence and --risk go with --max-risk EPS: pass it, or drop them")
+    budgets = {"--q": q, "--flops-budget": flops_budget, "--max-risk": max_risk}  # flag -> value; one is given
+    if sum(value is not None for value in budgets.values()) != 1:
+        raise ValueError("pass exactly one of --q (the paper's exit distribution p_k ∝ q**k), --flops-budget F "
+                         "(FLOPs per image) and --max-risk EPS (a risk guarantee)")
+    if max_risk is not None:  # what is not given takes from_risk's defaults
+        check_risk_request(max_risk, 0.9 if confidence is None else confidence, risk or RISKS[0])
+    elif q is not None:
         q = check_number(q, "q", Range(0, low_open=True, hint="q < 1 front-loads, q > 1 back-loads the exits"))
         if not exit_rule(rule).calibrated:
             raise ValueError(f"the {exit_rule(rule).name} rule has no exit distribution to calibrate for q: "
@@ -84,26 +100,35 @@ def eval_policy_file(args: Any, model: nn.Module, result: Mapping[str, Any], tes
 
     saved = read_metadata(args.checkpoint).get("class_names") if args.checkpoint else None
     path = eval_policy_path(args, name)
+    risk = {k: getattr(args, k) for k in ("max_risk", "confidence", "risk") if getattr(args, k, None) is not None}
     predictor = policy_from_eval(model, result, path, q=args.q, flops_budget=args.flops_budget, rule=args.exit_rule,
-                                 preprocess=preprocess_from_loader(test_loader, info["input_size"]),
+                                 **risk, preprocess=preprocess_from_loader(test_loader, info["input_size"]),
                                  class_names=json.loads(saved) if saved else info.get("class_names"))
     shares = ", ".join(f"{100 * p:.0f}%" for p in predictor.calibration_fractions or [])
     print(f"exit policy ({predictor.rule}, {predictor.budget}): held-out exits {shares}")
+    if "max_risk" in risk:
+        b = predictor.budget
+        print(f"risk guarantee: {b['risk']} <= {b['max_risk']:g} with probability >= {b['confidence']:g} "
+              f"(upper bound {b['risk_upper_bound']:.4g}, held-out {b['heldout_risk']:.4g} on {b['n']} images)")
     return path
 
 
 def policy_from_eval(model: nn.Module, result: Mapping[str, Any], path: Path | str, *, q: Optional[float] = None,
-                     flops_budget: Optional[float] = None, rule: str = "confidence",
+                     flops_budget: Optional[float] = None, rule: str = "confidence", max_risk: Optional[float] = None,
+                     confidence: float = 0.9, risk: str = "disagreement",
                      preprocess: Optional[Mapping[str, Any]] = None,
                      class_names: Optional[Iterable[str]] = None) -> EarlyExitPredictor:
     """Calibrate on the held-out outputs of :func:`timm_l2w.evaluation.evaluate_checkpoint` (``result``) for the
-    paper's exit distribution ``q`` or an expected-FLOPs budget, and save the policy to ``path``.
+    paper's exit distribution ``q``, an expected-FLOPs budget or a risk guarantee (``max_risk``, ``confidence``,
+    ``risk``: :meth:`~timm_l2w.EarlyExitPredictor.from_risk`), and save the policy to ``path``.
 
     Returns the :class:`timm_l2w.EarlyExitPredictor`.
     """
-    q, flops_budget = check_policy_request(q, flops_budget, rule)
+    q, flops_budget = check_policy_request(q, flops_budget, rule, max_risk)  # from_risk checks confidence and risk
     heldout, flops = result["heldout"], result["flops"]
-    if q is not None:
+    if max_risk is not None:
+        predictor = EarlyExitPredictor.from_risk(model, heldout, flops, max_risk, confidence, risk, rule=rule)
+    elif q is not None:
         predictor = EarlyExitPredictor.from_distribution(model, heldout, q, rule=rule)
         predictor.record_flops(flops, heldout.input_size)
     else:

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ..evaluation.metrics import budgeted_evaluation, check_flops
 from ..evaluation.outputs import ExitOutputs
+from ..evaluation.risk import risk_controlled_choice
 from ..exits import ExitRule, check_distribution, exit_confidence, exit_distribution, exit_rule
 from ..models.base import select_samples, unwrap_model
 from ..validation import Range, check_number
@@ -140,6 +141,25 @@ class EarlyExitPredictor:
         predictor.budget = {"flops": float(budget)}
         predictor.calibration_fractions = res.heldout_exit_fractions[best].tolist()
         predictor.record_flops(f.tolist(), getattr(flops, "input_size", None) or calibration.input_size)
+        return predictor
+
+    @classmethod
+    def from_risk(
+        cls, model: nn.Module, calibration: ExitOutputs, flops: Sequence[float] | Tensor, max_risk: float,
+        confidence: float = 0.9, risk: str = "disagreement", rule: str | ExitRule = "confidence",
+    ) -> "EarlyExitPredictor":
+        """The cheapest candidate policy (lowest expected FLOPs) whose ``risk`` (``'disagreement'`` with the last
+        exit or ``'top1-drop'`` against it) is at most ``max_risk`` with probability ``>= confidence`` over the
+        draw of ``calibration``: :func:`timm_l2w.evaluation.risk.risk_controlled_choice` (docs/risk.md)."""
+        choice = risk_controlled_choice(calibration, flops, max_risk, confidence, risk, rule)
+        j = choice.chosen
+        if choice.patience is None:
+            predictor = cls(model, choice.thresholds[j], rule=rule)
+        else:
+            predictor = cls(model, rule=rule, patience=int(choice.patience[j]))
+        predictor.budget = choice.budget()
+        predictor.calibration_fractions = choice.exit_fractions[j].tolist()
+        predictor.record_flops(flops, getattr(flops, "input_size", None) or calibration.input_size)
         return predictor
 
     def record_flops(self, flops: Sequence[float], input_size: Optional[Sequence[int]] = None) -> None:
