@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import timm
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from timm.models import register_model
 from torch import nn
@@ -26,6 +28,9 @@ TESTS = ROOT / "tests"
 DATA = TESTS / "data"  # files the tests read (reference manifests)
 LAUNCH = TESTS / "launch"  # scripts run under a launcher (accelerate launch), never imported
 TINY_MODEL = "l2w_test_tiny"
+TINY_CFG_MODEL = "l2w_test_tiny_cfg"  # the same network with a data config of its own (register_tiny_with_cfg)
+TINY_DATA_CFG = {"input_size": (3, 24, 24), "crop_pct": 0.8, "interpolation": "bicubic", "mean": (0.5, 0.4, 0.3),
+                 "std": (0.25, 0.2, 0.3)}  # none of it timm's default (224 px, 0.875, ImageNet mean / std)
 P3 = exit_distribution(0.75, 3)  # the exit distribution of the three-exit meta-step tests
 
 
@@ -88,6 +93,54 @@ def register_tiny() -> str:
         l2w_test_tiny.__module__ = __name__
         register_model(l2w_test_tiny)
     return TINY_MODEL
+
+
+def register_tiny_with_cfg() -> str:
+    """Register ``l2w_test_tiny_cfg``: :func:`tiny_net` with ``pretrained_cfg`` :data:`TINY_DATA_CFG` (what
+    ``timm.data.resolve_data_config(model=...)`` reads), as a timm model with its own preprocessing has."""
+    if not timm.is_model(TINY_CFG_MODEL):
+        def l2w_test_tiny_cfg(pretrained: bool = False, **kwargs):
+            model = tiny_net(num_classes=kwargs.get("num_classes", 10), in_chans=kwargs.get("in_chans", 3))
+            model.pretrained_cfg = {"architecture": TINY_CFG_MODEL, **TINY_DATA_CFG}
+            return model
+
+        l2w_test_tiny_cfg.__module__ = __name__
+        register_model(l2w_test_tiny_cfg)
+    return TINY_CFG_MODEL
+
+
+def write_image_folder(root: Path, classes=("cat", "dog", "owl"), per_class: int = 12, size=10,
+                       seed: int = 0) -> Path:
+    """PNG class folders ``root/<class>/<i>.png`` of ``size`` (a side, or ``(height, width)``) pixels: each class
+    its own mean colour (learnable), noise on top."""
+    rng = np.random.default_rng(seed)
+    height, width = (size, size) if isinstance(size, int) else size
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = np.clip(rng.normal(60 + 70 * c, 25, (height, width, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+def spy_eval_loaders(monkeypatch) -> list:
+    """Make ``timm-l2w eval`` record the ``(held-out, test)`` loaders it evaluates with (it still evaluates);
+    returns the list they are appended to."""
+    import timm_l2w.cli.eval as cli
+
+    seen, evaluate = [], cli.evaluate_checkpoint
+
+    def spy(model, heldout_loader, test_loader, **kwargs):
+        seen.append((heldout_loader, test_loader))
+        return evaluate(model, heldout_loader, test_loader, **kwargs)
+
+    monkeypatch.setattr(cli, "evaluate_checkpoint", spy)
+    return seen
+
+
+def loader_images(loader) -> torch.Tensor:
+    """Every image a loader gives, in order, as one tensor."""
+    return torch.cat([images for images, _ in loader])
 
 
 def root_on_pythonpath(env: dict) -> dict:

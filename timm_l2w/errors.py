@@ -63,9 +63,12 @@ class ResumeError(CheckpointError):
 
 
 def first_line(err: BaseException) -> str:
+    """``'TypeName: first line of the message'`` (at most 300 characters, terminal colour codes removed)."""
     import pickle
+    import re
 
-    text = f"{type(err).__name__}: {(str(err).strip().splitlines() or ['?'])[0][:300]}"
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
+    text = f"{type(err).__name__}: {(plain.splitlines() or ['?'])[0][:300]}"
     if isinstance(err, pickle.UnpicklingError):
         text += " (weights_only loading refused it: the file is damaged or holds code)"
     return text

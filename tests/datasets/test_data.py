@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from tests.helpers import register_tiny
+from tests.helpers import register_tiny, write_image_folder
 from timm_l2w.data import create_datasets, create_loaders, read_idx
 
 
@@ -106,18 +105,6 @@ def test_batch_larger_than_train_set_is_clear():
 
 TINY = register_tiny()
 RUN = ["--model", TINY, "--batch-size", "8", "--max-steps", "2", "--lr", "0.05", "--log-with", "none", "--no-progress"]
-
-
-def write_image_folder(root: Path, classes=("cat", "dog", "owl"), per_class: int = 12, size: int = 10,
-                       seed: int = 0) -> Path:
-    """PNG class folders ``root/<class>/<i>.png``: each class its own mean colour (learnable), noise on top."""
-    rng = np.random.default_rng(seed)
-    for c, name in enumerate(classes):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            pixels = np.clip(rng.normal(60 + 70 * c, 25, (size, size, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{i}.png")
-    return root
 
 
 def write_cifar100(root: Path, n_train: int = 200, n_test: int = 100, seed: int = 0) -> Path:

@@ -1,8 +1,9 @@
 """``timm-l2w eval``: anytime and budgeted evaluation of a checkpoint, with plot and, on request, the exit policy.
 
 The model, its arguments and the data default to what the checkpoint's metadata records (as
-``timm-l2w train`` writes it); the work is :func:`timm_l2w.evaluation.evaluate_checkpoint` and
-:func:`timm_l2w.inference.policy.eval_policy_file`.
+``timm-l2w train`` writes it, or a timm training checkpoint's ``arch`` / ``args``); ImageFolder data is prepared
+as timm's ``validate.py`` prepares it (the model's data config). The work is
+:func:`timm_l2w.evaluation.evaluate_checkpoint` and :func:`timm_l2w.inference.policy.eval_policy_file`.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
+
+from timm_l2w_runtime.policy import INTERPOLATIONS
 
 from ..evaluation.results import evaluate_checkpoint
 from ..evaluation.risk import RISKS
@@ -32,7 +35,11 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=DefaultsHelpFormatter,
     )
     add_version(p)
-    p.add_argument("checkpoint", nargs="?", default=None, help=".safetensors (or .pth) weights; omit for random init")
+    p.add_argument("checkpoint", nargs="?", default=None,
+                   help=".safetensors (or .pth) weights, or a timm training checkpoint (.pth.tar of timm's train.py: "
+                        "model, arguments and classes from its arch / args); omit for random init")
+    p.add_argument("--use-ema", action="store_true",
+                   help="evaluate the EMA weights of a timm checkpoint (its state_dict_ema), as validate.py --use-ema")
     p.add_argument("--model", default=None, help="timm model name (default: the one recorded in the checkpoint's "
                                                  "metadata, as timm-l2w train writes it)")
     p.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
@@ -44,7 +51,14 @@ def _parser() -> argparse.ArgumentParser:
                    "checkpoint records, as timm-l2w train writes it; else digits)")
     p.add_argument("--data-dir", default=None, help="root folder of the data set files (default: the one the "
                    "checkpoint records with its data set)")
-    add_input_size(p, None, "square input side of the model (default: the one the checkpoint records, else 32)")
+    add_input_size(p, None, "square input side of the model (default: the one the checkpoint records, else 32; "
+                            "ImageFolder data: else the model's data config)")
+    p.add_argument("--crop-pct", type=float, default=None,
+                   help="ImageFolder data: centre crop share (default: the checkpoint's record, else the model's data "
+                        "config, as timm's validate.py)")
+    p.add_argument("--interpolation", choices=INTERPOLATIONS, default=None,
+                   help="ImageFolder data: resize interpolation (default: the checkpoint's record, else the model's "
+                        "data config)")
     p.add_argument("--held-out", type=int, default=None,
                    help="held-out images for the thresholds (default: the data set's)")
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
@@ -93,8 +107,13 @@ def model_from_metadata(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
     meta = read_metadata(args.checkpoint) if args.checkpoint else {}
     name = recorded_model(args.checkpoint, args.model) if args.checkpoint else args.model
     if not name:
-        raise ValueError("pass --model NAME: the checkpoint records no model name"
-                         if args.checkpoint else "pass --model NAME (or a checkpoint written by timm-l2w)")
+        if args.checkpoint:
+            from ..files import load_state_dict
+
+            load_state_dict(args.checkpoint)  # a file that cannot be read: say that first
+        raise ValueError("pass --model NAME: the checkpoint records no model name (a timm-l2w file's metadata or a "
+                         "timm checkpoint's arch / args)" if args.checkpoint
+                         else "pass --model NAME (or a checkpoint written by timm-l2w)")
     kwargs = dict(args.model_kwargs)
     if not kwargs and meta.get("model_kwargs"):
         kwargs = json.loads(meta["model_kwargs"])
@@ -104,8 +123,10 @@ def model_from_metadata(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
 
 
 def _data_from_metadata(args: argparse.Namespace) -> None:
-    """``--dataset``, ``--data-dir``, ``--input-size`` and ``--held-out`` left unset: the data the checkpoint
-    records (``timm-l2w train`` writes it); a data set not given and not recorded is digits, said aloud."""
+    """``--dataset``, ``--data-dir``, ``--input-size``, ``--in-chans`` and ``--held-out`` left unset: the data the
+    checkpoint records (``timm-l2w train`` writes it); a data set not given and not recorded is digits, said aloud.
+    An ImageFolder's input size not given and not recorded is left to its data config (:func:`_folder_config`)."""
+    from ..data import is_image_folder
     from ..files import read_metadata
 
     meta = read_metadata(args.checkpoint) if args.checkpoint else {}
@@ -116,16 +137,68 @@ def _data_from_metadata(args: argparse.Namespace) -> None:
             args.data_dir = meta.get("data_dir")
         if args.held_out is None and str(meta.get("held_out", "")).isdigit():
             args.held_out = int(meta["held_out"])
-    if args.input_size is None:
-        args.input_size = int(meta["input_size"]) if str(meta.get("input_size", "")).isdigit() else 32
+    if args.in_chans is None and str(meta.get("in_chans", "")).isdigit():
+        args.in_chans = int(meta["in_chans"])
     if args.dataset is None:
         args.dataset = "digits"
         print("timm-l2w eval: no --dataset given" + (f" and {args.checkpoint} records none" if args.checkpoint else "")
               + ": evaluating on digits (pass --dataset NAME for another)", flush=True)
-    elif recorded:
+    if args.input_size is None and str(meta.get("input_size", "")).isdigit():
+        args.input_size = int(meta["input_size"])
+    elif args.input_size is None and not is_image_folder(args.dataset, args.data_dir):
+        args.input_size = 32
+    if recorded:
         where = f" in {args.data_dir}" if args.data_dir else ""
-        print(f"timm-l2w eval: data set {args.dataset}{where}, {args.input_size}x{args.input_size} images "
+        size = f", {args.input_size}x{args.input_size} images" if args.input_size else ""
+        print(f"timm-l2w eval: data set {args.dataset}{where}{size} "
               f"(recorded in {args.checkpoint}; --dataset / --data-dir / --input-size choose others)", flush=True)
+
+
+def _unknown_model(name: str, timm: Any) -> ValueError:
+    return ValueError(f"unknown model '{name}': choose a registered multi-exit model "
+                      f"({', '.join(timm.list_models('*l2w*'))})")
+
+
+def _folder_config(args: argparse.Namespace, model_name: str, kwargs: Mapping[str, Any],
+                   timm: Any) -> Optional[Dict[str, Any]]:
+    """An ImageFolder's eval preprocessing, resolved as timm's ``validate.py`` resolves it
+    (``resolve_data_config`` at the test size): ``--input-size`` / ``--crop-pct`` / ``--interpolation``, else what
+    the checkpoint records (the recipe ``timm-l2w train`` used; a timm checkpoint's arguments), else the model's
+    data config. ``None`` for the built-in data sets, whose preprocessing is fixed."""
+    from timm.data import resolve_data_config
+
+    from ..data import is_image_folder
+    from ..files import PREPROCESS_KEYS, read_metadata
+
+    if not is_image_folder(args.dataset, args.data_dir):
+        if args.crop_pct is not None or args.interpolation is not None:
+            raise ValueError(f"--crop-pct / --interpolation set the preprocessing of ImageFolder data; {args.dataset} "
+                             "has its own fixed one: drop them")
+        return None
+    meta = read_metadata(args.checkpoint) if args.checkpoint else {}
+    wanted: Dict[str, Any] = {k: meta[k] if k == "interpolation" else json.loads(meta[k])
+                              for k in PREPROCESS_KEYS if meta.get(k)}
+    wanted.update({k: v for k, v in (("crop_pct", args.crop_pct), ("interpolation", args.interpolation)) if v})
+    if args.input_size:
+        wanted["input_size"] = (3, args.input_size, args.input_size)
+    if not timm.is_model(model_name):
+        raise _unknown_model(model_name, timm)
+    try:
+        with torch.device("meta"):  # only its pretrained_cfg is read: no memory, no initialisation
+            probe = timm.create_model(model_name, **kwargs)
+    except (RuntimeError, NotImplementedError):  # an __init__ that reads tensor values needs real ones
+        probe = timm.create_model(model_name, **kwargs)
+    config = resolve_data_config(wanted, model=probe, use_test_size=True)
+    _, height, width = config["input_size"]
+    if height != width:
+        raise ValueError(f"{model_name}'s data config has a {height}x{width} input: pass a square --input-size N")
+    args.input_size = int(height)
+    source = "the checkpoint's record" if any(k in meta for k in PREPROCESS_KEYS) else "the model's data config"
+    print(f"timm-l2w eval: ImageFolder images at {height}x{width}: centre crop {config['crop_pct']:g} of the shorter "
+          f"side, {config['interpolation']} resize, mean {tuple(config['mean'])}, std {tuple(config['std'])} "
+          f"(flags, else {source}, as timm's validate.py; --crop-pct / --interpolation / --input-size choose others)",
+          flush=True)
+    return config
 
 
 def _check_classes(model_classes: Optional[int], info: Mapping[str, Any], dataset: str) -> None:
@@ -160,6 +233,7 @@ def _run(args: argparse.Namespace, timm: Any) -> int:
                                 + (" (that is a folder)" if Path(args.checkpoint).is_dir() else ""))
     model_name, kwargs = model_from_metadata(args)  # before the data: a wrong --model is the first thing to say
     _data_from_metadata(args)
+    folder_config = _folder_config(args, model_name, kwargs, timm)  # ImageFolder data: timm's eval preprocessing
     if any(v is not None for v in (args.q, args.flops_budget, args.max_risk, args.confidence, args.risk)):
         from ..inference.policy import check_policy_request, eval_policy_path
 
@@ -167,7 +241,7 @@ def _run(args: argparse.Namespace, timm: Any) -> int:
         eval_policy_path(args, args.name or model_name)  # an existing policy: refused before the work
     heldout_loader, test_loader, info = create_eval_loaders(
         args.dataset, data_dir=args.data_dir, batch_size=args.batch_size, input_size=args.input_size,
-        in_chans=args.in_chans or 3, held_out=args.held_out,
+        in_chans=args.in_chans or 3, held_out=args.held_out, eval_config=folder_config,
     )
     num_classes = args.num_classes or kwargs.pop("num_classes", None) or info.get("num_classes")
     _check_classes(num_classes, info, args.dataset)
@@ -181,8 +255,7 @@ def _run(args: argparse.Namespace, timm: Any) -> int:
     except RuntimeError as err:
         if "Unknown model" not in str(err):
             raise
-        raise ValueError(f"unknown model '{model_name}': choose a registered multi-exit model "
-                         f"({', '.join(timm.list_models('*l2w*'))})") from err
+        raise _unknown_model(model_name, timm) from err
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     name = args.name or model_name
     print(f"timm-l2w eval: {model_name} ({', '.join(f'{k}={v}' for k, v in kwargs.items())}) on {args.dataset}",
@@ -190,7 +263,7 @@ def _run(args: argparse.Namespace, timm: Any) -> int:
     result = evaluate_checkpoint(
         model, heldout_loader, test_loader, checkpoint=args.checkpoint, out_dir=args.output, name=name,
         device=device, progress=not args.no_progress and sys.stderr.isatty(), input_size=tuple(info["input_size"]),
-        exit_rule=args.exit_rule,
+        exit_rule=args.exit_rule, use_ema=args.use_ema,
     )
     for row in result["anytime"]:
         print(f"exit {row['exit']}: top1 {row['top1']:.2f}%  top5 {row['top5']:.2f}%  "

@@ -25,8 +25,12 @@ def _parser() -> argparse.ArgumentParser:
                     "on these weights (its weights_sha256; one without a digest is used with a warning). Run the "
                     "package with timm-l2w predict.")
     p.add_argument("checkpoint", nargs="?", default=None,
-                   help=".safetensors (or .pth) weights the policy was calibrated on; omit for random init (which "
-                        "only a policy recording no weights digest accepts)")
+                   help=".safetensors (or .pth) weights the policy was calibrated on, or a timm training checkpoint "
+                        "(.pth.tar of timm's train.py: model and arguments from its arch / args); omit for random "
+                        "init (which only a policy recording no weights digest accepts)")
+    p.add_argument("--use-ema", action="store_true",
+                   help="export the EMA weights of a timm checkpoint (its state_dict_ema): a policy of timm-l2w eval "
+                        "--use-ema, calibrated on them")
     p.add_argument("--policy", required=True,
                    help="exit policy JSON calibrated on this checkpoint (timm-l2w eval CHECKPOINT --q Q or "
                         "--flops-budget F writes one)")
@@ -77,7 +81,7 @@ def _run(args: argparse.Namespace) -> Path:
                          f"({', '.join(timm.list_models('*l2w*'))})")
     model = timm.create_model(name, **kwargs)
     if args.checkpoint:
-        load_weights(model, args.checkpoint)
+        load_weights(model, args.checkpoint, use_ema=args.use_ema)
         saved = read_metadata(args.checkpoint).get("class_names")
         if policy.get("class_names") is None and saved:
             policy["class_names"] = json.loads(saved)

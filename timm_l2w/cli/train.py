@@ -53,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "from FILE, a local timm checkpoint of the backbone (timm's pretrained_cfg_overlay file)")
     g.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
                    help="extra timm.create_model arguments, e.g. img_size=32 for vit_tiny_l2w at --input-size 32")
-    g.add_argument("--pretrained-path", default=None, help="initial weights (.safetensors) to fine-tune from; "
-                   "only the exit classifiers may differ (another number of classes), they start fresh")
+    g.add_argument("--pretrained-path", default=None, help="initial weights to fine-tune from: .safetensors, .pth, or "
+                   "a timm training checkpoint (.pth.tar of timm's train.py: model from its arch / args, weights from "
+                   "its state_dict); only the exit classifiers may differ (another number of classes), they start "
+                   "fresh")
     g.add_argument("--dataset", default="digits", help="digits, digits-affine, fashion-mnist, torch/cifar10, "
                    "torch/cifar100, or a name with --data-dir for an ImageFolder tree")
     g.add_argument("--data-dir", default=None, help="folder with the data set files")

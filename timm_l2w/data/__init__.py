@@ -25,6 +25,7 @@ from .builtin import (
     DIGITS_AFFINE_COPIES,
     FASHION_MNIST_DIR,
     create_datasets,
+    is_image_folder,
     read_idx,
 )
 from .loaders import EpochShuffleSampler, create_eval_loaders, create_loaders
@@ -41,6 +42,7 @@ __all__ = [
     "create_datasets",
     "create_loaders",
     "create_eval_loaders",
+    "is_image_folder",
     "describe_splits",
     "held_out_too_small",
     "read_idx",

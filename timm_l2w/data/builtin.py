@@ -7,7 +7,7 @@ import gzip
 import math
 import os
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -18,9 +18,10 @@ from torch.utils.data import Subset
 from .splits import SPLIT_SEED, BatchTransform, DataSplits, InMemoryImages, check_held_out, split_indices, split_sizes
 
 __all__ = ["BUILTIN_DATASETS", "DIGITS_AFFINE_COPIES", "FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "create_datasets",
-           "random_affine", "read_idx"]
+           "is_image_folder", "random_affine", "read_idx"]
 
 BUILTIN_DATASETS = ("digits", "digits-affine", "fashion-mnist", "torch/cifar10", "torch/cifar100")
+FASHION_MNIST_NAMES = ("fashion-mnist", "fashion_mnist", "fmnist")
 DIGITS_AFFINE_COPIES = 6  # transformed copies of each training image in ``digits-affine``
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist package
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -178,10 +179,13 @@ def _cifar(name: str, data_dir: str, size: int, held_out: Optional[int], downloa
                       class_names=tuple(map(str, names)) if names and len(names) == num_classes else None)
 
 
-def _image_folder(data_dir: str, size: int, in_chans: int, held_out: Optional[int]) -> DataSplits:
+def _image_folder(data_dir: str, size: int, in_chans: int, held_out: Optional[int],
+                  eval_config: Optional[Mapping[str, Any]] = None) -> DataSplits:
     """An ImageFolder tree read by timm's ImageDataset: ``DIR/train/<class>/`` + ``DIR/val/<class>/`` (test
     = val), or class folders only (``DIR/<class>/``, or ``DIR/train/`` without a val/): then a fixed seeded
-    fifth of the images is the test split, so the test images are never trained on."""
+    fifth of the images is the test split, so the test images are never trained on. The held-out and test
+    images go through ``create_transform(**eval_config, is_training=False)`` (default: the training recipe's,
+    ``size`` px, centre crop 0.875, bilinear, ImageNet mean / std)."""
     from timm.data import ImageDataset, create_transform, resolve_data_config
 
     root = Path(data_dir)
@@ -211,13 +215,14 @@ def _image_folder(data_dir: str, size: int, in_chans: int, held_out: Optional[in
         test_idx, held_idx, train_idx = split_indices(n, [n_test, held, n - n_test - held])
         note = (f"no val/ folder: a fixed seeded fifth of {train_root.name}/ is the test split, the rest gives "
                 f"the training and held-out images")
-    cfg = resolve_data_config({"input_size": (in_chans, size, size)})
+    cfg = resolve_data_config({"input_size": (in_chans, size, size), "interpolation": "bilinear"})
     train_full.transform = create_transform(size, is_training=True, mean=cfg["mean"], std=cfg["std"])
-    eval_tf = create_transform(size, is_training=False, mean=cfg["mean"], std=cfg["std"], crop_pct=cfg["crop_pct"])
-    held_full.transform = test.transform = eval_tf
+    cfg = dict(eval_config or cfg)
+    held_full.transform = test.transform = create_transform(**cfg, is_training=False)
     test_set = test if test_idx is None else Subset(test, test_idx.tolist())
     return DataSplits(Subset(train_full, train_idx.tolist()), Subset(held_full, held_idx.tolist()), test_set,
-                      num_classes=len(names), input_size=(3, size, size), class_names=names, note=note)
+                      num_classes=len(names), input_size=(3, *cfg["input_size"][-2:]), class_names=names, note=note,
+                      eval_config=cfg)
 
 
 def _check_eval_classes(eval_root: Path, class_to_idx: dict, train_root: Path) -> None:
@@ -230,28 +235,38 @@ def _check_eval_classes(eval_root: Path, class_to_idx: dict, train_root: Path) -
                          + ": rename them, or remove it to draw the test split from the training images")
 
 
+def is_image_folder(name: str, data_dir: Optional[str]) -> bool:
+    """True when :func:`create_datasets` reads ``name`` as an ImageFolder tree in ``data_dir`` (not a built-in set)."""
+    key = name.lower()
+    builtin = ("digits", "digits-affine", "torch/cifar10", "torch/cifar100", *FASHION_MNIST_NAMES)
+    return data_dir is not None and "/" not in key and key not in builtin
+
+
 def create_datasets(name: str, data_dir: Optional[str] = None, input_size: int = 32, in_chans: int = 3,
-                    held_out: Optional[int] = None, download: bool = False) -> DataSplits:
+                    held_out: Optional[int] = None, download: bool = False,
+                    eval_config: Optional[Mapping[str, Any]] = None) -> DataSplits:
     """Train / held-out / test datasets of ``name`` (see the module docstring for the choices).
 
     ``input_size`` is the square image side the model expects; ``held_out`` the number of training
     images set aside for threshold calibration (default: 300 for digits, 5,000 otherwise).
     An unknown ``name`` without ``data_dir`` is an error; with ``data_dir`` it is read as an
     ImageFolder tree (``DIR/train/<class>/*.jpg`` + ``DIR/val/...``, or ``DIR/<class>/*.jpg`` split by seed) by timm.
+    ``eval_config`` (timm's data config, as ``timm.data.resolve_data_config`` gives it) sets an ImageFolder's
+    held-out and test preprocessing (it is recorded as ``DataSplits.eval_config``); the built-in sets keep theirs.
     """
     if not isinstance(input_size, int) or input_size < 1:
         raise ValueError(f"input_size must be a positive int (image side in pixels), got {input_size!r}")
     key = name.lower()
     if key in ("digits", "digits-affine"):
         return _digits(input_size, in_chans, held_out, affine=key == "digits-affine")
-    if key in ("fashion-mnist", "fashion_mnist", "fmnist"):
+    if key in FASHION_MNIST_NAMES:
         return _fashion_mnist(data_dir, input_size, in_chans, held_out)
     if key in ("torch/cifar10", "torch/cifar100"):
         if data_dir is None:
             raise ValueError(f"dataset '{name}' needs --data-dir DIR (the folder holding its files)")
         return _cifar(key, data_dir, input_size, held_out, download)
-    if data_dir is not None and "/" not in key:
-        return _image_folder(data_dir, input_size, in_chans, held_out)
+    if is_image_folder(name, data_dir):
+        return _image_folder(data_dir, input_size, in_chans, held_out, eval_config)
     raise ValueError(
         f"unknown dataset '{name}': choose one of {', '.join(BUILTIN_DATASETS)}, or pass --data-dir DIR "
         f"with an ImageFolder tree (and any name, e.g. 'folder')"

@@ -3,7 +3,7 @@ rank and after a resume), the training / held-out / test loaders and the evaluat
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Mapping, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -60,10 +60,12 @@ def create_loaders(splits: DataSplits, batch_size: int, eval_batch_size: Optiona
 
 
 def create_eval_loaders(name: str, data_dir: Optional[str] = None, batch_size: int = 256, input_size: int = 32,
-                        in_chans: int = 3, held_out: Optional[int] = None, num_workers: int = 0
-                        ) -> Tuple[DataLoader, DataLoader, dict]:
-    """Held-out and test loaders of ``name`` plus ``{"num_classes", "in_chans", "input_size"}``."""
-    splits = create_datasets(name, data_dir=data_dir, input_size=input_size, in_chans=in_chans, held_out=held_out)
+                        in_chans: int = 3, held_out: Optional[int] = None, num_workers: int = 0,
+                        eval_config: Optional[Mapping[str, Any]] = None) -> Tuple[DataLoader, DataLoader, dict]:
+    """Held-out and test loaders of ``name`` plus ``{"num_classes", "in_chans", "input_size", "class_names"}``;
+    ``eval_config``: an ImageFolder's preprocessing (timm's data config, :func:`create_datasets`)."""
+    splits = create_datasets(name, data_dir=data_dir, input_size=input_size, in_chans=in_chans, held_out=held_out,
+                             eval_config=eval_config)
     _, held, test = create_loaders(splits, batch_size, seed=0, num_workers=num_workers, drop_last=False)
     info = {"num_classes": splits.num_classes, "in_chans": splits.input_size[0], "input_size": splits.input_size,
             "class_names": splits.class_names}

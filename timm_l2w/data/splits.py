@@ -4,7 +4,7 @@ in-memory image set and its vectorised batch transform, the seeded split, and wh
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ class DataSplits:
     train_collate_fn: Optional[Callable] = None
     class_names: Optional[Tuple[str, ...]] = None  # one name per class index, when the data set has them
     note: Optional[str] = None  # how the splits were made, when the data did not come split
+    eval_config: Optional[Dict[str, Any]] = None  # timm's data config of the held-out / test transform (ImageFolder)
 
 
 class InMemoryImages(Dataset):

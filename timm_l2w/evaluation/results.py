@@ -61,12 +61,13 @@ def save_results(
     return paths
 
 
-def load_weights(model: nn.Module, checkpoint: Path | str) -> None:
-    """Load ``.safetensors`` / ``.pth`` weights into ``model`` (names every mismatched key on error)."""
+def load_weights(model: nn.Module, checkpoint: Path | str, use_ema: bool = False) -> None:
+    """Load ``.safetensors`` / ``.pth`` weights (or a timm checkpoint's, its EMA ones with ``use_ema``) into
+    ``model`` (names every mismatched key on error)."""
     from ..files import load_state_dict
     from ..state_checks import check_state_dict
 
-    state = load_state_dict(checkpoint)
+    state = load_state_dict(checkpoint, use_ema=use_ema)
     check_state_dict(model, state)
     check_weights(state, unwrap_model(model).state_dict(), Path(checkpoint))  # dtypes and finite values
     unwrap_model(model).load_state_dict(state)
@@ -85,8 +86,10 @@ def evaluate_checkpoint(
     device: Optional[torch.device | str] = None,
     progress: bool = False,
     exit_rule: str = "confidence",
+    use_ema: bool = False,
 ) -> Dict[str, Any]:
-    """Anytime + budgeted evaluation of ``model`` (optionally loading ``checkpoint`` first).
+    """Anytime + budgeted evaluation of ``model`` (optionally loading ``checkpoint`` first: with ``use_ema``
+    the EMA weights of a timm checkpoint, :func:`load_weights`).
 
     FLOPs default to :func:`timm_l2w.exit_flops` at the input size of the first test batch.
     With ``out_dir``, writes the CSV/JSON tables (:func:`save_results`) and ``{name}.png``.
@@ -95,7 +98,7 @@ def evaluate_checkpoint(
     """
     exits.exit_rule(exit_rule)  # an unknown rule fails before any work
     if checkpoint is not None:
-        load_weights(model, checkpoint)
+        load_weights(model, checkpoint, use_ema=use_ema)
     if device is not None:
         model.to(device)
     heldout = collect_exit_outputs(model, heldout_loader, device=device, progress=progress)

@@ -140,6 +140,17 @@ def _class_names_meta(splits: Any) -> Dict[str, str]:
     return {"class_names": json.dumps(list(names))} if names else {}
 
 
+def _preprocess_meta(splits: Any) -> Dict[str, str]:
+    """How the run's held-out / test loaders prepared ImageFolder images (timm's data config: ``crop_pct``,
+    ``interpolation``, ``mean``, ``std``), so ``timm-l2w eval`` of its weights prepares them alike rather than by
+    the model's own config; the built-in sets have fixed preprocessing and record none."""
+    cfg = getattr(splits, "eval_config", None)
+    if not cfg:
+        return {}
+    return {"crop_pct": str(float(cfg["crop_pct"])), "interpolation": str(cfg["interpolation"]),
+            "mean": json.dumps([float(v) for v in cfg["mean"]]), "std": json.dumps([float(v) for v in cfg["std"]])}
+
+
 class Checkpoints:
     """Writes and restores the checkpoints of one run in ``root`` (``OUTPUT/checkpoints``).
 
@@ -160,7 +171,7 @@ class Checkpoints:
         args = self.args
         return {"model": args.model, **_kwargs_meta(args, self.accelerator.unwrap_model(self.model)),
                 "num_classes": str(self.splits.num_classes), "num_exits": str(self.num_exits), **extra,
-                **_class_names_meta(self.splits), **_data_meta(args)}
+                **_class_names_meta(self.splits), **_data_meta(args), **_preprocess_meta(self.splits)}
 
     def write_weights(self, folder: Path, meta: Dict[str, str]) -> None:
         """The files to share, each written atomically: ``model.safetensors`` (with ``meta``),
