@@ -119,8 +119,9 @@ def _unwrap_checkpoint(obj: Any, path: Path) -> Mapping[str, Any]:
 
 def _torch_load(path: Path, map_location: Union[str, torch.device]) -> Any:
     """``torch.load(weights_only=True)`` allowing ``argparse.Namespace`` (timm's checkpoints keep their
-    arguments in one), memory-mapped where the file format allows (not the legacy pre-zip format)."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
+    arguments in one; torch >= 2.5), memory-mapped where the file format allows (not the legacy pre-zip format)."""
+    allow = getattr(torch.serialization, "safe_globals", None)
+    with allow([argparse.Namespace]) if allow else contextlib.nullcontext():
         try:
             return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
         except RuntimeError as e:
