@@ -136,9 +136,12 @@ def test_train_pretrained_path_and_export_accept_a_timm_checkpoint(tmp_path, cap
     assert f"initialised from {ckpt} (every tensor)" in out
     assert read_metadata(tmp_path / "run" / "model.safetensors")["model"] == TINY
     assert eval_main([str(ckpt), "--use-ema", "--q", "1", "--output", str(tmp_path / "ev"), "--no-progress"]) == 0
-    policy = tmp_path / "ev" / f"{TINY}_policy.json"
+    policy, = (tmp_path / "ev").glob("*_policy.json")
     package = tmp_path / "package"  # the EMA weights the policy was calibrated on; no --model: the file's
-    assert export_main([str(ckpt), "--use-ema", "--policy", str(policy), "--output", str(package), "--no-pt2"]) == 0
+    assert export_main([str(ckpt), "--use-ema", "--policy", str(policy), "--output", str(package)]) == 0
+    capsys.readouterr()
+    assert export_main([str(ckpt), "--policy", str(policy), "--output", str(tmp_path / "plain")]) == 2
+    assert "was calibrated on weights with sha256" in capsys.readouterr().err  # on the EMA, not the state_dict
     manifest = json.loads((package / "manifest.json").read_text())
     assert (manifest["num_classes"], manifest["input_size"], manifest["num_exits"]) == (10, [3, 16, 16], 3)
 
