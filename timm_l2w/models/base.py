@@ -245,6 +245,17 @@ class MultiExitModel(nn.Module):
             return outputs if self.training else outputs[-1]
         return self.forward_head(self.forward_features(x))
 
+    def get_classifiers(self) -> nn.ModuleList:
+        """Every exit's classifier (its final linear layer), cheapest exit first."""
+        raise NotImplementedError(f"{type(self).__name__} does not list its exits' classifiers: define "
+                                  "get_classifiers() returning an nn.ModuleList of them, cheapest exit first")
+
+    def get_classifier(self) -> nn.Module:
+        """timm API: the last exit's classifier, the one eval mode's ``forward`` ends with (timm's scripts scale
+        its ``weight``, e.g. train.py's ``--head-init-scale``); :meth:`get_classifiers` gives every exit's."""
+        classifiers = self.get_classifiers()
+        return classifiers[-1] if len(classifiers) else nn.Identity()
+
     def reset_classifier(self, num_classes: int) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
