@@ -52,6 +52,7 @@ How the paper's schedule fits a loop that makes one forward and one backward per
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from typing import Any, Callable, Dict, List, Optional, Union
 
@@ -66,6 +67,8 @@ from .hook import L2W
 from .update import check_clip
 
 __all__ = ["L2WClassificationTask"]
+
+_logger = logging.getLogger(__name__)
 
 # what the task sets on the hook itself; every other L2W argument is a keyword of the task
 _SET_BY_TASK = ("model", "optimizer", "criterion", "clip_grad", "clip_mode", "clip_parameters", "grad_accum_steps",
@@ -146,9 +149,12 @@ class L2WClassificationTask(ClassificationTask):
         every exit's classifier (``model.get_classifiers()``), not only the last two parameters."""
         module = self.get_trainable_module()
         classifiers = getattr(unwrap_model(module), "get_classifiers", None)
-        if not exclude_head or classifiers is None:
+        try:
+            heads = {id(p) for c in classifiers() for p in c.parameters()} if exclude_head and classifiers else None
+        except NotImplementedError:  # a MultiExitModel subclass that does not list its classifiers
+            heads = None
+        if heads is None:
             return list(super().get_clip_parameters(exclude_head=exclude_head))
-        heads = {id(p) for c in classifiers() for p in c.parameters()}
         return [p for p in module.parameters() if id(p) not in heads]
 
     def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
@@ -172,6 +178,9 @@ class L2WClassificationTask(ClassificationTask):
             self._loaded_state = state["l2w"]
         else:
             self.l2w.load_state_dict(state["l2w"])
+        if self.verbose:
+            _logger.info(f"{type(self).__name__}: restored the L2W state (weight predictor, its optimizer, "
+                         f"update {state['l2w']['step']})")
 
     # -- one loader batch -----------------------------------------------------------------------
     def forward(self, input: Tensor, target: Tensor, need_update: Optional[bool] = None,

@@ -57,9 +57,9 @@ class Updater:
             from ..accel.cuda_graphs import GraphedUpdates, capture_blocker
 
             optimizers = [self.optimizer] + ([self.l2w.meta_optimizer] if self.l2w is not None else [])
+            backend = self.l2w.backend.name if self.l2w is not None else None
             blocker = (f"the update skips non-finite steps on the host ({reason})" if reason else capture_blocker(
-                acc.device, optimizers, args.backend if self.l2w is not None else None, acc.unwrap_model(self.model),
-                several_processes=acc.num_processes > 1))
+                acc.device, optimizers, backend, acc.unwrap_model(self.model), several_processes=acc.num_processes > 1))
             log = print if acc.is_main_process else (lambda _: None)
             self.graphs = GraphedUpdates(optimizers, log=log, blocker=blocker)
 
