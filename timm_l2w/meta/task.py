@@ -61,7 +61,7 @@ from timm.task import ClassificationTask
 from timm.utils import dispatch_clip_grad
 from torch import Tensor, nn
 
-from ..models.base import unwrap_model
+from ..models.base import classifier_free_parameters, unwrap_model
 from ..validation import Range, check_number
 from .hook import L2W
 from .update import check_clip
@@ -147,15 +147,8 @@ class L2WClassificationTask(ClassificationTask):
     def get_clip_parameters(self, exclude_head: bool = False) -> List[nn.Parameter]:
         """The parameters the loop clips; ``exclude_head`` (train.py under ``--clip-mode agc``) leaves out
         every exit's classifier (``model.get_classifiers()``), not only the last two parameters."""
-        module = self.get_trainable_module()
-        classifiers = getattr(unwrap_model(module), "get_classifiers", None)
-        try:
-            heads = {id(p) for c in classifiers() for p in c.parameters()} if exclude_head and classifiers else None
-        except NotImplementedError:  # a MultiExitModel subclass that does not list its classifiers
-            heads = None
-        if heads is None:
-            return list(super().get_clip_parameters(exclude_head=exclude_head))
-        return [p for p in module.parameters() if id(p) not in heads]
+        kept = classifier_free_parameters(self.get_trainable_module()) if exclude_head else None
+        return list(super().get_clip_parameters(exclude_head=exclude_head)) if kept is None else kept
 
     def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
         """The hook's state (predictor, its optimizer, update counter) for timm's checkpoints; none for the EMA."""

@@ -29,7 +29,8 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from .layers import is_symbolic
 
-__all__ = ["MultiExitModel", "select_samples", "unwrap_model", "check_multi_exit_output", "equilibrium_split"]
+__all__ = ["MultiExitModel", "select_samples", "unwrap_model", "check_multi_exit_output", "equilibrium_split",
+           "classifier_free_parameters"]
 
 
 class _GradientEquilibrium(torch.autograd.Function):
@@ -263,6 +264,17 @@ class MultiExitModel(nn.Module):
 # This module postpones annotations (strings); torch.fx copies ``forward``'s annotations into the code it
 # generates, which TorchScript then cannot read, so ``forward`` carries the resolved types.
 MultiExitModel.forward.__annotations__.update(typing.get_type_hints(MultiExitModel.forward))
+
+
+def classifier_free_parameters(model: nn.Module) -> Optional[List[nn.Parameter]]:
+    """``model``'s parameters without any exit's classifier (``get_classifiers()``): what timm's train.py clips
+    under ``--clip-mode agc``, which leaves the classifier out; None for a model that does not list them."""
+    classifiers = getattr(unwrap_model(model), "get_classifiers", None)
+    try:
+        heads = None if classifiers is None else {id(p) for c in classifiers() for p in c.parameters()}
+    except NotImplementedError:  # a MultiExitModel subclass that does not list them
+        heads = None
+    return None if heads is None else [p for p in model.parameters() if id(p) not in heads]
 
 
 def select_samples(state: Any, index: Tensor) -> Any:
