@@ -130,11 +130,11 @@ class MissingDerivativeError(ValueError):
     def __init__(self, backend: str, op: str):
         self.backend, self.op = backend, op
         self.other = "func" if backend == "higher" else "higher"
-        need = "second derivatives (backward of backward)" if backend == "higher" else "forward-mode derivatives"
-        self.need = need
-        super().__init__(f"the '{backend}' meta backend needs {need}, which torch does not implement for {op} "
+        self.need = "second derivatives (backward of backward)" if backend == "higher" else "forward-mode derivatives"
+        auto = " (or backend='auto', which switches by itself)" if backend == "higher" else ""
+        super().__init__(f"the '{backend}' meta backend needs {self.need}, which torch does not implement for {op} "
                          f"(an op of this model): use backend='{self.other}' (timm-l2w train --backend "
-                         f"{self.other}), or backend='auto', which switches by itself")
+                         f"{self.other}){auto}")
 
 
 @contextlib.contextmanager

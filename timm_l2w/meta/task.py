@@ -183,12 +183,11 @@ class L2WClassificationTask(ClassificationTask):
         steps after this batch; it divides the loss by ``accum_steps``); a loop without accumulation may
         leave them out."""
         l2w = self._hook()
-        if need_update is None:
-            if self.grad_accum_steps > 1:
-                raise ValueError(f"grad_accum_steps={self.grad_accum_steps}: call task(input, target, "
-                                 "need_update=need_update, accum_steps=accum_steps) so the meta steps fall on the "
-                                 "loop's updates")
-            need_update = True
+        if self.grad_accum_steps > 1 and (need_update is None or accum_steps is None):
+            raise ValueError(f"grad_accum_steps={self.grad_accum_steps}: call task(input, target, "
+                             "need_update=need_update, accum_steps=accum_steps) so the meta steps fall on the "
+                             "loop's updates")
+        need_update = True if need_update is None else bool(need_update)
         window = 1 if accum_steps is None else check_number(accum_steps, "accum_steps", Range(1, integer=True))
         if window > 1 and self.loss_scaler is not None:
             raise ValueError("gradient accumulation with an AMP loss scaler (fp16): .grad holds scaled gradients the "
