@@ -62,6 +62,9 @@ class TinyMultiExit(MultiExitModel):
         state = self.blocks[index](state)
         return state, self.heads[index](state)
 
+    def get_classifiers(self):
+        return nn.ModuleList(head[-1] for head in self.heads)
+
 
 class DropoutMultiExit(TinyMultiExit):
     """TinyMultiExit with dropout before every head: the backends must see the same masks."""

@@ -11,7 +11,7 @@ from .exits import RULES, ConfidenceRule, EntropyRule, ExitRule, PatienceRule
 from .files import load_state_dict
 from .flops import count_flops, exit_flops
 from .inference import EarlyExitPrediction, EarlyExitPredictor
-from .meta import L2W, MetaStepResult, meta_step
+from .meta import L2W, L2WClassificationTask, MetaStepResult, meta_step
 from .models import MSDNet, MultiExitModel, MultiExitWrapper, RANet, create_multi_exit_model
 from .version import __version__
 from .weighting import Distillation, ExitCriterion, WeightedMultiExitLoss, WeightPredictor
@@ -20,8 +20,8 @@ __all__ = [
     # models (registered in timm on import)
     "MultiExitModel", "MultiExitWrapper", "MSDNet", "RANet", "create_multi_exit_model",
     # L2W in a training loop
-    "L2W", "meta_step", "MetaStepResult", "WeightPredictor", "WeightedMultiExitLoss", "ExitCriterion",
-    "Distillation",
+    "L2W", "L2WClassificationTask", "meta_step", "MetaStepResult", "WeightPredictor", "WeightedMultiExitLoss",
+    "ExitCriterion", "Distillation",
     # evaluation and early exit
     "collect_exit_outputs", "ExitOutputs", "anytime_metrics", "budgeted_evaluation", "BudgetedResults",
     "exit_flops", "count_flops", "EarlyExitPredictor", "EarlyExitPrediction",

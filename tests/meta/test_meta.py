@@ -336,6 +336,55 @@ def test_an_op_without_second_derivatives_names_the_other_backend():
     assert torch.isfinite(result.meta_loss) and any(g.abs().sum() > 0 for g in result.grads)
 
 
+def _hardsigmoid_model(seed: int = 0) -> TinyMultiExit:
+    torch.manual_seed(seed)
+    model = TinyMultiExit()
+    for block in model.blocks:
+        block[2] = nn.Hardsigmoid()
+    return model
+
+
+def test_the_default_backend_switches_to_func_when_higher_lacks_a_derivative_and_says_so_once(caplog):
+    """backend='auto' (default): 'higher' until a model op has no second derivative (MobileNetV3's hardsigmoid),
+    then 'func' with one log line; training goes on. An explicit 'higher' keeps the error."""
+    from tests.helpers import l2w_loader_batch
+    from timm_l2w.meta import MissingDerivativeError
+
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 4, (8,))
+    model = _hardsigmoid_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    l2w = L2W(model, opt, hidden_sizes=(4,))
+    with caplog.at_level("INFO", logger="timm_l2w"):
+        for _ in range(2):
+            l2w_loader_batch(l2w, model, opt, x, y)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("timm_l2w")]
+    assert len(lines) == 1 and "hardsigmoid" in lines[0] and "using backend='func'" in lines[0], lines
+    assert l2w.backend.name == "func" and l2w.step == 4 and l2w.meta_skipped == 0
+    assert any(g.abs().sum() > 0 for g in l2w.last_meta_grads)
+    model = _hardsigmoid_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(MissingDerivativeError, match="'higher' meta backend needs second derivatives"):
+        l2w_loader_batch(L2W(model, opt, hidden_sizes=(4,), backend="higher"), model, opt, x, y)
+
+
+def test_the_default_backend_stays_higher_where_it_works_and_steps_like_it():
+    from tests.helpers import l2w_loader_batch
+
+    x, y = torch.randn(8, 1, 8, 8, dtype=torch.float64), torch.randint(0, 4, (8,))
+    predictors = []
+    for backend in ("auto", "higher"):
+        torch.manual_seed(0)
+        model = TinyMultiExit().to(torch.float64)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        l2w = L2W(model, opt, hidden_sizes=(4,), backend=backend)
+        for _ in range(2):
+            l2w_loader_batch(l2w, model, opt, x, y)
+        assert l2w.backend.name == "higher"
+        predictors.append([p.detach() for p in l2w.weight_net.parameters()])
+    for a, b in zip(*predictors):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 def test_meta_imports_no_accelerator_or_upper_layer_and_models_import_no_higher():
     """The layer rule for the meta step (docs/architecture.md): ``timm_l2w.meta`` imports nothing from the
     accelerators or above, and the models know nothing of the 'higher' backend."""

@@ -115,11 +115,12 @@ def test_in_chans_num_classes_and_larger_inputs():
 def test_reset_and_get_classifier():
     model = timm.create_model("msdnet_l2w_cifar_tiny")
     assert model.num_classes == 100
-    heads = model.get_classifier()
+    heads = model.get_classifiers()
     assert len(heads) == 5 and all(h.out_features == 100 for h in heads)
+    assert model.get_classifier() is heads[-1]  # timm's scripts (--head-init-scale) get the last exit's
     trunk = {k: v.clone() for k, v in model.state_dict().items() if ".linear." not in k}
     model.reset_classifier(6)
-    assert model.num_classes == 6 and all(h.out_features == 6 for h in model.get_classifier())
+    assert model.num_classes == 6 and all(h.out_features == 6 for h in model.get_classifiers())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in trunk.items())
     with pytest.raises(ValueError, match="unknown global_pool 'median'"):
         model.reset_classifier(5, global_pool="median")

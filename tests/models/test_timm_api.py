@@ -111,7 +111,10 @@ def test_forward_features_head_and_reset_classifier(name):
         pre = model.forward_head(feats, pre_logits=True)
         assert feats.shape[1 if feats.ndim == 4 else -1] == model.num_features
         assert pre.shape == (2, model.head_hidden_size)
-        assert len(model.get_classifier()) == model.num_exits
+        assert len(model.get_classifiers()) == model.num_exits
+        # timm's get_classifier(): the last exit's linear layer, the one eval mode's forward ends with
+        assert model.get_classifier() is model.get_classifiers()[-1]
+        torch.testing.assert_close(model.get_classifier()(pre), model(x), rtol=0, atol=0)
         model.reset_classifier(0)  # timm: exits return pooled features
         assert model.num_classes == 0 and torch.equal(model(x), pre)
         assert all(o.shape[0] == 2 and o.ndim == 2 for o in model.forward_exits(x))

@@ -324,6 +324,10 @@ def test_l2w_checks_the_clip_and_accumulation_settings(tiny_model):
         L2W(tiny_model, opt, clip_grad=1.0, clip_mode="max")
     with pytest.raises(ValueError, match="grad_accum_steps"):
         L2W(tiny_model, opt, grad_accum_steps=0)
+    with pytest.raises(ValueError, match="1 tensor\\(s\\) that are not parameters of the model"):
+        L2W(tiny_model, opt, clip_grad=1.0, clip_parameters=[*tiny_model.parameters(), torch.zeros(1)])
+    with pytest.raises(ValueError, match="accum_steps"):
+        L2W(tiny_model, opt).loss(tiny_model(torch.randn(2, 1, 6, 6)), torch.tensor([0, 1]), accum_steps=0)
 
 
 # --- L2W's accumulation schedule ------------------------------------------------------------------------

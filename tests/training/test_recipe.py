@@ -111,3 +111,19 @@ def test_gradient_accumulation_windows_must_fit_the_checkpoints(tmp_path, capsys
                     *extra)
         err = capsys.readouterr().err
         assert code == 2 and message in err and "Traceback" not in err, (extra, err)
+
+
+def test_agc_leaves_the_exit_classifiers_out_as_timms_train_py_and_the_virtual_step_clips_the_same(tmp_path):
+    """``--clip-mode agc`` clips what timm's train.py clips (every parameter but the classifiers: here every
+    exit's), and L2W's virtual step is told that set."""
+    from timm_l2w.training.run import Run
+    from timm_l2w.training.update import agc_parameters
+
+    run = Run(parse_args(BASE + ["--clip-grad", "0.01", "--clip-mode", "agc", "--output", str(tmp_path / "p")]))
+    run.build()
+    model = run.accelerator.unwrap_model(run.model)
+    heads = {id(p) for c in model.get_classifiers() for p in c.parameters()}
+    expected = {id(p) for p in model.parameters()} - heads
+    assert len(heads) == 6 and {id(p) for p in agc_parameters(run.model)} == expected
+    assert {id(p) for p in run.l2w.clip_parameters} == expected
+    assert _run(tmp_path / "run", "--clip-grad", "0.01", "--clip-mode", "agc", "--max-steps", "2", "--no-eval") == 0

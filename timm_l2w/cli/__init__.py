@@ -1,4 +1,4 @@
-"""The ``timm-l2w`` command: ``timm-l2w {train,eval,convert,demo,export,predict} ...``.
+"""The ``timm-l2w`` command: ``timm-l2w {train,eval,convert,demo,export,predict,run} ...``.
 
 Each subcommand lives in its own module as ``main(argv) -> int``; this file only dispatches, so
 ``timm-l2w --help`` stays fast (nothing heavy is imported until a subcommand runs).
@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "demo": ("timm_l2w.cli.demo", "the README's demo on built-in data"),
     "export": ("timm_l2w.cli.export", "an early-exit package: per-stage ONNX (+ torch.export), manifest, policy"),
     "predict": ("timm_l2w_runtime.predict", "early-exit predictions for images with a package (onnxruntime)"),
+    "run": ("timm_l2w.cli.run", "one of timm's scripts (validate.py, benchmark.py, ...) with the models registered"),
 }
 
 

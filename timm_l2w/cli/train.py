@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=_preset_help("Adam weight decay of the weight predictor", "meta_weight_decay"))
     g.add_argument("--hidden", type=int, default=None,
                    help=_preset_help("hidden size of the weight predictor", "hidden"))
-    g.add_argument("--backend", choices=["higher", "func"], default="higher", help="virtual-step backend")
+    g.add_argument("--backend", choices=["auto", "higher", "func"], default="auto",
+                   help="virtual-step backend (auto: higher, or func where the model lacks second derivatives)")
     g.add_argument("--meta-precision", choices=["fp32", "amp"], default="fp32",
                    help="meta step under --mixed-precision bf16/fp16: fp32 (autocast off; the bf16 meta gradient is "
                         "mostly rounding noise early on) or amp (the real step's autocast; fp16 with its own loss "

@@ -7,21 +7,26 @@ with the confidence-based exit assignment (:mod:`.loss`), the second-order gradi
 w.r.t. the predictor (:mod:`.backends`: ``'higher'`` or ``'func'``), and the meta optimizer's step
 (:mod:`.step`). Then the real step uses the updated predictor's weights. :class:`L2W` (:mod:`.hook`)
 runs this schedule inside any loop, with the precision policy of :mod:`.precision` beside it and the
-plug of :mod:`.plug` for accelerators.
+plug of :mod:`.plug` for accelerators; :class:`L2WClassificationTask` (:mod:`.task`) is the same schedule
+as a timm training task, for timm's own train.py.
 """
 from .backends import BACKENDS, make_backend
-from .hook import L2W
+from .hook import BACKEND_CHOICES, L2W
 from .loss import meta_loss, rng_state
 from .plug import MetaUpdateRunner
 from .precision import META_PRECISIONS
-from .step import MetaStepResult, meta_step
+from .step import MetaStepResult, MissingDerivativeError, meta_step
+from .task import L2WClassificationTask
 
 __all__ = [
     "BACKENDS",
+    "BACKEND_CHOICES",
     "META_PRECISIONS",
     "L2W",
+    "L2WClassificationTask",
     "MetaStepResult",
     "MetaUpdateRunner",
+    "MissingDerivativeError",
     "make_backend",
     "meta_loss",
     "meta_step",

@@ -1,6 +1,7 @@
 """The :class:`L2W` hook: the meta step inside an existing training loop (split / loss / state)."""
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -26,9 +27,12 @@ from .backends import BACKENDS, make_backend
 from .loss import RngState, rng_state
 from .plug import MetaUpdateRunner
 from .precision import MetaPrecision
-from .update import accelerate_accum_steps, accumulated_grads, check_clip, check_window_start
+from .update import accelerate_accum_steps, accumulated_grads, check_clip, check_window_start, clip_mask
 
-__all__ = ["L2W"]
+__all__ = ["L2W", "BACKEND_CHOICES"]
+
+BACKEND_CHOICES = ("auto",) + BACKENDS  # 'auto': 'higher', or 'func' where the model lacks second derivatives
+_log = logging.getLogger(__name__)
 
 Batch = Tuple[Tensor, Tensor]
 
@@ -60,7 +64,9 @@ class L2W:
 
     ``clip_grad`` / ``clip_mode`` say how the loop clips the gradients before ``optimizer.step()``, in
     timm's terms (``dispatch_clip_grad``: ``'norm'``, ``'value'``, ``'agc'``); the virtual step clips the
-    same way, differentiably. L2W does not clip the real gradients (the loop still does).
+    same way, differentiably. ``clip_parameters`` are the parameters the loop clips (default: all of the
+    model's; timm's train.py clips ``task.get_clip_parameters(exclude_head='agc' in clip_mode)``, the
+    classifiers left out under ``'agc'``). L2W does not clip the real gradients (the loop still does).
 
     Gradient accumulation over N micro-batches (a micro-batch is one half of :meth:`split`):
     ``Accelerator(gradient_accumulation_steps=N)`` with ``with accelerator.accumulate(model):`` around
@@ -70,6 +76,14 @@ class L2W:
     the micro-batch after whose backward the optimizer steps, and its virtual step is that accumulated
     update (:mod:`timm_l2w.meta.update`). ``meta_interval`` and ``total_steps`` count real updates. A
     window must start with empty (or zero) ``.grad``: leftovers are an error naming the order to use.
+    A loop whose windows are uneven (timm's train.py shortens the last one of an epoch) says what it
+    does on every call: ``loss(..., update=need_update, accum_steps=n)`` (the optimizer steps after this
+    micro-batch's backward; the loss is divided by ``n``) replaces the hook's own count.
+
+    ``backend``: ``'auto'`` (default) runs ``'higher'`` and, when the model has an op without the second
+    derivatives it needs (e.g. ``hardsigmoid`` in MobileNetV3), switches to ``'func'`` (the same meta
+    gradient from first and forward-mode derivatives) and says so in one log line; ``'higher'`` or
+    ``'func'`` keeps that backend.
 
     ``meta_precision`` (``'fp32'`` or ``'amp'``, :mod:`timm_l2w.meta.precision`) is the meta step's
     arithmetic when the real step runs in mixed precision; :attr:`meta_scaler` is its fp16 loss scaler.
@@ -106,7 +120,7 @@ class L2W:
         meta_lr: float = 1e-4,
         meta_weight_decay: float = 1e-4,
         total_steps: Optional[int] = None,
-        backend: str = "higher",
+        backend: str = "auto",
         label_smoothing: float = 0.0,
         accelerator: Any = None,
         weight_net: Optional[WeightPredictor] = None,
@@ -117,6 +131,7 @@ class L2W:
         clip_grad: Optional[float] = None,
         clip_mode: str = "norm",
         grad_accum_steps: Optional[int] = None,
+        clip_parameters: Optional[Sequence[Tensor]] = None,
     ):
         net = unwrap_model(model)
         model_exits = getattr(net, "num_exits", None)
@@ -142,10 +157,12 @@ class L2W:
                          Range(1, integer=True, hint="updates, or None for a constant meta lr"))
         meta_lr = check_number(meta_lr, "meta_lr", Range(0, low_open=True, hint="paper: 1e-4"))
         meta_weight_decay = check_number(meta_weight_decay, "meta_weight_decay", Range(0, hint="paper: 1e-4"))
-        check_choice(backend, BACKENDS, "backend")
+        check_choice(backend, BACKEND_CHOICES, "backend")
         self.model, self.optimizer, self.accelerator = model, optimizer, accelerator
         check_optimizer(optimizer)  # fail early on an optimizer the virtual step cannot reproduce
         self.clip_grad, self.clip_mode = check_clip(clip_grad, clip_mode)
+        clip_mask([p for _, p in net.named_parameters()], clip_parameters)  # fail early on foreign tensors
+        self.clip_parameters = None if clip_parameters is None else list(clip_parameters)
         accelerate_steps = accelerate_accum_steps(accelerator)
         if grad_accum_steps is not None:
             grad_accum_steps = check_number(grad_accum_steps, "grad_accum_steps", Range(1, integer=True, hint=(
@@ -174,7 +191,8 @@ class L2W:
             raise TypeError(f"distill must be a timm_l2w.Distillation(temperature, alpha) or None, got {distill!r}")
         self.distill = distill
         self._fused_attention = any(getattr(m, "fused_attn", False) for m in unwrap_model(model).modules())
-        self.backend = make_backend(backend, net)
+        self.backend_choice = backend  # 'auto' until the first meta step has decided
+        self.backend = make_backend("higher" if backend == "auto" else backend, net)
         ref = next(net.parameters())
         dtype = ref.dtype if ref.is_floating_point() else None
         self.precision = MetaPrecision(meta_precision, accelerator, dtype)
@@ -233,6 +251,11 @@ class L2W:
         return self.precision.policy
 
     @property
+    def micro_step(self) -> int:
+        """Micro-batches (halves) of the current accumulation window done so far (0: the next one starts it)."""
+        return self._micro
+
+    @property
     def meta_due(self) -> bool:
         """Whether the next update runs a meta step (every ``meta_interval`` updates, from the first)."""
         return self.step % self.meta_interval == 0
@@ -269,25 +292,43 @@ class L2W:
         train_rng: Optional[RngState] = None,
         accumulated_grads: Optional[Sequence[Optional[Tensor]]] = None,
         read_loss: bool = True,
+        accum_steps: Optional[int] = None,
     ) -> float | Tensor:
         """One meta step and meta optimizer step (gradients averaged across ranks); returns the meta loss
         (``read_loss=False``: as a device tensor, without waiting for the device, as :meth:`loss` does).
-        ``accumulated_grads``: what the accumulation window's earlier micro-batches left in ``.grad``.
+        ``accumulated_grads``: what the accumulation window's earlier micro-batches left in ``.grad``;
+        ``accum_steps``: the window's loss divisor (default ``grad_accum_steps``).
 
         A step with a non-finite meta loss or gradient is skipped (:func:`timm_l2w.meta.step.predictor_step`)."""
         device = train_batch[0].device if isinstance(train_batch[0], Tensor) else torch.device("cpu")
         scaler = self.precision.scaler_for(device)
         outer, autocast = self.precision.contexts(device)
-        with outer:
-            result = _step.meta_step(
-                self.model, self.optimizer, self.weight_net, train_batch, meta_batch, self._p_values,
-                eps=self.eps, constraint=self.constraint, backend=self.backend, criterion=self.criterion,
-                train_outputs=train_outputs, train_rng=train_rng, autocast=autocast, distill=self.distill,
-                # scaler.scale(1) is the current scale (and creates it on the first step)
-                loss_scale=float(scaler.scale(torch.ones((), device=device))) if scaler is not None else 1.0,
-                clip_grad=self.clip_grad, clip_mode=self.clip_mode, accumulated_grads=accumulated_grads,
-                grad_accum_steps=self.grad_accum_steps,
-            )
+
+        def run(outputs: Optional[Sequence[Tensor]], rng: Optional[RngState]) -> _step.MetaStepResult:
+            with outer:
+                return _step.meta_step(
+                    self.model, self.optimizer, self.weight_net, train_batch, meta_batch, self._p_values,
+                    eps=self.eps, constraint=self.constraint, backend=self.backend, criterion=self.criterion,
+                    train_outputs=outputs, train_rng=rng, autocast=autocast, distill=self.distill,
+                    # scaler.scale(1) is the current scale (and creates it on the first step)
+                    loss_scale=float(scaler.scale(torch.ones((), device=device))) if scaler is not None else 1.0,
+                    clip_grad=self.clip_grad, clip_mode=self.clip_mode, accumulated_grads=accumulated_grads,
+                    grad_accum_steps=accum_steps or self.grad_accum_steps, clip_parameters=self.clip_parameters,
+                )
+
+        if self.backend_choice != "auto":
+            result = run(train_outputs, train_rng)
+        else:  # the first meta step decides; on its own forward, so a failure leaves the caller's graph whole
+            try:
+                result = run(None, None)
+            except _step.MissingDerivativeError as err:
+                if err.backend != "higher":
+                    raise
+                _log.warning("L2W: the 'higher' meta backend needs %s, which torch does not implement for %s (an "
+                             "op of this model): using backend='func' (the same meta gradient)", err.need, err.op)
+                self.backend = make_backend("func", self.backend.model)
+                result = run(None, None)
+            self.backend_choice = self.backend.name
         grads = [t.grad for t in self.weight_net.parameters()]
         # a non-finite meta loss on any rank rides along in the all-reduce, so every rank decides alike
         bad = (~torch.isfinite(result.meta_loss.detach())).to(grads[0].dtype).reshape(1)
@@ -305,15 +346,25 @@ class L2W:
         _step.predictor_step(self.meta_optimizer, applied, scaler, self._fused_meta)
         return self.last_meta_loss if read_loss else self.last_meta_loss_tensor
 
-    def loss(self, outputs: Sequence[Tensor], target: Tensor, *, advance: bool = True) -> Tensor:
+    def loss(self, outputs: Sequence[Tensor], target: Tensor, *, update: Optional[bool] = None,
+             accum_steps: Optional[int] = None, advance: bool = True) -> Tensor:
         """The weighted loss for the real step; inside :meth:`split` the meta step runs first when due
         (on a micro-batch after whose backward the optimizer steps, every ``meta_interval`` updates).
+
+        ``update``: whether the optimizer steps after this micro-batch's backward (timm's ``need_update``);
+        ``accum_steps``: what the loop divides this micro-batch's loss by (its accumulation window, e.g.
+        timm's shorter last window of an epoch). Given, they replace the hook's own count of micro-batches
+        (every ``grad_accum_steps``-th, or accelerate's ``sync_gradients``) and ``grad_accum_steps``.
         ``advance=False`` leaves the host side of the call (counters, meta lr) to a later :meth:`advance`:
         a replayed CUDA graph of the whole update runs only its device side."""
         outputs = check_multi_exit_output(outputs, self.num_exits)
         in_split = self._halves is not None and self._current in (0, 1)
-        updates = in_split and self._updates_now()
-        if in_split and self.grad_accum_steps > 1 and self._micro == 0:
+        if accum_steps is not None:
+            accum_steps = check_number(accum_steps, "accum_steps", Range(1, integer=True, hint=(
+                "what the loop divides this micro-batch's loss by (its accumulation window)")))
+        window = accum_steps or self.grad_accum_steps
+        updates = in_split and (self._updates_now() if update is None else bool(update))
+        if in_split and window > 1 and self._micro == 0:
             check_window_start(self.backend.params())
         self.meta_step_ran = updates and self.meta_due
         if self.meta_step_ran:
@@ -327,10 +378,9 @@ class L2W:
             plugged = runner is not None and runner.run(current, lambda: self.meta_update(  # its own training forward
                 self._halves[current], meta_batch, read_loss=False))
             if not plugged:
-                accumulated = (accumulated_grads(self.backend.params(), self.accelerator)
-                               if self.grad_accum_steps > 1 else None)
+                accumulated = accumulated_grads(self.backend.params(), self.accelerator) if window > 1 else None
                 self.meta_update(train_batch, meta_batch, outputs if shared else None, self._rng if shared else None,
-                                 accumulated, read_loss=False)
+                                 accumulated, read_loss=False, accum_steps=window)
         loss, weights = weighted_multi_exit_loss(
             outputs, target, self.weight_net, self.eps, self.constraint, distill=self.distill, criterion=self.criterion
         )

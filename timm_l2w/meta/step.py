@@ -27,9 +27,10 @@ from ..weighting import (
 )
 from .backends import Backend, VirtualStep, make_backend
 from .loss import RngState, meta_loss, rng_state
-from .update import RealUpdate, check_clip
+from .update import RealUpdate, check_clip, clip_mask
 
-__all__ = ["MetaStepResult", "meta_step", "distributed", "all_reduce_mean_", "meta_adam", "predictor_step"]
+__all__ = ["MetaStepResult", "MissingDerivativeError", "meta_step", "distributed", "all_reduce_mean_", "meta_adam",
+           "predictor_step"]
 
 Batch = Tuple[Tensor, Tensor]
 
@@ -75,6 +76,7 @@ def meta_step(
     clip_mode: str = "norm",
     accumulated_grads: Optional[Sequence[Optional[Tensor]]] = None,
     grad_accum_steps: int = 1,
+    clip_parameters: Optional[Sequence[Tensor]] = None,
 ) -> MetaStepResult:
     """Steps 1-2 of the training step (docs/method.md §5) and the meta gradient of step 3.
 
@@ -89,8 +91,10 @@ def meta_step(
     the optimizer's input is ``accumulated_grads + g / grad_accum_steps`` (``g`` the weighted-loss
     gradient of the training half; ``accumulated_grads``, in ``model.named_parameters()`` order, what
     the window's earlier micro-batches left in ``.grad``), clipped as timm's
-    ``dispatch_clip_grad(model.parameters(), clip_grad, clip_mode)`` would clip it (``clip_grad=None``:
-    no clipping; modes ``'norm'``, ``'value'``, ``'agc'``), then ``optimizer``'s own update rule
+    ``dispatch_clip_grad(clip_parameters, clip_grad, clip_mode)`` would clip it (``clip_grad=None``:
+    no clipping; modes ``'norm'``, ``'value'``, ``'agc'``; ``clip_parameters`` the parameters the loop
+    clips, default all of the model's: timm's train.py leaves the classifier out under ``'agc'``), then
+    ``optimizer``'s own update rule
     (:func:`timm_l2w.optim_step.virtual_step`: SGD, AdamW, LAMB, ...).
 
     Both backends compute the same exact second-order gradient (:mod:`timm_l2w.meta.backends`:
@@ -116,7 +120,21 @@ def meta_step(
         return _meta_step(model, optimizer, weight_net, train_batch, meta_batch, p, eps, constraint, backend,
                           label_smoothing, train_outputs, train_rng, autocast, float(loss_scale), distill,
                           ExitCriterion.from_module(criterion, label_smoothing),
-                          (clip_grad, clip_mode, accumulated_grads, grad_accum_steps))
+                          (clip_grad, clip_mode, accumulated_grads, grad_accum_steps, clip_parameters))
+
+
+class MissingDerivativeError(ValueError):
+    """The model has an op whose derivative the meta backend needs and torch does not implement (``op``):
+    ``'higher'`` needs second derivatives, ``'func'`` forward-mode ones; ``other`` is the backend to use."""
+
+    def __init__(self, backend: str, op: str):
+        self.backend, self.op = backend, op
+        self.other = "func" if backend == "higher" else "higher"
+        self.need = "second derivatives (backward of backward)" if backend == "higher" else "forward-mode derivatives"
+        auto = " (or backend='auto', which switches by itself)" if backend == "higher" else ""
+        super().__init__(f"the '{backend}' meta backend needs {self.need}, which torch does not implement for {op} "
+                         f"(an op of this model): use backend='{self.other}' (timm-l2w train --backend "
+                         f"{self.other}){auto}")
 
 
 @contextlib.contextmanager
@@ -131,17 +149,13 @@ def _derivatives_of(backend: str) -> Iterator[None]:
         if "derivative for" not in text or "not implemented" not in text:
             raise
         op = text.split("derivative for", 1)[1].split("is not implemented", 1)[0].strip()
-        other = "func" if backend == "higher" else "higher"
-        need = ("second derivatives (backward of backward)" if backend == "higher"
-                else "forward-mode derivatives")
-        raise ValueError(f"the '{backend}' meta backend needs {need}, which torch does not implement for {op} "
-                         f"(an op of this model): use backend='{other}' (timm-l2w train --backend {other})") from None
+        raise MissingDerivativeError(backend, op) from None
 
 
 def _meta_step(model, optimizer, weight_net, train_batch, meta_batch, p, eps, constraint, backend,
                label_smoothing, train_outputs, train_rng, autocast, scale, distill=None,
                criterion: Optional[ExitCriterion] = None,
-               real_update: Tuple = (None, "norm", None, 1)) -> MetaStepResult:
+               real_update: Tuple = (None, "norm", None, 1, None)) -> MetaStepResult:
     eps = check_eps(eps)
     check_choice(constraint, CONSTRAINTS, "constraint")
     x_train, y_train = _check_batch(train_batch, "train_batch")
@@ -151,7 +165,7 @@ def _meta_step(model, optimizer, weight_net, train_batch, meta_batch, p, eps, co
     trainable = [i for i, inside in enumerate(in_optimizer(optimizer, params)) if inside]
     if not trainable:
         raise ValueError("no model parameter is in the optimizer: pass the optimizer that trains this model")
-    clip_grad, clip_mode, accumulated, accum_steps = real_update
+    clip_grad, clip_mode, accumulated, accum_steps, clip_parameters = real_update
     if accumulated is not None:
         accumulated = list(accumulated)
         if len(accumulated) != len(params):
@@ -159,7 +173,8 @@ def _meta_step(model, optimizer, weight_net, train_batch, meta_batch, p, eps, co
                              f"got {len(accumulated)}")
         steps = set(trainable)
         accumulated = [a.detach() if a is not None and i in steps else None for i, a in enumerate(accumulated)]
-    update = RealUpdate(optimizer, params, accumulated, accum_steps, clip_grad, clip_mode)
+    update = RealUpdate(optimizer, params, accumulated, accum_steps, clip_grad, clip_mode,
+                        clip_mask(params, clip_parameters))
     num_exits = weight_net.num_exits
     p = distribution_values(p, num_exits)  # Python floats: the meta loss's counts need no tensor read
     phi = list(weight_net.parameters())

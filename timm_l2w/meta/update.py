@@ -16,7 +16,8 @@ from torch import Tensor
 from ..optim_step import CLIP_MODES, clip_gradients, grad_coefficients, virtual_step
 from ..validation import Range, check_choice, check_number
 
-__all__ = ["RealUpdate", "check_clip", "accelerate_accum_steps", "accumulated_grads", "check_window_start"]
+__all__ = ["RealUpdate", "check_clip", "clip_mask", "accelerate_accum_steps", "accumulated_grads",
+           "check_window_start"]
 
 
 @dataclass
@@ -31,6 +32,7 @@ class RealUpdate:
     accum_steps: int = 1
     clip_grad: Optional[float] = None
     clip_mode: str = "norm"
+    clip_mask: Optional[List[bool]] = None  # which parameters the loop clips (None: all of them)
 
     def gradients(self, grads: Sequence[Optional[Tensor]]) -> List[Optional[Tensor]]:
         """What the optimizer sees: (accumulated +) this micro-batch's gradient / accum_steps, (clipped)."""
@@ -40,7 +42,11 @@ class RealUpdate:
         if self.accumulated is not None:
             grads = [a if g is None else g if a is None else a + g for a, g in zip(self.accumulated, grads)]
         if self.clip_grad is not None:
-            grads = clip_gradients(grads, self.params, self.clip_grad, self.clip_mode)
+            clipped = [i for i in range(len(grads)) if self.clip_mask is None or self.clip_mask[i]]
+            new = clip_gradients([grads[i] for i in clipped], [self.params[i] for i in clipped], self.clip_grad,
+                                 self.clip_mode)
+            for i, g in zip(clipped, new):
+                grads[i] = g
         return grads
 
     def step(self, grads: Sequence[Optional[Tensor]], values: Optional[Sequence[Tensor]] = None) -> List[Tensor]:
@@ -65,6 +71,20 @@ def check_clip(clip_grad: Optional[float], clip_mode: str) -> Tuple[Optional[flo
             "the max norm ('norm'), max |value| ('value') or clip factor ('agc'), as timm's --clip-grad; "
             "None: no clipping")))
     return clip_grad, clip_mode
+
+
+def clip_mask(params: Sequence[Tensor], clip_parameters: Optional[Sequence[Tensor]]) -> Optional[List[bool]]:
+    """Which of ``params`` the loop clips: those in ``clip_parameters`` (the list it hands timm's
+    ``dispatch_clip_grad``, e.g. ``model_parameters(model, exclude_head=True)`` under ``'agc'``); None: all."""
+    if clip_parameters is None:
+        return None
+    chosen = {id(p) for p in clip_parameters}
+    mask = [id(p) in chosen for p in params]
+    if sum(mask) != len(chosen):
+        raise ValueError(f"clip_parameters holds {len(chosen) - sum(mask)} tensor(s) that are not parameters of the "
+                         "model: pass the parameters the loop clips (e.g. task.get_clip_parameters(...) or "
+                         "timm.utils.model_parameters(model, exclude_head=...)), or None for all of them")
+    return mask
 
 
 # -- the accumulation window as the hook sees it ------------------------------------------------

@@ -29,7 +29,8 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from .layers import is_symbolic
 
-__all__ = ["MultiExitModel", "select_samples", "unwrap_model", "check_multi_exit_output", "equilibrium_split"]
+__all__ = ["MultiExitModel", "select_samples", "unwrap_model", "check_multi_exit_output", "equilibrium_split",
+           "classifier_free_parameters"]
 
 
 class _GradientEquilibrium(torch.autograd.Function):
@@ -245,6 +246,17 @@ class MultiExitModel(nn.Module):
             return outputs if self.training else outputs[-1]
         return self.forward_head(self.forward_features(x))
 
+    def get_classifiers(self) -> nn.ModuleList:
+        """Every exit's classifier (its final linear layer), cheapest exit first."""
+        raise NotImplementedError(f"{type(self).__name__} does not list its exits' classifiers: define "
+                                  "get_classifiers() returning an nn.ModuleList of them, cheapest exit first")
+
+    def get_classifier(self) -> nn.Module:
+        """timm API: the last exit's classifier, the one eval mode's ``forward`` ends with (timm's scripts scale
+        its ``weight``, e.g. train.py's ``--head-init-scale``); :meth:`get_classifiers` gives every exit's."""
+        classifiers = self.get_classifiers()
+        return classifiers[-1] if len(classifiers) else nn.Identity()
+
     def reset_classifier(self, num_classes: int) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
@@ -252,6 +264,17 @@ class MultiExitModel(nn.Module):
 # This module postpones annotations (strings); torch.fx copies ``forward``'s annotations into the code it
 # generates, which TorchScript then cannot read, so ``forward`` carries the resolved types.
 MultiExitModel.forward.__annotations__.update(typing.get_type_hints(MultiExitModel.forward))
+
+
+def classifier_free_parameters(model: nn.Module) -> Optional[List[nn.Parameter]]:
+    """``model``'s parameters without any exit's classifier (``get_classifiers()``): what timm's train.py clips
+    under ``--clip-mode agc``, which leaves the classifier out; None for a model that does not list them."""
+    classifiers = getattr(unwrap_model(model), "get_classifiers", None)
+    try:
+        heads = None if classifiers is None else {id(p) for c in classifiers() for p in c.parameters()}
+    except NotImplementedError:  # a MultiExitModel subclass that does not list them
+        heads = None
+    return None if heads is None else [p for p in model.parameters() if id(p) not in heads]
 
 
 def select_samples(state: Any, index: Tensor) -> Any:

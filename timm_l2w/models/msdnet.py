@@ -411,7 +411,7 @@ class MSDNet(MultiExitModel):
             self.exit_heads_pruned = True
         return take
 
-    def get_classifier(self) -> nn.ModuleList:
+    def get_classifiers(self) -> nn.ModuleList:
         """The final linear layer of every exit head, cheapest exit first."""
         return nn.ModuleList(head.linear for head in self.classifier)
 

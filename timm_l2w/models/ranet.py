@@ -425,7 +425,7 @@ class RANet(MultiExitModel):
             return starts[str(level)]
         return starts.pop(str(level))
 
-    def get_classifier(self) -> nn.ModuleList:
+    def get_classifiers(self) -> nn.ModuleList:
         """The linear layer of every exit head, cheapest exit first."""
         return nn.ModuleList(head.fc for head in self.heads)
 

@@ -444,7 +444,7 @@ class MultiExitWrapper(MultiExitModel):
         kept = {k: v for k, v in state_dict.items() if k in own or not any(k.startswith(n + ".") for n in names)}
         return self.backbone.load_state_dict(kept, strict=strict)
 
-    def get_classifier(self) -> nn.ModuleList:
+    def get_classifiers(self) -> nn.ModuleList:
         """The linear layer of every exit head, cheapest exit first."""
         return nn.ModuleList(head.fc for head in self.heads)
 

@@ -20,7 +20,7 @@ from ..checkpoint import load_pretrained
 from ..models.factory import create_multi_exit_model
 from .checkpoints import Checkpoints
 from .summary import EpochSummary
-from .update import Updater
+from .update import Updater, agc_parameters
 
 __all__ = ["Run"]
 
@@ -159,7 +159,7 @@ class Run:
                            meta_interval=args.meta_interval, meta_lr=args.meta_lr,
                            meta_weight_decay=args.meta_weight_decay, total_steps=self.total_updates,
                            backend=args.backend, accelerator=acc, meta_precision=args.meta_precision,
-                           distill=self.distill, criterion=self.criterion, **_l2w_step_kwargs(args))
+                           distill=self.distill, criterion=self.criterion, **_l2w_step_kwargs(args, self.model))
         self.model, self.optimizer = acc.prepare(self.model, optimizer)
         if self.l2w is not None:
             self.l2w.model, self.l2w.optimizer = self.model, self.optimizer
@@ -264,10 +264,14 @@ def _mixup_and_criterion(args: argparse.Namespace, num_classes: int) -> tuple:
     return mixup, ExitCriterion("ce", smoothing)
 
 
-def _l2w_step_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
-    """What L2W needs to model the real update beyond the optimizer: the clipping (only when used; the
-    accumulation it reads from the accelerator)."""
-    return {} if args.clip_grad is None else dict(clip_grad=args.clip_grad, clip_mode=args.clip_mode)
+def _l2w_step_kwargs(args: argparse.Namespace, model: nn.Module) -> Dict[str, Any]:
+    """What L2W needs to model the real update beyond the optimizer: the clipping (only when used; under
+    agc without the classifiers, :func:`agc_parameters`; the accumulation it reads from the accelerator)."""
+    if args.clip_grad is None:
+        return {}
+    clipped = agc_parameters(model) if args.clip_mode == "agc" else None
+    return dict(clip_grad=args.clip_grad, clip_mode=args.clip_mode, clip_parameters=clipped)
+
 
 
 def _check_accumulation(args: argparse.Namespace, steps_per_epoch: int) -> None:

@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
+from ..models.base import classifier_free_parameters
 from .stops import TrainingStopped, fault_point
 
 
@@ -57,9 +58,9 @@ class Updater:
             from ..accel.cuda_graphs import GraphedUpdates, capture_blocker
 
             optimizers = [self.optimizer] + ([self.l2w.meta_optimizer] if self.l2w is not None else [])
+            backend = self.l2w.backend.name if self.l2w is not None else None
             blocker = (f"the update skips non-finite steps on the host ({reason})" if reason else capture_blocker(
-                acc.device, optimizers, args.backend if self.l2w is not None else None, acc.unwrap_model(self.model),
-                several_processes=acc.num_processes > 1))
+                acc.device, optimizers, backend, acc.unwrap_model(self.model), several_processes=acc.num_processes > 1))
             log = print if acc.is_main_process else (lambda _: None)
             self.graphs = GraphedUpdates(optimizers, log=log, blocker=blocker)
 
@@ -188,8 +189,8 @@ class Updater:
         else:
             from timm.utils import adaptive_clip_grad
 
-            acc.unscale_gradients()
-            adaptive_clip_grad(self.model.parameters(), args.clip_grad)
+            acc.unscale_gradients()  # timm's train.py leaves the classifiers out under agc, as L2W's virtual step does
+            adaptive_clip_grad(agc_parameters(self.model), args.clip_grad)
 
     def _snapshot_buffers(self) -> List[Tensor]:
         """The model's buffers, one flat copy per dtype (a few kernels, not one per BN layer)."""
@@ -207,3 +208,10 @@ class Updater:
                 for b in group:
                     b.copy_(flat[offset: offset + b.numel()].view_as(b))
                     offset += b.numel()
+
+
+def agc_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """The parameters ``--clip-mode agc`` clips: every one but the exits' classifiers (timm's train.py leaves
+    the classifier out of adaptive clipping)."""
+    kept = classifier_free_parameters(model)
+    return list(model.parameters()) if kept is None else kept
