@@ -144,6 +144,8 @@ TRAIN_SETTINGS: Dict[str, Range] = {
 EVAL_SETTINGS: Dict[str, Range] = {
     "num_classes": Range(1, integer=True), "in_chans": Range(1, integer=True), "input_size": Range(1, integer=True),
     "held_out": Range(1, integer=True), "batch_size": Range(1, integer=True),
+    "latency_batch_size": Range(1, integer=True), "latency_repeats": Range(1, integer=True),
+    "latency_threads": Range(1, integer=True),
 }
 CONVERT_SETTINGS: Dict[str, Range] = {"num_classes": Range(1, integer=True)}
 # flags with two spellings, named both ways in messages

@@ -62,6 +62,25 @@ def _parser() -> argparse.ArgumentParser:
                         "value) whose expected FLOPs per image on the held-out set stay within this budget. In "
                         "FLOPs per image: 3000000, 3e6 and 3M are the same budget (suffixes k, M, G); the tables "
                         "this command prints are in MFLOPs, so a row's '3.5 MFLOPs' is --flops-budget 3.5M")
+    latency = p.add_argument_group("latency budgets (docs/deploy.md, 'Latency budgets')")
+    latency.add_argument("--latency-budget", type=float, default=None, metavar="MS",
+                         help="also write <name>_policy.json for the most accurate exit distribution (patience: "
+                              "patience value) whose expected milliseconds per image at --latency-batch-size stay "
+                              "within MS, from a table of every stage's time on the target; the budgeted tables "
+                              "get expected_ms columns and the policy carries the table")
+    latency.add_argument("--latency-batch-size", type=int, default=1, metavar="B",
+                         help="the deployment batch size the budget is for (images per predict call)")
+    latency.add_argument("--latency-target", choices=("torch", "onnx"), default="torch",
+                         help="where the stages are timed, on this machine: torch (EarlyExitPredictor in eager "
+                              "PyTorch on --device) or onnx (the exported package in onnxruntime, CPU)")
+    latency.add_argument("--latency-table", default=None, metavar="FILE",
+                         help="a latency table measured elsewhere instead (on the deployment machine: "
+                              "timm-l2w-predict DIR --measure-latency --latency-output FILE)")
+    latency.add_argument("--latency-repeats", type=int, default=20,
+                         help="timed runs per stage and batch size (the table holds their medians)")
+    latency.add_argument("--latency-threads", type=int, default=None,
+                         help="CPU threads while timing (torch: torch.set_num_threads; onnx: onnxruntime intra-op "
+                              "threads; default: the library's)")
     p.add_argument("--no-progress", action="store_true",
                    help="hide the progress bar (it is off anyway when stderr is not a terminal)")
     return p
@@ -142,10 +161,16 @@ def _run(args: argparse.Namespace, timm: Any) -> int:
                                 + (" (that is a folder)" if Path(args.checkpoint).is_dir() else ""))
     model_name, kwargs = model_from_metadata(args)  # before the data: a wrong --model is the first thing to say
     _data_from_metadata(args)
-    if args.q is not None or args.flops_budget is not None:
+    if args.q is not None or args.flops_budget is not None or args.latency_budget is not None:
         from ..inference.policy import check_policy_request
 
-        check_policy_request(args.q, args.flops_budget, args.exit_rule)
+        check_policy_request(args.q, args.flops_budget, args.exit_rule, args.latency_budget)
+    if args.latency_table is not None:  # a table from elsewhere: readable before any work
+        from timm_l2w_runtime.latency import read_latency_table
+
+        if args.latency_budget is None:
+            raise ValueError("--latency-table is the table of a latency budget: pass --latency-budget MS with it")
+        read_latency_table(args.latency_table)
     heldout_loader, test_loader, info = create_eval_loaders(
         args.dataset, data_dir=args.data_dir, batch_size=args.batch_size, input_size=args.input_size,
         in_chans=args.in_chans or 3, held_out=args.held_out,
@@ -179,7 +204,11 @@ def _run(args: argparse.Namespace, timm: Any) -> int:
     best = max(result["budgeted"].rows(), key=lambda r: r["test_top1"])
     print(f"budgeted: best test top1 {best['test_top1']:.2f}% at {best['expected_flops'] / 1e6:.2f} MFLOPs "
           f"(exit rule: {args.exit_rule})")
-    if args.q is not None or args.flops_budget is not None:  # the exit policy timm-l2w export reads
+    if args.latency_budget is not None:  # the latency table: expected ms beside the FLOPs, and the policy's
+        from ..deploy.latency import eval_latency_table
+
+        eval_latency_table(args, model, result, tuple(info["input_size"]), name)
+    if args.q is not None or args.flops_budget is not None or args.latency_budget is not None:
         from ..inference.policy import eval_policy_file
 
         result["files"]["policy"] = eval_policy_file(args, model, result, test_loader, info, name)
