@@ -1,8 +1,8 @@
 """Latency budgets: does the policy chosen for a budget in milliseconds meet it when it really runs?
 
 For each model (``msdnet_l2w_cifar`` and the wrapped timm backbone ``resnet18_l2w``, 10 classes, 32x32
-images, weights from a short equal-weight training on the built-in ``digits-affine`` unless
-``--train-seconds 0``)
+images, weights from 60 equal-weight training updates on the built-in ``digits-affine`` unless
+``--train-steps 0``; policies chosen on 1,000 held-out images)
 and each batch size (1 and 64), on the CPU with one thread, in rounds that alternate measuring and
 checking (so both see the same machine):
 
@@ -116,10 +116,10 @@ def check_round(model, package: Path, tmp: Path, heldout, candidates, flops, x: 
 
 def run_model(name: str, args, clock_name: str) -> Dict[str, Any]:
     torch.manual_seed(0)
-    splits = create_datasets(args.dataset, input_size=SIZE[1], in_chans=SIZE[0])
+    splits = create_datasets(args.dataset, input_size=SIZE[1], in_chans=SIZE[0], held_out=args.held_out)
     train_loader, held_loader, test_loader = create_loaders(splits, batch_size=64, eval_batch_size=256)
     model = create_multi_exit_model(name, num_classes=splits.num_classes)
-    steps = short_training(model, train_loader, args.train_seconds) if args.train_seconds > 0 else 0
+    steps = short_training(model, train_loader, 0.0, max_steps=args.train_steps) if args.train_steps else 0
     model.eval()
     heldout = collect_exit_outputs(model, held_loader)
     x = torch.cat([b[0] for b in test_loader])[:args.images]
@@ -166,7 +166,10 @@ def main() -> None:
     parser.add_argument("--dataset", default="digits-affine",
                         help="built-in data set (digits-affine: the later exits are needed, so the budgets choose "
                              "different policies)")
-    parser.add_argument("--train-seconds", type=float, default=60.0)
+    parser.add_argument("--train-steps", type=int, default=60, help="equal-weight training updates (0: random init)")
+    parser.add_argument("--held-out", type=int, default=1000,
+                        help="held-out images the policies are chosen on (the more, the closer their exit shares "
+                             "come to the test images')")
     parser.add_argument("--images", type=int, default=256, help="test images per check (a multiple of 64)")
     parser.add_argument("--budgets", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2, help="rounds of (measure the tables, check the budgets)")

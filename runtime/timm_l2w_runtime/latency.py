@@ -11,7 +11,11 @@ A latency table is a small JSON document (a policy file carries it under ``"late
 * ``batch_sizes``: the batch sizes measured, increasing.
 * ``stage_ms[k][j]``: milliseconds of stage ``k`` on a batch of ``batch_sizes[j]`` images as the
   runtime's loop runs it: the stage, exit ``k``'s softmax and exit rule, the bookkeeping of who left
-  (host syncs included: a GPU is synchronised at every stage, as the loop's decision does).
+  (host syncs included: a GPU is synchronised at every stage, as the loop's decision does), timed in
+  calls that run every stage (the deeper stages of the call before ran in between).
+* ``stage_repeat_ms[k][j]``: the same when no stage deeper than ``k`` ran since stage ``k`` last ran
+  (calls that all stop at exit ``k``): its weights may still be in the caches, which on a CPU at small
+  batches makes it up to a third faster. The last stage's row is ``stage_ms``'s.
 * ``gather_ms[k][j]``: milliseconds of cutting the state down to ``batch_sizes[j]`` rows before stage
   ``k``, paid only when some images left at exit ``k - 1`` (0 for stage 0).
 * ``call_ms[j]``: the rest of one predict call (input checks, allocations).
@@ -23,30 +27,32 @@ with held-out exit fractions ``f_k``, an image reaches stage ``k`` with probabil
 ``s_k = 1 - f_0 - ... - f_{k-1}``; in a batch of ``B`` independent images the number that reach it is
 ``N_k ~ Binomial(B, s_k)`` (``B s_k`` on average), and stage ``k`` runs only when ``N_k >= 1``::
 
-    E[ms per image] = ( call(B) + sum_k sum_{n=1..B} [ P(N_k = n) t_k(n)
+    E[ms per image] = ( call(B) + sum_k sum_{n=1..B} [ P(N_k = n) T_k(n)
                                                       + P(N_k = n, N_{k-1} > n) g_k(n) ] ) / B
     P(N_k = n)            = C(B, n) s_k^n (1 - s_k)^(B - n)
     P(N_k = n = N_{k-1})  = C(B, n) s_k^n (1 - s_{k-1})^(B - n)     (nobody of the n left at exit k - 1)
+    T_k(n)                = w_k r_k(n) + (1 - w_k) t_k(n),   w_k = (1 - s_{k+1})^B
 
-``t_k(n)`` / ``g_k(n)`` are the table's ``stage_ms`` / ``gather_ms`` at ``n`` images: piecewise linear
-between the measured batch sizes, the smallest measured batch's time below it, and a constant time per
-image above the largest. At ``B = 1``: ``call(1) + sum_k s_k t_k(1)``. Every function here is vectorised
-over candidate policies (rows of exit fractions). Needs numpy only.
+``w_k`` is the chance that the batch before sent no image deeper than stage ``k``. ``t_k(n)``,
+``r_k(n)`` and ``g_k(n)`` are the table's ``stage_ms``, ``stage_repeat_ms`` and ``gather_ms`` at ``n``
+images: piecewise linear between the measured batch sizes, the smallest measured batch's time below it,
+and a constant time per image above the largest. At ``B = 1``:
+``call(1) + sum_k s_k (w_k r_k(1) + (1 - w_k) t_k(1))``. Every function here is vectorised over candidate
+policies (rows of exit fractions). Needs numpy only.
 """
 from __future__ import annotations
 
 import json
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 __all__ = [
-    "LATENCY_TARGETS", "CLOCKS", "NeverLeave", "StageClock", "check_latency_table", "expected_latency_ms",
+    "LATENCY_TARGETS", "CLOCKS", "TimingRule", "StageClock", "check_latency_table", "expected_latency_ms",
     "interpolate_ms", "latency_batch_sizes", "latency_table", "measure_stages", "processor_name",
     "read_latency_table", "latency_table_text", "check_timing_settings",
 ]
@@ -112,6 +118,8 @@ def check_latency_table(table: Any, num_exits: Optional[int] = None, where: str 
     out = dict(table)
     out.update(num_exits=k, batch_sizes=list(sizes),
                stage_ms=_matrix(table.get("stage_ms"), k, cols, f"{where}.stage_ms", error),
+               stage_repeat_ms=_matrix(table.get("stage_repeat_ms", table.get("stage_ms")), k, cols,
+                                       f"{where}.stage_repeat_ms", error),
                gather_ms=_matrix(table.get("gather_ms", [[0.0] * cols] * k), k, cols, f"{where}.gather_ms", error),
                call_ms=_matrix([table.get("call_ms", [0.0] * cols)], 1, cols, f"{where}.call_ms", error)[0],
                device=dict(table.get("device") or {}))
@@ -176,24 +184,29 @@ def expected_latency_ms(table: Mapping[str, Any], exit_fractions: Any, batch_siz
     p_run = np.exp(log_choose + _xlogy(n, reach) + _xlogy(b - n, 1.0 - reach))  # P(N_k = n)
     p_nobody_left = np.exp(log_choose + _xlogy(n, reach) + _xlogy(b - n, 1.0 - before))  # P(N_k = n = N_{k-1})
     p_gather = np.clip(p_run - p_nobody_left, 0.0, None)
+    # the previous call ran no deeper than stage k: stage k's data may still be in the caches
+    deeper = np.concatenate([reach[..., 1:, :], np.zeros_like(reach[..., :1, :])], axis=-2)  # s_{k+1}
+    shallow = (1.0 - deeper) ** b  # w_k
     sizes = table["batch_sizes"]
-    stage = interpolate_ms(sizes, table["stage_ms"], n)  # [K, B]
+    after_all = interpolate_ms(sizes, table["stage_ms"], n)  # [K, B]
+    stage = shallow * interpolate_ms(sizes, table["stage_repeat_ms"], n) + (1.0 - shallow) * after_all
     gather = interpolate_ms(sizes, table["gather_ms"], n)
     call = float(interpolate_ms(sizes, table["call_ms"], [b])[0])
     per_batch = call + (p_run * stage).sum(axis=(-2, -1)) + (p_gather * gather).sum(axis=(-2, -1))
     return per_batch / b
 
 
-class NeverLeave:
-    """An exit rule that decides as ``rule`` does (same work) and then lets nobody leave: the stages of a
-    timed run all see the whole batch. Works on numpy arrays and torch tensors alike."""
+class TimingRule:
+    """The exit rule of a timed call: decides as ``rule`` does (the same work), then lets nobody leave
+    (``leave_at = None``: every stage sees the whole batch) or everybody at exit ``leave_at``. Works on numpy
+    arrays and torch tensors alike."""
 
     def __init__(self, rule: Any):
-        self.rule = rule
+        self.rule, self.leave_at = rule, None
 
     def leave(self, k: int, logits: Any, conf: Any, pred: Any, params: Any, memory: Any = None):
         leave, memory = self.rule.leave(k, logits, conf, pred, params, memory)
-        return leave & False, memory
+        return (leave | True) if k == self.leave_at else (leave & False), memory
 
     def keep(self, memory: Any, rows: Any) -> Any:
         return self.rule.keep(memory, rows)
@@ -225,40 +238,59 @@ class StageClock:
         self.gathers[k] = self.now() - start
 
 
+def _timed_calls(predict: Callable[[Any], Any], x: Any, stage_clock: StageClock, stages: int,
+                 repeats: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``repeats`` timed calls running ``stages`` stages: seconds per stage (gathers taken out), of the gathers,
+    and of the call before the first stage; ``[repeats, stages]``, ``[repeats, stages]``, ``[repeats]``."""
+    steps, gathers, calls = [], [], []
+    for _ in range(repeats):
+        stage_clock.marks, stage_clock.gathers = [], {}
+        start = stage_clock.now()
+        predict(x)
+        marks = stage_clock.marks + [stage_clock.now()]
+        if len(marks) != stages + 1:
+            raise RuntimeError(f"the timed predict call ran {len(marks) - 1} stages, not {stages}")
+        gather = np.array([stage_clock.gathers.get(k, 0.0) for k in range(stages)])
+        steps.append(np.diff(marks) - gather)
+        gathers.append(gather)
+        calls.append(marks[0] - start)
+    return np.asarray(steps), np.asarray(gathers), np.asarray(calls)
+
+
 def measure_stages(predict: Callable[[Any], Any], make_input: Callable[[int], Any], stage_clock: StageClock,
-                   batch_sizes: Sequence[int], num_exits: int, repeats: int, warmup: int) -> Dict[str, Any]:
+                   timing_rule: TimingRule, batch_sizes: Sequence[int], num_exits: int, repeats: int,
+                   warmup: int) -> Dict[str, Any]:
     """Time a runtime's own predict loop, stage by stage, at every batch size (medians in ms).
 
-    ``make_input(b)``: a batch of ``b`` images. ``predict(x)`` runs the loop with every sample staying to the
-    last exit; as each stage starts, its timed stand-in calls ``stage_clock.mark()`` and, for stages
-    ``k >= 1``, cuts the state it received to all of its rows (a fresh copy, as the loop makes when samples
-    left: the stage then reads it) and reports that with ``stage_clock.gathered(k, start)``.
-    Returns ``batch_sizes``, ``stage_ms`` (without the gathers), ``gather_ms``, ``call_ms``.
+    ``make_input(b)``: a batch of ``b`` images. ``predict(x)`` runs the loop with ``timing_rule`` as its exit
+    rule; as each stage starts, its timed stand-in calls ``stage_clock.mark()`` and, for stages ``k >= 1``,
+    cuts the state it received to all of its rows (a fresh copy, as the loop makes when samples left: the
+    stage then reads it) and reports that with ``stage_clock.gathered(k, start)``. Calls with nobody leaving
+    time every stage after the others ran (``stage_ms``, ``gather_ms``, ``call_ms``); calls with everybody
+    leaving at exit ``k`` time stage ``k`` when no deeper stage ran in between (``stage_repeat_ms``).
     """
     stage_ms = np.zeros((num_exits, len(batch_sizes)))
+    repeat_ms = np.zeros_like(stage_ms)
     gather_ms = np.zeros_like(stage_ms)
     call_ms = np.zeros(len(batch_sizes))
     for j, b in enumerate(batch_sizes):
         x = make_input(int(b))
-        for _ in range(warmup):
-            predict(x)
-        steps, gathers, calls = [], [], []
-        for _ in range(repeats):
-            stage_clock.marks, stage_clock.gathers = [], {}
-            start = stage_clock.now()
-            predict(x)
-            marks = stage_clock.marks + [stage_clock.now()]
-            if len(marks) != num_exits + 1:
-                raise RuntimeError(f"the timed predict call ran {len(marks) - 1} of {num_exits} stages")
-            gather = np.array([stage_clock.gathers.get(k, 0.0) for k in range(num_exits)])
-            steps.append(np.diff(marks) - gather)
-            gathers.append(gather)
-            calls.append(marks[0] - start)
-        stage_ms[:, j] = np.median(np.asarray(steps), axis=0) * 1e3
-        gather_ms[:, j] = np.median(np.asarray(gathers), axis=0) * 1e3
-        call_ms[j] = statistics.median(calls) * 1e3
+        for leave_at in [None, *range(num_exits - 1)]:
+            timing_rule.leave_at = leave_at
+            stages = num_exits if leave_at is None else leave_at + 1
+            for _ in range(warmup):
+                predict(x)
+            steps, gathers, calls = _timed_calls(predict, x, stage_clock, stages, repeats)
+            if leave_at is None:
+                stage_ms[:, j] = np.median(steps, axis=0) * 1e3
+                gather_ms[:, j] = np.median(gathers, axis=0) * 1e3
+                call_ms[j] = np.median(calls) * 1e3
+            else:
+                repeat_ms[leave_at, j] = np.median(steps[:, leave_at]) * 1e3
+        timing_rule.leave_at = None
+    repeat_ms[-1] = stage_ms[-1]  # the last stage always follows every other one
     return {"batch_sizes": [int(b) for b in batch_sizes], "stage_ms": stage_ms.tolist(),
-            "gather_ms": gather_ms.tolist(), "call_ms": call_ms.tolist()}
+            "stage_repeat_ms": repeat_ms.tolist(), "gather_ms": gather_ms.tolist(), "call_ms": call_ms.tolist()}
 
 
 def latency_table(target: str, device: Mapping[str, Any], model: Optional[str], num_exits: int,
@@ -290,10 +322,12 @@ def latency_table_text(table: Mapping[str, Any]) -> str:
     sizes = table["batch_sizes"]
     device = ", ".join(f"{k} {v}" for k, v in table.get("device", {}).items())
     lines = [f"latency table ({table['target']}; {device}; median of {table.get('repeats')} runs, "
-             f"{table.get('clock', 'wall')} clock), ms per batch:",
+             f"{table.get('clock', 'wall')} clock), ms per batch (r: no deeper stage ran since):",
              "stage  " + "".join(f"{'batch ' + str(b):>12}" for b in sizes)]
     for k, row in enumerate(table["stage_ms"]):
         lines.append(f"{k + 1:>5}  " + "".join(f"{v:>12.4g}" for v in row))
+    for k, row in enumerate(table.get("stage_repeat_ms", [])[:-1]):
+        lines.append(f"{k + 1:>5}r " + "".join(f"{v:>12.4g}" for v in row))
     lines.append("gather " + "".join(f"{sum(col):>12.4g}" for col in zip(*table["gather_ms"])))
     lines.append("call   " + "".join(f"{v:>12.4g}" for v in table["call_ms"]))
     return "\n".join(lines)

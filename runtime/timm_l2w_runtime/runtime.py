@@ -23,8 +23,8 @@ import numpy as np
 from .images import find_images, preprocess_each, preprocess_files
 from .latency import (
     CLOCKS,
-    NeverLeave,
     StageClock,
+    TimingRule,
     check_timing_settings,
     latency_table,
     measure_stages,
@@ -238,8 +238,9 @@ class EarlyExitRuntime:
         ``EarlyExitPredictor.from_latency_budget`` choose a policy with.
 
         The timed calls are this runtime's own :meth:`predict` on random images, with the policy's exit rule
-        deciding at every exit but nobody leaving (every stage sees the whole batch); per stage and batch
-        size the median of ``repeats`` calls after ``warmup``. ``clock``: ``'wall'`` or ``'process'`` (CPU
+        deciding at every exit but nobody leaving (every stage sees the whole batch), or everybody at one
+        exit (:func:`timm_l2w_runtime.latency.measure_stages`); per stage and batch size the median of
+        ``repeats`` calls after ``warmup``. ``clock``: ``'wall'`` or ``'process'`` (CPU
         time of this process: steadier on a shared machine with one thread).
         """
         sizes = check_timing_settings(repeats, warmup, clock, batch_sizes)
@@ -247,11 +248,11 @@ class EarlyExitRuntime:
         rng = np.random.default_rng(0)
         plan, rule = self._plan, self.exit_rule
         self._plan = [(_TimedSession(session, stage_clock, k), *rest) for k, (session, *rest) in enumerate(plan)]
-        self.exit_rule = NeverLeave(rule)
+        self.exit_rule = timing_rule = TimingRule(rule)
         try:
             timings = measure_stages(self.predict,
                                      lambda b: rng.standard_normal((b, *self.input_size), dtype=np.float32),
-                                     stage_clock, sizes, self.num_exits, repeats, warmup)
+                                     stage_clock, timing_rule, sizes, self.num_exits, repeats, warmup)
         finally:
             self._plan, self.exit_rule = plan, rule
         ort = _onnxruntime()

@@ -2,6 +2,8 @@
 and the table measured from the predictor's own loop. No timing is asserted (timings: benchmarks/latency_budget.py)."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -18,7 +20,8 @@ def small_table(**changes):
     """Two stages timed at batch 1 and 2 (ms per batch)."""
     table = {"target": "torch", "device": {"name": "test cpu"}, "model": None, "num_exits": 2,
              "input_size": [1, 8, 8], "rule": "confidence", "batch_sizes": [1, 2],
-             "stage_ms": [[1.0, 1.6], [2.0, 3.0]], "gather_ms": [[0.0, 0.0], [0.1, 0.15]], "call_ms": [0.2, 0.3]}
+             "stage_ms": [[1.0, 1.6], [2.0, 3.0]], "stage_repeat_ms": [[0.8, 1.4], [2.0, 3.0]],
+             "gather_ms": [[0.0, 0.0], [0.1, 0.15]], "call_ms": [0.2, 0.3]}
     table.update(changes)
     return table
 
@@ -26,13 +29,48 @@ def small_table(**changes):
 def test_expected_latency_is_the_hand_computation_on_a_small_table():
     # half the images leave at exit 1: stage 2 is reached with probability 1/2
     fractions = [[0.5, 0.5], [1.0, 0.0]]
-    # batch 1: call(1) + t_0(1) + 1/2 t_1(1)
-    assert expected_latency_ms(small_table(), fractions, 1) == pytest.approx([0.2 + 1.0 + 0.5 * 2.0, 0.2 + 1.0])
-    # batch 2: call(2) + t_0(2) + P(one reaches stage 2) (t_1(1) + g_1(1)) + P(both reach it) t_1(2), per image
-    # (the gather is paid when one of the two left at exit 1; the second policy never runs stage 2)
-    per_batch = 0.3 + 1.6 + 0.5 * (2.0 + 0.1) + 0.25 * 3.0
-    assert expected_latency_ms(small_table(), fractions, 2) == pytest.approx([per_batch / 2, (0.3 + 1.6) / 2])
+    # batch 1: call(1) + t_0(1) + 1/2 t_1(1), where stage 1 costs its repeat time r_0(1) when the image before
+    # left at exit 1 (probability 1/2 for the first policy, 1 for the second)
+    assert expected_latency_ms(small_table(), fractions, 1) == pytest.approx(
+        [0.2 + (0.5 * 0.8 + 0.5 * 1.0) + 0.5 * 2.0, 0.2 + 0.8])
+    # batch 2: call(2) + T_0(2) + P(one reaches stage 2) (t_1(1) + g_1(1)) + P(both reach it) t_1(2), per image
+    # (the gather is paid when one of the two left at exit 1; the batch before sent nobody on with
+    # probability 1/4; the second policy never runs stage 2)
+    per_batch = 0.3 + (0.25 * 1.4 + 0.75 * 1.6) + 0.5 * (2.0 + 0.1) + 0.25 * 3.0
+    assert expected_latency_ms(small_table(), fractions, 2) == pytest.approx([per_batch / 2, (0.3 + 1.4) / 2])
     assert expected_latency_ms(small_table(), fractions[0], 2) == pytest.approx(per_batch / 2)  # one policy: a number
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3])
+def test_expected_latency_is_the_mean_over_every_way_two_batches_can_leave(batch_size):
+    """Enumerate the exits of a batch and of the batch before it (which decides r or t) for three stages."""
+    table = small_table(num_exits=3, batch_sizes=[1, 2, 4], stage_ms=[[1, 1.5, 2.5], [2, 3, 5], [3, 4, 6]],
+                        stage_repeat_ms=[[0.5, 1, 2], [1.5, 2, 4], [3, 4, 6]],
+                        gather_ms=[[0, 0, 0], [0.1, 0.2, 0.3], [0.2, 0.3, 0.5]], call_ms=[0.5, 0.6, 0.8])
+    fractions = np.array([[0.5, 0.3, 0.2], [0.2, 0.7, 0.1], [0.0, 0.0, 1.0]])
+
+    def ms(key, k, n):
+        return float(interpolate_ms(table["batch_sizes"], table[key][k], [n])[0])
+
+    def mean_over_batches(f):
+        total = 0.0
+        for before in itertools.product(range(3), repeat=batch_size):
+            for now in itertools.product(range(3), repeat=batch_size):
+                p = np.prod([f[e] for e in before + now])
+                cost = float(interpolate_ms(table["batch_sizes"], table["call_ms"], [batch_size])[0])
+                running = batch_size
+                for k in range(3):
+                    n = sum(e >= k for e in now)
+                    if n == 0:
+                        break
+                    cost += ms("stage_repeat_ms" if max(before) <= k else "stage_ms", k, n)
+                    cost += ms("gather_ms", k, n) if n < running else 0.0
+                    running = n
+                total += p * cost
+        return total / batch_size
+
+    expected = expected_latency_ms(table, fractions, batch_size)
+    assert expected == pytest.approx([mean_over_batches(f) for f in fractions])
 
 
 def test_the_table_is_piecewise_linear_in_the_batch_size_held_below_and_per_image_above():
@@ -64,6 +102,7 @@ def calibrated():
     heldout = ExitOutputs.from_logits(logits, targets)
     heldout.input_size = (1, 8, 8)
     table = small_table(num_exits=3, input_size=[1, 8, 8], stage_ms=[[1.0, 1.6], [2.0, 3.0], [4.0, 6.0]],
+                        stage_repeat_ms=[[0.8, 1.4], [1.8, 2.8], [4.0, 6.0]],
                         gather_ms=[[0.0, 0.0], [0.1, 0.15], [0.1, 0.15]])
     flops = [1e6, 2e6, 4e6]
     return model, heldout, table, flops
@@ -129,12 +168,14 @@ def test_the_table_times_every_stage_of_the_predictors_loop_on_whole_batches(rul
     model = CountingModel(num_exits=3, num_classes=4, in_chans=1, width=4)
     table = measure_latency_table(model, (1, 8, 8), batch_sizes=(3, 1), rule=rule, repeats=2, warmup=1)
     assert table["batch_sizes"] == [1, 3] and table["rule"] == rule and table["target"] == "torch"
-    assert np.asarray(table["stage_ms"]).shape == (3, 2) and np.asarray(table["gather_ms"]).shape == (3, 2)
+    assert all(np.asarray(table[key]).shape == (3, 2) for key in ("stage_ms", "stage_repeat_ms", "gather_ms"))
+    assert table["stage_repeat_ms"][2] == table["stage_ms"][2]  # the last stage always follows the others
     assert min(map(min, table["stage_ms"])) > 0 and table["gather_ms"][0] == [0.0, 0.0]
     assert table["device"]["device"] == "cpu" and table["device"]["threads"] == torch.get_num_threads()
     assert table["input_size"] == [1, 8, 8] and table["num_exits"] == 3
-    # nobody left early: every call ran the three stages on the whole batch
-    assert model.calls == [(k, b) for b in (1, 3) for _ in range(1 + 2) for k in range(3)]
+    # per batch size, 1 + 2 calls where nobody left early (three stages on the whole batch), then calls where
+    # everybody leaves at exit 1, then at exit 2
+    assert model.calls == [(k, b) for b in (1, 3) for stages in (3, 1, 2) for _ in range(1 + 2) for k in range(stages)]
     assert "forward_stage" not in vars(model)  # the model itself is untouched
     with pytest.raises(ValueError, match="repeats must be an integer >= 1"):
         measure_latency_table(model, (1, 8, 8), repeats=0)

@@ -18,8 +18,8 @@ from torch.utils._pytree import tree_leaves
 
 from timm_l2w_runtime.latency import (
     CLOCKS,
-    NeverLeave,
     StageClock,
+    TimingRule,
     check_timing_settings,
     expected_latency_ms,
     latency_table,
@@ -66,7 +66,7 @@ def torch_device_info(device: torch.device) -> Dict[str, Any]:
 
 def placeholder_predictor(model: nn.Module, rule: str | ExitRule = "confidence") -> EarlyExitPredictor:
     """A predictor of ``rule`` with placeholder parameters (infinite thresholds, patience 1): what a timing
-    run decides with, behind :class:`~timm_l2w_runtime.latency.NeverLeave`."""
+    run decides with, behind :class:`~timm_l2w_runtime.latency.TimingRule`."""
     rule = exit_rule(rule)
     if rule.calibrated:
         return EarlyExitPredictor(model, [math.inf] * int(unwrap_model(model).num_exits), rule=rule)
@@ -80,9 +80,10 @@ def measure_latency_table(model: nn.Module, input_size: Optional[Sequence[int]] 
     """The latency table of ``model`` in eager PyTorch, on the device its parameters are on.
 
     Every timed call is :meth:`EarlyExitPredictor.predict` itself on random images of ``input_size``
-    (default: the model's configured size) with ``rule`` deciding at every exit but nobody leaving, so
-    each stage's time holds what the predictor does there (the stage, the softmax, the rule, the host sync
-    of its decision); per stage and batch size, the median of ``repeats`` calls after ``warmup``.
+    (default: the model's configured size) with ``rule`` deciding at every exit but nobody leaving (or
+    everybody at one exit: :func:`timm_l2w_runtime.latency.measure_stages`), so each stage's time holds what
+    the predictor does there (the stage, the softmax, the rule, the host sync of its decision); per stage
+    and batch size, the median of ``repeats`` calls after ``warmup``.
     ``clock='process'`` times CPU time of this process (steadier on a shared CPU with one thread).
     """
     sizes = check_timing_settings(repeats, warmup, clock, batch_sizes)
@@ -99,10 +100,11 @@ def measure_latency_table(model: nn.Module, input_size: Optional[Sequence[int]] 
     device = next(net.parameters()).device
     stage_clock = StageClock(CLOCKS[clock], torch.cuda.synchronize if device.type == "cuda" else None)
     predictor = placeholder_predictor(net, rule)
-    predictor.model, predictor.exit_rule = _TimedStages(net, stage_clock), NeverLeave(predictor.exit_rule)
+    timing_rule = TimingRule(predictor.exit_rule)
+    predictor.model, predictor.exit_rule = _TimedStages(net, stage_clock), timing_rule
     generator = torch.Generator(device=device).manual_seed(0)
     timings = measure_stages(predictor.predict, lambda b: torch.randn(b, *size, device=device, generator=generator),
-                             stage_clock, sizes, num_exits, repeats, warmup)
+                             stage_clock, timing_rule, sizes, num_exits, repeats, warmup)
     return latency_table("torch", torch_device_info(device), model_name(net), num_exits, size, rule.name, timings,
                          repeats, warmup, clock)
 
