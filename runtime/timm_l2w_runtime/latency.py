@@ -15,7 +15,7 @@ A latency table is a small JSON document (a policy file carries it under ``"late
   calls that run every stage (the deeper stages of the call before ran in between).
 * ``stage_repeat_ms[k][j]``: the same when no stage deeper than ``k`` ran since stage ``k`` last ran
   (calls that all stop at exit ``k``): its weights may still be in the caches, which on a CPU at small
-  batches makes it up to a third faster. The last stage's row is ``stage_ms``'s.
+  batches makes it up to a quarter faster. The last stage's row is ``stage_ms``'s.
 * ``gather_ms[k][j]``: milliseconds of cutting the state down to ``batch_sizes[j]`` rows before stage
   ``k``, paid only when some images left at exit ``k - 1`` (0 for stage 0).
 * ``call_ms[j]``: the rest of one predict call (input checks, allocations).

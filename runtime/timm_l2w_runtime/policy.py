@@ -18,8 +18,7 @@ writes and both ``EarlyExitPredictor.load`` and the ONNX runtime read. Keys:
   mean FLOPs per image it gave on the calibration set (or ``null``).
 * ``latency`` (optional): the latency table the policy was chosen with (:mod:`timm_l2w_runtime.latency`:
   ms per stage and batch size on the device it names); with it ``expected_latency_ms``, the expected
-  milliseconds per image at the budget's ``batch_size`` (1 when it names none). A latency budget is
-  ``{"latency_ms": X, "batch_size": B}``.
+  milliseconds per image at the budget's ``batch_size`` (1 when it names none).
 * ``class_names``: one name per class, or ``null``.
 * ``preprocess``: how an image file becomes model input (see :func:`check_preprocess`).
 

@@ -179,3 +179,11 @@ def test_the_table_times_every_stage_of_the_predictors_loop_on_whole_batches(rul
     assert "forward_stage" not in vars(model)  # the model itself is untouched
     with pytest.raises(ValueError, match="repeats must be an integer >= 1"):
         measure_latency_table(model, (1, 8, 8), repeats=0)
+
+
+def test_the_table_of_a_model_whose_state_is_a_nest_of_tensors():
+    from tests.helpers import small_ranet
+
+    model = small_ranet().eval()  # its state: {"starts": {level: map}, "outs": [maps]}
+    table = measure_latency_table(model, (3, 32, 32), batch_sizes=[2], repeats=1, warmup=0)
+    assert np.asarray(table["gather_ms"]).shape == (model.num_exits, 1) and min(table["gather_ms"][1]) > 0

@@ -47,7 +47,8 @@ class _TimedStages:
     def forward_stage(self, index: int, state: Any) -> Any:
         start = self.stage_clock.mark()
         if index > 0:
-            rows = torch.ones(len(tree_leaves(state)[0]), dtype=torch.bool, device=tree_leaves(state)[0].device)
+            first = next(t for t in tree_leaves(state) if isinstance(t, torch.Tensor))
+            rows = torch.ones(len(first), dtype=torch.bool, device=first.device)
             state, _ = select_samples(state, rows), rows[rows]
             self.stage_clock.gathered(index, start)
         return self.model.forward_stage(index, state)
