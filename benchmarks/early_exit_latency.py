@@ -26,6 +26,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Optional
 
 import timm
 import torch
@@ -45,13 +46,19 @@ def digits_loaders(batch_size: int = 64, eval_batch_size: int = 256):
     return (*create_loaders(splits, batch_size=batch_size, eval_batch_size=eval_batch_size), splits.num_classes)
 
 
-def short_training(model: torch.nn.Module, loader, seconds: float, device: str = "cpu") -> int:
-    """Equal-weight multi-exit training (sum of the exits' mean CE) for about ``seconds``; returns steps."""
+def short_training(model: torch.nn.Module, loader, seconds: float, device: str = "cpu",
+                   max_steps: Optional[int] = None) -> int:
+    """Equal-weight multi-exit training (sum of the exits' mean CE) for about ``seconds`` (or exactly
+    ``max_steps`` updates: the same model on any machine); returns steps."""
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     model.train()
     steps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    if max_steps is not None:
+        seconds = float("inf")
+    while time.perf_counter() - start < seconds and steps != max_steps:
         for x, y in loader:
+            if steps == max_steps:
+                break
             x, y = x.to(device), y.to(device)
             loss = exit_losses(model(x), y).mean(dim=0).sum()  # train mode: every exit
             optimizer.zero_grad(set_to_none=True)

@@ -66,6 +66,18 @@ class TinyMultiExit(MultiExitModel):
         return nn.ModuleList(head[-1] for head in self.heads)
 
 
+class CountingModel(TinyMultiExit):
+    """Records ``(stage, batch size)`` of every stage call."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.calls = []
+
+    def forward_stage(self, index, state):
+        self.calls.append((index, state.shape[0]))
+        return super().forward_stage(index, state)
+
+
 class DropoutMultiExit(TinyMultiExit):
     """TinyMultiExit with dropout before every head: the backends must see the same masks."""
 

@@ -14,9 +14,12 @@ writes and both ``EarlyExitPredictor.load`` and the ONNX runtime read. Keys:
   ``patience`` is an integer or ``null``.
 * ``flops``: cumulative FLOPs to each exit for one image of ``flops_input_size`` (C, H, W).
 * ``budget``: what it was calibrated for (``{"q": 0.5}``, ``{"flops": 1.2e7}``,
-  ``{"distribution": [...]}``, a risk guarantee ``{"risk": "disagreement", "max_risk": 0.05, "confidence": 0.9,
-  "risk_upper_bound": ..., "heldout_risk": ..., "n": ...}`` or ``{}``); ``expected_flops``: the mean FLOPs per
-  image it gave on the calibration set (or ``null``).
+  ``{"distribution": [...]}``, ``{"latency_ms": 2.5, "batch_size": 1}``, a risk guarantee ``{"risk":
+  "disagreement", "max_risk": 0.05, "confidence": 0.9, "risk_upper_bound": ..., "heldout_risk": ..., "n": ...}``
+  or ``{}``); ``expected_flops``: the mean FLOPs per image it gave on the calibration set (or ``null``).
+* ``latency`` (optional): the latency table the policy was chosen with (:mod:`timm_l2w_runtime.latency`:
+  ms per stage and batch size on the device it names); with it ``expected_latency_ms``, the expected
+  milliseconds per image at the budget's ``batch_size`` (1 when it names none).
 * ``class_names``: one name per class, or ``null``.
 * ``preprocess``: how an image file becomes model input (see :func:`check_preprocess`).
 * ``weights_sha256`` (optional): the digest of the weights it was calibrated on (``timm_l2w.files.weights_digest``:
@@ -39,6 +42,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, Mapping, Optional, Union
 
+from .latency import check_latency_table
 from .rules import RULES
 
 __all__ = [
@@ -169,8 +173,11 @@ def check_policy(policy: Mapping[str, Any], source: str = "policy") -> Dict[str,
                patience=patience, flops=flops, class_names=list(names) if names is not None else None,
                preprocess=None if pre is None else check_preprocess(pre, f"{source}: preprocess"),
                budget=dict(policy.get("budget") or {}))
-    if out.get("expected_flops") is not None:
-        out["expected_flops"] = _number(out["expected_flops"], f"{source}: expected_flops")
+    for key in ("expected_flops", "expected_latency_ms"):
+        if out.get(key) is not None:
+            out[key] = _number(out[key], f"{source}: {key}")
+    if out.get("latency") is not None:
+        out["latency"] = check_latency_table(out["latency"], num_exits, f"{source}: latency", PolicyError)
     digest = out.get(WEIGHTS_KEY)
     if digest is not None and not (isinstance(digest, str) and _SHA256.fullmatch(digest)):
         raise PolicyError(f"{source}: {WEIGHTS_KEY} must be a sha256 digest (64 lowercase hex digits) or null, got "

@@ -21,6 +21,15 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .images import find_images, preprocess_each, preprocess_files
+from .latency import (
+    CLOCKS,
+    StageClock,
+    TimingRule,
+    check_timing_settings,
+    latency_table,
+    measure_stages,
+    processor_name,
+)
 from .policy import WEIGHTS_KEY, check_policy_fits, check_policy_weights, read_json, read_policy
 from .rules import exit_confidence, exit_rule
 
@@ -117,6 +126,23 @@ def read_manifest(package: PathLike) -> Dict[str, Any]:
     return manifest
 
 
+class _TimedSession:
+    """An onnxruntime session standing in for a stage in a timed call: marks the stage's start on a
+    :class:`StageClock` and, after stage 0, first copies the rows of the state it reads (as the loop does
+    when samples left) and runs on the copy."""
+
+    def __init__(self, session: Any, stage_clock: StageClock, index: int):
+        self.session, self.stage_clock, self.index = session, stage_clock, index
+
+    def run(self, outputs: Sequence[str], feeds: Mapping[str, np.ndarray]) -> List[np.ndarray]:
+        start = self.stage_clock.mark()
+        if self.index > 0:
+            rows = np.arange(len(next(iter(feeds.values()))))
+            feeds, _ = select_rows(feeds, rows), rows[rows]
+            self.stage_clock.gathered(self.index, start)
+        return self.session.run(outputs, feeds)
+
+
 def _onnxruntime() -> Any:
     try:
         import onnxruntime
@@ -151,6 +177,7 @@ class EarlyExitRuntime:
                              warn=policy is not None)
         ort = _onnxruntime()
         options = ort.SessionOptions()
+        self.threads = threads
         if threads is not None:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
@@ -209,6 +236,36 @@ class EarlyExitRuntime:
                 active = active[keep]
                 memory = rule.keep(memory, keep)
         return RuntimePrediction(predictions, confidences, exit_index)
+
+    def stage_latency(self, batch_sizes: Sequence[int] = (1, 8, 64), repeats: int = 20, warmup: int = 3,
+                      clock: str = "wall") -> Dict[str, Any]:
+        """Time every stage of this package with onnxruntime at each batch size: the latency table
+        (:mod:`timm_l2w_runtime.latency`) that ``timm-l2w eval --latency-table`` and
+        ``EarlyExitPredictor.from_latency_budget`` choose a policy with.
+
+        The timed calls are this runtime's own :meth:`predict` on random images, with the policy's exit rule
+        deciding at every exit but nobody leaving (every stage sees the whole batch), or everybody at one
+        exit (:func:`timm_l2w_runtime.latency.measure_stages`); per stage and batch size the median of
+        ``repeats`` calls after ``warmup``. ``clock``: ``'wall'`` or ``'process'`` (CPU
+        time of this process: steadier on a shared machine with one thread).
+        """
+        sizes = check_timing_settings(repeats, warmup, clock, batch_sizes)
+        stage_clock = StageClock(CLOCKS[clock])
+        rng = np.random.default_rng(0)
+        plan, rule = self._plan, self.exit_rule
+        self._plan = [(_TimedSession(session, stage_clock, k), *rest) for k, (session, *rest) in enumerate(plan)]
+        self.exit_rule = timing_rule = TimingRule(rule)
+        try:
+            timings = measure_stages(self.predict,
+                                     lambda b: rng.standard_normal((b, *self.input_size), dtype=np.float32),
+                                     stage_clock, timing_rule, sizes, self.num_exits, repeats, warmup)
+        finally:
+            self._plan, self.exit_rule = plan, rule
+        ort = _onnxruntime()
+        device = {"name": processor_name(), "provider": self.sessions[0].get_providers()[0],
+                  "threads": self.threads if self.threads is not None else "default", "onnxruntime": ort.__version__}
+        return latency_table("onnxruntime", device, self.manifest.get("model"), self.num_exits, self.input_size,
+                             self.exit_rule.name, timings, repeats, warmup, clock)
 
     def check_input(self, x: Any) -> np.ndarray:
         """``x`` as a C-contiguous float32 ``[N, C, H, W]`` batch of this package's input size (else a ValueError)."""

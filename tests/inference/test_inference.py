@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-from tests.helpers import TinyMultiExit
+from tests.helpers import CountingModel, TinyMultiExit
 from timm_l2w.evaluation import ExitOutputs, budgeted_evaluation
 from timm_l2w.exits import calibrate_thresholds, exit_by_threshold, exit_distribution
 from timm_l2w.inference import EarlyExitPredictor
@@ -44,18 +44,6 @@ def test_matches_simulation_tiny():
 def test_matches_simulation_msdnet_cifar():
     model = timm.create_model("msdnet_l2w_cifar", num_classes=10)
     assert_matches_simulation(model, torch.randn(24, 3, 32, 32), torch.randn(16, 3, 32, 32), [0.3, 0.75, 1.5])
-
-
-class CountingModel(TinyMultiExit):
-    """Records the batch size every stage is called with."""
-
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.calls = []
-
-    def forward_stage(self, index, state):
-        self.calls.append((index, state.shape[0]))
-        return super().forward_stage(index, state)
 
 
 def test_all_exit_first_never_runs_stage_two():

@@ -22,7 +22,7 @@ from timm_l2w.inference.policy import policy_file_name
     ("confidence", {"flops": 2.5e9}, "net_confidence_flops2.5G_policy.json"),
     ("confidence", {"flops": 1500.0}, "net_confidence_flops1.5k_policy.json"),
     ("confidence", {"flops": 800.0}, "net_confidence_flops800_policy.json"),
-    ("confidence", {"latency_ms": 4.5, "batch": 1}, "net_confidence_latency_ms4.5_batch1_policy.json"),  # no label yet
+    ("confidence", {"latency_ms": 4.5, "batch_size": 1}, "net_confidence_latency4.5ms_batch1_policy.json"),
 ])
 def test_the_policy_file_name_holds_rule_and_budget(rule, budget, name):
     assert policy_file_name("net", rule, budget) == name

@@ -94,6 +94,25 @@ def _parser() -> argparse.ArgumentParser:
                         "disagreement)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a policy file of the same name (default: refuse, before evaluating)")
+    latency = p.add_argument_group("latency budgets (docs/deploy.md, 'Latency budgets')")
+    latency.add_argument("--latency-budget", type=float, default=None, metavar="MS",
+                         help="also write <name>_<rule>_latency<MS>ms_batch<B>_policy.json for the most accurate "
+                              "exit distribution (patience: patience value) whose expected milliseconds per image "
+                              "at --latency-batch-size stay within MS, from a table of every stage's time on the "
+                              "target; the budgeted tables get expected_ms columns and the policy carries the table")
+    latency.add_argument("--latency-batch-size", type=int, default=1, metavar="B",
+                         help="the deployment batch size the budget is for (images per predict call)")
+    latency.add_argument("--latency-target", choices=("torch", "onnx"), default="torch",
+                         help="where the stages are timed, on this machine: torch (EarlyExitPredictor in eager "
+                              "PyTorch on --device) or onnx (the exported package in onnxruntime, CPU)")
+    latency.add_argument("--latency-table", default=None, metavar="FILE",
+                         help="a latency table measured elsewhere instead (on the deployment machine: "
+                              "timm-l2w-predict DIR --measure-latency --latency-output FILE)")
+    latency.add_argument("--latency-repeats", type=int, default=20,
+                         help="timed runs per stage and batch size (the table holds their medians)")
+    latency.add_argument("--latency-threads", type=int, default=None,
+                         help="CPU threads while timing (torch: torch.set_num_threads; onnx: onnxruntime intra-op "
+                              "threads; default: the library's)")
     p.add_argument("--no-progress", action="store_true",
                    help="hide the progress bar (it is off anyway when stderr is not a terminal)")
     return p
@@ -234,11 +253,19 @@ def _run(args: argparse.Namespace, timm: Any) -> int:
     model_name, kwargs = model_from_metadata(args)  # before the data: a wrong --model is the first thing to say
     _data_from_metadata(args)
     folder_config = _folder_config(args, model_name, kwargs, timm)  # ImageFolder data: timm's eval preprocessing
-    if any(v is not None for v in (args.q, args.flops_budget, args.max_risk, args.confidence, args.risk)):
+    if any(v is not None for v in (args.q, args.flops_budget, args.max_risk, args.confidence, args.risk,
+                                   args.latency_budget)):
         from ..inference.policy import check_policy_request, eval_policy_path
 
-        check_policy_request(args.q, args.flops_budget, args.exit_rule, args.max_risk, args.confidence, args.risk)
+        check_policy_request(args.q, args.flops_budget, args.exit_rule, args.max_risk, args.confidence, args.risk,
+                             latency_budget=args.latency_budget)
         eval_policy_path(args, args.name or model_name)  # an existing policy: refused before the work
+    if args.latency_table is not None:  # a table from elsewhere: readable before any work
+        from timm_l2w_runtime.latency import read_latency_table
+
+        if args.latency_budget is None:
+            raise ValueError("--latency-table is the table of a latency budget: pass --latency-budget MS with it")
+        read_latency_table(args.latency_table)
     heldout_loader, test_loader, info = create_eval_loaders(
         args.dataset, data_dir=args.data_dir, batch_size=args.batch_size, input_size=args.input_size,
         in_chans=args.in_chans or 3, held_out=args.held_out, eval_config=folder_config,
@@ -271,7 +298,11 @@ def _run(args: argparse.Namespace, timm: Any) -> int:
     best = max(result["budgeted"].rows(), key=lambda r: r["test_top1"])
     print(f"budgeted: best test top1 {best['test_top1']:.2f}% at {best['expected_flops'] / 1e6:.2f} MFLOPs "
           f"(exit rule: {args.exit_rule})")
-    if any(v is not None for v in (args.q, args.flops_budget, args.max_risk)):  # the policy timm-l2w export reads
+    if args.latency_budget is not None:  # the latency table: expected ms beside the FLOPs, and the policy's
+        from ..deploy.latency import eval_latency_table
+
+        eval_latency_table(args, model, result, tuple(info["input_size"]), name)
+    if any(v is not None for v in (args.q, args.flops_budget, args.max_risk, args.latency_budget)):  # the policy
         from ..inference.policy import eval_policy_file
 
         result["files"]["policy"] = eval_policy_file(args, model, result, test_loader, info, name)

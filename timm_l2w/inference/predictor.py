@@ -12,8 +12,8 @@ been the same at ``patience`` consecutive exits (the rule's memory of the earlie
 the state).
 
 A predictor saves as an exit policy file (:meth:`EarlyExitPredictor.save`, JSON: the rule, its
-thresholds or patience, the FLOPs per exit, the budget, class names, preprocessing and the digest of the
-weights it was calibrated on; format in
+thresholds or patience, the FLOPs per exit, the budget, the latency table it was chosen with, class names,
+preprocessing and the digest of the weights it was calibrated on; format in
 :mod:`timm_l2w_runtime.policy`) that :meth:`EarlyExitPredictor.load` and the ONNX runtime of
 ``timm-l2w export`` packages read back (docs/deploy.md).
 """
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -78,6 +78,7 @@ class EarlyExitPredictor:
         self.preprocess: Optional[Dict[str, Any]] = None  # see timm_l2w_runtime.policy.check_preprocess
         # the weights it was calibrated on (timm_l2w.files.weights_digest); None: the model's, when saved
         self.weights_sha256: Optional[str] = None
+        self.latency: Optional[Dict[str, Any]] = None  # the latency table, see timm_l2w_runtime.latency
         self.thresholds: Optional[Tensor]  # [K] float64, for the rules with thresholds
         self.patience: Optional[int]  # for the patience rule
         self.thresholds, self.patience = self.exit_rule.check_params(thresholds, patience, self.num_exits)
@@ -132,15 +133,69 @@ class EarlyExitPredictor:
                 f"no exit distribution fits a budget of {budget:g} FLOPs: the cheapest candidate needs "
                 f"{float(res.heldout_expected_flops.min()):g} (exit 1 alone costs {float(f[0]):g}); raise the budget"
             )
-        score = torch.where(fits, res.heldout_top1, torch.full_like(res.heldout_top1, -1.0))
-        best = int(score.argmax())
+        predictor = cls._most_accurate(model, res, fits, rule)
+        predictor.budget = {"flops": float(budget)}
+        predictor.record_flops(f.tolist(), getattr(flops, "input_size", None) or calibration.input_size)
+        return predictor
+
+    @classmethod
+    def from_latency_budget(
+        cls,
+        model: nn.Module,
+        calibration: ExitOutputs,
+        latency_table: Mapping[str, Any],
+        budget_ms: float,
+        batch_size: int = 1,
+        distributions: Tensor | Sequence[Sequence[float]] | None = None,
+        rule: str | ExitRule = "confidence",
+        flops: Sequence[float] | Tensor | None = None,
+    ) -> "EarlyExitPredictor":
+        """The most accurate candidate (as :meth:`from_flops_budget`: the paper's 39 distributions, or
+        patience ``1..K``) whose expected milliseconds per image at deployment batch ``batch_size`` stay
+        within ``budget_ms``, on the device ``latency_table`` was measured on
+        (:func:`timm_l2w.inference.measure_latency_table`, :meth:`timm_l2w_runtime.EarlyExitRuntime.stage_latency`;
+        the model of expected latency: :mod:`timm_l2w_runtime.latency`). The policy carries the table.
+        ``flops`` (default: counted at the calibration's image size) are recorded in the policy."""
+        from timm_l2w_runtime.latency import check_latency_table, expected_latency_ms
+
+        from ..flops import exit_flops
+
+        rule = exit_rule(rule)
+        table = check_latency_table(latency_table, calibration.num_exits, "latency_table")
+        budget_ms = check_number(budget_ms, "budget_ms", Range(0, low_open=True, hint="milliseconds per image"))
+        batch_size = check_number(batch_size, "batch_size", Range(1, integer=True, hint="images per predict call"))
+        measured, seen = table.get("input_size"), calibration.input_size
+        if measured is not None and seen is not None and tuple(measured) != tuple(seen):
+            raise ValueError(f"the latency table was measured on {'x'.join(map(str, measured))} images but the "
+                             f"calibration outputs come from {'x'.join(map(str, seen))} images: measure the table "
+                             "at the size you deploy")
+        if flops is None:
+            flops = exit_flops(model, seen or measured)
+        res = budgeted_evaluation(calibration, calibration, flops, distributions, rule=rule)
+        ms = torch.as_tensor(expected_latency_ms(table, res.heldout_exit_fractions.numpy(), batch_size))
+        fits = ms <= budget_ms
+        if not fits.any():
+            raise ValueError(
+                f"no exit {'patience' if not rule.calibrated else 'distribution'} fits a budget of {budget_ms:g} ms "
+                f"per image at batch {batch_size} on {table['device'].get('name', table['target'])}: the cheapest "
+                f"candidate needs {float(ms.min()):.4g} ms; raise the budget (or a larger batch size)")
+        predictor = cls._most_accurate(model, res, fits, rule)
+        predictor.budget = {"latency_ms": float(budget_ms), "batch_size": int(batch_size)}
+        predictor.latency = table
+        predictor.record_flops(check_flops(flops, calibration.num_exits).tolist(),
+                               getattr(flops, "input_size", None) or seen)
+        return predictor
+
+    @classmethod
+    def _most_accurate(cls, model: nn.Module, res: Any, fits: Tensor, rule: ExitRule) -> "EarlyExitPredictor":
+        """The predictor of the candidate of ``res`` (a budgeted evaluation on the calibration set) with the
+        best held-out top-1 among those that ``fits``."""
+        best = int(torch.where(fits, res.heldout_top1, torch.full_like(res.heldout_top1, -1.0)).argmax())
         if rule.calibrated:
             predictor = cls(model, res.thresholds[best], rule=rule)
         else:
             predictor = cls(model, rule=rule, patience=int(res.patience[best]))
-        predictor.budget = {"flops": float(budget)}
         predictor.calibration_fractions = res.heldout_exit_fractions[best].tolist()
-        predictor.record_flops(f.tolist(), getattr(flops, "input_size", None) or calibration.input_size)
         return predictor
 
     @classmethod
@@ -189,13 +244,19 @@ class EarlyExitPredictor:
             flops = list(exit_flops(self.model, size))
         fractions = self.calibration_fractions
         num_classes = getattr(self.model, "num_classes", None)
+        latency = {} if self.latency is None else {"latency": self.latency, "expected_latency_ms": None}
+        if latency and fractions is not None:
+            from timm_l2w_runtime.latency import expected_latency_ms
+
+            latency["expected_latency_ms"] = float(expected_latency_ms(self.latency, fractions,
+                                                                       int(self.budget.get("batch_size", 1))))
         return check_policy({
             "format": POLICY_FORMAT, "version": POLICY_VERSION, "model": model_name(self.model),
             "num_exits": self.num_exits, "num_classes": num_classes, "rule": self.rule,
             "thresholds": None if self.thresholds is None else self.thresholds.tolist(), "patience": self.patience,
             "flops": [float(v) for v in flops], "flops_input_size": list(size), "budget": dict(self.budget),
             "expected_flops": None if fractions is None else float(sum(p * f for p, f in zip(fractions, flops))),
-            "calibration_exit_fractions": fractions, "class_names": self.class_names, "preprocess": pre,
+            "calibration_exit_fractions": fractions, "class_names": self.class_names, "preprocess": pre, **latency,
             WEIGHTS_KEY: self.weights_sha256 or weights_digest(self.model),
         }, "the policy")
 
@@ -224,6 +285,7 @@ class EarlyExitPredictor:
             predictor.record_flops(policy["flops"], policy.get("flops_input_size"))
         predictor.class_names, predictor.preprocess = policy["class_names"], policy["preprocess"]
         predictor.weights_sha256 = policy.get(WEIGHTS_KEY)
+        predictor.latency = policy.get("latency")
         return predictor
 
     @torch.inference_mode()
