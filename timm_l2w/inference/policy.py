@@ -105,8 +105,6 @@ def eval_policy_file(args: Any, model: nn.Module, result: Mapping[str, Any], tes
     """``timm-l2w eval --q`` / ``--flops-budget``: write the policy to :func:`eval_policy_path`; class names from
     the checkpoint's metadata, else the data set's; preprocessing as the eval loader prepares images; the digest
     of the model's weights (the checkpoint's, loaded)."""
-    from timm_l2w_runtime.policy import read_policy
-
     from ..files import read_metadata
 
     saved = read_metadata(args.checkpoint).get("class_names") if args.checkpoint else None
@@ -119,7 +117,7 @@ def eval_policy_file(args: Any, model: nn.Module, result: Mapping[str, Any], tes
                                  latency_table=result.get("latency_table"),
                                  latency_batch_size=getattr(args, "latency_batch_size", 1))
     shares = ", ".join(f"{100 * p:.0f}%" for p in predictor.calibration_fractions or [])
-    expected = read_policy(path).get("expected_latency_ms")
+    expected = predictor.expected_latency_ms
     print(f"exit policy ({predictor.rule}, {predictor.budget}): held-out exits {shares}"
           + (f"; expected {expected:.4g} ms per image" if expected is not None else ""))
     if "max_risk" in risk:

@@ -191,11 +191,19 @@ class EarlyExitPredictor:
         """The predictor of the candidate of ``res`` (a budgeted evaluation on the calibration set) with the
         best held-out top-1 among those that ``fits``."""
         best = int(torch.where(fits, res.heldout_top1, torch.full_like(res.heldout_top1, -1.0)).argmax())
-        if rule.calibrated:
-            predictor = cls(model, res.thresholds[best], rule=rule)
+        return cls._candidate(model, rule, None if rule.calibrated else res.patience, res.thresholds,
+                              res.heldout_exit_fractions, best)
+
+    @classmethod
+    def _candidate(cls, model: nn.Module, rule: str | ExitRule, patience: Optional[Tensor], thresholds: Any,
+                   exit_fractions: Tensor, j: int) -> "EarlyExitPredictor":
+        """The predictor of candidate ``j`` (its thresholds, or its patience when ``patience`` is given), with
+        its calibration exit fractions."""
+        if patience is None:
+            predictor = cls(model, thresholds[j], rule=rule)
         else:
-            predictor = cls(model, rule=rule, patience=int(res.patience[best]))
-        predictor.calibration_fractions = res.heldout_exit_fractions[best].tolist()
+            predictor = cls(model, rule=rule, patience=int(patience[j]))
+        predictor.calibration_fractions = exit_fractions[j].tolist()
         return predictor
 
     @classmethod
@@ -207,15 +215,22 @@ class EarlyExitPredictor:
         exit or ``'top1-drop'`` against it) is at most ``max_risk`` with probability ``>= confidence`` over the
         draw of ``calibration``: :func:`timm_l2w.evaluation.risk.risk_controlled_choice` (docs/risk.md)."""
         choice = risk_controlled_choice(calibration, flops, max_risk, confidence, risk, rule)
-        j = choice.chosen
-        if choice.patience is None:
-            predictor = cls(model, choice.thresholds[j], rule=rule)
-        else:
-            predictor = cls(model, rule=rule, patience=int(choice.patience[j]))
+        predictor = cls._candidate(model, rule, choice.patience, choice.thresholds, choice.exit_fractions,
+                                   choice.chosen)
         predictor.budget = choice.budget()
-        predictor.calibration_fractions = choice.exit_fractions[j].tolist()
         predictor.record_flops(flops, getattr(flops, "input_size", None) or calibration.input_size)
         return predictor
+
+    @property
+    def expected_latency_ms(self) -> Optional[float]:
+        """Expected milliseconds per image of the calibration exit fractions at the budget's batch size (1 when
+        it names none), by the latency table (:mod:`timm_l2w_runtime.latency`); ``None`` without either."""
+        if self.latency is None or self.calibration_fractions is None:
+            return None
+        from timm_l2w_runtime.latency import expected_latency_ms
+
+        return float(expected_latency_ms(self.latency, self.calibration_fractions,
+                                         int(self.budget.get("batch_size", 1))))
 
     def record_flops(self, flops: Sequence[float], input_size: Optional[Sequence[int]] = None) -> None:
         """Remember the cumulative FLOPs per exit (for :meth:`save`) and the image size they were counted at."""
@@ -244,12 +259,8 @@ class EarlyExitPredictor:
             flops = list(exit_flops(self.model, size))
         fractions = self.calibration_fractions
         num_classes = getattr(self.model, "num_classes", None)
-        latency = {} if self.latency is None else {"latency": self.latency, "expected_latency_ms": None}
-        if latency and fractions is not None:
-            from timm_l2w_runtime.latency import expected_latency_ms
-
-            latency["expected_latency_ms"] = float(expected_latency_ms(self.latency, fractions,
-                                                                       int(self.budget.get("batch_size", 1))))
+        latency = {} if self.latency is None else {"latency": self.latency,
+                                                   "expected_latency_ms": self.expected_latency_ms}
         return check_policy({
             "format": POLICY_FORMAT, "version": POLICY_VERSION, "model": model_name(self.model),
             "num_exits": self.num_exits, "num_classes": num_classes, "rule": self.rule,
