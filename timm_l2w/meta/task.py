@@ -109,6 +109,7 @@ class L2WClassificationTask(ClassificationTask):
         self.loss_scaler: Any = None
         self.clip_grad: Optional[float] = None
         self.clip_mode = "norm"
+        self.clipped: Optional[List[nn.Parameter]] = None  # what every update clips (set by attach)
         self.grad_accum_steps = 1
         self._loaded_state: Optional[Dict[str, Any]] = None  # restored before attach(): applied there
         self._step_due = False  # the first update of a window whose last half the loop backpropagated
@@ -128,9 +129,10 @@ class L2WClassificationTask(ClassificationTask):
         kwargs = dict(self.l2w_kwargs)
         if "total_steps" not in kwargs and epochs is not None and batches_per_epoch is not None:
             kwargs["total_steps"] = 2 * epochs * math.ceil(batches_per_epoch / self.grad_accum_steps)
-        clipped = self.get_clip_parameters(exclude_head="agc" in self.clip_mode) if clip_grad is not None else None
+        self.clipped = (self.get_clip_parameters(exclude_head="agc" in self.clip_mode) if clip_grad is not None
+                        else None)
         self.l2w = L2W(unwrap_model(self.get_trainable_module()), optimizer, criterion=self.criterion,
-                       clip_grad=self.clip_grad, clip_mode=self.clip_mode, clip_parameters=clipped, **kwargs)
+                       clip_grad=self.clip_grad, clip_mode=self.clip_mode, clip_parameters=self.clipped, **kwargs)
         self.optimizer, self.loss_scaler = optimizer, loss_scaler
         if self._loaded_state is not None:
             self.l2w.load_state_dict(self._loaded_state)
@@ -219,7 +221,7 @@ class L2WClassificationTask(ClassificationTask):
         with torch.autocast(loss.device.type, enabled=False):
             if self.loss_scaler is not None:
                 self.loss_scaler(loss, self.optimizer, clip_grad=self.clip_grad, clip_mode=self.clip_mode,
-                                 parameters=self.get_clip_parameters(exclude_head="agc" in self.clip_mode),
+                                 parameters=self.clipped,
                                  need_update=update)
                 if update:
                     self.optimizer.zero_grad()
@@ -231,8 +233,7 @@ class L2WClassificationTask(ClassificationTask):
     def _step(self) -> None:
         """Clip as the loop clips, step, zero the gradients (train.py's order)."""
         if self.clip_grad is not None:
-            dispatch_clip_grad(self.get_clip_parameters(exclude_head="agc" in self.clip_mode), self.clip_grad,
-                               mode=self.clip_mode)
+            dispatch_clip_grad(self.clipped, self.clip_grad, mode=self.clip_mode)
         self.optimizer.step()
         self.optimizer.zero_grad()
         self._step_due = False
