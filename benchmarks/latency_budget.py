@@ -18,9 +18,12 @@ checking (per target, the table right before its checks, so both see the same ma
 
 Reported per check: measured / budget (goal: at most 1.10, every time), measured / expected (the
 expected latency of the test images' own exit fractions: how good the model of latency is, apart from
-the held-out/test difference in exit shares). Writes ``results/latency_budget.json`` and prints a
-markdown table; last line ``worst_measured_over_budget=<x>``. ``--clock process`` times CPU time of the
-process instead of wall time (one thread: steadier when other jobs share the cores).
+the held-out/test difference in exit shares), and the full model's measured / expected latency, timed in
+turns with the check's passes on ``--reference-images`` images (the machine's drift since the table: over
+1.10, the machine itself ran more than 10% slower than when the table was measured). Writes
+``results/latency_budget.json`` and prints a markdown table; last line ``worst_measured_over_budget=<x>``.
+``--clock process`` times CPU time of the process instead of wall time (one thread: steadier when other
+jobs share the cores). The tables are the library's defaults: the slowest of 3 rounds' medians.
 """
 from __future__ import annotations
 
@@ -52,15 +55,19 @@ from timm_l2w_runtime.latency import CLOCKS, expected_latency_ms, latency_batch_
 SIZE = (3, 32, 32)
 
 
-def median_ms_per_image(run: Callable[[], Any], images: int, repeats: int, clock: Callable[[], float]) -> float:
-    """Median over ``repeats`` passes (after one warm-up) of ``run()``'s time, in ms per image."""
-    run()
-    times = []
-    for _ in range(repeats):
-        start = clock()
+def alternating_medians(runs: List[Tuple[Callable[[], Any], int]], repeats: int,
+                        clock: Callable[[], float]) -> List[float]:
+    """Per ``(run, images)``: the median over ``repeats`` passes of ``run()``'s time in ms per image, the runs
+    taking turns pass by pass (after one warm-up pass each), so all of them see the same machine."""
+    times: List[List[float]] = [[] for _ in runs]
+    for run, _ in runs:
         run()
-        times.append(clock() - start)
-    return statistics.median(times) * 1e3 / images
+    for _ in range(repeats):
+        for spent, (run, _) in zip(times, runs):
+            start = clock()
+            run()
+            spent.append(clock() - start)
+    return [statistics.median(spent) * 1e3 / images for spent, (_, images) in zip(times, runs)]
 
 
 def budgets_between(table: Dict[str, Any], candidates, batch: int, count: int) -> List[float]:
@@ -77,13 +84,25 @@ def check_round(model, package: Path, tmp: Path, heldout, candidates, flops, x: 
     clock = CLOCKS[clock_name]
     sizes = latency_batch_sizes(batch)
     measure = {"torch": lambda: measure_latency_table(model, SIZE, sizes, repeats=args.table_repeats,
-                                                      clock=clock_name),
+                                                      clock=clock_name, rounds=args.table_rounds),
                "onnxruntime": lambda: EarlyExitRuntime(package, threads=1).stage_latency(
-                   sizes, repeats=args.table_repeats, clock=clock_name)}
+                   sizes, repeats=args.table_repeats, clock=clock_name, rounds=args.table_rounds)}
     xb = np.ascontiguousarray(x.numpy())
+    # the machine's own drift: the full model (the placeholder policy: nobody leaves early) on the first
+    # --reference-images test images, timed in turns with every check
+    references = {"torch": placeholder_predictor(model).predict,
+                  "onnxruntime": EarlyExitRuntime(package, threads=1).predict}
+    ref_x = {"torch": x[:args.reference_images], "onnxruntime": xb[:args.reference_images]}
+    last_exit_only = np.eye(model.num_exits)[-1]
     rows, tables = [], {}
     for target, timing in measure.items():
         table = tables[target] = timing()
+        print(f"  {target:<11} batch {batch:>2}: table of {table['rounds']} rounds, "
+              f"{100 * table['round_spread']:.0f}% apart", flush=True)
+        ref_batches = [ref_x[target][i:i + batch] for i in range(0, len(ref_x[target]), batch)]
+        reference = (lambda run=references[target], batches=ref_batches: [run(b) for b in batches],
+                     len(ref_x[target]))
+        reference_expected = float(expected_latency_ms(table, last_exit_only, batch))
         for budget in budgets_between(table, candidates, batch, args.budgets):
             predictor = timm_l2w.EarlyExitPredictor.from_latency_budget(model, heldout, table, budget, batch,
                                                                         flops=flops)
@@ -97,8 +116,10 @@ def check_round(model, package: Path, tmp: Path, heldout, candidates, flops, x: 
                 batches = [xb[i:i + batch] for i in range(0, len(xb), batch)]
                 exits = np.concatenate([run(b).exit_index for b in batches])
             # one predict call per batch, as a service answering requests of that size would make
-            measured = median_ms_per_image(lambda run=run, batches=batches: [run(b) for b in batches], len(x),
-                                           args.repeats, clock)
+            measured, reference_ms = alternating_medians(
+                [(lambda run=run, batches=batches: [run(b) for b in batches], len(x)), reference], args.repeats,
+                clock)
+            drift = reference_ms / reference_expected
             test_fractions = np.bincount(exits, minlength=model.num_exits) / len(exits)
             expected_held = float(expected_latency_ms(table, predictor.calibration_fractions, batch))
             expected_test = float(expected_latency_ms(table, test_fractions, batch))
@@ -106,13 +127,15 @@ def check_round(model, package: Path, tmp: Path, heldout, candidates, flops, x: 
                          "expected_ms_heldout": expected_held, "expected_ms_test": expected_test,
                          "measured_over_budget": measured / budget,
                          "measured_over_expected_test": measured / expected_test,
+                         "reference_ms": reference_ms, "reference_expected_ms": reference_expected,
+                         "reference_over_expected": drift,
                          "heldout_exit_fractions": predictor.calibration_fractions,
                          "test_exit_fractions": test_fractions.tolist(),
                          "policy": {"thresholds": predictor.thresholds.tolist()}})
             print(f"  {target:<11} batch {batch:>2}: budget {budget:7.4f} ms  expected {expected_held:7.4f} "
                   f"(test exits {expected_test:7.4f})  measured {measured:7.4f} ms  "
-                  f"measured/budget {measured / budget:5.3f}  measured/expected {measured / expected_test:5.3f}",
-                  flush=True)
+                  f"measured/budget {measured / budget:5.3f}  measured/expected {measured / expected_test:5.3f}  "
+                  f"full model measured/expected {drift:5.3f}", flush=True)
     return rows, tables
 
 
@@ -145,8 +168,9 @@ def run_model(name: str, args, clock_name: str) -> Dict[str, Any]:
 
 
 def markdown(reports: List[Dict[str, Any]]) -> str:
-    lines = ["| model | target | batch | budgets (ms per image) | measured / budget | measured / expected |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| model | target | batch | budgets (ms per image) | measured / budget | measured / expected "
+             "| full model measured / expected | table rounds apart |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for rep in reports:
         groups: Dict[tuple, List[Dict[str, Any]]] = {}
         for row in rep["checks"]:
@@ -155,9 +179,12 @@ def markdown(reports: List[Dict[str, Any]]) -> str:
             budgets = sorted({round(r["budget_ms"], 4) for r in rows})
             over = [r["measured_over_budget"] for r in rows]
             model_fit = [r["measured_over_expected_test"] for r in rows]
+            spreads = [t[target]["round_spread"] for t in rep["tables"] if t["batch_size"] == batch]
+            drift = [r["reference_over_expected"] for r in rows]
             lines.append(f"| {rep['model']} | {target} | {batch} | {budgets[0]:.3g}-{budgets[-1]:.3g} "
                          f"({len(rows)} checks) | {min(over):.3f}-{max(over):.3f} | "
-                         f"{min(model_fit):.3f}-{max(model_fit):.3f} |")
+                         f"{min(model_fit):.3f}-{max(model_fit):.3f} | {min(drift):.3f}-{max(drift):.3f} | "
+                         f"{100 * min(spreads):.0f}-{100 * max(spreads):.0f}% |")
     return "\n".join(lines)
 
 
@@ -175,8 +202,13 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256, help="test images per check (a multiple of 64)")
     parser.add_argument("--budgets", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2, help="rounds of (measure the tables, check the budgets)")
-    parser.add_argument("--table-repeats", type=int, default=20)
+    parser.add_argument("--table-repeats", type=int, default=10, help="timed calls per table entry and round")
+    parser.add_argument("--table-rounds", type=int, default=3,
+                        help="rounds of the table; it keeps the slowest round's medians (1: one round's medians)")
     parser.add_argument("--repeats", type=int, default=5, help="timed passes over the test images per check")
+    parser.add_argument("--reference-images", type=int, default=64,
+                        help="test images the full model runs on in turns with every check's passes (the machine's "
+                             "drift: its measured / expected latency)")
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "latency_budget.json"))
     args = parser.parse_args()
@@ -187,11 +219,17 @@ def main() -> None:
     summary = {"threads": 1, "clock": args.clock, "device": checks and reports[0]["tables"][0]["torch"]["device"],
                "onnxruntime": reports[0]["tables"][0]["onnxruntime"]["device"], "torch": torch.__version__,
                "settings": {k: v for k, v in vars(args).items() if k != "out"}, "worst_measured_over_budget": worst,
+               "least_measured_over_budget": min(row["measured_over_budget"] for row in checks),
                "within_10_percent": sum(row["measured_over_budget"] <= 1.10 for row in checks),
+               "misses_while_the_machine_drifted": sum(row["measured_over_budget"] > 1.10
+                                                       and row["reference_over_expected"] > 1.10 for row in checks),
                "checks": len(checks), "models": reports}
     write_text_atomic(args.out, json.dumps(summary, indent=2) + "\n")
     print(markdown(reports))
-    print(f"{summary['within_10_percent']} of {len(checks)} checks within 10% of the budget or under it")
+    print(f"{summary['within_10_percent']} of {len(checks)} checks within 10% of the budget or under it; of the "
+          f"misses, {summary['misses_while_the_machine_drifted']} while the full model also ran over 10% slower "
+          "than the table said (the machine drifted)")
+    print(f"least_measured_over_budget={summary['least_measured_over_budget']:.3f}")
     print(f"worst_measured_over_budget={worst:.3f}")
 
 

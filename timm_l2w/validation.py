@@ -146,7 +146,7 @@ EVAL_SETTINGS: Dict[str, Range] = {
     "held_out": Range(1, integer=True), "batch_size": Range(1, integer=True),
     "crop_pct": Range(0, 1, low_open=True, hint="the centre crop's share of the resized image"),
     "latency_batch_size": Range(1, integer=True), "latency_repeats": Range(1, integer=True),
-    "latency_threads": Range(1, integer=True),
+    "latency_threads": Range(1, integer=True), "latency_rounds": Range(1, integer=True),
 }
 CONVERT_SETTINGS: Dict[str, Range] = {"num_classes": Range(1, integer=True)}
 # flags with two spellings, named both ways in messages

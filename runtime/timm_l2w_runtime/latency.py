@@ -19,8 +19,17 @@ A latency table is a small JSON document (a policy file carries it under ``"late
 * ``gather_ms[k][j]``: milliseconds of cutting the state down to ``batch_sizes[j]`` rows before stage
   ``k``, paid only when some images left at exit ``k - 1`` (0 for stage 0).
 * ``call_ms[j]``: the rest of one predict call (input checks, allocations).
-* ``repeats``, ``warmup``, ``clock``: medians of ``repeats`` timed calls after ``warmup`` untimed ones,
-  on the ``"wall"`` clock (or ``"process"``: CPU time of the process, for measurements on a shared CPU).
+* ``rounds``, ``repeats``, ``warmup``, ``clock``: every entry is timed in ``rounds`` rounds of ``repeats``
+  calls, one round after another over the whole measurement (round ``r`` of every batch size and kind of
+  call before round ``r + 1`` of any), on the ``"wall"`` clock (or ``"process"``: CPU time of the
+  process, for measurements on a shared CPU); ``warmup`` untimed calls come before the first round, one
+  before each later one. Each entry is the **slowest round's median**: the median ignores a single slow
+  call, the slowest round covers the machine's drift while it was measured (a CPU shared with other
+  work, a GPU's clocks), so the table errs towards the slower side and a budget chosen with it holds
+  when the machine is as slow as it was seen to be.
+* ``round_spread``: how much slower the slowest round's whole call (every stage, batch size by batch
+  size) was than the fastest round's, the largest over the batch sizes: the drift seen while measuring.
+  When the deployment machine can drift more than that, leave that much more headroom in the budget.
 
 **Expected latency per image** of a policy at deployment batch size ``B`` (:func:`expected_latency_ms`):
 with held-out exit fractions ``f_k``, an image reaches stage ``k`` with probability
@@ -58,6 +67,7 @@ __all__ = [
 ]
 
 LATENCY_TARGETS = ("torch", "onnxruntime")
+UNSTEADY_SPREAD = 0.10  # rounds further apart than this: the table's text says the machine was not steady
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -127,6 +137,13 @@ def check_latency_table(table: Any, num_exits: Optional[int] = None, where: str 
     if size is not None and (not isinstance(size, (list, tuple)) or len(size) != 3
                              or not all(isinstance(v, int) and v >= 1 for v in size)):
         raise error(f"{where}.input_size must be [channels, height, width] or null, got {size!r}")
+    rounds, spread = table.get("rounds", 1), table.get("round_spread", 0.0)
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise error(f"{where}.rounds must be an integer >= 1, got {rounds!r}")
+    if (isinstance(spread, bool) or not isinstance(spread, (int, float)) or not np.isfinite(spread)
+            or spread < 0):
+        raise error(f"{where}.round_spread must be a finite number >= 0, got {spread!r}")
+    out.update(rounds=rounds, round_spread=float(spread))
     return out
 
 
@@ -259,8 +276,9 @@ def _timed_calls(predict: Callable[[Any], Any], x: Any, stage_clock: StageClock,
 
 def measure_stages(predict: Callable[[Any], Any], make_input: Callable[[int], Any], stage_clock: StageClock,
                    timing_rule: TimingRule, batch_sizes: Sequence[int], num_exits: int, repeats: int,
-                   warmup: int) -> Dict[str, Any]:
-    """Time a runtime's own predict loop, stage by stage, at every batch size (medians in ms).
+                   warmup: int, rounds: int = 3) -> Dict[str, Any]:
+    """Time a runtime's own predict loop, stage by stage, at every batch size (ms; the slowest of ``rounds``
+    rounds' medians, with ``round_spread``: the module docstring).
 
     ``make_input(b)``: a batch of ``b`` images. ``predict(x)`` runs the loop with ``timing_rule`` as its exit
     rule; as each stage starts, its timed stand-in calls ``stage_clock.mark()`` and, for stages ``k >= 1``,
@@ -268,29 +286,34 @@ def measure_stages(predict: Callable[[Any], Any], make_input: Callable[[int], An
     stage then reads it) and reports that with ``stage_clock.gathered(k, start)``. Calls with nobody leaving
     time every stage after the others ran (``stage_ms``, ``gather_ms``, ``call_ms``); calls with everybody
     leaving at exit ``k`` time stage ``k`` when no deeper stage ran in between (``stage_repeat_ms``).
+    Every round runs every batch size and kind of call (``repeats`` timed calls after one untimed call, or
+    after ``warmup`` in the first round) before the next round starts.
     """
-    stage_ms = np.zeros((num_exits, len(batch_sizes)))
-    repeat_ms = np.zeros_like(stage_ms)
-    gather_ms = np.zeros_like(stage_ms)
-    call_ms = np.zeros(len(batch_sizes))
-    for j, b in enumerate(batch_sizes):
-        x = make_input(int(b))
-        for leave_at in [None, *range(num_exits - 1)]:
-            timing_rule.leave_at = leave_at
-            stages = num_exits if leave_at is None else leave_at + 1
-            for _ in range(warmup):
-                predict(x)
-            steps, gathers, calls = _timed_calls(predict, x, stage_clock, stages, repeats)
-            if leave_at is None:
-                stage_ms[:, j] = np.median(steps, axis=0) * 1e3
-                gather_ms[:, j] = np.median(gathers, axis=0) * 1e3
-                call_ms[j] = np.median(calls) * 1e3
-            else:
-                repeat_ms[leave_at, j] = np.median(steps[:, leave_at]) * 1e3
-        timing_rule.leave_at = None
-    repeat_ms[-1] = stage_ms[-1]  # the last stage always follows every other one
-    return {"batch_sizes": [int(b) for b in batch_sizes], "stage_ms": stage_ms.tolist(),
-            "stage_repeat_ms": repeat_ms.tolist(), "gather_ms": gather_ms.tolist(), "call_ms": call_ms.tolist()}
+    shape = (rounds, num_exits, len(batch_sizes))
+    stage_ms, repeat_ms, gather_ms = np.zeros(shape), np.zeros(shape), np.zeros(shape)
+    call_ms = np.zeros((rounds, len(batch_sizes)))
+    inputs = [make_input(int(b)) for b in batch_sizes]
+    for r in range(rounds):
+        for j, x in enumerate(inputs):
+            for leave_at in [None, *range(num_exits - 1)]:
+                timing_rule.leave_at = leave_at
+                stages = num_exits if leave_at is None else leave_at + 1
+                for _ in range(warmup if r == 0 else min(warmup, 1)):
+                    predict(x)
+                steps, gathers, calls = _timed_calls(predict, x, stage_clock, stages, repeats)
+                if leave_at is None:
+                    stage_ms[r, :, j] = np.median(steps, axis=0) * 1e3
+                    gather_ms[r, :, j] = np.median(gathers, axis=0) * 1e3
+                    call_ms[r, j] = np.median(calls) * 1e3
+                else:
+                    repeat_ms[r, leave_at, j] = np.median(steps[:, leave_at]) * 1e3
+            timing_rule.leave_at = None
+    repeat_ms[:, -1] = stage_ms[:, -1]  # the last stage always follows every other one
+    whole_call = stage_ms.sum(axis=1) + gather_ms.sum(axis=1) + call_ms  # [rounds, S]
+    spread = float((whole_call.max(axis=0) / np.maximum(whole_call.min(axis=0), 1e-12)).max() - 1.0)
+    return {"batch_sizes": [int(b) for b in batch_sizes], "stage_ms": stage_ms.max(axis=0).tolist(),
+            "stage_repeat_ms": repeat_ms.max(axis=0).tolist(), "gather_ms": gather_ms.max(axis=0).tolist(),
+            "call_ms": call_ms.max(axis=0).tolist(), "rounds": int(rounds), "round_spread": spread}
 
 
 def latency_table(target: str, device: Mapping[str, Any], model: Optional[str], num_exits: int,
@@ -304,9 +327,9 @@ def latency_table(target: str, device: Mapping[str, Any], model: Optional[str], 
     })
 
 
-def check_timing_settings(repeats: Any, warmup: Any, clock: Any, batch_sizes: Any) -> List[int]:
+def check_timing_settings(repeats: Any, warmup: Any, clock: Any, batch_sizes: Any, rounds: Any = 1) -> List[int]:
     """Check a measurement's settings; return the batch sizes as a sorted list of unique integers."""
-    for name, value, low in (("repeats", repeats, 1), ("warmup", warmup, 0)):
+    for name, value, low in (("repeats", repeats, 1), ("warmup", warmup, 0), ("rounds", rounds, 1)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if clock not in CLOCKS:
@@ -321,8 +344,12 @@ def latency_table_text(table: Mapping[str, Any]) -> str:
     """The table for a terminal: ms per batch of every stage at every batch size, and where it was measured."""
     sizes = table["batch_sizes"]
     device = ", ".join(f"{k} {v}" for k, v in table.get("device", {}).items())
-    lines = [f"latency table ({table['target']}; {device}; median of {table.get('repeats')} runs, "
-             f"{table.get('clock', 'wall')} clock), ms per batch (r: no deeper stage ran since):",
+    rounds = table.get("rounds", 1)
+    timing = (f"slowest of {rounds} rounds' medians of {table.get('repeats')} runs, the rounds "
+              f"{100 * table.get('round_spread', 0.0):.0f}% apart" if rounds > 1 else
+              f"median of {table.get('repeats')} runs")
+    lines = [f"latency table ({table['target']}; {device}; {timing}, {table.get('clock', 'wall')} clock), "
+             "ms per batch (r: no deeper stage ran since):",
              "stage  " + "".join(f"{'batch ' + str(b):>12}" for b in sizes)]
     for k, row in enumerate(table["stage_ms"]):
         lines.append(f"{k + 1:>5}  " + "".join(f"{v:>12.4g}" for v in row))
@@ -330,4 +357,10 @@ def latency_table_text(table: Mapping[str, Any]) -> str:
         lines.append(f"{k + 1:>5}r " + "".join(f"{v:>12.4g}" for v in row))
     lines.append("gather " + "".join(f"{sum(col):>12.4g}" for col in zip(*table["gather_ms"])))
     lines.append("call   " + "".join(f"{v:>12.4g}" for v in table["call_ms"]))
+    if table.get("round_spread", 0.0) > UNSTEADY_SPREAD:
+        lines.append(f"note: the slowest round took {100 * table['round_spread']:.0f}% longer than the fastest: this "
+                     "machine's speed moved while it was measured. The table holds the slowest round, so a budget "
+                     "holds while the machine is no slower than that, at the price of a cheaper policy than a steady "
+                     "machine would allow; measure again when the machine is quiet, with more --latency-rounds, or "
+                     "on the deployment machine itself")
     return "\n".join(lines)

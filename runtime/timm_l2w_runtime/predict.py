@@ -39,8 +39,11 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                         "(timm-l2w eval --latency-table FILE --latency-budget MS chooses a policy with it)")
     p.add_argument("--latency-batch-sizes", type=int, nargs="+", default=[1, 8, 64], metavar="B",
                    help="batch sizes to time (default: 1 8 64)")
-    p.add_argument("--latency-repeats", type=int, default=20,
-                   help="timed runs per batch size; the table holds their medians (default: 20)")
+    p.add_argument("--latency-repeats", type=int, default=10,
+                   help="timed runs per batch size and round (default: 10)")
+    p.add_argument("--latency-rounds", type=int, default=3,
+                   help="rounds over every batch size, one after another; the table holds the slowest round's "
+                        "medians, so it covers the machine's drift while measuring (default: 3)")
     p.add_argument("--latency-output", default=None, metavar="FILE", help="also write the latency table as JSON")
     return p
 
@@ -70,8 +73,10 @@ def _measure_latency(args: argparse.Namespace, prog: str) -> int:
     from .latency import expected_latency_ms, latency_table_text
     from .policy import write_text_atomic
 
-    done = _with_runtime(args, prog, ("--latency-repeats", args.latency_repeats),
-                         lambda runtime: runtime.stage_latency(args.latency_batch_sizes, repeats=args.latency_repeats))
+    done = _with_runtime(args, prog, ("--latency-repeats and --latency-rounds",
+                                      min(args.latency_repeats, args.latency_rounds)),
+                         lambda runtime: runtime.stage_latency(args.latency_batch_sizes, repeats=args.latency_repeats,
+                                                               rounds=args.latency_rounds))
     if done is None:
         return 2
     runtime, table = done

@@ -237,19 +237,19 @@ class EarlyExitRuntime:
                 memory = rule.keep(memory, keep)
         return RuntimePrediction(predictions, confidences, exit_index)
 
-    def stage_latency(self, batch_sizes: Sequence[int] = (1, 8, 64), repeats: int = 20, warmup: int = 3,
-                      clock: str = "wall") -> Dict[str, Any]:
+    def stage_latency(self, batch_sizes: Sequence[int] = (1, 8, 64), repeats: int = 10, warmup: int = 3,
+                      clock: str = "wall", rounds: int = 3) -> Dict[str, Any]:
         """Time every stage of this package with onnxruntime at each batch size: the latency table
         (:mod:`timm_l2w_runtime.latency`) that ``timm-l2w eval --latency-table`` and
         ``EarlyExitPredictor.from_latency_budget`` choose a policy with.
 
         The timed calls are this runtime's own :meth:`predict` on random images, with the policy's exit rule
         deciding at every exit but nobody leaving (every stage sees the whole batch), or everybody at one
-        exit (:func:`timm_l2w_runtime.latency.measure_stages`); per stage and batch size the median of
-        ``repeats`` calls after ``warmup``. ``clock``: ``'wall'`` or ``'process'`` (CPU
+        exit (:func:`timm_l2w_runtime.latency.measure_stages`); per stage and batch size the slowest of
+        ``rounds`` rounds' medians of ``repeats`` calls. ``clock``: ``'wall'`` or ``'process'`` (CPU
         time of this process: steadier on a shared machine with one thread).
         """
-        sizes = check_timing_settings(repeats, warmup, clock, batch_sizes)
+        sizes = check_timing_settings(repeats, warmup, clock, batch_sizes, rounds)
         stage_clock = StageClock(CLOCKS[clock])
         rng = np.random.default_rng(0)
         plan, rule = self._plan, self.exit_rule
@@ -258,7 +258,7 @@ class EarlyExitRuntime:
         try:
             timings = measure_stages(self.predict,
                                      lambda b: rng.standard_normal((b, *self.input_size), dtype=np.float32),
-                                     stage_clock, timing_rule, sizes, self.num_exits, repeats, warmup)
+                                     stage_clock, timing_rule, sizes, self.num_exits, repeats, warmup, rounds)
         finally:
             self._plan, self.exit_rule = plan, rule
         ort = _onnxruntime()

@@ -12,7 +12,15 @@ from tests.helpers import CountingModel, TinyMultiExit
 from timm_l2w.evaluation import ExitOutputs, budgeted_evaluation
 from timm_l2w.inference import EarlyExitPredictor
 from timm_l2w.inference.latency import measure_latency_table
-from timm_l2w_runtime.latency import check_latency_table, expected_latency_ms, interpolate_ms
+from timm_l2w_runtime.latency import (
+    StageClock,
+    TimingRule,
+    check_latency_table,
+    expected_latency_ms,
+    interpolate_ms,
+    latency_table_text,
+    measure_stages,
+)
 from timm_l2w_runtime.policy import PolicyError, check_policy, read_policy
 
 
@@ -166,19 +174,59 @@ def test_the_policy_file_carries_the_table_through_save_load_and_the_torch_free_
 @pytest.mark.parametrize("rule", ["confidence", "entropy", "patience"])
 def test_the_table_times_every_stage_of_the_predictors_loop_on_whole_batches(rule):
     model = CountingModel(num_exits=3, num_classes=4, in_chans=1, width=4)
-    table = measure_latency_table(model, (1, 8, 8), batch_sizes=(3, 1), rule=rule, repeats=2, warmup=1)
+    table = measure_latency_table(model, (1, 8, 8), batch_sizes=(3, 1), rule=rule, repeats=2, warmup=1, rounds=2)
     assert table["batch_sizes"] == [1, 3] and table["rule"] == rule and table["target"] == "torch"
+    assert table["rounds"] == 2 and table["round_spread"] >= 0
     assert all(np.asarray(table[key]).shape == (3, 2) for key in ("stage_ms", "stage_repeat_ms", "gather_ms"))
     assert table["stage_repeat_ms"][2] == table["stage_ms"][2]  # the last stage always follows the others
     assert min(map(min, table["stage_ms"])) > 0 and table["gather_ms"][0] == [0.0, 0.0]
     assert table["device"]["device"] == "cpu" and table["device"]["threads"] == torch.get_num_threads()
     assert table["input_size"] == [1, 8, 8] and table["num_exits"] == 3
-    # per batch size, 1 + 2 calls where nobody left early (three stages on the whole batch), then calls where
-    # everybody leaves at exit 1, then at exit 2
-    assert model.calls == [(k, b) for b in (1, 3) for stages in (3, 1, 2) for _ in range(1 + 2) for k in range(stages)]
+    # per round and batch size, 1 + 2 calls where nobody left early (three stages on the whole batch), then calls
+    # where everybody leaves at exit 1, then at exit 2; the second round after the first
+    assert model.calls == [(k, b) for _ in range(2) for b in (1, 3) for stages in (3, 1, 2) for _ in range(1 + 2)
+                           for k in range(stages)]
     assert "forward_stage" not in vars(model)  # the model itself is untouched
     with pytest.raises(ValueError, match="repeats must be an integer >= 1"):
         measure_latency_table(model, (1, 8, 8), repeats=0)
+    with pytest.raises(ValueError, match="rounds must be an integer >= 1"):
+        measure_latency_table(model, (1, 8, 8), rounds=0)
+
+
+def test_the_table_holds_the_slowest_rounds_medians_and_how_far_apart_the_rounds_were():
+    """A fake loop of two stages on a fake clock: stage k costs (k + 1) ms per image, twice that in the first
+    round (a slower machine), and one timed call of the second round stalls for 100 ms."""
+    now, calls = [0.0], []
+    stage_clock = StageClock(clock=lambda: now[0])
+
+    class NobodyLeaves:
+        def leave(self, k, logits, conf, pred, params, memory=None):
+            return np.zeros(1, dtype=bool), memory
+
+    timing_rule = TimingRule(NobodyLeaves())
+
+    def predict(x):  # per round: batch 1 then 4, each (1 untimed + 3 timed) x (nobody leaves, all leave at exit 1)
+        slow = 2.0 if len(calls) < 16 else 1.0
+        now[0] += 0.1 if len(calls) == 17 else 0.0  # a stall before stage 1 of a timed call in round 2
+        calls.append(len(x))
+        for k in range(2):
+            stage_clock.mark()
+            now[0] += slow * (k + 1) * len(x) * 1e-3
+            if timing_rule.leave(k, None, None, None, None)[0].all():
+                break
+
+    timings = measure_stages(predict, lambda b: np.zeros((b, 1)), stage_clock, timing_rule, [1, 4], num_exits=2,
+                             repeats=3, warmup=1, rounds=2)
+    assert calls == [1] * 8 + [4] * 8 + [1] * 8 + [4] * 8
+    assert np.allclose(timings["stage_ms"], [[2.0, 8.0], [4.0, 16.0]])  # the first round's: the slower one
+    assert np.allclose(timings["stage_repeat_ms"], [[2.0, 8.0], [4.0, 16.0]])
+    assert np.allclose(timings["call_ms"], [0.0, 0.0]) and np.allclose(timings["gather_ms"], 0.0)  # no stall kept
+    assert timings["rounds"] == 2 and timings["round_spread"] == pytest.approx(1.0)  # one round took twice the other
+    table = check_latency_table({"target": "torch", "num_exits": 2, "rule": "confidence", **timings})
+    assert "slowest of 2 rounds' medians" in latency_table_text(dict(table, repeats=3)) and "100% apart" in \
+        latency_table_text(dict(table, repeats=3))
+    with pytest.raises(ValueError, match="round_spread must be a finite number >= 0"):
+        check_latency_table(dict(table, round_spread=-0.5))
 
 
 def test_the_table_of_a_model_whose_state_is_a_nest_of_tensors():

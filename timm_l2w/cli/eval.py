@@ -108,8 +108,12 @@ def _parser() -> argparse.ArgumentParser:
     latency.add_argument("--latency-table", default=None, metavar="FILE",
                          help="a latency table measured elsewhere instead (on the deployment machine: "
                               "timm-l2w-predict DIR --measure-latency --latency-output FILE)")
-    latency.add_argument("--latency-repeats", type=int, default=20,
-                         help="timed runs per stage and batch size (the table holds their medians)")
+    latency.add_argument("--latency-repeats", type=int, default=10,
+                         help="timed runs per stage, batch size and round (default: 10)")
+    latency.add_argument("--latency-rounds", type=int, default=3,
+                         help="rounds over every batch size, one after another; the table holds the slowest "
+                              "round's medians, so the budget holds when the machine is as slow as it was seen to "
+                              "be while measuring (default: 3)")
     latency.add_argument("--latency-threads", type=int, default=None,
                          help="CPU threads while timing (torch: torch.set_num_threads; onnx: onnxruntime intra-op "
                               "threads; default: the library's)")

@@ -44,8 +44,8 @@ def _torch_threads(threads: Optional[int]) -> Iterator[None]:
 
 
 def measure_target_latency(model: nn.Module, input_size: Sequence[int], batch_sizes: Sequence[int],
-                           target: str = "torch", rule: str = "confidence", repeats: int = 20, warmup: int = 3,
-                           threads: Optional[int] = None, clock: str = "wall") -> Dict[str, Any]:
+                           target: str = "torch", rule: str = "confidence", repeats: int = 10, warmup: int = 3,
+                           threads: Optional[int] = None, clock: str = "wall", rounds: int = 3) -> Dict[str, Any]:
     """The latency table of ``model`` on ``target`` (``'torch'``: eager PyTorch on the model's device, with
     ``threads`` CPU threads when given; ``'onnx'``: onnxruntime's CPU provider, ``threads`` intra-op threads,
     from a temporary export at ``input_size``)."""
@@ -55,7 +55,7 @@ def measure_target_latency(model: nn.Module, input_size: Sequence[int], batch_si
     if target == "torch":
         with _torch_threads(threads):
             return measure_latency_table(model, size, batch_sizes, rule=rule, repeats=repeats, warmup=warmup,
-                                         clock=clock)
+                                         clock=clock, rounds=rounds)
     from timm_l2w_runtime import EarlyExitRuntime
 
     net = unwrap_model(model)
@@ -65,7 +65,7 @@ def measure_target_latency(model: nn.Module, input_size: Sequence[int], batch_si
         package = export_package(net, Path(tmp) / "package", placeholder_predictor(net, rule), input_size=size,
                                  pt2=False, verify=False)
         runtime = EarlyExitRuntime(package, threads=threads)
-        return runtime.stage_latency(batch_sizes, repeats=repeats, warmup=warmup, clock=clock)
+        return runtime.stage_latency(batch_sizes, repeats=repeats, warmup=warmup, clock=clock, rounds=rounds)
 
 
 def eval_latency_table(args: Any, model: nn.Module, result: Dict[str, Any], input_size: Sequence[int],
@@ -79,9 +79,11 @@ def eval_latency_table(args: Any, model: nn.Module, result: Dict[str, Any], inpu
         table = read_latency_table(args.latency_table, num_exits)
     else:
         print(f"timm-l2w eval: timing every stage on {args.latency_target} at batch sizes "
-              f"{latency_batch_sizes(batch)} ({args.latency_repeats} runs each)", flush=True)
+              f"{latency_batch_sizes(batch)} ({args.latency_rounds} rounds of {args.latency_repeats} runs each)",
+              flush=True)
         table = measure_target_latency(model, input_size, latency_batch_sizes(batch), args.latency_target,
-                                       args.exit_rule, repeats=args.latency_repeats, threads=args.latency_threads)
+                                       args.exit_rule, repeats=args.latency_repeats, threads=args.latency_threads,
+                                       rounds=args.latency_rounds)
     print(latency_table_text(table))
     rows = latency_columns(result["budgeted"], table, batch)
     best = max(rows, key=lambda r: r["test_top1"])

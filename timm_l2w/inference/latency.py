@@ -77,17 +77,18 @@ def placeholder_predictor(model: nn.Module, rule: str | ExitRule = "confidence")
 @torch.inference_mode()
 def measure_latency_table(model: nn.Module, input_size: Optional[Sequence[int]] = None,
                           batch_sizes: Sequence[int] = (1, 8, 64), rule: str | ExitRule = "confidence",
-                          repeats: int = 20, warmup: int = 3, clock: str = "wall") -> Dict[str, Any]:
+                          repeats: int = 10, warmup: int = 3, clock: str = "wall", rounds: int = 3) -> Dict[str, Any]:
     """The latency table of ``model`` in eager PyTorch, on the device its parameters are on.
 
     Every timed call is :meth:`EarlyExitPredictor.predict` itself on random images of ``input_size``
     (default: the model's configured size) with ``rule`` deciding at every exit but nobody leaving (or
     everybody at one exit: :func:`timm_l2w_runtime.latency.measure_stages`), so each stage's time holds what
     the predictor does there (the stage, the softmax, the rule, the host sync of its decision); per stage
-    and batch size, the median of ``repeats`` calls after ``warmup``.
+    and batch size, the slowest of ``rounds`` rounds' medians of ``repeats`` calls (after ``warmup``),
+    the rounds one after another over the whole measurement.
     ``clock='process'`` times CPU time of this process (steadier on a shared CPU with one thread).
     """
-    sizes = check_timing_settings(repeats, warmup, clock, batch_sizes)
+    sizes = check_timing_settings(repeats, warmup, clock, batch_sizes, rounds)
     net = unwrap_model(model)
     rule = exit_rule(rule)
     num_exits = int(net.num_exits)
@@ -105,7 +106,7 @@ def measure_latency_table(model: nn.Module, input_size: Optional[Sequence[int]] 
     predictor.model, predictor.exit_rule = _TimedStages(net, stage_clock), timing_rule
     generator = torch.Generator(device=device).manual_seed(0)
     timings = measure_stages(predictor.predict, lambda b: torch.randn(b, *size, device=device, generator=generator),
-                             stage_clock, timing_rule, sizes, num_exits, repeats, warmup)
+                             stage_clock, timing_rule, sizes, num_exits, repeats, warmup, rounds)
     return latency_table("torch", torch_device_info(device), model_name(net), num_exits, size, rule.name, timings,
                          repeats, warmup, clock)
 
