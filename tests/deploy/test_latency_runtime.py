@@ -52,6 +52,9 @@ def test_predict_measure_latency_prints_and_writes_the_table(package, tmp_path, 
     table = check_latency_table(json.loads(out.read_text()), num_exits=3)
     fractions = read_policy(package[1] / "policy.json")["calibration_exit_fractions"]
     assert f"{expected_latency_ms(table, fractions, 2):.4g} ms at batch 2" in printed
+    assert table["rounds"] == 3 and "slowest of 3 rounds' medians of 1 runs" in printed  # the default rounds
+    assert predict_main([str(package[1]), "--measure-latency", "--latency-rounds", "0"]) == 2
+    assert "--latency-repeats and --latency-rounds" in capsys.readouterr().err
     with pytest.raises(SystemExit) as usage:  # no images and no --measure-latency: argparse's usage error
         predict_main([str(package[1])])
     assert usage.value.code == 2
@@ -73,12 +76,14 @@ def eval_args(checkpoint, out, *extra):
 
 def test_eval_latency_budget_writes_a_policy_with_the_table_and_ms_beside_flops(checkpoint, tmp_path, capsys):
     assert eval_main(eval_args(checkpoint, tmp_path / "ev", "--latency-budget", "1000",
-                               "--latency-batch-size", "3")) == 0
+                               "--latency-batch-size", "3", "--latency-rounds", "2")) == 0
     printed = capsys.readouterr().out
     assert "latency table (torch" in printed and "budgeted, expected ms per image at batch 3" in printed
+    assert "slowest of 2 rounds' medians of 1 runs" in printed
     policy = read_policy(tmp_path / "ev" / f"{TINY}_confidence_latency1000ms_batch3_policy.json")
     assert policy["budget"] == {"latency_ms": 1000.0, "batch_size": 3}
     assert policy["latency"]["batch_sizes"] == [1, 2, 3] and policy["latency"]["target"] == "torch"
+    assert policy["latency"]["rounds"] == 2 and policy["latency"]["round_spread"] >= 0
     assert 0 < policy["expected_latency_ms"] <= 1000
     rows = list(csv.DictReader((tmp_path / "ev" / f"{TINY}_budgeted.csv").open()))
     assert len(rows) == 39 and all(float(r["expected_ms"]) > 0 and float(r["heldout_expected_ms"]) > 0 for r in rows)
@@ -110,3 +115,5 @@ def test_eval_takes_exactly_one_budget_and_a_readable_table(checkpoint, tmp_path
     assert "latency table" in capsys.readouterr().err and not (tmp_path / f"{TINY}.json").exists()
     assert eval_main(eval_args(checkpoint, tmp_path, "--latency-budget", "0")) == 2
     assert "latency_budget must be > 0" in capsys.readouterr().err
+    assert eval_main(eval_args(checkpoint, tmp_path, "--latency-budget", "5", "--latency-rounds", "0")) == 2
+    assert "--latency-rounds must be >= 1, got 0" in capsys.readouterr().err
