@@ -73,7 +73,7 @@ def _measure_latency(args: argparse.Namespace, prog: str) -> int:
     from .latency import expected_latency_ms, latency_table_text
     from .policy import write_text_atomic
 
-    done = _with_runtime(args, prog, ("--latency-repeats and --latency-rounds",
+    done = _with_runtime(args, prog, ("--latency-repeats, --latency-rounds",
                                       min(args.latency_repeats, args.latency_rounds)),
                          lambda runtime: runtime.stage_latency(args.latency_batch_sizes, repeats=args.latency_repeats,
                                                                rounds=args.latency_rounds))

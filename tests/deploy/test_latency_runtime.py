@@ -54,7 +54,7 @@ def test_predict_measure_latency_prints_and_writes_the_table(package, tmp_path, 
     assert f"{expected_latency_ms(table, fractions, 2):.4g} ms at batch 2" in printed
     assert table["rounds"] == 3 and "slowest of 3 rounds' medians of 1 runs" in printed  # the default rounds
     assert predict_main([str(package[1]), "--measure-latency", "--latency-rounds", "0"]) == 2
-    assert "--latency-repeats and --latency-rounds" in capsys.readouterr().err
+    assert "--latency-repeats, --latency-rounds and --threads must be integers >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit) as usage:  # no images and no --measure-latency: argparse's usage error
         predict_main([str(package[1])])
     assert usage.value.code == 2
