@@ -23,6 +23,7 @@ setup(
         "tqdm",
         "matplotlib",
         "scikit-learn",
+        "scipy",  # the risk bounds (timm_l2w.evaluation.risk) and the study statistics
         "numpy",
         "pillow",
     ],

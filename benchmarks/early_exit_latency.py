@@ -71,13 +71,15 @@ def short_training(model: torch.nn.Module, loader, seconds: float, device: str =
     return steps
 
 
-def load_or_train(model: torch.nn.Module, checkpoint, loader, seconds: float) -> int:
-    """``checkpoint``'s weights into ``model`` (0 steps), else :func:`short_training` on ``loader``; returns steps."""
+def load_or_train(model: torch.nn.Module, checkpoint, loader, seconds: float, device: str = "cpu") -> int:
+    """``checkpoint``'s weights into ``model`` (0 steps), else :func:`short_training` on ``loader`` (on
+    ``device``, where the model is moved); returns steps; the model is left in eval mode."""
+    model.to(device)
     if checkpoint:
         model.load_state_dict(timm_l2w.load_state_dict(checkpoint))
         model.eval()
         return 0
-    return short_training(model, loader, seconds)
+    return short_training(model, loader, seconds, device)
 
 
 def timed(fn, x):
@@ -147,12 +149,7 @@ def main() -> None:
 
     train_loader, held_loader, test_loader, num_classes = digits_loaders()
     model = create_multi_exit_model(args.model, num_classes=num_classes, **args.model_kwargs)
-    if args.checkpoint:
-        model.load_state_dict(timm_l2w.load_state_dict(args.checkpoint))
-        steps = 0
-    else:
-        steps = short_training(model.to(args.device), train_loader, args.train_seconds, args.device)
-    model.to(args.device).eval()
+    steps = load_or_train(model, args.checkpoint, train_loader, args.train_seconds, args.device)
     flops = torch.tensor(timm_l2w.exit_flops(model, (3, 32, 32)), dtype=torch.float64)
     heldout = collect_exit_outputs(model, held_loader)
     test = collect_exit_outputs(model, test_loader)

@@ -216,7 +216,7 @@ def main() -> None:
     reports = [run_model(name, args, args.clock) for name in args.models]
     checks = [row for rep in reports for row in rep["checks"]]
     worst = max(row["measured_over_budget"] for row in checks)
-    summary = {"threads": 1, "clock": args.clock, "device": checks and reports[0]["tables"][0]["torch"]["device"],
+    summary = {"threads": 1, "clock": args.clock, "device": reports[0]["tables"][0]["torch"]["device"],
                "onnxruntime": reports[0]["tables"][0]["onnxruntime"]["device"], "torch": torch.__version__,
                "settings": {k: v for k, v in vars(args).items() if k != "out"}, "worst_measured_over_budget": worst,
                "least_measured_over_budget": min(row["measured_over_budget"] for row in checks),

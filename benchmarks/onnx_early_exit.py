@@ -38,7 +38,7 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from early_exit_latency import short_training  # noqa: E402
+from early_exit_latency import load_or_train  # noqa: E402
 
 import timm_l2w  # noqa: E402
 from timm_l2w.data import create_datasets, create_loaders  # noqa: E402
@@ -149,12 +149,7 @@ def main() -> None:
     splits = create_datasets("digits", input_size=32, in_chans=3)
     train_loader, held_loader, test_loader = create_loaders(splits, batch_size=64, eval_batch_size=256)
     model = timm.create_model(args.model, num_classes=splits.num_classes)
-    if args.checkpoint:
-        model.load_state_dict(timm_l2w.load_state_dict(args.checkpoint))
-        steps = 0
-    else:
-        steps = short_training(model, train_loader, args.train_seconds)
-    model.eval()
+    steps = load_or_train(model, args.checkpoint, train_loader, args.train_seconds)
     flops = np.asarray(timm_l2w.exit_flops(model, size))
     full_flops = forward_flops(model, size)
     heldout = collect_exit_outputs(model, held_loader)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -25,7 +26,7 @@ import pickle
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Sequence, Union
+from typing import Any, Dict, Iterator, List, Mapping, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +34,7 @@ from torch import Tensor, nn
 from .errors import CheckpointError, first_line
 
 __all__ = ["atomic_path", "write_bytes_atomic", "write_text_atomic", "write_json_atomic", "csv_text", "load_state_dict",
-           "read_metadata", "weights_digest", "EMA_KEYS", "PREPROCESS_KEYS"]
+           "read_metadata", "weights_digest", "preprocess_record", "EMA_KEYS", "PREPROCESS_KEYS"]
 
 NESTED_KEYS = ("state_dict", "model")  # where training scripts put the weights inside a checkpoint dict
 EMA_KEYS = ("state_dict_ema", "model_ema")  # where timm's checkpoints keep the EMA weights (as timm's loader looks)
@@ -229,14 +230,29 @@ def _timm_record(obj: Any) -> Dict[str, str]:
     for key, value in (("num_classes", args.get("num_classes")), ("in_chans", chans), ("input_size", side)):
         if isinstance(value, int) and value > 0:
             meta[key] = str(value)
-    if args.get("crop_pct"):
-        meta["crop_pct"] = str(float(args["crop_pct"]))
-    if args.get("interpolation"):
-        meta["interpolation"] = str(args["interpolation"])
-    for key in ("mean", "std"):
-        if isinstance(args.get(key), (list, tuple)) and args[key]:
-            meta[key] = json.dumps([float(v) for v in args[key]])
+    meta.update(preprocess_record(args))
     return meta
+
+
+def preprocess_record(config: Mapping[str, Any]) -> Dict[str, str]:
+    """The eval preprocessing of a data config (timm's ``resolve_data_config`` keys, or train.py's arguments) as a
+    weights file records it (:data:`PREPROCESS_KEYS`, strings; keys missing or empty are left out)."""
+    record: Dict[str, str] = {}
+    if config.get("crop_pct"):
+        record["crop_pct"] = str(float(config["crop_pct"]))
+    if config.get("interpolation"):
+        record["interpolation"] = str(config["interpolation"])
+    for key in ("mean", "std"):
+        if isinstance(config.get(key), (list, tuple)) and config[key]:
+            record[key] = json.dumps([float(v) for v in config[key]])
+    return record
+
+
+@functools.lru_cache(maxsize=8)
+def _checkpoint_record(path: str, mtime_ns: int, size: int) -> Tuple[Tuple[str, str], ...]:
+    """:func:`_timm_record` of the timm checkpoint at ``path``, read once per version of the file (its
+    modification time and size are part of the key): eval asks for it several times."""
+    return tuple(_timm_record(_torch_load(Path(path), "cpu")).items())
 
 
 def read_metadata(path: PathLike) -> Dict[str, str]:
@@ -249,7 +265,8 @@ def read_metadata(path: PathLike) -> Dict[str, str]:
         return {}
     if path.suffix != ".safetensors":
         try:
-            return _timm_record(_torch_load(path, "cpu"))
+            found = path.stat()
+            return dict(_checkpoint_record(str(path.resolve()), found.st_mtime_ns, found.st_size))
         except Exception:  # noqa: BLE001 - unreadable files are reported by load_state_dict
             return {}
     from safetensors import safe_open

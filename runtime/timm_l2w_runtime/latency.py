@@ -197,9 +197,10 @@ def expected_latency_ms(table: Mapping[str, Any], exit_fractions: Any, batch_siz
     before = np.concatenate([np.ones_like(reach[..., :1, :]), reach[..., :-1, :]], axis=-2)  # s_{k-1}
     b = int(batch_size)
     n = np.arange(1, b + 1, dtype=np.float64)
-    log_choose = np.concatenate([[0.0], np.cumsum(np.log(b - n + 1) - np.log(n))])[1:]  # log C(B, n)
-    p_run = np.exp(log_choose + _xlogy(n, reach) + _xlogy(b - n, 1.0 - reach))  # P(N_k = n)
-    p_nobody_left = np.exp(log_choose + _xlogy(n, reach) + _xlogy(b - n, 1.0 - before))  # P(N_k = n = N_{k-1})
+    log_choose = np.cumsum(np.log(b - n + 1) - np.log(n))  # log C(B, n)
+    n_reach = log_choose + _xlogy(n, reach)  # log C(B, n) s_k^n
+    p_run = np.exp(n_reach + _xlogy(b - n, 1.0 - reach))  # P(N_k = n)
+    p_nobody_left = np.exp(n_reach + _xlogy(b - n, 1.0 - before))  # P(N_k = n = N_{k-1})
     p_gather = np.clip(p_run - p_nobody_left, 0.0, None)
     # the previous call ran no deeper than stage k: stage k's data may still be in the caches
     deeper = np.concatenate([reach[..., 1:, :], np.zeros_like(reach[..., :1, :])], axis=-2)  # s_{k+1}

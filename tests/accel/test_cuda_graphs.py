@@ -157,3 +157,23 @@ def test_the_l2w_option_captures_the_meta_update_on_cuda(recwarn):
     assert len(runner.graphs) == 2 and runner.replays >= 4 and graphed.meta_skipped == 0
     for a, b in zip(ref_params, params):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_capture_is_checked_again_for_the_backend_auto_settles_on():
+    """backend='auto' settles at the first meta step, before any capture: when it settled on 'func', what
+    blocks capture for 'func' (dropout masks a graph cannot replay) turns the graphs off; 'higher' changes nothing."""
+    from types import SimpleNamespace
+
+    from timm_l2w.accel.cuda_graphs import GraphedUpdates
+    from timm_l2w.training.update import Updater
+
+    lines = []
+    for settled, expected in (("higher", None), ("func", "dropout blocks func")):
+        updater = Updater.__new__(Updater)  # only the graph bookkeeping of the updater
+        updater.graphs = GraphedUpdates([], log=lines.append, capture=False)
+        updater.l2w = SimpleNamespace(backend=SimpleNamespace(name=settled))
+        updater._graph_backend = "higher"  # the backend 'auto' starts with
+        updater._graph_blocker = lambda backend: "dropout blocks func" if backend == "func" else None
+        updater._recheck_graphs()
+        assert updater.graphs.disabled == expected and updater._graph_backend == settled
+    assert lines == ["timm-l2w train: CUDA graphs off (dropout blocks func); the update runs eagerly"]

@@ -238,8 +238,7 @@ def _check_eval_classes(eval_root: Path, class_to_idx: dict, train_root: Path) -
 def is_image_folder(name: str, data_dir: Optional[str]) -> bool:
     """True when :func:`create_datasets` reads ``name`` as an ImageFolder tree in ``data_dir`` (not a built-in set)."""
     key = name.lower()
-    builtin = ("digits", "digits-affine", "torch/cifar10", "torch/cifar100", *FASHION_MNIST_NAMES)
-    return data_dir is not None and "/" not in key and key not in builtin
+    return data_dir is not None and "/" not in key and key not in BUILTIN_DATASETS + FASHION_MNIST_NAMES
 
 
 def create_datasets(name: str, data_dir: Optional[str] = None, input_size: int = 32, in_chans: int = 3,

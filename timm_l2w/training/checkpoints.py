@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from ..files import write_json_atomic
+from ..files import preprocess_record, write_json_atomic
 from .stops import fault_point
 
 CHECKPOINT_PREFIX = "step_"
@@ -145,10 +145,7 @@ def _preprocess_meta(splits: Any) -> Dict[str, str]:
     ``interpolation``, ``mean``, ``std``), so ``timm-l2w eval`` of its weights prepares them alike rather than by
     the model's own config; the built-in sets have fixed preprocessing and record none."""
     cfg = getattr(splits, "eval_config", None)
-    if not cfg:
-        return {}
-    return {"crop_pct": str(float(cfg["crop_pct"])), "interpolation": str(cfg["interpolation"]),
-            "mean": json.dumps([float(v) for v in cfg["mean"]]), "std": json.dumps([float(v) for v in cfg["std"]])}
+    return preprocess_record(cfg) if cfg else {}
 
 
 class Checkpoints:

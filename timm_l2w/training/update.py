@@ -35,6 +35,7 @@ class Updater:
         self.updates_done = 0  # optimizer updates so far (the scheduler's and the EMA's count)
         self.nonfinite_run: Any = 0  # a device tensor once the update runs sync-free
         self._buffer_groups: Optional[List[List[Tensor]]] = None
+        self._agc_parameters: Optional[List[nn.Parameter]] = None  # under --clip-mode agc, found at the first clip
         self._build_sync_free()
 
     def _build_sync_free(self) -> None:
@@ -58,11 +59,16 @@ class Updater:
             from ..accel.cuda_graphs import GraphedUpdates, capture_blocker
 
             optimizers = [self.optimizer] + ([self.l2w.meta_optimizer] if self.l2w is not None else [])
-            backend = self.l2w.backend.name if self.l2w is not None else None
-            blocker = (f"the update skips non-finite steps on the host ({reason})" if reason else capture_blocker(
-                acc.device, optimizers, backend, acc.unwrap_model(self.model), several_processes=acc.num_processes > 1))
+
+            def blocker_for(backend: Optional[str]) -> Optional[str]:
+                return (f"the update skips non-finite steps on the host ({reason})" if reason else capture_blocker(
+                    acc.device, optimizers, backend, acc.unwrap_model(self.model),
+                    several_processes=acc.num_processes > 1))
+
+            self._graph_blocker = blocker_for
+            self._graph_backend = self.l2w.backend.name if self.l2w is not None else None
             log = print if acc.is_main_process else (lambda _: None)
-            self.graphs = GraphedUpdates(optimizers, log=log, blocker=blocker)
+            self.graphs = GraphedUpdates(optimizers, log=log, blocker=blocker_for(self._graph_backend))
 
     def resume_at(self, step: int, nonfinite_run: int) -> None:
         """Continue the counts of a checkpoint taken after ``step`` loader batches (two halves each)."""
@@ -82,8 +88,19 @@ class Updater:
                                          reset=lambda: self._clear_grads())
             else:
                 result = self._device_update(x, y, False, step)
+                self._recheck_graphs()
             self._record(result, y.shape[0], stats, step)
             return result["loss"]
+
+    def _recheck_graphs(self) -> None:
+        """L2W's ``backend='auto'`` settles at its first meta step (``func`` where ``higher`` lacks a derivative),
+        before any capture: what blocks capture is checked again for the backend it settled on."""
+        if self.graphs is None or self.l2w is None or self.l2w.backend.name == self._graph_backend:
+            return
+        self._graph_backend = self.l2w.backend.name
+        blocker = self._graph_blocker(self._graph_backend)
+        if blocker is not None and self.graphs.disabled is None:
+            self.graphs.disable(blocker)
 
     def _device_update(self, x: Tensor, y: Tensor, graphed: bool, step: int) -> Dict[str, Any]:
         """Forward, (meta step,) weighted loss, backward, optimizer step. The values it returns stay on the
@@ -190,7 +207,9 @@ class Updater:
             from timm.utils import adaptive_clip_grad
 
             acc.unscale_gradients()  # timm's train.py leaves the classifiers out under agc, as L2W's virtual step does
-            adaptive_clip_grad(agc_parameters(self.model), args.clip_grad)
+            if self._agc_parameters is None:
+                self._agc_parameters = agc_parameters(self.model)
+            adaptive_clip_grad(self._agc_parameters, args.clip_grad)
 
     def _snapshot_buffers(self) -> List[Tensor]:
         """The model's buffers, one flat copy per dtype (a few kernels, not one per BN layer)."""
