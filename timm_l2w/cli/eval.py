@@ -177,7 +177,8 @@ def _data_from_metadata(args: argparse.Namespace) -> None:
               f"(recorded in {args.checkpoint}; --dataset / --data-dir / --input-size choose others)", flush=True)
 
 
-def _unknown_model(name: str, timm: Any) -> ValueError:
+def unknown_model_error(name: str, timm: Any) -> ValueError:
+    """The error for a model name timm does not know, listing the registered multi-exit models (eval, export)."""
     return ValueError(f"unknown model '{name}': choose a registered multi-exit model "
                       f"({', '.join(timm.list_models('*l2w*'))})")
 
@@ -205,7 +206,7 @@ def _folder_config(args: argparse.Namespace, model_name: str, kwargs: Mapping[st
     if args.input_size:
         wanted["input_size"] = (3, args.input_size, args.input_size)
     if not timm.is_model(model_name):
-        raise _unknown_model(model_name, timm)
+        raise unknown_model_error(model_name, timm)
     try:
         with torch.device("meta"):  # only its pretrained_cfg is read: no memory, no initialisation
             probe = timm.create_model(model_name, **kwargs)
@@ -286,7 +287,7 @@ def _run(args: argparse.Namespace, timm: Any) -> int:
     except RuntimeError as err:
         if "Unknown model" not in str(err):
             raise
-        raise _unknown_model(model_name, timm) from err
+        raise unknown_model_error(model_name, timm) from err
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     name = args.name or model_name
     print(f"timm-l2w eval: {model_name} ({', '.join(f'{k}={v}' for k, v in kwargs.items())}) on {args.dataset}",

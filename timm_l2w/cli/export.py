@@ -66,7 +66,7 @@ def _run(args: argparse.Namespace) -> Path:
 
     from ..evaluation import load_weights
     from ..files import read_metadata
-    from .eval import _unknown_model, model_from_metadata
+    from .eval import model_from_metadata, unknown_model_error
 
     policy = read_policy(args.policy)
     args.num_classes = None
@@ -77,7 +77,7 @@ def _run(args: argparse.Namespace) -> Path:
     if policy.get("preprocess"):
         kwargs.setdefault("in_chans", policy["preprocess"]["input_size"][0])
     if not timm.is_model(name):
-        raise _unknown_model(name, timm)
+        raise unknown_model_error(name, timm)
     model = timm.create_model(name, **kwargs)
     if args.checkpoint:
         load_weights(model, args.checkpoint, use_ema=args.use_ema)
